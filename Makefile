@@ -1,0 +1,26 @@
+# Two commands a newcomer needs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bayes-spi demo --out demo_run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/bench_fit.py --size 32
+
+clean:
+	rm -rf $(VENV) demo_run
