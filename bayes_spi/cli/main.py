@@ -1,0 +1,37 @@
+"""The ``bayes-spi`` command line: one module per subcommand, its docstring is the help text."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from bayes_spi import __version__
+
+__all__ = ["cli", "SUBCOMMANDS"]
+
+#: subcommand name -> module under ``bayes_spi.cli`` that defines ``command`` (a click.Command)
+SUBCOMMANDS: dict[str, str] = {
+    "simulate": "simulate",
+    "fit": "fit",
+    "demo": "demo",
+}
+
+
+class _LazyGroup(click.Group):
+    """Imports a subcommand's module only when it is used (keeps ``--help`` fast)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(SUBCOMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in SUBCOMMANDS:
+            return None
+        module = importlib.import_module(f"bayes_spi.cli.{SUBCOMMANDS[name]}")
+        return module.command
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(__version__, prog_name="bayes-spi")
+def cli() -> None:
+    """bayes-spi: Bayesian reconstruction of 3D intensities from XFEL SPI diffraction patterns."""
