@@ -1,0 +1,144 @@
+"""Amortized guide: a CNN maps each pattern to its posterior over pose and fluence scale.
+
+For pattern ``i`` with counts ``y_i``::
+
+    hypothesis_i ~ Categorical(w(y_i))                        K = 2 H hypotheses, enumerated exactly
+    R_i | k      ~ LieNormalSO3(R_k(y_i), sigma_k(y_i))       reparameterised Gaussian on SO(3)
+    s_i          ~ LogNormal(log(N_i / N_ref) + a(y_i), b(y_i))
+
+The encoder proposes ``H`` rotations ``R_h``; each is paired with ``R_h @ Rz(pi)``, the pose that gives
+the same pattern up to Ewald curvature (DESIGN section 4), so the genuine two-fold ambiguity is always
+represented and its weight is inferred. The mixture over hypotheses is the Bayesian form of X-RAI's
+"keep the better of K": with ``TraceEnum_ELBO`` the ELBO is the exact ``w``-weighted sum of the
+per-hypothesis ELBOs plus ``KL(w || uniform)``, so the weights become the posterior probabilities
+of the hypotheses. ``weight_floor`` mixes ``floor / K`` into the weights (a constraint on the guide
+family, so the ELBO stays a bound): early in a fit it keeps every head learning, like the
+``0.05 * mean`` term of multiple-choice learning.
+
+``N_i`` is the pattern's total count and ``N_ref`` a fixed reference (the mean total of the first
+batch seen), so the scale posterior starts at the closed-form Poisson estimate.
+
+Example:
+    >>> import torch
+    >>> from bayes_spi.models.spi import SPIBatch
+    >>> guide = AmortizedGuide(torch.ones(16, 16, dtype=torch.bool), n_heads=2)
+    >>> post = guide.posterior(torch.rand(3, 16, 16))
+    >>> post.rotations.shape, post.weights.shape
+    (torch.Size([3, 4, 3, 3]), torch.Size([3, 4]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bayes_spi.distributions.so3 import LieNormalSO3
+from bayes_spi.guides.encoder import PatternEncoder
+from bayes_spi.models.spi import SPIBatch
+from bayes_spi.so3 import sixd_to_rotmat
+
+__all__ = ["AmortizedGuide", "PosePosterior"]
+
+_ROTZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
+
+
+@dataclass
+class PosePosterior:
+    """Per-pattern posterior parameters.
+
+    Attributes:
+        rotations: ``(B, K, 3, 3)`` hypothesis centres.
+        sigmas: ``(B, K, 3)`` tangent-space standard deviations (rad).
+        weights: ``(B, K)`` hypothesis probabilities.
+        scale_loc, scale_scale: ``(B,)`` LogNormal parameters of the fluence scale.
+    """
+
+    rotations: Tensor
+    sigmas: Tensor
+    weights: Tensor
+    scale_loc: Tensor
+    scale_scale: Tensor
+
+
+class AmortizedGuide(nn.Module):
+    """Careless-style amortized posterior over pose (mixture on SO(3)) and fluence scale.
+
+    Args:
+        mask: ``(n_y, n_x)`` bool, True for good pixels.
+        n_heads: ``H`` rotation proposals per pattern; ``K = 2 H`` hypotheses with the Rz(pi) partners.
+        features: encoder output width.
+        channels: encoder base channels.
+        transform: encoder input transform (``log1p``, ``sqrt``, ``root10``).
+        sigma_init: initial pose spread (rad).
+    """
+
+    def __init__(
+        self,
+        mask: Tensor,
+        n_heads: int = 4,
+        features: int = 256,
+        channels: int = 32,
+        transform: str = "log1p",
+        sigma_init: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if mask.dim() != 2:
+            raise ValueError(f"expected mask of shape (n_y, n_x), got shape {tuple(mask.shape)}")
+        if n_heads < 1:
+            raise ValueError(f"expected n_heads >= 1, got {n_heads}")
+        self.register_buffer("mask", mask.bool())
+        self.register_buffer("rotz_pi", _ROTZ_PI.clone())
+        self.register_buffer("log_n_ref", torch.tensor(float("nan")))
+        self.n_heads = int(n_heads)
+        self.n_hypotheses = 2 * self.n_heads
+        self.encoder = PatternEncoder(mask.shape[0], mask.shape[1], features, channels, transform)
+        self.rot_head = nn.Linear(features, self.n_heads * 6)
+        self.sigma_head = nn.Linear(features, self.n_hypotheses * 3)
+        self.logit_head = nn.Linear(features, self.n_hypotheses)
+        self.scale_head = nn.Linear(features, 2)
+        nn.init.zeros_(self.sigma_head.weight)
+        nn.init.constant_(self.sigma_head.bias, float(torch.log(torch.expm1(torch.tensor(sigma_init)))))
+        for head in (self.logit_head, self.scale_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        nn.init.constant_(self.scale_head.bias[1:], -2.0)
+        self.weight_floor = 0.0
+
+    def _log_totals(self, images: Tensor) -> Tensor:
+        totals = (images * self.mask.to(images.dtype)).sum(dim=(-2, -1))
+        log_n = totals.clamp(min=1.0).log()
+        if torch.isnan(self.log_n_ref):
+            self.log_n_ref.fill_(float(log_n.mean()))
+        return log_n - self.log_n_ref
+
+    def posterior(self, images: Tensor) -> PosePosterior:
+        """Posterior parameters for ``images (B, n_y, n_x)``."""
+        h = self.encoder(images, self.mask)
+        n_batch = images.shape[0]
+        r6 = self.rot_head(h).reshape(n_batch, self.n_heads, 6)
+        rots = sixd_to_rotmat(r6)  # (B, H, 3, 3)
+        rots = torch.cat([rots, rots @ self.rotz_pi], dim=1)  # (B, K, 3, 3)
+        sig = F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3
+        w = torch.softmax(self.logit_head(h), dim=-1)
+        if self.weight_floor > 0:
+            w = (1.0 - self.weight_floor) * w + self.weight_floor / self.n_hypotheses
+        sc = self.scale_head(h)
+        loc = self._log_totals(images) + sc[:, 0]
+        scale = F.softplus(sc[:, 1]) + 1e-3
+        return PosePosterior(rots, sig, w, loc, scale)
+
+    def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
+        pyro.module("guide", self)
+        post = self.posterior(batch.images)
+        n_batch = batch.images.shape[0]
+        rows = torch.arange(n_batch, device=batch.images.device)
+        with pyro.plate("patterns", n_total, subsample=batch.indices):
+            k = pyro.sample("hypothesis", dist.Categorical(probs=post.weights), infer={"enumerate": "parallel"})
+            pyro.sample("pose", LieNormalSO3(post.rotations[rows, k], post.sigmas[rows, k]))
+            pyro.sample("scale", dist.LogNormal(post.scale_loc, post.scale_scale))
+        return post

@@ -1,0 +1,111 @@
+"""All settings of a fit, in one dataclass that is written to ``config.yaml``.
+
+Example:
+    >>> cfg = FitConfig(batch_size=16, epochs=2)
+    >>> FitConfig.from_dict(cfg.to_dict()) == cfg
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field as dc_field
+from typing import Any
+
+__all__ = ["FitConfig"]
+
+
+@dataclass
+class FitConfig:
+    """Settings of ``bayes-spi fit``; defaults suit a 32x32 detector and ~1e4 photons per pattern.
+
+    Data:
+        online: stream the file once in order, each pattern seen once (``epochs`` is ignored).
+        epochs: passes over the data (offline; the order is reshuffled every epoch).
+        batch_size: patterns per SVI step.
+        max_images: stop after this many patterns (``None``: all epochs).
+    Model:
+        field: ``siren``, ``fouriernet`` or ``voxel``; ``field_width``/``field_depth``/``field_w0`` its size
+        and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
+        scale_prior_sigma: sigma of the LogNormal fluence-scale prior.
+        background: expected background photons per pixel in the Poisson likelihood.
+    Guide:
+        n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
+        encoder_features, encoder_channels, transform: the CNN encoder.
+        weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
+        of the steps.
+    Optimisation:
+        lr, lr_final: Adam learning rate, decayed geometrically from ``lr`` to ``lr_final``.
+        clip_norm: gradient clipping.
+        pixels_per_pattern: pixels in the likelihood per step (a random subset, scaled to stay unbiased;
+        0 = all eligible pixels).
+        radius_start, radius_ramp: coarse-to-fine: only pixels with ``|q| <= r q_max`` enter the
+        likelihood, ``r`` widening from ``radius_start`` to 1 over the first ``radius_ramp`` of the steps.
+    Run:
+        seed, device (``auto``: CUDA when present), log_every, checkpoint_every (steps).
+    """
+
+    online: bool = False
+    epochs: int = 1
+    batch_size: int = 32
+    max_images: int | None = None
+
+    field: str = "siren"
+    field_width: int = 64
+    field_depth: int = 3
+    field_w0: float = 20.0
+    voxel_grid: int = 33
+    scale_prior_sigma: float = 0.5
+    background: float = 0.0
+
+    n_heads: int = 4
+    encoder_features: int = 256
+    encoder_channels: int = 32
+    transform: str = "log1p"
+    weight_floor: float = 0.4
+    floor_decay: float = 0.6
+
+    lr: float = 1e-3
+    lr_final: float = 1e-4
+    clip_norm: float = 10.0
+    pixels_per_pattern: int = 256
+    radius_start: float = 0.4
+    radius_ramp: float = 0.6
+
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 20
+    checkpoint_every: int = 200
+
+    extra: dict[str, Any] = dc_field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
+            (self.epochs >= 1, "epochs", ">= 1", self.epochs),
+            (self.max_images is None or self.max_images >= 1, "max_images", ">= 1 or None", self.max_images),
+            (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
+            (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),
+            (0 < self.radius_start <= 1, "radius_start", "in (0, 1]", self.radius_start),
+            (0 <= self.radius_ramp <= 1, "radius_ramp", "in [0, 1]", self.radius_ramp),
+            (0 <= self.weight_floor < 1, "weight_floor", "in [0, 1)", self.weight_floor),
+            (self.pixels_per_pattern >= 0, "pixels_per_pattern", ">= 0", self.pixels_per_pattern),
+            (self.field in ("siren", "fouriernet", "voxel"), "field", "siren, fouriernet or voxel", self.field),
+            (self.scale_prior_sigma > 0, "scale_prior_sigma", "> 0", self.scale_prior_sigma),
+            (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every/checkpoint_every", ">= 1",
+             (self.log_every, self.checkpoint_every)),
+        ]
+        for ok, name, expected, got in checks:
+            if not ok:
+                raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FitConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown fit settings {unknown}: expected a subset of {sorted(names)}")
+        return cls(**d)

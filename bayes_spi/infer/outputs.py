@@ -1,0 +1,133 @@
+"""Final outputs of a fit: the trained model, the 3D intensity on a grid, per-image posteriors.
+
+Files written into the run directory (each to a temporary name first, then renamed, so a file that
+exists is complete):
+
+- ``model.pt``: ``{"config", "geometry", "model", "guide", "version"}`` state dicts; reload with
+  :func:`load_trained`.
+- ``intensity.mrc``: ``I(q)`` on an ``(n, n, n)`` cube centred on ``q = 0``; the MRC voxel size is the
+  grid spacing **in 1/A** (not A: this is reciprocal space) and the origin is set so the centre voxel
+  is ``q = 0``. MRC data order is ``[z, y, x]``.
+- ``intensity.h5``: ``/intensity`` ``(n, n, n)`` float32 indexed ``[ix, iy, iz]`` with attrs
+  ``voxel_size_inv_A``, ``centre_index``, ``axis_order = "x,y,z"``.
+- ``posterior.h5``: per pattern ``i`` (rows in file order):
+  ``pose_quaternion (N, 4)`` the most probable hypothesis' centre (scalar-first, same convention
+  as the data file's truth: pixel samples ``I(R q)``), ``pose_sigma_rad (N, 3)`` its tangent-space
+  spread, ``hypothesis_quaternions (N, K, 4)``, ``hypothesis_sigma_rad (N, K, 3)``,
+  ``hypothesis_weights (N, K)``, ``scale_mean (N,)``, ``scale_sd (N,)`` (LogNormal moments).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import mrcfile
+import numpy as np
+import torch
+
+from bayes_spi import __version__
+from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.models.fields import IntensityField
+from bayes_spi.so3 import rotmat_to_quat_wxyz
+
+__all__ = ["grid_q", "field_on_grid", "write_intensity", "write_posterior", "atomic_path"]
+
+
+class atomic_path:
+    """Context manager yielding ``path.tmp``; renamed to ``path`` only if the block succeeds."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+
+def grid_q(n: int, q_max: float) -> tuple[np.ndarray, float]:
+    """Centred cubic grid: ``q (n, n, n, 3)`` indexed ``[ix, iy, iz]`` and its spacing ``dq`` (1/A).
+
+    ``n`` odd puts a voxel at ``q = 0``; index ``i`` is ``q = (i - n // 2) * dq``, ``dq = q_max / (n // 2)``.
+    """
+    if n < 3 or n % 2 == 0:
+        raise ValueError(f"expected an odd grid size n >= 3, got {n}")
+    dq = q_max / (n // 2)
+    ax = (np.arange(n) - n // 2) * dq
+    q = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1)
+    return q, dq
+
+
+@torch.no_grad()
+def field_on_grid(field: IntensityField, n: int, q_max: float, rotation: np.ndarray | None = None,
+                  chunk: int = 65536) -> tuple[np.ndarray, float]:
+    """``I(q)`` on the grid of :func:`grid_q` (optionally at ``rotation @ q``): ``(n, n, n)`` float64, ``dq``."""
+    q, dq = grid_q(n, q_max)
+    flat = torch.as_tensor(q.reshape(-1, 3), dtype=torch.float32)
+    if rotation is not None:
+        flat = flat @ torch.as_tensor(rotation, dtype=torch.float32).T
+    dev = next(field.parameters()).device
+    out = torch.cat([field(flat[i:i + chunk].to(dev)).double().cpu() for i in range(0, flat.shape[0], chunk)])
+    return out.reshape(n, n, n).numpy(), dq
+
+
+def write_intensity(volume: np.ndarray, dq: float, run_dir: str | os.PathLike, stem: str = "intensity") -> tuple[Path, Path]:
+    """Write ``volume (n, n, n)`` (indexed ``[ix, iy, iz]``) as ``stem.mrc`` and ``stem.h5``."""
+    run_dir = Path(run_dir)
+    n = volume.shape[0]
+    mrc_path, h5_path = run_dir / f"{stem}.mrc", run_dir / f"{stem}.h5"
+    with atomic_path(mrc_path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(volume.transpose(2, 1, 0)).astype(np.float32))
+            mrc.voxel_size = dq
+            origin = -(n // 2) * dq
+            mrc.header.origin = (origin, origin, origin)
+            mrc.header.label[0] = b"bayes-spi intensity I(q); voxel size and origin in 1/A"
+            mrc.header.nlabl = 1
+    with atomic_path(h5_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            d = f.create_dataset("intensity", data=volume.astype(np.float32), compression="gzip")
+            d.attrs.update({"voxel_size_inv_A": dq, "centre_index": n // 2, "axis_order": "x,y,z",
+                            "software_version": __version__})
+    return mrc_path, h5_path
+
+
+@torch.no_grad()
+def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.PathLike,
+                    batch_size: int = 256, device: torch.device | str = "cpu") -> Path:
+    """Stream the data set through the guide and write per-image posterior summaries (see module doc)."""
+    path = Path(path)
+    n, k = dataset.n_patterns, guide.n_hypotheses
+    guide.eval()
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"software_version": __version__, "source": str(dataset.path),
+                            "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)"})
+            ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=True, compression="gzip")
+                  for name, shape in [("pose_quaternion", (n, 4)), ("pose_sigma_rad", (n, 3)),
+                                      ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),
+                                      ("hypothesis_weights", (n, k)), ("scale_mean", (n,)), ("scale_sd", (n,))]}
+            for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
+                post = guide.posterior(torch.as_tensor(counts, device=device))
+                best = post.weights.argmax(-1)
+                rows = torch.arange(len(idx), device=best.device)
+                quats = rotmat_to_quat_wxyz(post.rotations)
+                mu, sd = post.scale_loc, post.scale_scale
+                mean = torch.exp(mu + sd**2 / 2)
+                s, e = int(idx[0]), int(idx[-1]) + 1
+                ds["pose_quaternion"][s:e] = quats[rows, best].cpu().numpy()
+                ds["pose_sigma_rad"][s:e] = post.sigmas[rows, best].cpu().numpy()
+                ds["hypothesis_quaternions"][s:e] = quats.cpu().numpy()
+                ds["hypothesis_sigma_rad"][s:e] = post.sigmas.cpu().numpy()
+                ds["hypothesis_weights"][s:e] = post.weights.cpu().numpy()
+                ds["scale_mean"][s:e] = mean.cpu().numpy()
+                ds["scale_sd"][s:e] = (mean * torch.sqrt(torch.expm1(sd**2))).cpu().numpy()
+    return path

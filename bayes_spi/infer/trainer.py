@@ -1,0 +1,340 @@
+"""Stochastic variational inference, one mini-batch at a time, with exact resume.
+
+The trainer streams batches from an :class:`~bayes_spi.dataio.h5.SPIDataset` (memory does not grow
+with the data set), takes one ``TraceEnum_ELBO`` step per batch (the guide's pose hypotheses are
+enumerated exactly), writes ``metrics.csv`` and an atomic checkpoint every ``checkpoint_every``
+steps, and resumes a killed run from its last checkpoint with the same data order, pixel subsets and
+random numbers.
+
+Schedules (functions of the step ``t`` out of ``T``): learning rate ``lr -> lr_final`` geometric;
+coarse-to-fine radius ``r(t)`` from ``radius_start`` to 1 over ``radius_ramp * T``; hypothesis-weight
+floor from ``weight_floor`` to 0 over ``floor_decay * T``.
+
+Example (see ``bayes_spi.cli.fit`` for the command line)::
+
+    trainer = Trainer(SPIDataset("data.h5"), FitConfig(epochs=2), "run/")
+    trainer.fit()
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyro
+import pyro.optim
+import torch
+from pyro import poutine
+from pyro.infer import SVI, TraceEnum_ELBO
+
+from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.infer.build import build_model_and_guide
+from bayes_spi.infer.config import FitConfig
+from bayes_spi.models.spi import SPIBatch
+
+__all__ = ["Trainer", "TrainState", "resolve_device", "atomic_torch_save", "METRIC_FIELDS"]
+
+log = logging.getLogger("bayes_spi")
+
+METRIC_FIELDS = [
+    "step", "epoch", "images_seen", "elbo_per_image", "loglik_per_image", "kl_pose", "kl_scale",
+    "kl_hypothesis", "radius", "lr", "images_per_s", "elapsed_s",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """``torch.save`` to ``path.tmp`` then ``os.replace``: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainState:
+    """Where a fit is: enough, with the module/optimizer/RNG states, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    images_seen: int = 0
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    """SVI on one data set into one run directory.
+
+    Args:
+        dataset: the patterns (validated on open).
+        config: all settings.
+        run_dir: where ``checkpoint.pt``, ``metrics.csv`` and the final outputs go.
+        progress: show a progress bar (images, images/s, ELBO, ETA).
+        model, guide: pre-built modules (e.g. a custom model from Python); default from ``config``.
+    """
+
+    def __init__(
+        self,
+        dataset: SPIDataset,
+        config: FitConfig,
+        run_dir: str | os.PathLike,
+        progress: bool = True,
+        model: torch.nn.Module | None = None,
+        guide: torch.nn.Module | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        if (model is None) != (guide is None):
+            raise ValueError("expected both a model and a guide, or neither")
+        if model is None:
+            model, guide = build_model_and_guide(dataset.geometry, config, self.device)
+        self.model, self.guide = model.to(self.device), guide.to(self.device)
+        q = self.model.q
+        self._qnorm = q.norm(dim=-1)
+        self._q_max = float(self._qnorm.max())
+        self._good = torch.as_tensor(dataset.mask.reshape(-1), device=self.device)
+        self.n_total = dataset.n_patterns
+        batches_per_epoch = math.ceil(self.n_total / config.batch_size)
+        epochs = 1 if config.online else config.epochs
+        self.total_steps = batches_per_epoch * epochs
+        if config.max_images is not None:
+            self.total_steps = min(self.total_steps, math.ceil(config.max_images / config.batch_size))
+        self.batches_per_epoch = batches_per_epoch
+        self.state = TrainState()
+        self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self.optim = pyro.optim.ClippedAdam(
+            {"lr": config.lr, "clip_norm": config.clip_norm,
+             "lrd": (config.lr_final / config.lr) ** (1.0 / max(self.total_steps, 1))}
+        )
+        self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        self.svi = SVI(self.model, self.guide, self.optim, loss=self.elbo)
+
+    # ---------------------------------------------------------------- schedules
+    def radius(self, step: int) -> float:
+        c = self.config
+        ramp = c.radius_ramp * self.total_steps
+        if ramp <= 0 or step >= ramp:
+            return 1.0
+        return c.radius_start + (1.0 - c.radius_start) * step / ramp
+
+    def weight_floor(self, step: int) -> float:
+        c = self.config
+        decay = c.floor_decay * self.total_steps
+        if decay <= 0 or step >= decay:
+            return 0.0
+        return c.weight_floor * (1.0 - step / decay)
+
+    def lr(self, step: int) -> float:
+        c = self.config
+        return c.lr * (c.lr_final / c.lr) ** (step / max(self.total_steps, 1))
+
+    def select_pixels(self, step: int) -> tuple[torch.Tensor, float]:
+        """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``pixels_per_pattern`` of them."""
+        eligible = torch.nonzero(self._good & (self._qnorm <= self.radius(step) * self._q_max + 1e-12)).squeeze(-1)
+        m = self.config.pixels_per_pattern
+        if m == 0 or m >= eligible.numel():
+            return eligible, 1.0
+        pick = torch.randperm(eligible.numel(), generator=self.pixel_gen)[:m].to(eligible.device)
+        return eligible[pick], eligible.numel() / m
+
+    @torch.no_grad()
+    def initialise_offset(self, n_images: int = 256) -> None:
+        """Start the field at the data's mean level: ``log_offset = log(mean count / mean pixel factor)``.
+
+        Without it the fluence scales absorb the overall level early and their KL dominates the ELBO.
+        """
+        _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
+        good = self._good.cpu().numpy()
+        mean_count = float(counts.reshape(counts.shape[0], -1)[:, good].mean())
+        factor = self.model.log_pixel_factor[self._good].exp().mean()
+        self.model.field.log_offset.fill_(math.log(max(mean_count, 1e-6) / float(factor)))
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(
+            {
+                "state": self.state.__dict__,
+                "config": self.config.to_dict(),
+                "model": self.model.state_dict(),
+                "guide": self.guide.state_dict(),
+                "optim": self.optim.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "pixel_rng": self.pixel_gen.get_state(),
+            },
+            self.checkpoint_path,
+        )
+
+    def load_checkpoint(self) -> None:
+        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        self.state = TrainState(**ck["state"])
+        self.model.load_state_dict(ck["model"])
+        self.guide.load_state_dict(ck["guide"])
+        pyro.clear_param_store()
+        self.optim.set_state(ck["optim"])
+        torch.set_rng_state(ck["torch_rng"])
+        if ck["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
+        self.pixel_gen.set_state(ck["pixel_rng"])
+        self._truncate_metrics(self.state.step)
+        log.info("resumed from %s at step %d (%d images seen)", self.checkpoint_path, self.state.step,
+                 self.state.images_seen)
+
+    # ---------------------------------------------------------------- metrics
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows written after the checkpoint (they will be written again)."""
+        if not self.metrics_path.exists():
+            return
+        with open(self.metrics_path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        tmp = self.metrics_path.with_name("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.metrics_path)
+
+    def _write_metrics(self, row: dict[str, float]) -> None:
+        new = not self.metrics_path.exists()
+        with open(self.metrics_path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    @torch.no_grad()
+    def elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
+        """Per-image ELBO terms for one batch, hypotheses summed exactly, poses and scales sampled once."""
+        post = self.guide.posterior(batch.images)
+        w = post.weights  # (B, K)
+        n_batch, k = w.shape
+        rows = torch.arange(n_batch, device=w.device)[None, :]
+        hyp = torch.arange(k, device=w.device)[:, None].expand(k, n_batch)
+        from bayes_spi.distributions.so3 import LieNormalSO3  # local: keeps the import graph flat
+
+        q_pose = LieNormalSO3(post.rotations[rows, hyp], post.sigmas[rows, hyp])  # batch (K, B)
+        R = q_pose.sample()
+        q_scale = pyro.distributions.LogNormal(post.scale_loc, post.scale_scale)
+        s = q_scale.sample()
+        p_pose = self.model.pose_prior(n_batch)
+        p_scale = self.model.scale_prior(n_batch)
+        log_rate = self.model.log_rate(R, s.log().expand(k, n_batch), batch.pixels)
+        y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
+        ll = self.model.likelihood(log_rate).log_prob(y).sum(-1) * batch.pixel_weight  # (K, B)
+        kl_pose = q_pose.log_prob(R) - p_pose.log_prob(R)  # (K, B)
+        wt = w.T
+        loglik = (wt * ll).sum(0).mean()
+        klp = (wt * kl_pose).sum(0).mean()
+        kls = (q_scale.log_prob(s) - p_scale.log_prob(s)).mean()
+        klh = (w * (w.clamp(min=1e-30).log() + math.log(k))).sum(-1).mean()
+        return {"loglik_per_image": float(loglik), "kl_pose": float(klp), "kl_scale": float(kls),
+                "kl_hypothesis": float(klh)}
+
+    # ---------------------------------------------------------------- loop
+    def _batches(self):
+        """Batches from the current position to the end (across epochs), as ``(epoch, b, idx, counts)``."""
+        c = self.config
+        epochs = 1 if c.online else c.epochs
+        for epoch in range(self.state.epoch, epochs):
+            start = self.state.batch_in_epoch if epoch == self.state.epoch else 0
+            it = self.dataset.iter_batches(c.batch_size, shuffle=not c.online, seed=c.seed, start=start, epoch=epoch)
+            for b, (idx, counts) in enumerate(it, start=start):
+                yield epoch, b, idx, counts
+
+    def fit(self, resume: bool = False, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
+        """Run SVI to the end (or continue from ``checkpoint.pt`` with ``resume``); returns the final state."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pyro.clear_param_store()
+        if resume:
+            self.load_checkpoint()
+        else:
+            pyro.set_rng_seed(self.config.seed)
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+            self.initialise_offset()
+        c = self.config
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps * c.batch_size, initial=self.state.images_seen, unit="img",
+                       dynamic_ncols=True, smoothing=0.05)
+        t_last, n_last = time.perf_counter(), self.state.images_seen
+        elbo_acc, n_acc = 0.0, 0
+        t_start = time.perf_counter() - self.state.elapsed_s
+        self.model.train()
+        self.guide.train()
+        for epoch, b, idx, counts in self._batches():
+            st = self.state
+            if st.step >= self.total_steps:
+                break
+            pixels, pw = self.select_pixels(st.step)
+            batch = SPIBatch(torch.as_tensor(counts, device=self.device), torch.as_tensor(idx, device=self.device),
+                             pixels.to(self.device), pw)
+            self.guide.weight_floor = self.weight_floor(st.step)
+            loss = self.svi.step(batch, self.n_total)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"ELBO is {loss} at step {st.step} (epoch {epoch}, batch {b}); last good checkpoint: "
+                    f"{self.checkpoint_path}. Try a smaller --lr or a larger --batch-size."
+                )
+            elbo_acc += -loss / self.n_total
+            n_acc += 1
+            st.step += 1
+            st.images_seen += len(idx)
+            st.epoch, st.batch_in_epoch = epoch, b + 1
+            if st.batch_in_epoch >= self.batches_per_epoch:
+                st.epoch, st.batch_in_epoch = epoch + 1, 0
+            st.elapsed_s = time.perf_counter() - t_start
+            if bar is not None:
+                bar.update(len(idx))
+            if st.step % c.log_every == 0 or st.step == self.total_steps:
+                now = time.perf_counter()
+                rate = (st.images_seen - n_last) / max(now - t_last, 1e-9)
+                t_last, n_last = now, st.images_seen
+                row = {"step": st.step, "epoch": epoch, "images_seen": st.images_seen,
+                       "elbo_per_image": elbo_acc / max(n_acc, 1), "radius": self.radius(st.step - 1),
+                       "lr": self.lr(st.step), "images_per_s": rate, "elapsed_s": st.elapsed_s}
+                row.update(self.elbo_terms(batch))
+                self._write_metrics(row)
+                elbo_acc, n_acc = 0.0, 0
+                if bar is not None:
+                    bar.set_postfix(elbo=f"{row['elbo_per_image']:.4g}", img_s=f"{rate:.0f}", r=f"{row['radius']:.2f}")
+                log.info("step %d/%d images %d elbo/img %.5g loglik/img %.5g img/s %.1f", st.step,
+                         self.total_steps, st.images_seen, row["elbo_per_image"], row["loglik_per_image"], rate)
+            if st.step % c.checkpoint_every == 0:
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(st)
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        self.model.eval()
+        self.guide.eval()
+        return self.state

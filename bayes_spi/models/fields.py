@@ -1,0 +1,191 @@
+"""Intensity fields ``I_theta(q) >= 0``: the 3D diffraction intensity as a function of ``q`` (1/A).
+
+Every field takes ``q`` of shape ``(..., 3)`` in the molecule frame (1/A, ``|q| = 2 sin(theta)/lambda``)
+and returns the intensity ``(...)``, non-negative and Friedel-symmetric (``I(q) = I(-q)``).
+
+Fields work internally with ``log I``; :meth:`IntensityField.log_intensity` is what the model uses
+(the Poisson likelihood is evaluated from the log rate, which is stable over the many decades an SPI
+intensity spans).
+
+- :class:`SirenField` -- a SIREN whose first layer is ``cos(w0 W q)`` without bias, so every
+  downstream feature is even in ``q``: the field is Friedel-symmetric by construction, at the cost of
+  one evaluation.
+- :class:`FourierNetField` -- X-RAI's FourierNet: two SIRENs, ``log I = small(q) + large(q)`` (the
+  product ``exp(small) * exp(large)`` of a low-capacity envelope and a high-capacity detail network).
+- :class:`VoxelField` -- log-intensity on a cubic grid, trilinear interpolation, symmetrised under
+  ``q -> -q``; the ablation the X-RAI paper reports.
+
+Example:
+    >>> import torch
+    >>> field = SirenField(q_max=0.125)
+    >>> field(torch.randn(10, 3) * 0.05).shape
+    torch.Size([10])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["IntensityField", "SirenField", "FourierNetField", "VoxelField", "FIELD_KINDS"]
+
+FIELD_KINDS = ("siren", "fouriernet", "voxel")
+
+
+class IntensityField(nn.Module):
+    """Base class: subclasses implement :meth:`log_intensity`.
+
+    Args:
+        q_max: the largest ``|q|`` the field must represent (1/A); inputs are scaled by ``1/q_max``.
+        log_offset: initial value of ``log I`` (set it near the log of the data's mean intensity).
+    """
+
+    def __init__(self, q_max: float, log_offset: float = 0.0) -> None:
+        super().__init__()
+        if not (q_max > 0 and math.isfinite(q_max)):
+            raise ValueError(f"expected a positive finite q_max, got {q_max}")
+        self.q_max = float(q_max)
+        self.log_offset = nn.Parameter(torch.tensor(float(log_offset)))
+
+    def log_intensity(self, q: Tensor) -> Tensor:
+        """``log I(q)``: ``q`` (..., 3) in 1/A -> (...)."""
+        raise NotImplementedError
+
+    def forward(self, q: Tensor) -> Tensor:
+        """``I(q)``: ``q`` (..., 3) in 1/A -> (...) non-negative."""
+        return self.log_intensity(q).exp()
+
+    def _check(self, q: Tensor) -> None:
+        if q.shape[-1] != 3:
+            raise ValueError(f"expected q of shape (..., 3), got shape {tuple(q.shape)}")
+
+
+class _SineLayer(nn.Module):
+    """``sin(w0 (W x + b))`` with SIREN initialisation (Sitzmann et al. 2020)."""
+
+    def __init__(self, n_in: int, n_out: int, w0: float) -> None:
+        super().__init__()
+        self.w0 = w0
+        self.linear = nn.Linear(n_in, n_out)
+        bound = math.sqrt(6.0 / n_in) / w0
+        nn.init.uniform_(self.linear.weight, -bound, bound)
+        nn.init.uniform_(self.linear.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sin(self.w0 * self.linear(x))
+
+
+class _EvenSiren(nn.Module):
+    """SIREN with an even first layer ``cos(w0 W x)`` (no bias): ``g(x) = g(-x)`` exactly."""
+
+    def __init__(self, width: int, depth: int, w0_first: float) -> None:
+        super().__init__()
+        self.w0_first = w0_first
+        self.first = nn.Parameter(torch.empty(width, 3).uniform_(-1.0, 1.0))
+        # hidden layers with w0 = 1: the SIREN scale lives in the weights (bound sqrt(6 / width))
+        self.hidden = nn.ModuleList([_SineLayer(width, width, 1.0) for _ in range(depth - 1)])
+        self.out = nn.Linear(width, 1)
+        nn.init.uniform_(self.out.weight, -math.sqrt(6.0 / width) * 0.1, math.sqrt(6.0 / width) * 0.1)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.cos(self.w0_first * (x @ self.first.T))
+        for layer in self.hidden:
+            h = layer(h)
+        return self.out(h).squeeze(-1)
+
+
+class SirenField(IntensityField):
+    """Plain SIREN with ``exp`` output: ``log I(q) = offset + g(q / q_max)``, ``g`` even in ``q``.
+
+    Args:
+        q_max: largest ``|q|`` (1/A).
+        width: hidden width.
+        depth: number of periodic layers (first ``cos`` layer included).
+        w0: frequency of the first layer; the field resolves detail down to about ``q_max / w0``
+            in ``q``; the molecule's extent ``L`` needs ``w0 >~ pi L q_max``.
+        log_offset: initial ``log I``.
+        log_clamp: ``log I - offset`` is soft-clamped to ``(-log_clamp, log_clamp)``.
+    """
+
+    def __init__(
+        self,
+        q_max: float,
+        width: int = 64,
+        depth: int = 3,
+        w0: float = 10.0,
+        log_offset: float = 0.0,
+        log_clamp: float = 25.0,
+    ) -> None:
+        super().__init__(q_max, log_offset)
+        self.net = _EvenSiren(width, depth, w0)
+        self.log_clamp = float(log_clamp)
+
+    def log_intensity(self, q: Tensor) -> Tensor:
+        self._check(q)
+        g = self.net(q / self.q_max)
+        return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
+
+
+class FourierNetField(IntensityField):
+    """X-RAI's FourierNet: ``I(q) = exp(small(q)) * exp(large(q))``, both SIRENs even in ``q``.
+
+    ``small`` is a narrow, low-frequency network (the smooth radial envelope of the intensity);
+    ``large`` a wide, higher-frequency one (the speckle detail).
+    """
+
+    def __init__(
+        self,
+        q_max: float,
+        width: int = 64,
+        depth: int = 3,
+        w0: float = 10.0,
+        small_width: int = 16,
+        small_w0: float = 3.0,
+        log_offset: float = 0.0,
+        log_clamp: float = 25.0,
+    ) -> None:
+        super().__init__(q_max, log_offset)
+        self.small = _EvenSiren(small_width, 2, small_w0)
+        self.large = _EvenSiren(width, depth, w0)
+        self.log_clamp = float(log_clamp)
+
+    def log_intensity(self, q: Tensor) -> Tensor:
+        self._check(q)
+        x = q / self.q_max
+        g = self.small(x) + self.large(x)
+        return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
+
+
+class VoxelField(IntensityField):
+    """Log-intensity on an ``(n, n, n)`` grid over ``[-q_max, q_max]^3``, trilinear interpolation.
+
+    Friedel symmetry: the grid is symmetrised, ``(V + flip(V)) / 2``, before interpolation (the grid
+    is centred, so ``flip`` maps ``q`` to ``-q`` exactly). Outside the cube the edge value is used.
+    """
+
+    def __init__(self, q_max: float, n: int = 33, log_offset: float = 0.0) -> None:
+        super().__init__(q_max, log_offset)
+        if n < 3:
+            raise ValueError(f"expected a grid size n >= 3, got {n}")
+        self.n = int(n)
+        self.grid = nn.Parameter(torch.zeros(1, 1, n, n, n))
+
+    def symmetric_grid(self) -> Tensor:
+        """The Friedel-symmetrised log-intensity grid ``(n, n, n)`` indexed ``[ix, iy, iz]`` (no offset)."""
+        v = self.grid[0, 0]
+        return 0.5 * (v + v.flip(0, 1, 2))
+
+    def log_intensity(self, q: Tensor) -> Tensor:
+        self._check(q)
+        batch = q.shape[:-1]
+        x = (q / self.q_max).reshape(1, -1, 1, 1, 3)
+        # grid_sample wants (x, y, z) to index (W, H, D) of a (D, H, W) volume: our grid is [ix, iy, iz],
+        # so pass it as (D=ix, H=iy, W=iz) and reverse the coordinate order.
+        vol = self.symmetric_grid()[None, None]
+        out = F.grid_sample(vol, x.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)
+        return self.log_offset + out.reshape(batch)
+

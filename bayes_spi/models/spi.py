@@ -1,0 +1,131 @@
+"""The SPI image-formation model as a Pyro model.
+
+For a mini-batch of patterns ``i`` (a subsample of the ``patterns`` plate) and a subset of the
+detector's good pixels ``k``::
+
+    hypothesis_i ~ Categorical(1/K)                      auxiliary: which pose hypothesis (see the guide)
+    R_i          ~ pose_prior          (3, 3)            uniform on SO(3) by default
+    s_i          ~ scale_prior                           fluence scale, LogNormal by default
+    y_ik         ~ likelihood( s_i * Omega_k * P_k * I_theta(R_i q_k) )   for good pixels k
+
+Convention: pixel ``k`` of pattern ``i`` samples the molecule-frame intensity at ``R_i @ q_k``
+(``q_k`` the pixel's lab-frame scattering vector in 1/A). The ``hypothesis`` site does not enter the
+likelihood: it is the auxiliary variable that lets the guide be a mixture of ``K`` pose hypotheses
+enumerated exactly by ``TraceEnum_ELBO`` (the ELBO stays a bound on ``log p(y)``: the model's
+``Categorical(1/K)`` cancels the mixture's ``log K``).
+
+Model and guide take the same arguments ``(batch, n_total)`` and share the site names
+``hypothesis``, ``pose``, ``scale`` and the plate ``patterns``; the observed site is ``counts``.
+
+Example:
+    >>> import torch
+    >>> from bayes_spi.models.fields import SirenField
+    >>> q = torch.randn(64, 3) * 0.03
+    >>> model = SPIModel(SirenField(q_max=0.125), q, torch.full((64,), 1e-3), n_hypotheses=2)
+    >>> batch = SPIBatch(images=torch.zeros(3, 8, 8), indices=torch.arange(3), pixels=torch.arange(16))
+    >>> _ = model(batch, n_total=10)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import Tensor, nn
+
+from bayes_spi.models.fields import IntensityField
+from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
+from bayes_spi.models.priors import LogNormalScalePrior, PosePrior, ScalePrior, UniformPosePrior
+
+__all__ = ["SPIBatch", "SPIModel"]
+
+
+@dataclass
+class SPIBatch:
+    """One mini-batch, as both model and guide receive it.
+
+    Attributes:
+        images: ``(B, n_y, n_x)`` photon counts (masked pixels hold 0 and are never used as data).
+        indices: ``(B,)`` int64 pattern indices in the data set (the ``patterns`` plate subsample).
+        pixels: ``(M,)`` int64 flat indices (into ``n_y * n_x``) of the good pixels in the likelihood.
+        pixel_weight: likelihood scale ``n_eligible / M`` that keeps a pixel subsample unbiased.
+    """
+
+    images: Tensor
+    indices: Tensor
+    pixels: Tensor
+    pixel_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 3:
+            raise ValueError(f"expected images of shape (B, n_y, n_x), got shape {tuple(self.images.shape)}")
+        if self.indices.shape != self.images.shape[:1]:
+            raise ValueError(f"expected indices of shape ({self.images.shape[0]},), got shape {tuple(self.indices.shape)}")
+        if self.pixels.dim() != 1:
+            raise ValueError(f"expected pixels of shape (M,), got shape {tuple(self.pixels.shape)}")
+
+    def to(self, device: torch.device | str) -> "SPIBatch":
+        return SPIBatch(self.images.to(device), self.indices.to(device), self.pixels.to(device), self.pixel_weight)
+
+
+class SPIModel(nn.Module):
+    """Poisson photon counts from a neural-field intensity sliced on the Ewald sphere.
+
+    Args:
+        field: the intensity field ``I_theta``.
+        q: ``(n_y * n_x, 3)`` lab-frame scattering vectors of all detector pixels (1/A).
+        pixel_factor: ``(n_y * n_x,)`` solid angle times polarization factor per pixel.
+        pose_prior: a :class:`~bayes_spi.models.priors.PosePrior` (default uniform on SO(3)).
+        scale_prior: a :class:`~bayes_spi.models.priors.ScalePrior` (default LogNormal, mean 1).
+        likelihood: maps the log expected counts to a distribution over counts.
+        n_hypotheses: ``K``, number of values of the auxiliary ``hypothesis`` site (match the guide).
+    """
+
+    def __init__(
+        self,
+        field: IntensityField,
+        q: Tensor,
+        pixel_factor: Tensor,
+        pose_prior: PosePrior | None = None,
+        scale_prior: ScalePrior | None = None,
+        likelihood: Likelihood | None = None,
+        n_hypotheses: int = 1,
+    ) -> None:
+        super().__init__()
+        if q.dim() != 2 or q.shape[-1] != 3:
+            raise ValueError(f"expected q of shape (P, 3), got shape {tuple(q.shape)}")
+        if pixel_factor.shape != q.shape[:1]:
+            raise ValueError(f"expected pixel_factor of shape ({q.shape[0]},), got shape {tuple(pixel_factor.shape)}")
+        if torch.any(pixel_factor <= 0):
+            raise ValueError("expected a positive pixel_factor (solid angle x polarization) for every pixel")
+        self.field = field
+        self.register_buffer("q", q.float())
+        self.register_buffer("log_pixel_factor", pixel_factor.double().log().float())
+        self.pose_prior = pose_prior if pose_prior is not None else UniformPosePrior()
+        self.scale_prior = scale_prior if scale_prior is not None else LogNormalScalePrior()
+        self.likelihood = likelihood if likelihood is not None else PoissonLikelihood()
+        self.n_hypotheses = int(n_hypotheses)
+
+    def log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor) -> Tensor:
+        """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)`` and log scales ``(..., B)``."""
+        q = self.q[pixels]  # (M, 3)
+        q_mol = torch.einsum("...ij,mj->...mi", R, q)  # (..., B, M, 3)
+        return log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol)
+
+    def forward(self, batch: SPIBatch, n_total: int) -> None:
+        pyro.module("field", self.field)
+        n_batch = batch.images.shape[0]
+        y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
+        with pyro.plate("patterns", n_total, subsample=batch.indices):
+            pyro.sample(
+                "hypothesis",
+                dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
+            )
+            R = pyro.sample("pose", self.pose_prior(n_batch))
+            s = pyro.sample("scale", self.scale_prior(n_batch))
+            log_rate = self.log_rate(R, s.log(), batch.pixels)
+            with poutine.scale(scale=batch.pixel_weight):
+                pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
