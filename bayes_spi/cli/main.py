@@ -35,3 +35,7 @@ class _LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="bayes-spi")
 def cli() -> None:
     """bayes-spi: Bayesian reconstruction of 3D intensities from XFEL SPI diffraction patterns."""
+
+
+if __name__ == "__main__":
+    cli()

@@ -101,6 +101,8 @@ class AmortizedGuide(nn.Module):
         self.sigma_head = nn.Linear(features, self.n_hypotheses * 3)
         self.logit_head = nn.Linear(features, self.n_hypotheses)
         self.scale_head = nn.Linear(features, 2)
+        # broad initial pose proposals: different patterns start at very different rotations
+        nn.init.normal_(self.rot_head.weight, std=3.0 / features**0.5)
         nn.init.zeros_(self.sigma_head.weight)
         nn.init.constant_(self.sigma_head.bias, float(torch.log(torch.expm1(torch.tensor(sigma_init)))))
         for head in (self.logit_head, self.scale_head):

@@ -61,7 +61,16 @@ class PatternEncoder(nn.Module):
         layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(ch * 16, features), nn.GELU(),
                    nn.Linear(features, features), nn.GELU()]
         self.net = nn.Sequential(*layers)
+        for mod in self.net.modules():  # He initialisation: keeps per-pattern differences alive through depth
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
         self.features = features
+        # per-pixel standardisation of the transformed counts, set from the first batch seen (a fixed
+        # statistic of the data, saved with the module): the mean pattern dominates every raw input,
+        # the pose lives in the deviations from it.
+        self.register_buffer("pixel_mean", torch.full((n_y, n_x), float("nan")))
+        self.register_buffer("pixel_std", torch.ones(n_y, n_x))
 
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
         if images.dim() != 3 or images.shape[-2:] != mask.shape:
@@ -69,5 +78,11 @@ class PatternEncoder(nn.Module):
                 f"expected images of shape (B, {mask.shape[0]}, {mask.shape[1]}), got shape {tuple(images.shape)}"
             )
         x = transform_counts(images, mask, self.transform)
+        if torch.isnan(self.pixel_mean).any():
+            if x.shape[0] < 2:
+                raise ValueError(f"expected at least 2 patterns in the first batch, got shape {tuple(images.shape)}")
+            self.pixel_mean.copy_(x.mean(0))
+            self.pixel_std.copy_(x.std(0).clamp(min=1e-3))
         m = mask.to(x.dtype).expand_as(x)
+        x = (x - self.pixel_mean) / self.pixel_std * m
         return self.net(torch.stack([x, m], dim=1))

@@ -29,10 +29,9 @@ from typing import Callable
 
 import numpy as np
 import pyro
-import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import SVI, TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO
 
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.infer.build import build_model_and_guide
@@ -120,12 +119,10 @@ class Trainer:
         self.batches_per_epoch = batches_per_epoch
         self.state = TrainState()
         self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
-        self.optim = pyro.optim.ClippedAdam(
-            {"lr": config.lr, "clip_norm": config.clip_norm,
-             "lrd": (config.lr_final / config.lr) ** (1.0 / max(self.total_steps, 1))}
-        )
+        self.params = [p for m in (self.model, self.guide) for p in m.parameters() if p.requires_grad]
+        self.optim = torch.optim.Adam(self.params, lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
-        self.svi = SVI(self.model, self.guide, self.optim, loss=self.elbo)
 
     # ---------------------------------------------------------------- schedules
     def radius(self, step: int) -> float:
@@ -179,7 +176,8 @@ class Trainer:
                 "config": self.config.to_dict(),
                 "model": self.model.state_dict(),
                 "guide": self.guide.state_dict(),
-                "optim": self.optim.get_state(),
+                "optim": self.optim.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "pixel_rng": self.pixel_gen.get_state(),
@@ -192,8 +190,8 @@ class Trainer:
         self.state = TrainState(**ck["state"])
         self.model.load_state_dict(ck["model"])
         self.guide.load_state_dict(ck["guide"])
-        pyro.clear_param_store()
-        self.optim.set_state(ck["optim"])
+        self.optim.load_state_dict(ck["optim"])
+        self.scheduler.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["torch_rng"])
         if ck["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
@@ -256,6 +254,25 @@ class Trainer:
         return {"loglik_per_image": float(loglik), "kl_pose": float(klp), "kl_scale": float(kls),
                 "kl_hypothesis": float(klh)}
 
+    # ---------------------------------------------------------------- outputs
+    def save_outputs(self, grid: int = 65) -> dict[str, Path]:
+        """Write ``model.pt``, ``intensity.mrc``/``.h5`` (``grid``^3 voxels up to the detector's ``q_max``)
+        and ``posterior.h5`` into the run directory (see :mod:`bayes_spi.infer.outputs`)."""
+        from bayes_spi import __version__
+        from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
+
+        model_path = self.run_dir / "model.pt"
+        atomic_torch_save(
+            {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
+             "mask": self.dataset.mask, "model": self.model.state_dict(), "guide": self.guide.state_dict(),
+             "state": self.state.__dict__},
+            model_path,
+        )
+        vol, dq = field_on_grid(self.model.field, grid, self._q_max)
+        mrc, h5 = write_intensity(vol, dq, self.run_dir)
+        post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device)
+        return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
+
     # ---------------------------------------------------------------- loop
     def _batches(self):
         """Batches from the current position to the end (across epochs), as ``(epoch, b, idx, counts)``."""
@@ -266,6 +283,19 @@ class Trainer:
             it = self.dataset.iter_batches(c.batch_size, shuffle=not c.online, seed=c.seed, start=start, epoch=epoch)
             for b, (idx, counts) in enumerate(it, start=start):
                 yield epoch, b, idx, counts
+
+    def step(self, batch: SPIBatch) -> float:
+        """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
+        self.optim.zero_grad(set_to_none=True)
+        loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
+        self.optim.step()
+        self.scheduler.step()
+        return value
 
     def fit(self, resume: bool = False, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
         """Run SVI to the end (or continue from ``checkpoint.pt`` with ``resume``); returns the final state."""
@@ -298,13 +328,13 @@ class Trainer:
             batch = SPIBatch(torch.as_tensor(counts, device=self.device), torch.as_tensor(idx, device=self.device),
                              pixels.to(self.device), pw)
             self.guide.weight_floor = self.weight_floor(st.step)
-            loss = self.svi.step(batch, self.n_total)
+            loss = self.step(batch)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"ELBO is {loss} at step {st.step} (epoch {epoch}, batch {b}); last good checkpoint: "
                     f"{self.checkpoint_path}. Try a smaller --lr or a larger --batch-size."
                 )
-            elbo_acc += -loss / self.n_total
+            elbo_acc += -loss
             n_acc += 1
             st.step += 1
             st.images_seen += len(idx)

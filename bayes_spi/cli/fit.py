@@ -1,0 +1,368 @@
+"""Fit the Bayesian SPI model to a data file by stochastic variational inference.
+
+DATA is a bayes-spi HDF5 file (see `bayes-spi simulate`); it is validated before anything is written
+(every pattern is read once; --no-check-data skips the value scan). RUN (-o) is the run directory:
+config.yaml (every setting, versions, the command line), run.log, checkpoint.pt (atomic, every
+--checkpoint-every steps), metrics.csv, and at the end model.pt, intensity.mrc / intensity.h5 (the 3D
+intensity on a --grid cube up to the detector's q_max; MRC voxel size in 1/A), posterior.h5 (per-image
+pose and fluence posteriors) and, when the data file holds the truth, evaluation.json.
+
+A RUN that already holds a checkpoint or model is never overwritten: continue it with --resume (the
+settings then come from RUN/config.yaml and training options given on the command line are ignored with
+a warning; DATA may be omitted) or start afresh with --force. Options not given take the defaults shown.
+
+Example: bayes-spi fit data.h5 -o run1 --epochs 2 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import fields as dc_fields
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit"]
+
+log = logging.getLogger("bayes_spi")
+
+#: files of a run directory that ``--force`` removes before a fresh start
+RUN_FILES: tuple[str, ...] = (
+    "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
+    "intensity.mrc", "intensity.h5", "posterior.h5", "evaluation.json", "config.yaml", "run.log",
+)
+
+#: FitConfig fields exposed as options (option name = field name with "-" for "_")
+TRAINING_OPTIONS: tuple[str, ...] = (
+    "online", "epochs", "batch_size", "max_images", "field", "field_width", "field_depth", "field_w0",
+    "n_heads", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "seed", "device", "checkpoint_every", "log_every",
+)
+
+#: settings that do not change the computation: taken from the command line even with ``--resume``
+RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every")
+
+_HELP = {
+    "online": "Stream the file once, each pattern seen once (--epochs ignored); --offline: shuffled epochs.",
+    "epochs": "Passes over the data (offline).",
+    "batch_size": "Patterns per SVI step.",
+    "max_images": "Stop after this many patterns.",
+    "field": "Intensity field: siren, fouriernet or voxel.",
+    "field_width": "Hidden width of the neural field.",
+    "field_depth": "Hidden layers of the neural field.",
+    "field_w0": "First-layer SIREN frequency.",
+    "n_heads": "Pose proposals per pattern (2 x n_heads hypotheses with their Rz(pi) partners).",
+    "lr": "Initial Adam learning rate.",
+    "lr_final": "Final learning rate (geometric decay).",
+    "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
+    "radius_start": "Coarse-to-fine: start radius as a fraction of q_max.",
+    "radius_ramp": "Fraction of the steps over which the radius widens to 1.",
+    "scale_prior_sigma": "Sigma of the LogNormal fluence-scale prior.",
+    "seed": "Random seed (initial weights, data order, pixel subsets, samples).",
+    "device": "auto (CUDA when present), cpu, cuda, cuda:N.",
+    "checkpoint_every": "Steps between atomic checkpoints.",
+    "log_every": "Steps between metrics.csv rows / log lines.",
+}
+
+
+def _config_defaults() -> dict[str, Any]:
+    from bayes_spi.infer.config import FitConfig
+
+    return FitConfig().to_dict()
+
+
+def _training_option(name: str, type_: Any) -> Any:
+    default = _config_defaults()[name]
+    shown = "all" if default is None else default
+    return click.option(f"--{name.replace('_', '-')}", name, type=type_, default=None,
+                        help=f"{_HELP[name]} [default: {shown}]")
+
+
+def _existing_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt"))
+
+
+def _open_dataset(path: Path) -> Any:
+    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+
+    try:
+        return SPIDataset(path)
+    except FileNotFoundError:
+        raise click.ClickException(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
+                                   "e.g. from `bayes-spi simulate`)") from None
+    except DataFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_values(dataset: Any, progress: bool) -> None:
+    """Read every pattern once so bad values (negative, NaN) fail before anything is written."""
+    from bayes_spi.dataio.h5 import DataFormatError
+
+    step = max(dataset.chunk_patterns, 1) * 8
+    it = dataset.iter_batches(step, shuffle=False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=math.ceil(dataset.n_patterns / step), unit="block", desc="checking data",
+                  leave=False, dynamic_ncols=True)
+    try:
+        for _ in it:
+            pass
+    except DataFormatError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _build_config(given: dict[str, Any]) -> Any:
+    from bayes_spi.infer.config import FitConfig
+
+    try:
+        return FitConfig(**given)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, allow_nan=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _last_metrics(path: Path) -> dict[str, str]:
+    import csv
+
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows[-1] if rows else {}
+
+
+def run_fit(
+    data: Path | None,
+    run_dir: Path,
+    given: dict[str, Any],
+    *,
+    resume: bool = False,
+    force: bool = False,
+    grid: int = 65,
+    truth: bool = True,
+    progress: bool = True,
+    check_data: bool = True,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
+    """The body of ``bayes-spi fit`` (also used by ``bayes-spi demo``); raises ``click.ClickException``.
+
+    Args:
+        data: the data file (``None`` with ``resume``: the path recorded in ``config.yaml``).
+        run_dir: the run directory.
+        given: FitConfig settings given explicitly (others take the defaults, or with ``resume`` the
+            run's settings; only :data:`RESUME_OVERRIDABLE` ones are then honoured).
+        resume, force, grid, truth, progress, check_data: as the command-line options.
+        argv: the command line recorded in ``config.yaml`` (default ``sys.argv``).
+
+    Returns:
+        ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs"}``.
+    """
+    import pyro
+
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.infer.rundir import close_logging, read_config, read_run_info, setup_logging, write_config
+
+    if resume and force:
+        raise click.UsageError("give either --resume or --force, not both")
+    if grid < 3 or grid % 2 == 0:
+        raise click.BadParameter(f"expected an odd integer >= 3, got {grid}", param_hint="--grid")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise click.ClickException(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
+
+    # ---- everything below up to "touch the run directory" only reads
+    info: dict[str, Any] = {}
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise click.ClickException(f"run directory {os.fspath(run_dir)!r}: expected checkpoint.pt to resume "
+                                       "from, got none (start a new run without --resume)")
+        try:
+            info = read_run_info(run_dir)
+            config = read_config(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if data is None:
+            recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
+            if not recorded:
+                raise click.UsageError("DATA is needed: the run's config.yaml records no data path")
+            data = Path(recorded)
+        ignored = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and v != getattr(config, k))
+        overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
+        if overrides:
+            from bayes_spi.infer.config import FitConfig
+
+            config = FitConfig.from_dict({**config.to_dict(), **overrides})
+    else:
+        if data is None:
+            raise click.UsageError("missing argument DATA (the data file; only --resume may omit it)")
+        if _existing_run(run_dir) and not force:
+            raise click.ClickException(
+                f"run directory {os.fspath(run_dir)!r} already holds a run (checkpoint.pt or model.pt): "
+                "expected a new or empty directory; continue it with --resume or overwrite it with --force")
+        config = _build_config(given)
+        ignored = []
+
+    dataset = _open_dataset(Path(data))
+    try:
+        if resume:
+            rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
+            for key, found in (("n_patterns", dataset.n_patterns), ("shape", list(dataset.shape))):
+                if key in rec and rec[key] != found:
+                    raise click.ClickException(
+                        f"{os.fspath(data)}: {key}: expected {rec[key]} (the data this run was started on, "
+                        f"{rec.get('path', '?')}), got {found}")
+        if check_data:
+            _check_values(dataset, progress)
+
+        from bayes_spi.infer.trainer import Trainer, resolve_device
+
+        try:
+            device = resolve_device(config.device)
+        except RuntimeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--device") from None
+
+        # ---- touch the run directory
+        if force and not resume:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
+        args = list(sys.argv if argv is None else argv)
+        if resume:
+            log.info("resume: %s", " ".join(args))
+            rec_path = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
+            if rec_path and Path(rec_path) != Path(data).resolve():
+                log.warning("--resume: data file %s differs from the one the run started on (%s)", data, rec_path)
+            if ignored:
+                log.warning("--resume: ignoring %s (settings come from %s)",
+                            ", ".join("--" + k.replace("_", "-") for k in ignored), run_dir / "config.yaml")
+        else:
+            write_config(run_dir, config, data, args, device=str(device),
+                         data_info={"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
+                                    "has_truth": bool(dataset.has_truth)})
+            log.info("new run: %s", " ".join(args))
+        log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
+
+        pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed (Trainer builds them)
+        try:
+            trainer = Trainer(dataset, config, run_dir, progress=progress)
+        except ValueError as exc:
+            raise click.ClickException(f"building the model: {exc}") from None
+        first: list[tuple[int, float]] = []
+
+        def _on_step(st: Any) -> None:
+            if not first:
+                first.append((st.images_seen, time.perf_counter()))
+
+        try:
+            state = trainer.fit(resume=resume, on_step=_on_step)
+        except DataFormatError as exc:
+            log.error("%s", exc)
+            raise click.ClickException(f"{exc} (the last checkpoint is kept: {trainer.checkpoint_path})") from None
+        except FloatingPointError as exc:
+            log.error("%s", exc)
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d; continue with: bayes-spi fit %s -o %s --resume",
+                        trainer.state.step, data, run_dir)
+            raise
+        # images/s of this session, from the end of its first step (excludes start-up)
+        rate = float("nan")
+        if first and state.images_seen > first[0][0]:
+            rate = (state.images_seen - first[0][0]) / max(time.perf_counter() - first[0][1], 1e-9)
+        log.info("training done: step %d, %d images, %.1f images/s", state.step, state.images_seen, rate)
+        outputs = trainer.save_outputs(grid=grid)
+        log.info("wrote %s", ", ".join(p.name for p in outputs.values()))
+        last = _last_metrics(trainer.metrics_path)
+        final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
+
+        evaluation = None
+        if truth and dataset.has_truth:
+            from bayes_spi.infer.evaluate import evaluate_run
+
+            try:
+                evaluation = evaluate_run(run_dir, dataset.path)
+            except (DataFormatError, ValueError) as exc:
+                log.warning("evaluation against the truth skipped: %s", exc)
+            else:
+                _atomic_json(evaluation, run_dir / "evaluation.json")
+                log.info("evaluation: %s", json.dumps(evaluation))
+    finally:
+        dataset.close()
+        close_logging()
+    return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
+            "evaluation": evaluation, "outputs": outputs}
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The end-of-fit summary: outputs, speed, final ELBO, evaluation table."""
+    from bayes_spi.infer.evaluate import format_evaluation
+
+    st = result["state"]
+    click.echo(f"run directory: {result['run_dir']}")
+    click.echo("  outputs: " + ", ".join(p.name for p in result["outputs"].values())
+               + ", metrics.csv, config.yaml, run.log" + (", evaluation.json" if result["evaluation"] else ""))
+    click.echo(f"  steps {st.step}, images seen {st.images_seen}, {result['images_per_s']:.1f} images/s")
+    click.echo(f"  final ELBO per image: {result['final_elbo']:.6g}")
+    if result["evaluation"] is not None:
+        click.echo("evaluation against the truth:")
+        click.echo(format_evaluation(result["evaluation"]))
+
+
+@click.command(name="fit", help=__doc__)
+@click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory.")
+@click.option("--online/--offline", "online", default=None, help=_HELP["online"] + " [default: offline]")
+@_training_option("epochs", click.IntRange(min=1))
+@_training_option("batch_size", click.IntRange(min=1))
+@_training_option("max_images", click.IntRange(min=1))
+@_training_option("field", click.Choice(["siren", "fouriernet", "voxel"]))
+@_training_option("field_width", click.IntRange(min=1))
+@_training_option("field_depth", click.IntRange(min=1))
+@_training_option("field_w0", float)
+@_training_option("n_heads", click.IntRange(min=1))
+@_training_option("lr", float)
+@_training_option("lr_final", float)
+@_training_option("pixels_per_pattern", click.IntRange(min=0))
+@_training_option("radius_start", float)
+@_training_option("radius_ramp", float)
+@_training_option("scale_prior_sigma", float)
+@_training_option("seed", int)
+@_training_option("device", str)
+@_training_option("checkpoint_every", click.IntRange(min=1))
+@_training_option("log_every", click.IntRange(min=1))
+@click.option("--grid", type=int, default=65, show_default=True, help="Odd size of the output intensity cube.")
+@click.option("--resume", is_flag=True, help="Continue the run in RUN from its checkpoint.")
+@click.option("--force", is_flag=True, help="Start afresh even if RUN holds a run (its outputs are removed).")
+@click.option("--truth/--no-truth", default=True, show_default=True,
+              help="Evaluate against the data file's truth (if any) and write evaluation.json.")
+@click.option("--check-data/--no-check-data", default=True, show_default=True,
+              help="Read every pattern once before training to catch bad values early.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def command(data: Path | None, run_dir: Path, grid: int, resume: bool, force: bool, truth: bool,
+            check_data: bool, progress: bool, **options: Any) -> None:
+    given = {k: v for k, v in options.items() if v is not None}
+    from bayes_spi.infer.config import FitConfig
+
+    known = {f.name for f in dc_fields(FitConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:  # an option without a FitConfig field: a programming error, reported plainly
+        raise click.ClickException(f"options {unknown} have no FitConfig setting")
+    result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
+                     progress=progress, check_data=check_data)
+    print_summary(result)
