@@ -40,19 +40,21 @@ RUN_FILES: tuple[str, ...] = (
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
-    "online", "epochs", "batch_size", "max_images", "field", "field_width", "field_depth", "field_w0",
+    "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "n_heads", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "seed", "device", "checkpoint_every", "log_every",
 )
 
 #: settings that do not change the computation: taken from the command line even with ``--resume``
-RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every")
+RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every", "max_minutes")
 
 _HELP = {
     "online": "Stream the file once, each pattern seen once (--epochs ignored); --offline: shuffled epochs.",
     "epochs": "Passes over the data (offline).",
     "batch_size": "Patterns per SVI step.",
     "max_images": "Stop after this many patterns.",
+    "max_minutes": "Stop cleanly (checkpoint, outputs) after this much training time; schedules still follow "
+                   "the step count (honoured with --resume).",
     "field": "Intensity field: siren, fouriernet or voxel.",
     "field_width": "Hidden width of the neural field.",
     "field_depth": "Hidden layers of the neural field.",
@@ -79,7 +81,7 @@ def _config_defaults() -> dict[str, Any]:
 
 def _training_option(name: str, type_: Any) -> Any:
     default = _config_defaults()[name]
-    shown = "all" if default is None else default
+    shown = {"max_images": "all", "max_minutes": "none"}.get(name, "none") if default is None else default
     return click.option(f"--{name.replace('_', '-')}", name, type=type_, default=None,
                         help=f"{_HELP[name]} [default: {shown}]")
 
@@ -130,7 +132,7 @@ def _build_config(given: dict[str, Any]) -> Any:
 def _atomic_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, allow_nan=True)
+        json.dump(obj, fh, indent=2, allow_nan=False)
         fh.write("\n")
     os.replace(tmp, path)
 
@@ -299,7 +301,9 @@ def run_fit(
             except (DataFormatError, ValueError) as exc:
                 log.warning("evaluation against the truth skipped: %s", exc)
             else:
-                _atomic_json(evaluation, run_dir / "evaluation.json")
+                # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
+                _atomic_json({k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
+                             run_dir / "evaluation.json")
                 log.info("evaluation: %s", json.dumps(evaluation))
     finally:
         dataset.close()
@@ -316,14 +320,24 @@ def print_summary(result: dict[str, Any]) -> None:
     click.echo(f"run directory: {result['run_dir']}")
     click.echo("  outputs: " + ", ".join(p.name for p in result["outputs"].values())
                + ", metrics.csv, config.yaml, run.log" + (", evaluation.json" if result["evaluation"] else ""))
-    click.echo(f"  steps {st.step}, images seen {st.images_seen}, {result['images_per_s']:.1f} images/s")
+    rate = result["images_per_s"]
+    rate_text = f"{rate:.1f} images/s" if math.isfinite(rate) else "no new steps"
+    click.echo(f"  steps {st.step}, images seen {st.images_seen}, {rate_text}")
     click.echo(f"  final ELBO per image: {result['final_elbo']:.6g}")
     if result["evaluation"] is not None:
         click.echo("evaluation against the truth:")
         click.echo(format_evaluation(result["evaluation"]))
 
 
-@click.command(name="fit", help=__doc__)
+class _RecordingCommand(click.Command):
+    """Keeps the raw arguments in ``ctx.meta`` so ``config.yaml`` records the exact command line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["bayes_spi.argv"] = ["bayes-spi", self.name or "fit", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.command(name="fit", help=__doc__, cls=_RecordingCommand)
 @click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory.")
@@ -331,6 +345,7 @@ def print_summary(result: dict[str, Any]) -> None:
 @_training_option("epochs", click.IntRange(min=1))
 @_training_option("batch_size", click.IntRange(min=1))
 @_training_option("max_images", click.IntRange(min=1))
+@_training_option("max_minutes", click.FloatRange(min=0, min_open=True))
 @_training_option("field", click.Choice(["siren", "fouriernet", "voxel"]))
 @_training_option("field_width", click.IntRange(min=1))
 @_training_option("field_depth", click.IntRange(min=1))
@@ -363,6 +378,7 @@ def command(data: Path | None, run_dir: Path, grid: int, resume: bool, force: bo
     unknown = sorted(set(given) - known)
     if unknown:  # an option without a FitConfig field: a programming error, reported plainly
         raise click.ClickException(f"options {unknown} have no FitConfig setting")
+    argv = click.get_current_context().meta.get("bayes_spi.argv")
     result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
-                     progress=progress, check_data=check_data)
+                     progress=progress, check_data=check_data, argv=argv)
     print_summary(result)

@@ -11,7 +11,11 @@ the same pattern up to Ewald curvature (DESIGN section 4), so the genuine two-fo
 represented and its weight is inferred. The mixture over hypotheses is the Bayesian form of X-RAI's
 "keep the better of K": with ``TraceEnum_ELBO`` the ELBO is the exact ``w``-weighted sum of the
 per-hypothesis ELBOs plus ``KL(w || uniform)``, so the weights become the posterior probabilities
-of the hypotheses. ``weight_floor`` mixes ``floor / K`` into the weights (a constraint on the guide
+of the hypotheses. The guide computes those weights from the model itself when a scorer is
+attached (:meth:`AmortizedGuide.attach_scorer`): ``w_k ∝ exp(logit_k + log p(y_i | R_k, s_i))``, the
+posterior probability of each hypothesis given its centre, so the best-fitting hypothesis wins from
+the first step (multiple-choice learning, the Bayesian way) instead of waiting for a head to learn to
+predict it. ``weight_floor`` mixes ``floor / K`` into the weights (a constraint on the guide
 family, so the ELBO stays a bound): early in a fit it keeps every head learning, like the
 ``0.05 * mean`` term of multiple-choice learning.
 
@@ -30,6 +34,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -42,7 +47,9 @@ from bayes_spi.guides.encoder import PatternEncoder
 from bayes_spi.models.spi import SPIBatch
 from bayes_spi.so3 import sixd_to_rotmat
 
-__all__ = ["AmortizedGuide", "PosePosterior"]
+__all__ = ["AmortizedGuide", "PosePosterior", "Scorer"]
+
+Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 _ROTZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
 
@@ -110,6 +117,15 @@ class AmortizedGuide(nn.Module):
             nn.init.zeros_(head.bias)
         nn.init.constant_(self.scale_head.bias[1:], -2.0)
         self.weight_floor = 0.0
+        self._scorer: list[Scorer] = []  # a plain list: the model is not a submodule of the guide
+
+    def attach_scorer(self, scorer: "Scorer | None") -> None:
+        """Score hypotheses with the model's log-likelihood (semi-amortized weights; see the module doc).
+
+        ``scorer(R (K, B, 3, 3), log_s (B,), images (B, n_y, n_x), pixels (M,)) -> (K, B)``, e.g.
+        :meth:`bayes_spi.models.spi.SPIModel.hypothesis_loglik`. ``None`` detaches it.
+        """
+        self._scorer = [] if scorer is None else [scorer]
 
     def _log_totals(self, images: Tensor) -> Tensor:
         totals = (images * self.mask.to(images.dtype)).sum(dim=(-2, -1))
@@ -118,25 +134,37 @@ class AmortizedGuide(nn.Module):
             self.log_n_ref.fill_(float(log_n.mean()))
         return log_n - self.log_n_ref
 
-    def posterior(self, images: Tensor) -> PosePosterior:
-        """Posterior parameters for ``images (B, n_y, n_x)``."""
+    def posterior(self, images: Tensor, pixels: Tensor | None = None) -> PosePosterior:
+        """Posterior parameters for ``images (B, n_y, n_x)``.
+
+        With a scorer attached, the hypothesis weights are ``softmax(logit_head + log p(y | R_k, s))``
+        with the likelihood evaluated at each hypothesis' centre on ``pixels`` (default: all good
+        pixels); without one, ``softmax(logit_head)``.
+        """
         h = self.encoder(images, self.mask)
         n_batch = images.shape[0]
         r6 = self.rot_head(h).reshape(n_batch, self.n_heads, 6)
         rots = sixd_to_rotmat(r6)  # (B, H, 3, 3)
         rots = torch.cat([rots, rots @ self.rotz_pi], dim=1)  # (B, K, 3, 3)
         sig = F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3
-        w = torch.softmax(self.logit_head(h), dim=-1)
-        if self.weight_floor > 0:
-            w = (1.0 - self.weight_floor) * w + self.weight_floor / self.n_hypotheses
         sc = self.scale_head(h)
         loc = self._log_totals(images) + sc[:, 0]
         scale = F.softplus(sc[:, 1]) + 1e-3
+        logits = self.logit_head(h)
+        if self._scorer:
+            if pixels is None:
+                pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
+            with torch.no_grad():
+                ll = self._scorer[0](rots.transpose(0, 1), loc.detach(), images, pixels)  # (K, B)
+            logits = logits + ll.T
+        w = torch.softmax(logits, dim=-1)
+        if self.weight_floor > 0:
+            w = (1.0 - self.weight_floor) * w + self.weight_floor / self.n_hypotheses
         return PosePosterior(rots, sig, w, loc, scale)
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
         pyro.module("guide", self)
-        post = self.posterior(batch.images)
+        post = self.posterior(batch.images, batch.pixels)
         n_batch = batch.images.shape[0]
         rows = torch.arange(n_batch, device=batch.images.device)
         with pyro.plate("patterns", n_total, subsample=batch.indices):

@@ -60,4 +60,5 @@ def build_model_and_guide(
         likelihood=PoissonLikelihood(background=config.background),
         n_hypotheses=guide.n_hypotheses,
     )
+    guide.attach_scorer(model.hypothesis_loglik)
     return model.to(device), guide.to(device)

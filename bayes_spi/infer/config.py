@@ -24,6 +24,8 @@ class FitConfig:
         epochs: passes over the data (offline; the order is reshuffled every epoch).
         batch_size: patterns per SVI step.
         max_images: stop after this many patterns (``None``: all epochs).
+        max_minutes: stop (cleanly: checkpoint and outputs) after this much training time; the
+        schedules still run on the step count, so set the data size or ``max_images`` to match.
     Model:
         field: ``siren``, ``fouriernet`` or ``voxel``; ``field_width``/``field_depth``/``field_w0`` its size
         and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
@@ -49,6 +51,7 @@ class FitConfig:
     epochs: int = 1
     batch_size: int = 32
     max_images: int | None = None
+    max_minutes: float | None = None
 
     field: str = "siren"
     field_width: int = 64
@@ -84,6 +87,7 @@ class FitConfig:
             (self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
             (self.epochs >= 1, "epochs", ">= 1", self.epochs),
             (self.max_images is None or self.max_images >= 1, "max_images", ">= 1 or None", self.max_images),
+            (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "> 0 or None", self.max_minutes),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),
             (0 < self.radius_start <= 1, "radius_start", "in (0, 1]", self.radius_start),

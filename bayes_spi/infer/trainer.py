@@ -74,6 +74,8 @@ class TrainState:
     batch_in_epoch: int = 0
     images_seen: int = 0
     elapsed_s: float = 0.0
+    elbo_acc: float = 0.0  # running sum of per-image ELBOs since the last metrics row
+    n_acc: int = 0
 
 
 class Trainer:
@@ -104,6 +106,7 @@ class Trainer:
         if (model is None) != (guide is None):
             raise ValueError("expected both a model and a guide, or neither")
         if model is None:
+            pyro.set_rng_seed(config.seed)
             model, guide = build_model_and_guide(dataset.geometry, config, self.device)
         self.model, self.guide = model.to(self.device), guide.to(self.device)
         q = self.model.q
@@ -209,8 +212,17 @@ class Trainer:
         """Drop metric rows written after the checkpoint (they will be written again)."""
         if not self.metrics_path.exists():
             return
+        rows = []
         with open(self.metrics_path, newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+            for r in csv.DictReader(fh):
+                # a row cut short by a kill mid-write has missing or unparsable fields: drop it
+                if any(r.get(k) in (None, "") for k in METRIC_FIELDS):
+                    continue
+                try:
+                    if int(r["step"]) <= step:
+                        rows.append(r)
+                except ValueError:
+                    continue
         tmp = self.metrics_path.with_name("metrics.csv.tmp")
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
@@ -226,10 +238,17 @@ class Trainer:
                 w.writeheader()
             w.writerow(row)
 
-    @torch.no_grad()
     def elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
-        """Per-image ELBO terms for one batch, hypotheses summed exactly, poses and scales sampled once."""
-        post = self.guide.posterior(batch.images)
+        """Per-image ELBO terms for one batch, hypotheses summed exactly, poses and scales sampled once.
+
+        Runs on a forked random stream, so how often metrics are logged does not change the fit.
+        """
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(self.config.seed + 7919 * self.state.step)
+            return self._elbo_terms(batch)
+
+    def _elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
+        post = self.guide.posterior(batch.images, batch.pixels)
         w = post.weights  # (B, K)
         n_batch, k = w.shape
         rows = torch.arange(n_batch, device=w.device)[None, :]
@@ -261,6 +280,7 @@ class Trainer:
         from bayes_spi import __version__
         from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
 
+        self.guide.weight_floor = 0.0
         model_path = self.run_dir / "model.pt"
         atomic_torch_save(
             {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
@@ -316,7 +336,6 @@ class Trainer:
             bar = tqdm(total=self.total_steps * c.batch_size, initial=self.state.images_seen, unit="img",
                        dynamic_ncols=True, smoothing=0.05)
         t_last, n_last = time.perf_counter(), self.state.images_seen
-        elbo_acc, n_acc = 0.0, 0
         t_start = time.perf_counter() - self.state.elapsed_s
         self.model.train()
         self.guide.train()
@@ -334,8 +353,8 @@ class Trainer:
                     f"ELBO is {loss} at step {st.step} (epoch {epoch}, batch {b}); last good checkpoint: "
                     f"{self.checkpoint_path}. Try a smaller --lr or a larger --batch-size."
                 )
-            elbo_acc += -loss
-            n_acc += 1
+            st.elbo_acc += -loss
+            st.n_acc += 1
             st.step += 1
             st.images_seen += len(idx)
             st.epoch, st.batch_in_epoch = epoch, b + 1
@@ -349,11 +368,11 @@ class Trainer:
                 rate = (st.images_seen - n_last) / max(now - t_last, 1e-9)
                 t_last, n_last = now, st.images_seen
                 row = {"step": st.step, "epoch": epoch, "images_seen": st.images_seen,
-                       "elbo_per_image": elbo_acc / max(n_acc, 1), "radius": self.radius(st.step - 1),
+                       "elbo_per_image": st.elbo_acc / max(st.n_acc, 1), "radius": self.radius(st.step - 1),
                        "lr": self.lr(st.step), "images_per_s": rate, "elapsed_s": st.elapsed_s}
                 row.update(self.elbo_terms(batch))
                 self._write_metrics(row)
-                elbo_acc, n_acc = 0.0, 0
+                st.elbo_acc, st.n_acc = 0.0, 0
                 if bar is not None:
                     bar.set_postfix(elbo=f"{row['elbo_per_image']:.4g}", img_s=f"{rate:.0f}", r=f"{row['radius']:.2f}")
                 log.info("step %d/%d images %d elbo/img %.5g loglik/img %.5g img/s %.1f", st.step,
@@ -362,6 +381,9 @@ class Trainer:
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(st)
+            if c.max_minutes is not None and st.elapsed_s > 60.0 * c.max_minutes:
+                log.info("time budget of %.1f min reached at step %d", c.max_minutes, st.step)
+                break
         if bar is not None:
             bar.close()
         self.save_checkpoint()

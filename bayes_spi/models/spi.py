@@ -115,6 +115,11 @@ class SPIModel(nn.Module):
         q_mol = torch.einsum("...ij,mj->...mi", R, q)  # (..., B, M, 3)
         return log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol)
 
+    def hypothesis_loglik(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor) -> Tensor:
+        """``log p(y_i | R_ki, s_i)`` on ``pixels`` for poses ``R (K, B, 3, 3)``: ``(K, B)``."""
+        y = images.reshape(images.shape[0], -1)[:, pixels]
+        return self.likelihood(self.log_rate(R, log_s, pixels)).log_prob(y).sum(-1)
+
     def forward(self, batch: SPIBatch, n_total: int) -> None:
         pyro.module("field", self.field)
         n_batch = batch.images.shape[0]
