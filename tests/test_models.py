@@ -119,7 +119,7 @@ def test_enumerated_elbo_equals_weighted_sum_over_hypotheses():
     per_hyp = ll * batch.pixel_weight - gtr.nodes["pose"]["fn"].log_prob(R)  # (K, B); log prior of pose = 0
     elbo = (w.T * per_hyp).sum(0) - (w * (w.log() + math.log(k))).sum(-1)
     elbo = elbo + LogNormalScalePrior()(6).log_prob(s) - gtr.nodes["scale"]["fn"].log_prob(s)
-    assert float(-loss.detach()) == pytest.approx(float(elbo.sum()), rel=1e-5)
+    assert float(-loss.detach()) == pytest.approx(float(elbo.sum().detach()), rel=1e-5)
 
 
 def test_guide_pairs_each_head_with_its_rotz_pi_partner_and_weights_sum_to_one():
