@@ -77,9 +77,10 @@ def test_gradcheck_through_ewald_slicing():
         lambda *vals: torch.func.functional_call(field, dict(zip(names, vals)), (q_mol,)), params)
 
 
-def _tiny(n_heads=2):
+def _tiny(n_heads=2, n_search=2):
     geom = get_preset("reference-32")
-    cfg = FitConfig(field_width=16, n_heads=n_heads, encoder_channels=8, encoder_features=32)
+    cfg = FitConfig(field_width=16, n_heads=n_heads, encoder_channels=8, encoder_features=32, n_search=n_search,
+                    search_rotations=256)
     model, guide = build_model_and_guide(geom, cfg)
     images = torch.poisson(torch.full((6, 32, 32), 3.0))
     batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 7.0)
@@ -105,7 +106,7 @@ def test_enumerated_elbo_equals_weighted_sum_over_hypotheses():
     """TraceEnum_ELBO with the guide's hypotheses enumerated = sum_k w_k ELBO_k - KL(w || uniform)."""
     model, guide, batch = _tiny(n_heads=1)
     with torch.no_grad():
-        guide.logit_head.bias.copy_(torch.tensor([0.3, -0.2]))
+        guide.logit_head.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
     n_total = 6
     torch.manual_seed(0)
     loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, batch, n_total)
@@ -123,14 +124,44 @@ def test_enumerated_elbo_equals_weighted_sum_over_hypotheses():
 
 
 def test_guide_pairs_each_head_with_its_rotz_pi_partner_and_weights_sum_to_one():
-    _, guide, batch = _tiny(n_heads=3)
+    _, guide, batch = _tiny(n_heads=3, n_search=2)
     post = guide.posterior(batch.images)
-    assert post.rotations.shape == (6, 6, 3, 3)
-    assert torch.allclose(post.rotations[:, 3:], post.rotations[:, :3] @ rotz_pi(), atol=1e-6)
+    assert post.rotations.shape == (6, 8, 3, 3) and post.n_encoder == 6
+    assert torch.allclose(post.rotations[:, 3:6], post.rotations[:, :3] @ rotz_pi(), atol=1e-6)
     assert torch.allclose(post.weights.sum(-1), torch.ones(6), atol=1e-6)
     guide.weight_floor = 0.5
     w = guide.posterior(batch.images).weights
-    assert torch.all(w >= 0.5 / 6 - 1e-7)
+    assert torch.all(w >= 0.5 / 8 - 1e-7)
+
+
+def test_hypothesis_weights_are_the_posterior_given_the_centres():
+    """With a uniform logit head, w_k = softmax_k log p(y | R_k, s): the Bayes posterior over hypotheses."""
+    model, guide, batch = _tiny(n_heads=2, n_search=2)
+    post = guide.posterior(batch.images, batch.pixels)
+    ll = model.hypothesis_loglik(post.rotations.transpose(0, 1), post.scale_loc, batch.images, batch.pixels)
+    assert torch.allclose(post.weights, torch.softmax(ll.T, dim=-1), atol=1e-5)
+
+
+def test_orientation_search_finds_the_generating_rotation():
+    """Patterns simulated from the model's own field at grid rotations: the search returns those rotations."""
+    torch.manual_seed(3)
+    model, guide, _ = _tiny(n_heads=1, n_search=1)
+    model.field = VoxelField(Q_MAX * 1.01, n=7)  # smooth but strongly anisotropic: the 41^3 cache is accurate
+    model.field.grid.data.normal_(0.0, 2.0)
+    search = guide._search[0]
+    search.refresh()
+    truth = torch.tensor([5, 77, 140, 201])
+    R = search.rotations[truth]
+    pixels = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
+    rate = model.log_rate(R, torch.zeros(4), pixels).exp().detach()
+    rate = rate * 2e4 / rate.sum(-1, keepdim=True)  # 2e4 photons per pattern: a sharp likelihood
+    images = torch.zeros(4, 32 * 32)
+    images[:, pixels] = torch.poisson(rate)
+    found = search(images.reshape(4, 32, 32), pixels)[:, 0]
+    assert torch.allclose(found, R)
+    # the profile likelihood is invariant to the fluence scale: 10x the counts, same answer
+    found10 = search(10 * images.reshape(4, 32, 32), pixels)[:, 0]
+    assert torch.allclose(found10, R)
 
 
 def test_scale_posterior_starts_at_relative_total_counts():

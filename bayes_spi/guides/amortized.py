@@ -59,10 +59,12 @@ class PosePosterior:
     """Per-pattern posterior parameters.
 
     Attributes:
-        rotations: ``(B, K, 3, 3)`` hypothesis centres.
+        rotations: ``(B, K, 3, 3)`` hypothesis centres: ``2 H`` from the encoder (heads, then their
+            Rz(pi) partners), then ``n_search`` from the orientation search.
         sigmas: ``(B, K, 3)`` tangent-space standard deviations (rad).
         weights: ``(B, K)`` hypothesis probabilities.
         scale_loc, scale_scale: ``(B,)`` LogNormal parameters of the fluence scale.
+        n_encoder: how many of the ``K`` hypotheses come from the encoder (the first ones).
     """
 
     rotations: Tensor
@@ -70,6 +72,7 @@ class PosePosterior:
     weights: Tensor
     scale_loc: Tensor
     scale_scale: Tensor
+    n_encoder: int = 0
 
 
 class AmortizedGuide(nn.Module):
@@ -92,6 +95,7 @@ class AmortizedGuide(nn.Module):
         channels: int = 32,
         transform: str = "log1p",
         sigma_init: float = 0.1,
+        n_search: int = 0,
     ) -> None:
         super().__init__()
         if mask.dim() != 2:
@@ -101,8 +105,12 @@ class AmortizedGuide(nn.Module):
         self.register_buffer("mask", mask.bool())
         self.register_buffer("rotz_pi", _ROTZ_PI.clone())
         self.register_buffer("log_n_ref", torch.tensor(float("nan")))
+        if n_search < 0:
+            raise ValueError(f"expected n_search >= 0, got {n_search}")
         self.n_heads = int(n_heads)
-        self.n_hypotheses = 2 * self.n_heads
+        self.n_search = int(n_search)
+        self.n_encoder_hypotheses = 2 * self.n_heads
+        self.n_hypotheses = self.n_encoder_hypotheses + self.n_search
         self.encoder = PatternEncoder(mask.shape[0], mask.shape[1], features, channels, transform)
         self.rot_head = nn.Linear(features, self.n_heads * 6)
         self.sigma_head = nn.Linear(features, self.n_hypotheses * 3)
@@ -118,6 +126,15 @@ class AmortizedGuide(nn.Module):
         nn.init.constant_(self.scale_head.bias[1:], -2.0)
         self.weight_floor = 0.0
         self._scorer: list[Scorer] = []  # a plain list: the model is not a submodule of the guide
+        self._search: list[Callable[[Tensor, Tensor], Tensor]] = []
+        self.last_posterior: PosePosterior | None = None
+
+    def attach_search(self, search: "Callable[[Tensor, Tensor], Tensor] | None") -> None:
+        """Add ``n_search`` proposals per pattern from ``search(images, pixels) -> (B, n_search, 3, 3)``
+        (e.g. :class:`~bayes_spi.guides.search.OrientationSearch`) to the mixture; ``None`` detaches."""
+        if search is not None and self.n_search == 0:
+            raise ValueError("this guide was built with n_search=0: expected n_search > 0 to attach a search")
+        self._search = [] if search is None else [search]
 
     def attach_scorer(self, scorer: "Scorer | None") -> None:
         """Score hypotheses with the model's log-likelihood (semi-amortized weights; see the module doc).
@@ -145,7 +162,17 @@ class AmortizedGuide(nn.Module):
         n_batch = images.shape[0]
         r6 = self.rot_head(h).reshape(n_batch, self.n_heads, 6)
         rots = sixd_to_rotmat(r6)  # (B, H, 3, 3)
-        rots = torch.cat([rots, rots @ self.rotz_pi], dim=1)  # (B, K, 3, 3)
+        rots = torch.cat([rots, rots @ self.rotz_pi], dim=1)  # (B, 2H, 3, 3)
+        if self.n_search:
+            if not self._search:
+                raise RuntimeError("guide built with n_search > 0 but no search attached (attach_search)")
+            if pixels is None:
+                pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
+            found = self._search[0](images, pixels).to(rots.dtype)
+            if found.shape != (n_batch, self.n_search, 3, 3):
+                raise ValueError(f"expected search proposals of shape ({n_batch}, {self.n_search}, 3, 3), "
+                                 f"got shape {tuple(found.shape)}")
+            rots = torch.cat([rots, found], dim=1)  # (B, K, 3, 3)
         sig = F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3
         sc = self.scale_head(h)
         loc = self._log_totals(images) + sc[:, 0]
@@ -160,7 +187,9 @@ class AmortizedGuide(nn.Module):
         w = torch.softmax(logits, dim=-1)
         if self.weight_floor > 0:
             w = (1.0 - self.weight_floor) * w + self.weight_floor / self.n_hypotheses
-        return PosePosterior(rots, sig, w, loc, scale)
+        post = PosePosterior(rots, sig, w, loc, scale, self.n_encoder_hypotheses)
+        self.last_posterior = post
+        return post
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
         pyro.module("guide", self)

@@ -13,6 +13,7 @@ import torch
 
 from bayes_spi.geometry import Geometry
 from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.fields import IntensityField, SirenField, FourierNetField, VoxelField
 from bayes_spi.models.likelihoods import PoissonLikelihood
@@ -50,6 +51,7 @@ def build_model_and_guide(
         features=config.encoder_features,
         channels=config.encoder_channels,
         transform=config.transform,
+        n_search=config.n_search,
     )
     model = SPIModel(
         field,
@@ -60,5 +62,8 @@ def build_model_and_guide(
         likelihood=PoissonLikelihood(background=config.background),
         n_hypotheses=guide.n_hypotheses,
     )
+    model, guide = model.to(device), guide.to(device)
     guide.attach_scorer(model.hypothesis_loglik)
-    return model.to(device), guide.to(device)
+    if config.n_search:
+        guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345))
+    return model, guide

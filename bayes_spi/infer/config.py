@@ -34,6 +34,11 @@ class FitConfig:
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
+        n_search, search_rotations, search_every: proposals per pattern from an exhaustive search over a
+        fixed grid of ``search_rotations`` rotations (field cache refreshed every ``search_every`` steps);
+        0 turns the search off.
+        distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
+        most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
         of the steps.
     Optimisation:
@@ -65,6 +70,10 @@ class FitConfig:
     encoder_features: int = 256
     encoder_channels: int = 32
     transform: str = "log1p"
+    n_search: int = 2
+    search_rotations: int = 4096
+    search_every: int = 5
+    distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
 
@@ -88,6 +97,9 @@ class FitConfig:
             (self.epochs >= 1, "epochs", ">= 1", self.epochs),
             (self.max_images is None or self.max_images >= 1, "max_images", ">= 1 or None", self.max_images),
             (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "> 0 or None", self.max_minutes),
+            (self.n_search >= 0 and self.search_rotations >= max(self.n_search, 1), "n_search/search_rotations",
+             "n_search >= 0 and search_rotations >= n_search", (self.n_search, self.search_rotations)),
+            (self.distill_weight >= 0, "distill_weight", ">= 0", self.distill_weight),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),
             (0 < self.radius_start <= 1, "radius_start", "in (0, 1]", self.radius_start),

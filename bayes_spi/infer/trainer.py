@@ -36,6 +36,7 @@ from pyro.infer import TraceEnum_ELBO
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.guides.amortized import PosePosterior
 from bayes_spi.models.spi import SPIBatch
 
 __all__ = ["Trainer", "TrainState", "resolve_device", "atomic_torch_save", "METRIC_FIELDS"]
@@ -307,8 +308,12 @@ class Trainer:
     def step(self, batch: SPIBatch) -> float:
         """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
         self.optim.zero_grad(set_to_none=True)
+        if self.guide._search and self.state.step % self.config.search_every == 0:
+            self.guide._search[0].refresh()
         loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
         value = float(loss.detach())
+        if self.config.distill_weight > 0 and self.guide.n_search > 0:
+            loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior)
         if not math.isfinite(value):
             return value
         loss.backward()
@@ -316,6 +321,16 @@ class Trainer:
         self.optim.step()
         self.scheduler.step()
         return value
+
+    @staticmethod
+    def distill_loss(post: PosePosterior) -> torch.Tensor:
+        """Mean over patterns of ``min_h ||R_h - R_best||_F^2`` over the encoder's hypotheses ``R_h``, with
+        ``R_best`` the most probable hypothesis (detached): the amortization target."""
+        rows = torch.arange(post.weights.shape[0], device=post.weights.device)
+        best = post.rotations[rows, post.weights.argmax(-1)].detach()  # (B, 3, 3)
+        enc = post.rotations[:, : post.n_encoder]  # (B, 2H, 3, 3)
+        d = (enc - best[:, None]).pow(2).sum((-2, -1))  # (B, 2H)
+        return d.min(-1).values.mean()
 
     def fit(self, resume: bool = False, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
         """Run SVI to the end (or continue from ``checkpoint.pt`` with ``resume``); returns the final state."""
