@@ -25,7 +25,7 @@ __all__ = ["command", "DEMO_CONFIG", "QUICK_CONFIG", "demo_settings"]
 DEMO_CONFIG: dict[str, Any] = {
     "structure": "2CEX",
     "geometry": "reference-32",
-    "n_patterns": 40000,
+    "n_patterns": 20000,
     "mean_photons": 1e4,
     "artifacts": "FPB",
     "fluence_jitter": "lognormal:0.3",
@@ -35,9 +35,10 @@ DEMO_CONFIG: dict[str, Any] = {
     "grid": 65,
     "fit": {
         "online": False,
-        "epochs": 2,
+        "epochs": 4,
         "batch_size": 32,
         "seed": 0,
+        "max_minutes": 11.0,  # safety stop: the demo must finish within 15 minutes on 2 cores
     },
 }
 
@@ -51,6 +52,8 @@ QUICK_CONFIG: dict[str, Any] = {
         "batch_size": 32,
         "field_width": 16,
         "n_heads": 1,
+        "n_search": 1,
+        "search_rotations": 256,
         "pixels_per_pattern": 64,
         "encoder_features": 32,
         "encoder_channels": 8,

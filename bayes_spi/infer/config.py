@@ -61,7 +61,7 @@ class FitConfig:
     field: str = "siren"
     field_width: int = 64
     field_depth: int = 3
-    field_w0: float = 20.0
+    field_w0: float = 10.0
     voxel_grid: int = 33
     scale_prior_sigma: float = 0.5
     background: float = 0.0
@@ -77,7 +77,7 @@ class FitConfig:
     weight_floor: float = 0.4
     floor_decay: float = 0.6
 
-    lr: float = 1e-3
+    lr: float = 2e-3
     lr_final: float = 1e-4
     clip_norm: float = 10.0
     pixels_per_pattern: int = 256
