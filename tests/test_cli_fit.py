@@ -28,6 +28,7 @@ from bayes_spi import __version__
 from bayes_spi.cli.main import cli
 from bayes_spi.dataio.h5 import SPIDataset, write_simulation
 from bayes_spi.geometry import get_preset
+from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.evaluate import EVALUATION_KEYS, evaluate_run, format_evaluation
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import IntensityField
@@ -104,9 +105,11 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         quat = f["pose_quaternion"][()]
         w = f["hypothesis_weights"][()]
         sd = f["scale_sd"][()]
+        n_enc = int(f.attrs["n_encoder_hypotheses"])
     assert quat.shape == (N_PATTERNS, 4)
     np.testing.assert_allclose(np.linalg.norm(quat, axis=1), 1.0, atol=1e-5)
-    assert w.shape == (N_PATTERNS, 2)
+    n_search = FitConfig().n_search  # hypotheses: 2 per encoder head (n_heads 1) + the search proposals
+    assert w.shape == (N_PATTERNS, 2 + n_search) and n_enc == 2
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
     assert np.all(sd > 0)
     # evaluation.json and the summary

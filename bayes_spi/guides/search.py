@@ -63,6 +63,18 @@ class OrientationSearch:
     def model(self) -> SPIModel:
         return self._model[0]
 
+    @property
+    def cache(self) -> Tensor | None:
+        """The cached ``log I`` cube ``(1, 1, n, n, n)`` (``None`` before the first refresh)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: Tensor | None) -> None:
+        n = self.cache_grid
+        if value is not None and value.shape != (1, 1, n, n, n):
+            raise ValueError(f"expected a cache of shape (1, 1, {n}, {n}, {n}), got shape {tuple(value.shape)}")
+        self._cache = value
+
     @torch.no_grad()
     def refresh(self) -> None:
         """Re-evaluate the field on the cache cube (call after the field changed)."""

@@ -14,7 +14,8 @@ exists is complete):
   ``pose_quaternion (N, 4)`` the most probable hypothesis' centre (scalar-first, same convention
   as the data file's truth: pixel samples ``I(R q)``), ``pose_sigma_rad (N, 3)`` its tangent-space
   spread, ``hypothesis_quaternions (N, K, 4)``, ``hypothesis_sigma_rad (N, K, 3)``,
-  ``hypothesis_weights (N, K)``, ``scale_mean (N,)``, ``scale_sd (N,)`` (LogNormal moments).
+  ``hypothesis_weights (N, K)`` (attr ``n_encoder_hypotheses``: the first ones come from the encoder,
+  the rest from the orientation search), ``scale_mean (N,)``, ``scale_sd (N,)`` (LogNormal moments).
 """
 
 from __future__ import annotations
@@ -110,7 +111,10 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"software_version": __version__, "source": str(dataset.path),
-                            "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)"})
+                            "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)",
+                            "n_encoder_hypotheses": guide.n_encoder_hypotheses,
+                            "hypotheses": "first n_encoder_hypotheses from the encoder (its heads, then their "
+                                          "Rz(pi) partners), the rest from the orientation search"})
             ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=True, compression="gzip")
                   for name, shape in [("pose_quaternion", (n, 4)), ("pose_sigma_rad", (n, 3)),
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),

@@ -185,6 +185,8 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "pixel_rng": self.pixel_gen.get_state(),
+                # the search's field cache is refreshed every search_every steps: keep it for an exact resume
+                "search_cache": self.guide._search[0].cache if self.guide._search else None,
             },
             self.checkpoint_path,
         )
@@ -200,6 +202,8 @@ class Trainer:
         if ck["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
         self.pixel_gen.set_state(ck["pixel_rng"])
+        if self.guide._search and ck.get("search_cache") is not None:
+            self.guide._search[0].cache = ck["search_cache"].to(self.device)
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s at step %d (%d images seen)", self.checkpoint_path, self.state.step,
                  self.state.images_seen)
