@@ -21,6 +21,8 @@ exists is complete):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -37,21 +39,18 @@ from bayes_spi.so3 import rotmat_to_quat_wxyz
 __all__ = ["grid_q", "field_on_grid", "write_intensity", "write_posterior", "atomic_path"]
 
 
-class atomic_path:
-    """Context manager yielding ``path.tmp``; renamed to ``path`` only if the block succeeds."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif self.tmp.exists():
-            self.tmp.unlink()
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``path.tmp`` to write to; it is renamed to ``path`` only if the block succeeds, else removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    os.replace(tmp, path)
 
 
 def grid_q(n: int, q_max: float) -> tuple[np.ndarray, float]:

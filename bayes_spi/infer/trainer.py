@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import TraceEnum_ELBO
 
 from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.guides.amortized import PosePosterior
@@ -258,8 +257,6 @@ class Trainer:
         n_batch, k = w.shape
         rows = torch.arange(n_batch, device=w.device)[None, :]
         hyp = torch.arange(k, device=w.device)[:, None].expand(k, n_batch)
-        from bayes_spi.distributions.so3 import LieNormalSO3  # local: keeps the import graph flat
-
         q_pose = LieNormalSO3(post.rotations[rows, hyp], post.sigmas[rows, hyp])  # batch (K, B)
         R = q_pose.sample()
         q_scale = pyro.distributions.LogNormal(post.scale_loc, post.scale_scale)

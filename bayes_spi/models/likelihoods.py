@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import pyro.distributions as dist
-import torch
 from torch import Tensor
 
 __all__ = ["Likelihood", "PoissonLikelihood"]
