@@ -25,7 +25,7 @@ __all__ = ["command", "DEMO_CONFIG", "QUICK_CONFIG", "demo_settings"]
 DEMO_CONFIG: dict[str, Any] = {
     "structure": "2CEX",
     "geometry": "reference-32",
-    "n_patterns": 20000,
+    "n_patterns": 16000,
     "mean_photons": 1e4,
     "artifacts": "FPB",
     "fluence_jitter": "lognormal:0.3",
@@ -38,7 +38,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "epochs": 4,
         "batch_size": 32,
         "seed": 0,
-        "max_minutes": 11.0,  # safety stop: the demo must finish within 15 minutes on 2 cores
+        "max_minutes": 10.0,  # safety stop: the demo must finish within 15 minutes on 2 cores
     },
 }
 

@@ -102,16 +102,28 @@ def write_intensity(volume: np.ndarray, dq: float, run_dir: str | os.PathLike, s
 
 @torch.no_grad()
 def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.PathLike,
-                    batch_size: int = 256, device: torch.device | str = "cpu") -> Path:
-    """Stream the data set through the guide and write per-image posterior summaries (see module doc)."""
+                    batch_size: int = 128, device: torch.device | str = "cpu", score_pixels: int = 512,
+                    seed: int = 0) -> Path:
+    """Stream the data set through the guide and write per-image posterior summaries (see module doc).
+
+    The hypothesis weights (and the search proposals) are evaluated on one fixed random subset of
+    ``score_pixels`` good pixels (0: all), the same for every pattern, as training does with a fresh subset
+    each step: the model's likelihood at every hypothesis of every pattern is the expensive part of the
+    export on a CPU. The subset size is recorded in the file.
+    """
     path = Path(path)
     n, k = dataset.n_patterns, guide.n_hypotheses
     guide.eval()
+    good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
+    if 0 < score_pixels < good.numel():
+        pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(seed))[:score_pixels]
+        good = good[pick.to(good.device)].sort().values
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"software_version": __version__, "source": str(dataset.path),
                             "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)",
                             "n_encoder_hypotheses": guide.n_encoder_hypotheses,
+                            "score_pixels": int(good.numel()),
                             "hypotheses": "first n_encoder_hypotheses from the encoder (its heads, then their "
                                           "Rz(pi) partners), the rest from the orientation search"})
             ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=True, compression="gzip")
@@ -119,7 +131,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),
                                       ("hypothesis_weights", (n, k)), ("scale_mean", (n,)), ("scale_sd", (n,))]}
             for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
-                post = guide.posterior(torch.as_tensor(counts, device=device))
+                post = guide.posterior(torch.as_tensor(counts, device=device), good)
                 best = post.weights.argmax(-1)
                 rows = torch.arange(len(idx), device=best.device)
                 quats = rotmat_to_quat_wxyz(post.rotations)
