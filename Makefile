@@ -20,7 +20,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 benchmark: $(STAMP)
-	$(BIN)/python benchmarks/bench_fit.py --size 32
+	$(BIN)/python benchmarks/bench_fit.py --size 32 --n-patterns 50000 --epochs 3 --minutes 28 --out bench_out/s32
+	$(BIN)/python benchmarks/bench_fit.py --size 64 --n-patterns 15000 --epochs 3 --minutes 20 --out bench_out/s64
 
 clean:
-	rm -rf $(VENV) demo_run
+	rm -rf $(VENV) demo_run bench_out

@@ -51,7 +51,7 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data.h5"
-    n = args.n_patterns or (120_000 if args.size == 32 else 60_000)
+    n = args.n_patterns or (50_000 if args.size == 32 else 15_000)
     t0 = time.perf_counter()
     if not data.exists():
         simulate(PDB, f"reference-{args.size}", n, data, artifacts="FP", mean_photons=args.photons,
