@@ -147,7 +147,7 @@ def test_orientation_search_finds_the_generating_rotation():
     model, guide, _ = _tiny(n_heads=1, n_search=1)
     model.field = VoxelField(Q_MAX * 1.01, n=7)  # smooth but strongly anisotropic: the 41^3 cache is accurate
     model.field.grid.data.normal_(0.0, 2.0)
-    search = guide._search[0]
+    search = guide.search
     search.refresh()
     truth = torch.tensor([5, 77, 140, 201])
     R = search.rotations[truth]

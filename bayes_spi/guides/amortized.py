@@ -129,6 +129,11 @@ class AmortizedGuide(nn.Module):
         self._search: list[Callable[[Tensor, Tensor], Tensor]] = []
         self.last_posterior: PosePosterior | None = None
 
+    @property
+    def search(self) -> "Callable[[Tensor, Tensor], Tensor] | None":
+        """The attached orientation search (``None`` if none)."""
+        return self._search[0] if self._search else None
+
     def attach_search(self, search: "Callable[[Tensor, Tensor], Tensor] | None") -> None:
         """Add ``n_search`` proposals per pattern from ``search(images, pixels) -> (B, n_search, 3, 3)``
         (e.g. :class:`~bayes_spi.guides.search.OrientationSearch`) to the mixture; ``None`` detaches."""

@@ -185,7 +185,7 @@ class Trainer:
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "pixel_rng": self.pixel_gen.get_state(),
                 # the search's field cache is refreshed every search_every steps: keep it for an exact resume
-                "search_cache": self.guide._search[0].cache if self.guide._search else None,
+                "search_cache": self.guide.search.cache if self.guide.search is not None else None,
             },
             self.checkpoint_path,
         )
@@ -201,8 +201,8 @@ class Trainer:
         if ck["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
         self.pixel_gen.set_state(ck["pixel_rng"])
-        if self.guide._search and ck.get("search_cache") is not None:
-            self.guide._search[0].cache = ck["search_cache"].to(self.device)
+        if self.guide.search is not None and ck.get("search_cache") is not None:
+            self.guide.search.cache = ck["search_cache"].to(self.device)
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s at step %d (%d images seen)", self.checkpoint_path, self.state.step,
                  self.state.images_seen)
@@ -292,6 +292,8 @@ class Trainer:
         )
         vol, dq = field_on_grid(self.model.field, grid, self._q_max)
         mrc, h5 = write_intensity(vol, dq, self.run_dir)
+        if self.guide.search is not None:
+            self.guide.search.refresh()  # search against the final field
         post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device)
         return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
 
@@ -309,8 +311,8 @@ class Trainer:
     def step(self, batch: SPIBatch) -> float:
         """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
         self.optim.zero_grad(set_to_none=True)
-        if self.guide._search and self.state.step % self.config.search_every == 0:
-            self.guide._search[0].refresh()
+        if self.guide.search is not None and self.state.step % self.config.search_every == 0:
+            self.guide.search.refresh()
         loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
         value = float(loss.detach())
         if self.config.distill_weight > 0 and self.guide.n_search > 0:

@@ -124,17 +124,21 @@ class SirenField(IntensityField):
         self.net = _EvenSiren(width, depth, w0)
         self.log_clamp = float(log_clamp)
 
+    def _raw(self, x: Tensor) -> Tensor:
+        """Network output ``(...)`` for scaled coordinates ``x = q / q_max`` ``(..., 3)``."""
+        return self.net(x)
+
     def log_intensity(self, q: Tensor) -> Tensor:
         self._check(q)
-        g = self.net(q / self.q_max)
+        g = self._raw(q / self.q_max)
         return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
 
 
-class FourierNetField(IntensityField):
+class FourierNetField(SirenField):
     """X-RAI's FourierNet: ``I(q) = exp(small(q)) * exp(large(q))``, both SIRENs even in ``q``.
 
     ``small`` is a narrow, low-frequency network (the smooth radial envelope of the intensity);
-    ``large`` a wide, higher-frequency one (the speckle detail).
+    the large one (``net``, as in :class:`SirenField`) a wide, higher-frequency one (the speckle detail).
     """
 
     def __init__(
@@ -148,16 +152,11 @@ class FourierNetField(IntensityField):
         log_offset: float = 0.0,
         log_clamp: float = 25.0,
     ) -> None:
-        super().__init__(q_max, log_offset)
+        super().__init__(q_max, width, depth, w0, log_offset, log_clamp)
         self.small = _EvenSiren(small_width, 2, small_w0)
-        self.large = _EvenSiren(width, depth, w0)
-        self.log_clamp = float(log_clamp)
 
-    def log_intensity(self, q: Tensor) -> Tensor:
-        self._check(q)
-        x = q / self.q_max
-        g = self.small(x) + self.large(x)
-        return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
+    def _raw(self, x: Tensor) -> Tensor:
+        return self.small(x) + self.net(x)
 
 
 class VoxelField(IntensityField):
