@@ -108,6 +108,13 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         n_enc = int(f.attrs["n_encoder_hypotheses"])
     assert quat.shape == (N_PATTERNS, 4)
     np.testing.assert_allclose(np.linalg.norm(quat, axis=1), 1.0, atol=1e-5)
+    # report.png: a real PNG of the expected size (2 x 3 panels at 90 dpi), not blank
+    import matplotlib.image as mpimg
+
+    png = run / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(png)
+    assert img.shape[:2] == (765, 1260) and img[..., :3].std() > 0.05
     n_search = FitConfig().n_search  # hypotheses: 2 per encoder head (n_heads 1) + the search proposals
     assert w.shape == (N_PATTERNS, 2 + n_search) and n_enc == 2
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)

@@ -5,7 +5,8 @@ DATA is a bayes-spi HDF5 file (see `bayes-spi simulate`); it is validated before
 config.yaml (every setting, versions, the command line), run.log, checkpoint.pt (atomic, every
 --checkpoint-every steps), metrics.csv, and at the end model.pt, intensity.mrc / intensity.h5 (the 3D
 intensity on a --grid cube up to the detector's q_max; MRC voxel size in 1/A), posterior.h5 (per-image
-pose and fluence posteriors) and, when the data file holds the truth, evaluation.json.
+pose and fluence posteriors), report.png (ELBO, speed, central slices of the intensity and, with a truth,
+the pose-error histogram) and, when the data file holds the truth, evaluation.json.
 
 A RUN that already holds a checkpoint or model is never overwritten: continue it with --resume (the
 settings then come from RUN/config.yaml and training options given on the command line are ignored with
@@ -35,7 +36,7 @@ log = logging.getLogger("bayes_spi")
 #: files of a run directory that ``--force`` removes before a fresh start
 RUN_FILES: tuple[str, ...] = (
     "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
-    "intensity.mrc", "intensity.h5", "posterior.h5", "evaluation.json", "config.yaml", "run.log",
+    "intensity.mrc", "intensity.h5", "posterior.h5", "evaluation.json", "report.png", "config.yaml", "run.log",
 )
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
@@ -305,6 +306,10 @@ def run_fit(
                 _atomic_json({k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
                              run_dir / "evaluation.json")
                 log.info("evaluation: %s", json.dumps(evaluation))
+        from bayes_spi.infer.report import write_report
+
+        outputs["report"] = write_report(run_dir, dataset.path if evaluation is not None else None)
+        log.info("wrote %s", outputs["report"].name)
     finally:
         dataset.close()
         close_logging()
