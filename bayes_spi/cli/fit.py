@@ -29,6 +29,8 @@ from typing import Any
 
 import click
 
+from bayes_spi.atomic import atomic_path
+
 __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit"]
 
 log = logging.getLogger("bayes_spi")
@@ -131,11 +133,8 @@ def _build_config(given: dict[str, Any]) -> Any:
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _last_metrics(path: Path) -> dict[str, str]:

@@ -21,8 +21,6 @@ exists is complete):
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -31,26 +29,13 @@ import numpy as np
 import torch
 
 from bayes_spi import __version__
+from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.so3 import rotmat_to_quat_wxyz
 
-__all__ = ["grid_q", "field_on_grid", "write_intensity", "write_posterior", "atomic_path"]
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield ``path.tmp`` to write to; it is renamed to ``path`` only if the block succeeds, else removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    os.replace(tmp, path)
+__all__ = ["grid_q", "field_on_grid", "write_intensity", "write_posterior"]
 
 
 def grid_q(n: int, q_max: float) -> tuple[np.ndarray, float]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from bayes_spi.infer.outputs import atomic_path
+from bayes_spi.atomic import atomic_path
 
 __all__ = ["write_report"]
 

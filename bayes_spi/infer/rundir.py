@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from bayes_spi.atomic import atomic_path
 from bayes_spi.infer.config import FitConfig
 
 __all__ = [
@@ -48,16 +49,8 @@ _HANDLER_TAG = "_bayes_spi_run_handler"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_config(

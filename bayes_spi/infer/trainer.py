@@ -31,6 +31,7 @@ import pyro
 import torch
 from pyro.infer import TraceEnum_ELBO
 
+from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
@@ -57,12 +58,8 @@ def resolve_device(name: str) -> torch.device:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to ``path.tmp`` then ``os.replace``: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @dataclass
@@ -227,12 +224,10 @@ class Trainer:
                         rows.append(r)
                 except ValueError:
                     continue
-        tmp = self.metrics_path.with_name("metrics.csv.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.metrics_path) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.metrics_path)
 
     def _write_metrics(self, row: dict[str, float]) -> None:
         new = not self.metrics_path.exists()
@@ -263,9 +258,7 @@ class Trainer:
         s = q_scale.sample()
         p_pose = self.model.pose_prior(n_batch)
         p_scale = self.model.scale_prior(n_batch)
-        log_rate = self.model.log_rate(R, s.log().expand(k, n_batch), batch.pixels)
-        y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
-        ll = self.model.likelihood(log_rate).log_prob(y).sum(-1) * batch.pixel_weight  # (K, B)
+        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels) * batch.pixel_weight  # (K, B)
         kl_pose = q_pose.log_prob(R) - p_pose.log_prob(R)  # (K, B)
         wt = w.T
         loglik = (wt * ll).sum(0).mean()
