@@ -1,0 +1,89 @@
+"""Reload a finished run: the trained model (field, priors, likelihood) and guide from ``model.pt``.
+
+Example::
+
+    trained = load_trained("run1")           # or the path of model.pt
+    post = trained.guide.posterior(images)   # per-pattern posterior parameters
+    I = trained.model.field(q)               # the intensity field
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bayes_spi.geometry import Geometry
+from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.infer.build import build_model_and_guide
+from bayes_spi.infer.config import FitConfig
+from bayes_spi.models.spi import SPIModel
+
+__all__ = ["Trained", "load_trained", "model_path_of"]
+
+
+@dataclass
+class Trained:
+    """A reloaded run: ``model`` and ``guide`` in eval mode on ``device``, with the fit's settings.
+
+    Attributes:
+        model, guide: the trained :class:`SPIModel` and :class:`AmortizedGuide` (the guide's scorer and
+            orientation search are attached and the search cache is filled from the trained field).
+        config: the fit's :class:`FitConfig`.
+        geometry: the detector geometry the model was trained on (with its mask).
+        q_max: largest ``|q|`` of the detector's pixel centres (1/A).
+        path: the ``model.pt`` file.
+    """
+
+    model: SPIModel
+    guide: AmortizedGuide
+    config: FitConfig
+    geometry: Geometry
+    q_max: float
+    path: Path
+
+
+def model_path_of(run: str | os.PathLike[str]) -> Path:
+    """``run/model.pt`` for a run directory, or ``run`` itself when it is a file."""
+    p = Path(run)
+    return p / "model.pt" if p.is_dir() else p
+
+
+def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
+    """Rebuild model and guide from a run directory (or its ``model.pt``).
+
+    Raises:
+        FileNotFoundError: no ``model.pt``.
+        ValueError: the file is not a bayes-spi model (missing entries) or its weights do not fit its config.
+    """
+    path = model_path_of(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the trained model of a finished run)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("config", "geometry", "model", "guide") if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{os.fspath(path)}: expected a bayes-spi model file with entries config, geometry, model, "
+                         f"guide; missing {missing}")
+    try:
+        config = FitConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{os.fspath(path)}: field config: {exc}") from None
+    mask = ck.get("mask")
+    geometry = Geometry.from_dict(ck["geometry"], mask=None if mask is None else np.asarray(mask))
+    model, guide = build_model_and_guide(geometry, config, device=device)
+    for name, module in (("model", model), ("guide", guide)):
+        try:
+            module.load_state_dict(ck[name])
+        except RuntimeError as exc:
+            raise ValueError(f"{os.fspath(path)}: field {name}: weights do not match the config ({exc})") from None
+    model.eval()
+    guide.eval()
+    guide.weight_floor = 0.0
+    if guide.search is not None:
+        with torch.no_grad():
+            guide.search.refresh()
+    q_max = float(model.q.norm(dim=-1).max())
+    return Trained(model, guide, config, geometry, q_max, path)
