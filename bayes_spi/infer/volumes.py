@@ -1,0 +1,117 @@
+"""Read and write 3D volumes: intensities (reciprocal space) and densities (real space), MRC and HDF5.
+
+Conventions (the same as the run directory's ``intensity.mrc``/``.h5``):
+
+- An intensity is an odd cube ``(n, n, n)`` indexed ``[ix, iy, iz]`` with voxel ``i`` at
+  ``q = (i - n // 2) * dq`` (1/A). In MRC files the data order is ``[z, y, x]``, the voxel size is ``dq``
+  **in 1/A** and the origin ``-(n // 2) * dq`` (so ChimeraX puts ``q = 0`` at the origin). In HDF5 the
+  dataset ``/intensity`` holds ``[ix, iy, iz]`` with attribute ``voxel_size_inv_A``.
+- A density is an odd cube ``[ix, iy, iz]`` with voxel size ``voxel_A`` (A), the box centre at the origin.
+
+Example::
+
+    I, dq = read_intensity("run1/intensity.h5")
+    write_density(rho, voxel_A, "density.mrc")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import mrcfile
+import numpy as np
+
+from bayes_spi import __version__
+from bayes_spi.atomic import atomic_path
+
+__all__ = ["read_intensity", "read_density", "write_density"]
+
+
+def _check_cube(arr: np.ndarray, path: Path, field: str) -> np.ndarray:
+    if arr.ndim != 3 or len(set(arr.shape)) != 1 or arr.shape[0] % 2 == 0 or arr.shape[0] < 3:
+        raise ValueError(f"{os.fspath(path)}: field {field}: expected an odd cube (n, n, n), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{os.fspath(path)}: field {field}: expected finite values, got NaN or inf")
+    return arr
+
+
+def _read_mrc(path: Path) -> tuple[np.ndarray, float]:
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            if mrc.data is None:
+                raise ValueError(f"{os.fspath(path)}: field data: expected a 3D volume, got none")
+            data = np.asarray(mrc.data, dtype=np.float64).transpose(2, 1, 0)  # [z,y,x] -> [x,y,z]
+            vs = mrc.voxel_size
+            sizes = {float(vs.x), float(vs.y), float(vs.z)}
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and os.fspath(path) in str(exc):
+            raise
+        raise ValueError(f"{os.fspath(path)}: expected an MRC volume, got an unreadable file ({exc})") from None
+    if len(sizes) != 1 or not sizes.pop() > 0:
+        raise ValueError(f"{os.fspath(path)}: field voxel_size: expected one positive size for x, y, z, got "
+                         f"({vs.x}, {vs.y}, {vs.z})")
+    return data, float(vs.x)
+
+
+def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """An intensity cube ``(n, n, n)`` ``[ix, iy, iz]`` float64 and its voxel size ``dq`` (1/A).
+
+    Reads ``.mrc``/``.map`` (voxel size taken as 1/A, as ``bayes-spi export`` writes it) or HDF5
+    (``/intensity`` with attr ``voxel_size_inv_A``, or a data file's ``/truth/intensity``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a volume, not an odd cube, no voxel size, non-finite values (names file and field).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{os.fspath(p)}: not found (expected an intensity volume, .mrc or .h5)")
+    if p.suffix.lower() in (".mrc", ".map", ".mrcs"):
+        data, dq = _read_mrc(p)
+        return _check_cube(data, p, "data"), dq
+    try:
+        f = h5py.File(p, "r")
+    except OSError as exc:
+        raise ValueError(f"{os.fspath(p)}: expected an MRC or HDF5 intensity volume, got an unreadable file "
+                         f"({exc})") from None
+    with f:
+        for name in ("intensity", "truth/intensity"):
+            if name in f and isinstance(f[name], h5py.Dataset):
+                ds = f[name]
+                if "voxel_size_inv_A" not in ds.attrs:
+                    raise ValueError(f"{os.fspath(p)}: field /{name} attrs['voxel_size_inv_A']: expected the voxel "
+                                     "size in 1/A, got missing")
+                return _check_cube(np.asarray(ds[()], dtype=np.float64), p, f"/{name}"), float(ds.attrs["voxel_size_inv_A"])
+    raise ValueError(f"{os.fspath(p)}: field /intensity: expected a dataset (or /truth/intensity), got missing")
+
+
+def read_density(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """A density cube ``[ix, iy, iz]`` float64 and its voxel size (A) from an MRC file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{os.fspath(p)}: not found (expected a density MRC, e.g. from `bayes-spi phase`)")
+    data, voxel = _read_mrc(p)
+    return _check_cube(data, p, "data"), voxel
+
+
+def write_density(density: np.ndarray, voxel_A: float, path: str | os.PathLike[str], label: str = "") -> Path:
+    """Write a real-space density ``(n, n, n)`` ``[ix, iy, iz]`` as MRC (voxel size in A, box centred on 0)."""
+    rho = np.asarray(density)
+    if rho.ndim != 3 or len(set(rho.shape)) != 1:
+        raise ValueError(f"expected a density cube (n, n, n), got shape {rho.shape}")
+    if not voxel_A > 0:
+        raise ValueError(f"expected a positive voxel size in A, got {voxel_A}")
+    p = Path(path)
+    n = rho.shape[0]
+    with atomic_path(p) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(np.ascontiguousarray(rho.transpose(2, 1, 0)).astype(np.float32))
+            mrc.voxel_size = float(voxel_A)
+            origin = -(n // 2) * float(voxel_A)
+            mrc.header.origin = (origin, origin, origin)
+            text = (label or f"bayes-spi {__version__} electron density; voxel size in A")[:80]
+            mrc.header.label[0] = text.encode("ascii", "replace")
+            mrc.header.nlabl = 1
+    return p
