@@ -18,6 +18,10 @@ Layout (format_version 1)
     /truth/scales        (N,) float64 fluence jitter gamma_i (mean ~1)
     /truth/intensity     (n, n, n) float32 |F|^2 in electrons^2 on a centred odd cube, attrs:
                          voxel_size_inv_A, axis_order="x,y,z", centre_index (= n//2; q = (i - centre) * voxel)
+    /truth/density       optional (n, n, n) float32 band-limited electron density (electrons per voxel) on the
+                         real-space grid matching /truth/intensity (bayes_spi.sim.transform.density_on_grid),
+                         attrs: voxel_size_A (= 1 / (n * voxel_size_inv_A)), axis_order="x,y,z",
+                         centre_index (= n//2; r = (i - centre) * voxel_size_A)
     /simulation          optional; attrs: everything needed to reproduce the simulation (structure, seed,
                          artifacts, fluence settings, n_patterns, ...)
 
@@ -178,6 +182,24 @@ class H5Writer:
         grp = self._file.require_group("truth")
         ds = grp.create_dataset("intensity", data=arr.astype(np.float32), compression="gzip", compression_opts=4)
         ds.attrs["voxel_size_inv_A"] = float(voxel_size)
+        ds.attrs["axis_order"] = "x,y,z"
+        ds.attrs["centre_index"] = arr.shape[0] // 2
+
+    def write_truth_density(self, density: np.ndarray, voxel_A: float) -> None:
+        """Store ``/truth/density`` ``(n, n, n)`` (electrons per voxel, axis order x,y,z, centre n//2) as float32.
+
+        Args:
+            density: real-space density on an odd cube.
+            voxel_A: real-space voxel size in Angstrom (``1 / (n dq)`` for the matching intensity grid).
+        """
+        arr = np.asarray(density)
+        if arr.ndim != 3 or len(set(arr.shape)) != 1 or arr.shape[0] % 2 == 0:
+            raise ValueError(f"density: expected an odd cube (n, n, n), got shape {arr.shape}")
+        if not np.isfinite(voxel_A) or voxel_A <= 0:
+            raise ValueError(f"voxel_A: expected a positive number, got {voxel_A!r}")
+        grp = self._file.require_group("truth")
+        ds = grp.create_dataset("density", data=arr.astype(np.float32), compression="gzip", compression_opts=4)
+        ds.attrs["voxel_size_A"] = float(voxel_A)
         ds.attrs["axis_order"] = "x,y,z"
         ds.attrs["centre_index"] = arr.shape[0] // 2
 
@@ -388,6 +410,12 @@ class SPIDataset:
                     raise self._error("/truth/intensity", "a cube (n, n, n)", f"shape {ds.shape}")
                 if "voxel_size_inv_A" not in ds.attrs:
                     raise self._error("/truth/intensity attrs['voxel_size_inv_A']", "a positive number", "missing")
+            if "density" in truth:
+                ds = self._dataset("/truth/density")
+                if ds.ndim != 3 or len(set(ds.shape)) != 1:
+                    raise self._error("/truth/density", "a cube (n, n, n)", f"shape {ds.shape}")
+                if "voxel_size_A" not in ds.attrs:
+                    raise self._error("/truth/density attrs['voxel_size_A']", "a positive number", "missing")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -549,6 +577,16 @@ class SPIDataset:
         """True intensity ``(n, n, n)`` float32 (axis order x,y,z, centre n//2) and voxel size (1/A)."""
         ds = self._truth("intensity")
         return np.asarray(ds[()]), float(ds.attrs["voxel_size_inv_A"])
+
+    def truth_density(self) -> tuple[np.ndarray, float]:
+        """True band-limited density ``(n, n, n)`` float32 (electrons per voxel, axis order x,y,z, centre n//2)
+        and its voxel size (Angstrom).
+
+        Raises:
+            DataFormatError: ``/truth/density`` is missing (real data, or a file from an older simulation).
+        """
+        ds = self._truth("density")
+        return np.asarray(ds[()]), float(ds.attrs["voxel_size_A"])
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -34,7 +34,12 @@ from bayes_spi.dataio.h5 import DataFormatError, H5Writer, quaternions_to_rotati
 from bayes_spi.geometry import Geometry, get_preset
 from bayes_spi.sim.fluence import CLASSICAL_ELECTRON_RADIUS_A, fluence_from_pulse, parse_jitter, sample_jitter
 from bayes_spi.sim.structure import Structure, load_structure
-from bayes_spi.sim.transform import intensity_on_grid, molecular_transform
+from bayes_spi.sim.transform import (
+    density_from_transform,
+    intensity_from_transform,
+    molecular_transform,
+    transform_on_grid,
+)
 
 __all__ = [
     "ARTIFACT_LETTERS",
@@ -354,8 +359,9 @@ def simulate(
                 total += float(counts_good.sum())
                 bar.update(batch)
         if truth_grid:
-            intensity, voxel = intensity_on_grid(mol, int(truth_grid), geom.q_max)
-            writer.write_truth_intensity(intensity, voxel)
+            transform, voxel = transform_on_grid(mol, int(truth_grid), geom.q_max)
+            writer.write_truth_intensity(intensity_from_transform(transform), voxel)
+            writer.write_truth_density(*density_from_transform(transform, voxel))
     return SimulationSummary(
         path=Path(path),
         n_patterns=n_patterns,
