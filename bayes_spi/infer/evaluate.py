@@ -11,7 +11,19 @@ Compares ``posterior.h5`` (per-image pose and fluence scale) and the trained int
 - Pearson correlation of ``I`` and of ``log I`` on the truth grid, inside the sphere
   ``|q| <= q_max`` of the detector (pixel centres), with the field sampled at ``G^T q``
   (``I_est(x) = I_true(G x)``, so ``I_true(q) = I_est(G^T q)``); ``G`` is the global rotation of the
-  alignment modulo ``Rz(pi)`` (robust when some images sit in the other mode).
+  alignment modulo ``Rz(pi)`` (robust when some images sit in the other mode);
+- the intensity FSC (shell correlation of ``sqrt I`` in shells of ``|q|`` up to the detector's
+  ``q_max``, :func:`bayes_spi.analysis.fsc.intensity_fsc`) of that aligned intensity against the truth,
+  and its resolution (nm) at 0.5 and 0.143;
+- the density FSC: the aligned intensity is phased (:func:`bayes_spi.analysis.phasing.phase_retrieval`,
+  best of ``phase_starts`` starts) and compared with the true density (``/truth/density``; files written
+  before it existed: the phased true intensity) after translation and enantiomer alignment
+  (:func:`bayes_spi.analysis.align.align_density`); a user's own density map (``density=PATH``) is
+  also aligned in rotation;
+- ``corner_res_nm``: the detector-corner resolution, the limit of the data, for reference.
+
+:func:`evaluate_run_full` also returns the curves (``FSCCurve`` objects) and per-image errors;
+:func:`write_fsc_json` stores curves in ``RUN/fsc.json`` (read by the report).
 
 Example::
 
@@ -23,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +51,8 @@ from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.metrics import fluence_correlation, intensity_correlation, orientation_error_summary
 from bayes_spi.models.fields import IntensityField
 
-__all__ = ["EVALUATION_KEYS", "evaluate_run", "format_evaluation", "load_field"]
+__all__ = ["EVALUATION_KEYS", "Evaluation", "evaluate_run", "evaluate_run_full", "format_evaluation", "load_field",
+           "write_fsc_json"]
 
 #: keys of :func:`evaluate_run`'s result, in display order
 EVALUATION_KEYS: tuple[str, ...] = (
@@ -50,6 +64,11 @@ EVALUATION_KEYS: tuple[str, ...] = (
     "fluence_corr",
     "intensity_corr",
     "log_intensity_corr",
+    "intensity_fsc_res_nm_0.5",
+    "intensity_fsc_res_nm_0.143",
+    "density_fsc_res_nm_0.5",
+    "density_fsc_res_nm_0.143",
+    "corner_res_nm",
     "n_patterns",
 )
 
@@ -89,22 +108,59 @@ def load_field(model_path: str | os.PathLike[str], geometry: Geometry | None = N
     return field, q_max
 
 
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate_run_full`.
+
+    Attributes:
+        scalars: the flat dict of :func:`evaluate_run` (keys :data:`EVALUATION_KEYS`).
+        curves: ``{"intensity": FSCCurve, "density": FSCCurve}`` (those that could be computed).
+        pose_errors_deg: ``(N,)`` per-image orientation errors after the global alignment.
+        G: ``(3, 3)`` the global rotation used for the intensity (``R_true ~= G R_est``, mod Rz(pi)).
+        notes: what was skipped or substituted, and why.
+    """
+
+    scalars: dict[str, float]
+    curves: dict[str, Any] = dc_field(default_factory=dict)
+    pose_errors_deg: np.ndarray | None = None
+    G: np.ndarray | None = None
+    notes: list[str] = dc_field(default_factory=list)
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     truth_path: str | os.PathLike[str],
     posterior_path: str | os.PathLike[str] | None = None,
     model_path: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
 ) -> dict[str, float]:
+    """Compare a run's outputs with the truth of a simulated data file: the scalars of
+    :func:`evaluate_run_full` (same arguments), keys :data:`EVALUATION_KEYS` (NaN where not computable)."""
+    return evaluate_run_full(run_dir, truth_path, posterior_path, model_path, **kwargs).scalars
+
+
+def evaluate_run_full(
+    run_dir: str | os.PathLike[str],
+    truth_path: str | os.PathLike[str],
+    posterior_path: str | os.PathLike[str] | None = None,
+    model_path: str | os.PathLike[str] | None = None,
+    *,
+    fsc: bool = True,
+    density: bool | str | os.PathLike[str] = True,
+    phase_starts: int = 4,
+    seed: int = 0,
+) -> Evaluation:
     """Compare a run's outputs with the truth of a simulated data file.
 
     Args:
         run_dir: the run directory (``posterior.h5``, ``model.pt``).
         truth_path: the data file with ``/truth`` (quaternions, scales; ``intensity`` optional: without it
-            the intensity correlations are NaN).
+            the intensity metrics are NaN).
         posterior_path, model_path: override the files inside ``run_dir``.
-
-    Returns:
-        A flat dict of floats with the keys in :data:`EVALUATION_KEYS`.
+        fsc: compute the intensity FSC.
+        density: ``True``: phase the aligned intensity and compute the density FSC; ``False``: skip; a path:
+            compare that density MRC instead (aligned in rotation, translation and enantiomer).
+        phase_starts, seed: phase retrieval random starts.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -122,6 +178,7 @@ def evaluate_run(
                 raise ValueError(f"{os.fspath(post_path)}: field /{name}: expected a dataset, got missing")
         quat = np.asarray(f["pose_quaternion"][()], dtype=np.float64)
         scale = np.asarray(f["scale_mean"][()], dtype=np.float64)
+    notes: list[str] = []
     with SPIDataset(truth_path) as ds:
         R_true = ds.truth_rotations()
         s_true = ds.truth_scales()
@@ -129,6 +186,14 @@ def evaluate_run(
             I_true, voxel = ds.truth_intensity()
         except DataFormatError:
             I_true, voxel = None, float("nan")
+            notes.append("no /truth/intensity in the data file: intensity metrics skipped")
+        rho_true = None
+        if I_true is not None and density is not False:
+            try:
+                rho_true, _ = ds.truth_density()
+            except (DataFormatError, AttributeError):
+                notes.append("no /truth/density in the data file: the reference density is the phased true "
+                             "intensity")
         geometry = ds.geometry
     n = len(R_true)
     if quat.shape != (n, 4) or scale.shape != (n,):
@@ -136,21 +201,22 @@ def evaluate_run(
                          f"(the truth file's N), got {quat.shape}/{scale.shape}")
     R_est = quaternions_to_rotations(quat)
     summ = orientation_error_summary(R_est, R_true)
-    out: dict[str, float] = {
+    out: dict[str, float] = {k: float("nan") for k in EVALUATION_KEYS}
+    out.update({
         "median_pose_error_deg": summ["median_error_deg"],
         "mean_pose_error_deg": summ["mean_error_deg"],
         "median_pose_error_mod_rotz_deg": summ["median_error_mod_rotz_pi_deg"],
         "mean_pose_error_mod_rotz_deg": summ["mean_error_mod_rotz_pi_deg"],
         "wrong_mode_fraction": summ["wrong_mode_fraction"],
         "fluence_corr": fluence_correlation(scale, s_true) if n >= 2 else float("nan"),
-        "intensity_corr": float("nan"),
-        "log_intensity_corr": float("nan"),
+        "corner_res_nm": geometry.corner_resolution_A / 10.0,
         "n_patterns": float(n),
-    }
+    })
+    G = np.asarray(summ["G_mod_rotz_pi"], dtype=np.float64)
+    curves: dict[str, Any] = {}
     if I_true is not None:
         field, q_max = load_field(mdl_path, geometry)
         n_grid = I_true.shape[0]
-        G = np.asarray(summ["G_mod_rotz_pi"], dtype=np.float64)
         # truth grid: q = (i - n//2) * voxel, i.e. grid_q(n, (n//2) * voxel); I_true(q) = I_est(G^T q)
         I_est, _ = field_on_grid(field, n_grid, (n_grid // 2) * voxel, rotation=G.T)
         ax = (np.arange(n_grid) - n_grid // 2) * voxel
@@ -158,7 +224,78 @@ def evaluate_run(
         sphere = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
         out["intensity_corr"] = intensity_correlation(I_est, I_true, mask=sphere, transform="none")
         out["log_intensity_corr"] = intensity_correlation(I_est, I_true, mask=sphere, transform="log")
-    return {k: float(out[k]) for k in EVALUATION_KEYS}
+        if fsc:
+            from bayes_spi.analysis.fsc import intensity_fsc
+
+            q_last = voxel * np.floor(q_max / voxel)
+            curves["intensity"] = intensity_fsc(I_est, I_true, voxel, q_max=q_last, mask=sphere)
+            out["intensity_fsc_res_nm_0.5"] = curves["intensity"].resolution_nm(0.5)
+            out["intensity_fsc_res_nm_0.143"] = curves["intensity"].resolution_nm(0.143)
+        if density is not False:
+            curves["density"] = _density_fsc(I_est, I_true, rho_true, voxel, sphere, q_max, density,
+                                             phase_starts, seed, notes)
+            out["density_fsc_res_nm_0.5"] = curves["density"].resolution_nm(0.5)
+            out["density_fsc_res_nm_0.143"] = curves["density"].resolution_nm(0.143)
+    scalars = {k: float(out[k]) for k in EVALUATION_KEYS}
+    return Evaluation(scalars, curves, np.asarray(summ["errors_deg"]), G, notes)
+
+
+def _density_fsc(I_est: np.ndarray, I_true: np.ndarray, rho_true: np.ndarray | None, dq: float,
+                 sphere: np.ndarray, q_max: float, density: bool | str | os.PathLike[str], starts: int, seed: int,
+                 notes: list[str]) -> Any:
+    """Density FSC (a :class:`FSCCurve`) of the phased estimate against the true density."""
+    from bayes_spi.analysis.align import align_density
+    from bayes_spi.analysis.fsc import density_fsc
+    from bayes_spi.analysis.phasing import phase_retrieval
+
+    n = I_true.shape[0]
+    voxel_A = 1.0 / (n * dq)
+    if rho_true is None:
+        rho_true = phase_retrieval(I_true, dq, n_starts=starts, seed=seed, measured_mask=sphere).density
+    if density is True:
+        rho_est = phase_retrieval(I_est, dq, n_starts=starts, seed=seed + 1, measured_mask=sphere).density
+        rotation_search = False  # the intensity was already aligned with the poses' global rotation
+    else:
+        from bayes_spi.infer.volumes import read_density
+
+        rho_est, v_est = read_density(density)
+        if rho_est.shape != rho_true.shape or abs(v_est - voxel_A) > 1e-3 * voxel_A:
+            raise ValueError(f"{os.fspath(density)}: expected a {n}^3 density with {voxel_A:.4g} A voxels (the truth "
+                             f"grid), got {rho_est.shape[0]}^3 with {v_est:.4g} A; phase an export made with "
+                             f"`bayes-spi export RUN --grid {n} --voxel {voxel_A:.6g}`")
+        rotation_search = True
+        notes.append(f"density FSC of {os.fspath(density)} (aligned in rotation, translation and enantiomer)")
+    aligned, _ = align_density(rho_true, rho_est, voxel_A, rotation_search=rotation_search)
+    q_last = dq * np.floor(q_max / dq)
+    return density_fsc(aligned, rho_true, voxel_A, q_max=q_last)
+
+
+def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corner_res_nm: float | None = None) -> Path:
+    """Merge curves into ``RUN/fsc.json`` (atomically): ``{name: {"q_inv_A", "fsc", "n_voxels",
+    "res_nm_0.5", "res_nm_0.143"}, "corner_res_nm": ...}``; other entries already there are kept."""
+    import json
+
+    from bayes_spi.atomic import atomic_path
+
+    path = Path(run_dir) / "fsc.json"
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    for name, curve in curves.items():
+        entry = curve.to_dict()
+        for t in (0.5, 0.143):
+            res = curve.resolution_nm(t)
+            entry[f"res_nm_{t}"] = float(res) if math.isfinite(res) else None
+            entry[f"crosses_{t}"] = bool(curve.crosses(t))
+        data[name] = entry
+    if corner_res_nm is not None:
+        data["corner_res_nm"] = float(corner_res_nm)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    return path
 
 
 _LABELS = {
@@ -170,6 +307,11 @@ _LABELS = {
     "fluence_corr": ("fluence correlation", ""),
     "intensity_corr": ("intensity correlation", ""),
     "log_intensity_corr": ("log-intensity correlation", ""),
+    "intensity_fsc_res_nm_0.5": ("intensity FSC resolution at 0.5", "nm"),
+    "intensity_fsc_res_nm_0.143": ("intensity FSC resolution at 0.143", "nm"),
+    "density_fsc_res_nm_0.5": ("density FSC resolution at 0.5", "nm"),
+    "density_fsc_res_nm_0.143": ("density FSC resolution at 0.143", "nm"),
+    "corner_res_nm": ("detector-corner resolution (limit)", "nm"),
     "n_patterns": ("patterns", ""),
 }
 
