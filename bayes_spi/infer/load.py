@@ -47,9 +47,9 @@ class Trained:
 
 
 def model_path_of(run: str | os.PathLike[str]) -> Path:
-    """``run/model.pt`` for a run directory, or ``run`` itself when it is a file."""
+    """``run/model.pt`` for a run directory, or ``run`` itself when it names a file (``*.pt`` or existing)."""
     p = Path(run)
-    return p / "model.pt" if p.is_dir() else p
+    return p if p.suffix == ".pt" or p.is_file() else p / "model.pt"
 
 
 def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
