@@ -169,6 +169,7 @@ def shell_correlation(
     n_shells: int | None = None,
     q_max: float | None = None,
     mask: np.ndarray | None = None,
+    centre: bool = False,
 ) -> FSCCurve:
     """Shell-by-shell correlation of two reciprocal-space volumes.
 
@@ -180,6 +181,7 @@ def shell_correlation(
         q_max: centre of the last shell, 1/A (default ``n//2 * dq``, the last shell that reaches the
             cube faces).
         mask: optional ``(n, n, n)`` bool, voxels to use (e.g. the measured sphere).
+        centre: subtract each volume's mean over the shell first (a Pearson correlation per shell).
 
     Returns:
         :class:`FSCCurve` with ``fsc = Re sum(a conj b) / sqrt(sum |a|^2 sum |b|^2)`` per shell.
@@ -216,6 +218,14 @@ def shell_correlation(
     idx = shell[use]
     va = arr_a[use]
     vb = arr_b[use]
+    if centre:
+        n_in = np.maximum(np.bincount(idx, minlength=count), 1)
+        va = va - (np.bincount(idx, weights=va.real, minlength=count)
+                   + 1j * np.bincount(idx, weights=np.imag(va), minlength=count))[idx] / n_in[idx]
+        vb = vb - (np.bincount(idx, weights=vb.real, minlength=count)
+                   + 1j * np.bincount(idx, weights=np.imag(vb), minlength=count))[idx] / n_in[idx]
+        if not np.iscomplexobj(arr_a) and not np.iscomplexobj(arr_b):
+            va, vb = va.real, vb.real
     cross = np.bincount(idx, weights=np.real(va * np.conj(vb)), minlength=count)
     pa = np.bincount(idx, weights=np.abs(va) ** 2, minlength=count)
     pb = np.bincount(idx, weights=np.abs(vb) ** 2, minlength=count)
@@ -233,19 +243,27 @@ def intensity_fsc(
     n_shells: int | None = None,
     q_max: float | None = None,
     mask: np.ndarray | None = None,
+    speckle: bool = False,
 ) -> FSCCurve:
     """FSC of two intensity volumes: :func:`shell_correlation` of ``sqrt(max(I, 0))``.
+
+    The papers' definition (``speckle=False``) correlates the non-negative amplitudes as they are, so
+    even two volumes that share only the radial fall-off score well above 0.5 in every shell. With
+    ``speckle=True`` each shell's mean amplitude is removed first (``centre=True``): the curve then
+    measures agreement of the speckle pattern, the information the orientations carry, and drops to
+    about 0 for unrelated volumes.
 
     Args:
         I_a, I_b: ``(n, n, n)`` intensities on the centred odd grid (voxel ``dq`` 1/A).
         dq, n_shells, q_max, mask: as in :func:`shell_correlation`.
+        speckle: remove each shell's mean first.
 
     Returns:
         :class:`FSCCurve`.
     """
     a = np.sqrt(np.clip(np.asarray(I_a, dtype=np.float64), 0.0, None))
     b = np.sqrt(np.clip(np.asarray(I_b, dtype=np.float64), 0.0, None))
-    return shell_correlation(a, b, dq, n_shells=n_shells, q_max=q_max, mask=mask)
+    return shell_correlation(a, b, dq, n_shells=n_shells, q_max=q_max, mask=mask, centre=speckle)
 
 
 def centred_fft(rho: np.ndarray) -> np.ndarray:

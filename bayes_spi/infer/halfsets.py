@@ -76,7 +76,8 @@ def halfset_fsc(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], gr
     run up to ``q_max`` inside the measured sphere.
 
     Returns:
-        ``(FSCCurve, {"rotation": (3, 3) list, "grid": n, "dq_inv_A": dq, "q_max_inv_A": q_max})``.
+        ``(FSCCurve, {"rotation": (3, 3) list, "grid": n, "dq_inv_A": dq, "q_max_inv_A": q_max,
+        "speckle": FSCCurve})``: the papers' sqrt(I) FSC and the speckle FSC (shell means removed).
     """
     from bayes_spi.analysis.align import align_intensity_rotation
     from bayes_spi.analysis.fsc import intensity_fsc
@@ -92,8 +93,10 @@ def halfset_fsc(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], gr
     ax = (np.arange(grid) - grid // 2) * dq
     qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
     sphere = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
-    curve = intensity_fsc(I_a, I_b_aligned, dq, q_max=dq * np.floor(q_max / dq), mask=sphere)
-    return curve, {"rotation": R.tolist(), "grid": grid, "dq_inv_A": dq, "q_max_inv_A": q_max}
+    q_last = dq * np.floor(q_max / dq)
+    curve = intensity_fsc(I_a, I_b_aligned, dq, q_max=q_last, mask=sphere)
+    speckle = intensity_fsc(I_a, I_b_aligned, dq, q_max=q_last, mask=sphere, speckle=True)
+    return curve, {"rotation": R.tolist(), "grid": grid, "dq_inv_A": dq, "q_max_inv_A": q_max, "speckle": speckle}
 
 
 def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dict[str, Any],
@@ -102,7 +105,9 @@ def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dic
     from bayes_spi.infer.evaluate import write_fsc_json
 
     run_dir = Path(run_dir)
-    write_fsc_json(run_dir, {"halfset": curve})
+    info = dict(info)
+    speckle = info.pop("speckle", None)
+    write_fsc_json(run_dir, {"halfset": curve, **({"halfset_speckle": speckle} if speckle is not None else {})})
     summary = {
         "software_version": __version__,
         "seed": int(split_attrs.get("seed", -1)),
@@ -112,6 +117,8 @@ def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dic
         "halfset_fsc_res_nm_0.143": curve.resolution_nm(0.143),
         "crosses_0.5": bool(curve.crosses(0.5)),
         "crosses_0.143": bool(curve.crosses(0.143)),
+        **({"halfset_speckle_fsc_res_nm_0.5": speckle.resolution_nm(0.5),
+            "halfset_speckle_fsc_res_nm_0.143": speckle.resolution_nm(0.143)} if speckle is not None else {}),
         **info,
     }
     path = run_dir / "halfsets.json"
