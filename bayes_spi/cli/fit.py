@@ -12,7 +12,26 @@ A RUN that already holds a checkpoint or model is never overwritten: continue it
 settings then come from RUN/config.yaml and training options given on the command line are ignored with
 a warning; DATA may be omitted) or start afresh with --force. Options not given take the defaults shown.
 
+Priors and the likelihood are chosen by SPEC: NAME, or NAME:KEY=VALUE;KEY=VALUE... (":" also separates
+parameters, so no shell quoting is needed; vectors are comma-separated), all recorded in config.yaml:
+
+\b
+  --pose-prior       uniform | preferred:axis=0,0,1:kappa=2
+  --scale-prior      lognormal:sigma=0.5 | pr772 | empirical:file=totals.npy:bins=100:smoothing=auto
+  --likelihood       poisson[:background=0] | poisson-gaussian:sigma=0.3[:background=0]
+  --intensity-prior  none | wilson[:weight=1:sigma=learned|composition:structure=2CEX:diameter_A=72]
+
+preferred: the beam direction R e_z (molecule frame) is von Mises-Fisher about axis with concentration
+kappa, the in-plane angle uniform. pr772: the packaged PR772 photon-count distribution; empirical: the
+same from a file of per-image photon totals (.npy (N,), .npz 'values', .csv column 'value') or a
+histogram (.npy (2, J) centres and weights, .npz 'edges'+'counts' or 'centres'+'counts', .csv columns
+'edge'/'centre' and 'count'), normalised to mean 1 and smoothed in log s. poisson-gaussian: Poisson
+photons plus Gaussian read-out noise of sigma photons, clipped at 0 and rounded.
+
 Example: bayes-spi fit data.h5 -o run1 --epochs 2 --batch-size 32
+
+Example with priors: bayes-spi fit data.h5 -o run2 --pose-prior preferred:axis=0,0,1:kappa=2 --scale-prior pr772
+--likelihood poisson-gaussian:sigma=0.3
 """
 
 from __future__ import annotations
@@ -45,7 +64,7 @@ RUN_FILES: tuple[str, ...] = (
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "n_heads", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
-    "seed", "device", "checkpoint_every", "log_every",
+    "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
 
 #: settings that do not change the computation: taken from the command line even with ``--resume``
@@ -87,6 +106,53 @@ def _training_option(name: str, type_: Any) -> Any:
     shown = {"max_images": "all", "max_minutes": "none"}.get(name, "none") if default is None else default
     return click.option(f"--{name.replace('_', '-')}", name, type=type_, default=None,
                         help=f"{_HELP[name]} [default: {shown}]")
+
+
+_SPEC_HELP = {
+    "pose_prior": "Pose prior SPEC: uniform, or preferred:axis=X,Y,Z:kappa=K. [default: uniform]",
+    "scale_prior": "Fluence-scale prior SPEC: lognormal:sigma=S, pr772, or empirical:file=F[:bins=N:smoothing=H]. "
+                   "[default: lognormal, sigma from --scale-prior-sigma]",
+    "likelihood": "Likelihood SPEC: poisson[:background=B] or poisson-gaussian:sigma=S[:background=B]. "
+                  "[default: poisson]",
+    "intensity_prior": "Intensity prior SPEC: none, or wilson[:KEY=VALUE...]. [default: none]",
+}
+
+
+def _check_spec(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """Parse and check a prior/likelihood SPEC; priors from files are built here so errors come first."""
+    if value is None:
+        return None
+    from bayes_spi.models.specs import FLAGS, normalize_spec
+
+    kind = str(param.name)
+    flag = FLAGS[kind]
+
+    def bad(exc: Exception) -> click.BadParameter:
+        msg = str(exc)
+        msg = msg[len(flag):].lstrip(": ") if msg.startswith(flag) else msg
+        return click.BadParameter(msg, ctx=ctx, param=param)
+
+    try:
+        spec = normalize_spec(kind, value)
+    except ValueError as exc:
+        raise bad(exc) from None
+    try:
+        if kind == "scale_prior" and spec["name"] != "lognormal":
+            from bayes_spi.models.priors import make_scale_prior
+
+            make_scale_prior(spec)
+        elif kind == "intensity_prior" and spec["name"] != "none":
+            from bayes_spi.infer.build import build_intensity_prior
+
+            build_intensity_prior(spec, q_max=0.1)
+    except (ValueError, FileNotFoundError) as exc:
+        raise bad(exc) from None
+    return spec
+
+
+def _spec_option(kind: str) -> Any:
+    return click.option("--" + kind.replace("_", "-"), kind, default=None, metavar="SPEC", callback=_check_spec,
+                        help=_SPEC_HELP[kind])
 
 
 def _existing_run(run_dir: Path) -> bool:
@@ -262,7 +328,7 @@ def run_fit(
         pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed (Trainer builds them)
         try:
             trainer = Trainer(dataset, config, run_dir, progress=progress)
-        except ValueError as exc:
+        except (ValueError, FileNotFoundError) as exc:
             raise click.ClickException(f"building the model: {exc}") from None
         first: list[tuple[int, float]] = []
 
@@ -361,6 +427,10 @@ class _RecordingCommand(click.Command):
 @_training_option("radius_start", float)
 @_training_option("radius_ramp", float)
 @_training_option("scale_prior_sigma", float)
+@_spec_option("pose_prior")
+@_spec_option("scale_prior")
+@_spec_option("likelihood")
+@_spec_option("intensity_prior")
 @_training_option("seed", int)
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))

@@ -127,6 +127,7 @@ class AmortizedGuide(nn.Module):
         self.weight_floor = 0.0
         self._scorer: list[Scorer] = []  # a plain list: the model is not a submodule of the guide
         self._search: list[Callable[[Tensor, Tensor], Tensor]] = []
+        self._field_guide: list[Callable[[], object]] = []
         self.last_posterior: PosePosterior | None = None
 
     @property
@@ -148,6 +149,13 @@ class AmortizedGuide(nn.Module):
         :meth:`bayes_spi.models.spi.SPIModel.hypothesis_loglik`. ``None`` detaches it.
         """
         self._scorer = [] if scorer is None else [scorer]
+
+    def attach_field_guide(self, fn: "Callable[[], object] | None") -> None:
+        """Call ``fn()`` at the start of :meth:`forward`, outside the ``patterns`` plate: the guide side of a
+        global latent of the model's field, e.g.
+        :meth:`bayes_spi.models.variational_field.VariationalAmplitudeField.guide_sample` (samples the site
+        ``amplitude``). ``None`` detaches it."""
+        self._field_guide = [] if fn is None else [fn]
 
     def _log_totals(self, images: Tensor) -> Tensor:
         totals = (images * self.mask.to(images.dtype)).sum(dim=(-2, -1))
@@ -198,6 +206,8 @@ class AmortizedGuide(nn.Module):
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
         pyro.module("guide", self)
+        for fn in self._field_guide:  # global field latents first: the hypothesis scorer uses the draw
+            fn()
         post = self.posterior(batch.images, batch.pixels)
         n_batch = batch.images.shape[0]
         rows = torch.arange(n_batch, device=batch.images.device)

@@ -1,13 +1,18 @@
 """Build the model and guide for a detector geometry from a :class:`FitConfig`.
 
+The priors and the likelihood come from the specs in the config (``pose_prior``, ``scale_prior``,
+``likelihood``, ``intensity_prior``; see :mod:`bayes_spi.models.specs`).
+
 Example:
     >>> from bayes_spi.geometry import get_preset
     >>> model, guide = build_model_and_guide(get_preset("reference-32"), FitConfig(), device="cpu")
-    >>> guide.n_hypotheses
-    8
+    >>> guide.n_hypotheses          # 2 x n_heads encoder hypotheses + n_search search proposals
+    10
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -16,11 +21,11 @@ from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.fields import IntensityField, SirenField, FourierNetField, VoxelField
-from bayes_spi.models.likelihoods import PoissonLikelihood
-from bayes_spi.models.priors import LogNormalScalePrior, UniformPosePrior
+from bayes_spi.models.likelihoods import Likelihood, make_likelihood
+from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 from bayes_spi.models.spi import SPIModel
 
-__all__ = ["build_field", "build_model_and_guide", "detector_tensors"]
+__all__ = ["build_field", "build_model_and_guide", "build_intensity_prior", "detector_tensors"]
 
 
 def detector_tensors(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,12 +44,42 @@ def build_field(config: FitConfig, q_max: float) -> IntensityField:
     return cls(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0)
 
 
+def build_intensity_prior(spec: dict[str, Any], q_max: float) -> torch.nn.Module | None:
+    """The intensity prior of ``spec`` (``None`` for ``{"name": "none"}``), from
+    :func:`bayes_spi.models.intensity_priors.make_intensity_prior` (imported only when needed).
+
+    Raises:
+        ValueError: the spec names a prior but :mod:`bayes_spi.models.intensity_priors` is missing.
+    """
+    if spec.get("name", "none") == "none":
+        return None
+    try:
+        from bayes_spi.models.intensity_priors import make_intensity_prior
+    except ImportError as exc:
+        raise ValueError(f"--intensity-prior {spec.get('name')}: expected the module "
+                         f"bayes_spi.models.intensity_priors, got an import error ({exc})") from None
+    return make_intensity_prior(spec, q_max)
+
+
 def build_model_and_guide(
-    geometry: Geometry, config: FitConfig, device: torch.device | str = "cpu"
+    geometry: Geometry,
+    config: FitConfig,
+    device: torch.device | str = "cpu",
+    *,
+    pose_prior: PosePrior | None = None,
+    scale_prior: ScalePrior | None = None,
+    likelihood: Likelihood | None = None,
+    intensity_prior: torch.nn.Module | None = None,
 ) -> tuple[SPIModel, AmortizedGuide]:
-    """Model (field, priors, likelihood) and guide (encoder + heads) on ``device``."""
+    """Model (field, priors, likelihood) and guide (encoder + heads) on ``device``.
+
+    The priors and the likelihood are built from the config's specs, unless objects are given (e.g. a
+    custom prior from Python, see ``examples/custom_prior.py``): those are passed to
+    :class:`SPIModel`'s constructor as they are (``config.yaml`` then still shows the config's specs).
+    """
     q, factor, mask = detector_tensors(geometry)
-    field = build_field(config, float(q.norm(dim=-1).max()))
+    q_max = float(q.norm(dim=-1).max())
+    field = build_field(config, q_max)
     guide = AmortizedGuide(
         mask,
         n_heads=config.n_heads,
@@ -53,14 +88,20 @@ def build_model_and_guide(
         transform=config.transform,
         n_search=config.n_search,
     )
+    extra = {}
+    if intensity_prior is None:
+        intensity_prior = build_intensity_prior(config.intensity_prior, q_max)
+    if intensity_prior is not None:  # passed only when set: SPIModel may predate the argument
+        extra["intensity_prior"] = intensity_prior
     model = SPIModel(
         field,
         q,
         factor,
-        pose_prior=UniformPosePrior(),
-        scale_prior=LogNormalScalePrior(config.scale_prior_sigma),
-        likelihood=PoissonLikelihood(background=config.background),
+        pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
+        scale_prior=scale_prior if scale_prior is not None else make_scale_prior(config.scale_prior),
+        likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
         n_hypotheses=guide.n_hypotheses,
+        **extra,
     )
     model, guide = model.to(device), guide.to(device)
     guide.attach_scorer(model.hypothesis_loglik)

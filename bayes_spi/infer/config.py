@@ -1,9 +1,16 @@
 """All settings of a fit, in one dataclass that is written to ``config.yaml``.
 
+Priors and the likelihood are *specs*: plain dicts ``{"name": ..., parameters...}`` (or their
+command-line strings, e.g. ``"preferred:axis=0,0,1;kappa=2"``), checked and completed with their
+defaults by :func:`bayes_spi.models.specs.normalize_spec` and turned into objects by
+:func:`bayes_spi.infer.build.build_model_and_guide`.
+
 Example:
     >>> cfg = FitConfig(batch_size=16, epochs=2)
     >>> FitConfig.from_dict(cfg.to_dict()) == cfg
     True
+    >>> FitConfig(pose_prior="preferred:kappa=2").pose_prior
+    {'name': 'preferred', 'axis': [0.0, 0.0, 1.0], 'kappa': 2.0}
 """
 
 from __future__ import annotations
@@ -12,7 +19,12 @@ import dataclasses
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
+from bayes_spi.models.specs import normalize_spec, parse_spec
+
 __all__ = ["FitConfig"]
+
+_DEFAULT_SCALE_SIGMA = 0.5
+_DEFAULT_BACKGROUND = 0.0
 
 
 @dataclass
@@ -29,8 +41,17 @@ class FitConfig:
     Model:
         field: ``siren``, ``fouriernet`` or ``voxel``; ``field_width``/``field_depth``/``field_w0`` its size
         and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
-        scale_prior_sigma: sigma of the LogNormal fluence-scale prior.
-        background: expected background photons per pixel in the Poisson likelihood.
+        pose_prior: pose prior spec (``uniform``; ``preferred`` with ``axis``, ``kappa``).
+        scale_prior: fluence-scale prior spec (``lognormal`` with ``sigma``; ``pr772``; ``empirical`` with
+        ``file``, ``bins``, ``smoothing``); ``None``: ``lognormal`` with ``scale_prior_sigma``.
+        likelihood: likelihood spec (``poisson``; ``poisson-gaussian`` with ``sigma``; both with
+        ``background``); ``None``: ``poisson`` with ``background``.
+        intensity_prior: intensity prior spec (``none``; ``wilson`` with its parameters).
+        scale_prior_sigma, background: the older settings (config.yaml files written before the specs
+        existed still load): kept equal to the lognormal spec's ``sigma`` and the likelihood spec's
+        ``background``; when one of a pair is left at its default the other wins, two different
+        non-default values are an error.
+        See :mod:`bayes_spi.models.specs` for every name and parameter.
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -63,8 +84,12 @@ class FitConfig:
     field_depth: int = 3
     field_w0: float = 10.0
     voxel_grid: int = 33
-    scale_prior_sigma: float = 0.5
-    background: float = 0.0
+    scale_prior_sigma: float = _DEFAULT_SCALE_SIGMA
+    background: float = _DEFAULT_BACKGROUND
+    pose_prior: dict[str, Any] | str = dc_field(default_factory=lambda: {"name": "uniform"})
+    scale_prior: dict[str, Any] | str | None = None
+    likelihood: dict[str, Any] | str | None = None
+    intensity_prior: dict[str, Any] | str = dc_field(default_factory=lambda: {"name": "none"})
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -114,6 +139,41 @@ class FitConfig:
         for ok, name, expected, got in checks:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
+        self._normalize_specs()
+
+    def _normalize_specs(self) -> None:
+        """Check the prior/likelihood specs, fill in defaults, keep the older scalar settings in step."""
+        self.pose_prior = normalize_spec("pose_prior", self.pose_prior)
+        self.intensity_prior = normalize_spec("intensity_prior", self.intensity_prior)
+
+        scale = self.scale_prior
+        if scale is None:
+            scale = {"name": "lognormal", "sigma": self.scale_prior_sigma}
+        scale = normalize_spec("scale_prior", parse_spec(scale) if isinstance(scale, str) else scale)
+        if scale["name"] == "lognormal":
+            scale["sigma"], self.scale_prior_sigma = self._reconcile(
+                "scale_prior_sigma", self.scale_prior_sigma, _DEFAULT_SCALE_SIGMA, "scale_prior sigma", scale["sigma"])
+        elif self.scale_prior_sigma != _DEFAULT_SCALE_SIGMA:
+            raise ValueError(f"fit setting scale_prior_sigma: applies to the lognormal scale prior only, got "
+                             f"{self.scale_prior_sigma!r} with scale_prior {scale['name']!r}")
+        self.scale_prior = scale
+
+        lik = self.likelihood
+        if lik is None:
+            lik = {"name": "poisson", "background": self.background}
+        lik = normalize_spec("likelihood", parse_spec(lik) if isinstance(lik, str) else lik)
+        lik["background"], self.background = self._reconcile(
+            "background", self.background, _DEFAULT_BACKGROUND, "likelihood background", lik["background"])
+        self.likelihood = lik
+
+    @staticmethod
+    def _reconcile(name: str, old: float, default: float, spec_name: str, new: float) -> tuple[float, float]:
+        """One value for an older scalar setting and its spec parameter: the non-default one wins."""
+        if old == new or old == default:
+            return new, new
+        if new == default:
+            return old, old
+        raise ValueError(f"fit setting {name}: expected the same value as the {spec_name}, got {old!r} and {new!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

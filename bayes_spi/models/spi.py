@@ -17,6 +17,11 @@ enumerated exactly by ``TraceEnum_ELBO`` (the ELBO stays a bound on ``log p(y)``
 Model and guide take the same arguments ``(batch, n_total)`` and share the site names
 ``hypothesis``, ``pose``, ``scale`` and the plate ``patterns``; the observed site is ``counts``.
 
+Optional global terms (outside the plate, counted once per step): an ``intensity_prior``
+(:mod:`bayes_spi.models.intensity_priors`, e.g. the Wilson prior) adds the factor site
+``intensity_prior``; a variational field (:mod:`bayes_spi.models.variational_field`) adds the latent
+site ``amplitude``, which the guide must sample too (``AmortizedGuide.attach_field_guide``).
+
 Example:
     >>> import torch
     >>> from bayes_spi.models.fields import SirenField
@@ -37,6 +42,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from bayes_spi.models.fields import IntensityField
+from bayes_spi.models.intensity_priors import IntensityPrior, NoIntensityPrior
 from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior, PosePrior, ScalePrior, UniformPosePrior
 
@@ -82,6 +88,9 @@ class SPIModel(nn.Module):
         scale_prior: a :class:`~bayes_spi.models.priors.ScalePrior` (default LogNormal, mean 1).
         likelihood: maps the log expected counts to a distribution over counts.
         n_hypotheses: ``K``, number of values of the auxiliary ``hypothesis`` site (match the guide).
+        intensity_prior: an :class:`~bayes_spi.models.intensity_priors.IntensityPrior` whose
+            ``log_factor(field)`` enters once per step as the factor site ``intensity_prior``
+            (default ``None``: no prior). Not with a variational field (its prior is the ``amplitude`` site).
     """
 
     def __init__(
@@ -93,6 +102,7 @@ class SPIModel(nn.Module):
         scale_prior: ScalePrior | None = None,
         likelihood: Likelihood | None = None,
         n_hypotheses: int = 1,
+        intensity_prior: IntensityPrior | None = None,
     ) -> None:
         super().__init__()
         if q.dim() != 2 or q.shape[-1] != 3:
@@ -108,6 +118,12 @@ class SPIModel(nn.Module):
         self.scale_prior = scale_prior if scale_prior is not None else LogNormalScalePrior()
         self.likelihood = likelihood if likelihood is not None else PoissonLikelihood()
         self.n_hypotheses = int(n_hypotheses)
+        if isinstance(intensity_prior, NoIntensityPrior):
+            intensity_prior = None
+        if intensity_prior is not None and getattr(field, "is_variational", False):
+            raise ValueError("expected no intensity_prior with a variational field (its Wilson prior is the "
+                             "'amplitude' site), got both")
+        self.intensity_prior = intensity_prior
 
     def log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor) -> Tensor:
         """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)`` and log scales ``(..., B)``."""
@@ -122,15 +138,25 @@ class SPIModel(nn.Module):
 
     def forward(self, batch: SPIBatch, n_total: int) -> None:
         pyro.module("field", self.field)
-        n_batch = batch.images.shape[0]
-        y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
-        with pyro.plate("patterns", n_total, subsample=batch.indices):
-            pyro.sample(
-                "hypothesis",
-                dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
-            )
-            R = pyro.sample("pose", self.pose_prior(n_batch))
-            s = pyro.sample("scale", self.scale_prior(n_batch))
-            log_rate = self.log_rate(R, s.log(), batch.pixels)
-            with poutine.scale(scale=batch.pixel_weight):
-                pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
+        if self.intensity_prior is not None:
+            pyro.module("intensity_prior", self.intensity_prior)
+            pyro.factor("intensity_prior", self.intensity_prior.log_factor(self.field))
+        variational = getattr(self.field, "is_variational", False)
+        if variational:
+            self.field.model_sample()  # global site "amplitude"; the field uses the draw until cleared
+        try:
+            n_batch = batch.images.shape[0]
+            y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
+            with pyro.plate("patterns", n_total, subsample=batch.indices):
+                pyro.sample(
+                    "hypothesis",
+                    dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
+                )
+                R = pyro.sample("pose", self.pose_prior(n_batch))
+                s = pyro.sample("scale", self.scale_prior(n_batch))
+                log_rate = self.log_rate(R, s.log(), batch.pixels)
+                with poutine.scale(scale=batch.pixel_weight):
+                    pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
+        finally:
+            if variational:
+                self.field.set_sample(None)
