@@ -50,14 +50,15 @@ import click
 
 from bayes_spi.atomic import atomic_path
 
-__all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit"]
+__all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets"]
 
 log = logging.getLogger("bayes_spi")
 
 #: files of a run directory that ``--force`` removes before a fresh start
 RUN_FILES: tuple[str, ...] = (
     "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
-    "intensity.mrc", "intensity.h5", "posterior.h5", "evaluation.json", "report.png", "config.yaml", "run.log",
+    "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
+    "fsc.json", "report.png", "report.html", "config.yaml", "run.log",
 )
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
@@ -77,7 +78,10 @@ _HELP = {
     "max_images": "Stop after this many patterns.",
     "max_minutes": "Stop cleanly (checkpoint, outputs) after this much training time; schedules still follow "
                    "the step count (honoured with --resume).",
-    "field": "Intensity field: siren, fouriernet or voxel.",
+    "field": "Intensity field: siren, fouriernet, voxel, or variational (a posterior over |F| on a grid with a "
+             "Wilson prior; writes intensity_sd.mrc).",
+    "variational_grid": "Grid size (odd) of the variational field's amplitudes.",
+    "variational_kl_weight": "Weight of the variational field's KL to the Wilson prior (1: the plain ELBO).",
     "field_width": "Hidden width of the neural field.",
     "field_depth": "Hidden layers of the neural field.",
     "field_w0": "First-layer SIREN frequency.",
@@ -225,6 +229,8 @@ def run_fit(
     progress: bool = True,
     check_data: bool = True,
     argv: list[str] | None = None,
+    subset: Any = None,
+    subset_name: str = "subset",
 ) -> dict[str, Any]:
     """The body of ``bayes-spi fit`` (also used by ``bayes-spi demo``); raises ``click.ClickException``.
 
@@ -235,6 +241,9 @@ def run_fit(
             run's settings; only :data:`RESUME_OVERRIDABLE` ones are then honoured).
         resume, force, grid, truth, progress, check_data: as the command-line options.
         argv: the command line recorded in ``config.yaml`` (default ``sys.argv``).
+        subset: fit only these patterns (global indices; e.g. one half-set), re-indexed 0..n-1 in the
+            run's outputs (``posterior.h5`` rows follow the sorted indices); no truth evaluation then.
+        subset_name: a label for the subset in logs.
 
     Returns:
         ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs"}``.
@@ -285,6 +294,15 @@ def run_fit(
         ignored = []
 
     dataset = _open_dataset(Path(data))
+    if subset is not None:
+        from bayes_spi.dataio.subset import SPISubset
+
+        try:
+            dataset = SPISubset(dataset, subset, subset_name)
+        except ValueError as exc:
+            dataset.close()
+            raise click.ClickException(f"{os.fspath(data)}: {subset_name}: {exc}") from None
+        truth = False
     try:
         if resume:
             rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
@@ -319,9 +337,12 @@ def run_fit(
                 log.warning("--resume: ignoring %s (settings come from %s)",
                             ", ".join("--" + k.replace("_", "-") for k in ignored), run_dir / "config.yaml")
         else:
-            write_config(run_dir, config, data, args, device=str(device),
-                         data_info={"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
-                                    "has_truth": bool(dataset.has_truth)})
+            data_info = {"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
+                         "has_truth": bool(dataset.has_truth)}
+            if subset is not None:  # posterior.h5 row j is pattern members[j] of the file
+                data_info["subset"] = subset_name
+                data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
+            write_config(run_dir, config, data, args, device=str(device), data_info=data_info)
             log.info("new run: %s", " ".join(args))
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
 
@@ -360,13 +381,17 @@ def run_fit(
 
         evaluation = None
         if truth and dataset.has_truth:
-            from bayes_spi.infer.evaluate import evaluate_run
+            from bayes_spi.infer.evaluate import evaluate_run_full, write_fsc_json
 
             try:
-                evaluation = evaluate_run(run_dir, dataset.path)
+                full = evaluate_run_full(run_dir, dataset.path)
             except (DataFormatError, ValueError) as exc:
                 log.warning("evaluation against the truth skipped: %s", exc)
             else:
+                evaluation = full.scalars
+                for note in full.notes:
+                    log.info("evaluation: %s", note)
+                write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
                 # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
                 _atomic_json({k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
                              run_dir / "evaluation.json")
@@ -380,6 +405,67 @@ def run_fit(
         close_logging()
     return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
             "evaluation": evaluation, "outputs": outputs}
+
+
+def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], *, resume: bool = False,
+                 force: bool = False, grid: int = 65, progress: bool = True, check_data: bool = True,
+                 argv: list[str] | None = None) -> dict[str, Any]:
+    """``bayes-spi fit --half-sets``: two fits on a random split, then their FSC (see
+    :mod:`bayes_spi.infer.halfsets`). Returns ``{"halves": [run_fit results], "summary": path, "curve": FSCCurve}``."""
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.infer.evaluate import write_fsc_json
+    from bayes_spi.infer.halfsets import HALVES, halfset_fsc, read_split, write_halfset_summary, write_split
+
+    run_dir = Path(run_dir)
+    if resume:
+        try:
+            h1, h2, attrs = read_split(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if data is None:
+            from bayes_spi.infer.rundir import read_run_info
+
+            try:
+                data = Path(read_run_info(run_dir / HALVES[0])["data"]["path"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+                raise click.UsageError(f"DATA is needed: no data path recorded in {run_dir / HALVES[0]} ({exc})")
+    else:
+        if data is None:
+            raise click.UsageError("missing argument DATA (the data file; only --resume may omit it)")
+        if (run_dir / "halfsets.h5").exists() and not force:
+            raise click.ClickException(f"run directory {os.fspath(run_dir)!r} already holds a half-set run: expected "
+                                       "a new directory; continue it with --resume or overwrite it with --force")
+        ds = _open_dataset(Path(data))
+        n_patterns = ds.n_patterns
+        ds.close()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seed = int(given.get("seed", 0))
+        h1, h2 = write_split(run_dir, n_patterns, seed)
+        attrs = {"seed": seed, "n_patterns": n_patterns}
+    results = []
+    for name, members in zip(HALVES, (h1, h2)):
+        click.echo(f"half-set {name}: {len(members)} patterns -> {os.fspath(run_dir / name)}")
+        half_resume = resume and (run_dir / name / "checkpoint.pt").is_file()
+        results.append(run_fit(data, run_dir / name, given, resume=half_resume, force=force and not half_resume,
+                               grid=grid, truth=False, progress=progress, check_data=check_data, argv=argv,
+                               subset=members, subset_name=name))
+        print_summary(results[-1])
+    try:
+        curve, info = halfset_fsc(run_dir / HALVES[0], run_dir / HALVES[1], grid=grid)
+    except (FileNotFoundError, ValueError, DataFormatError) as exc:
+        raise click.ClickException(f"half-set FSC: {exc}") from None
+    summary = write_halfset_summary(run_dir, curve, info, attrs)
+    for name in HALVES:  # each half's report shows the half-set FSC too
+        write_fsc_json(run_dir / name, {"halfset": curve})
+    click.echo("half-set FSC after aligning half2 onto half1 (sqrt I as in the papers; speckle: shell means removed):")
+    for label, c in (("sqrt I", curve), ("speckle", info.get("speckle"))):
+        for t in (0.5, 0.143):
+            if c is None:
+                continue
+            bound = "" if c.crosses(t) else " (not crossed: a bound at the last shell)"
+            click.echo(f"  {label:>7} resolution at {t}: {c.resolution_nm(t):.3f} nm{bound}")
+    click.echo(f"wrote {os.fspath(summary)}, {os.fspath(run_dir / 'fsc.json')}, {os.fspath(run_dir / 'halfsets.h5')}")
+    return {"halves": results, "summary": summary, "curve": curve}
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -416,7 +502,9 @@ class _RecordingCommand(click.Command):
 @_training_option("batch_size", click.IntRange(min=1))
 @_training_option("max_images", click.IntRange(min=1))
 @_training_option("max_minutes", click.FloatRange(min=0, min_open=True))
-@_training_option("field", click.Choice(["siren", "fouriernet", "voxel"]))
+@_training_option("field", click.Choice(["siren", "fouriernet", "voxel", "variational"]))
+@_training_option("variational_grid", click.IntRange(min=5))
+@_training_option("variational_kl_weight", click.FloatRange(min=0))
 @_training_option("field_width", click.IntRange(min=1))
 @_training_option("field_depth", click.IntRange(min=1))
 @_training_option("field_w0", float)
@@ -442,9 +530,13 @@ class _RecordingCommand(click.Command):
               help="Evaluate against the data file's truth (if any) and write evaluation.json.")
 @click.option("--check-data/--no-check-data", default=True, show_default=True,
               help="Read every pattern once before training to catch bad values early.")
+@click.option("--half-sets", is_flag=True,
+              help="Validation without truth: fit two independent models on a random split of the patterns "
+                   "(RUN/half1, RUN/half2; the split, drawn from --seed, is kept in RUN/halfsets.h5) and report "
+                   "their FSC (RUN/halfsets.json, RUN/fsc.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(data: Path | None, run_dir: Path, grid: int, resume: bool, force: bool, truth: bool,
-            check_data: bool, progress: bool, **options: Any) -> None:
+            check_data: bool, half_sets: bool, progress: bool, **options: Any) -> None:
     given = {k: v for k, v in options.items() if v is not None}
     from bayes_spi.infer.config import FitConfig
 
@@ -453,6 +545,10 @@ def command(data: Path | None, run_dir: Path, grid: int, resume: bool, force: bo
     if unknown:  # an option without a FitConfig field: a programming error, reported plainly
         raise click.ClickException(f"options {unknown} have no FitConfig setting")
     argv = click.get_current_context().meta.get("bayes_spi.argv")
+    if half_sets:
+        run_halfsets(data, run_dir, given, resume=resume, force=force, grid=grid, progress=progress,
+                     check_data=check_data, argv=argv)
+        return
     result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
                      progress=progress, check_data=check_data, argv=argv)
     print_summary(result)

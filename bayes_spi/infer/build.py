@@ -40,6 +40,13 @@ def build_field(config: FitConfig, q_max: float) -> IntensityField:
     """The intensity field named by ``config.field``."""
     if config.field == "voxel":
         return VoxelField(q_max, n=config.voxel_grid)
+    if config.field == "variational":
+        from bayes_spi.models.variational_field import make_variational_field
+
+        return make_variational_field(q_max, grid=config.variational_grid, width=config.field_width,
+                                      depth=config.field_depth, w0=config.field_w0, prior=config.variational_prior,
+                                      scale_init=config.variational_scale_init,
+                                      kl_weight=config.variational_kl_weight)
     cls = SirenField if config.field == "siren" else FourierNetField
     return cls(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0)
 
@@ -105,6 +112,8 @@ def build_model_and_guide(
     )
     model, guide = model.to(device), guide.to(device)
     guide.attach_scorer(model.hypothesis_loglik)
+    if getattr(model.field, "is_variational", False):
+        guide.attach_field_guide(model.field.guide_sample)
     if config.n_search:
         guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345))
     return model, guide

@@ -39,8 +39,14 @@ class FitConfig:
         max_minutes: stop (cleanly: checkpoint and outputs) after this much training time; the
         schedules still run on the step count, so set the data size or ``max_images`` to match.
     Model:
-        field: ``siren``, ``fouriernet`` or ``voxel``; ``field_width``/``field_depth``/``field_w0`` its size
-        and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
+        field: ``siren``, ``fouriernet``, ``voxel`` or ``variational``; ``field_width``/``field_depth``/
+        ``field_w0`` its size and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
+        ``variational``: a posterior over the amplitudes ``|F|`` on a ``variational_grid``^3 grid (LogNormal,
+        location and scale from a SIREN) with a Wilson prior (``variational_prior``: ``{"sigma": "learned" |
+        "composition", "structure", "n_basis", "centric"}``), initial relative scale
+        ``variational_scale_init`` and KL weight ``variational_kl_weight`` (1: the plain ELBO); see
+        :mod:`bayes_spi.models.variational_field`. It is itself the Wilson model of the intensity, so it
+        takes no ``intensity_prior``.
         pose_prior: pose prior spec (``uniform``; ``preferred`` with ``axis``, ``kappa``).
         scale_prior: fluence-scale prior spec (``lognormal`` with ``sigma``; ``pr772``; ``empirical`` with
         ``file``, ``bins``, ``smoothing``); ``None``: ``lognormal`` with ``scale_prior_sigma``.
@@ -84,6 +90,10 @@ class FitConfig:
     field_depth: int = 3
     field_w0: float = 10.0
     voxel_grid: int = 33
+    variational_grid: int = 33
+    variational_prior: dict[str, Any] = dc_field(default_factory=lambda: {"sigma": "learned"})
+    variational_scale_init: float = 0.1
+    variational_kl_weight: float = 1.0
     scale_prior_sigma: float = _DEFAULT_SCALE_SIGMA
     background: float = _DEFAULT_BACKGROUND
     pose_prior: dict[str, Any] | str = dc_field(default_factory=lambda: {"name": "uniform"})
@@ -131,7 +141,13 @@ class FitConfig:
             (0 <= self.radius_ramp <= 1, "radius_ramp", "in [0, 1]", self.radius_ramp),
             (0 <= self.weight_floor < 1, "weight_floor", "in [0, 1)", self.weight_floor),
             (self.pixels_per_pattern >= 0, "pixels_per_pattern", ">= 0", self.pixels_per_pattern),
-            (self.field in ("siren", "fouriernet", "voxel"), "field", "siren, fouriernet or voxel", self.field),
+            (self.field in ("siren", "fouriernet", "voxel", "variational"), "field",
+             "siren, fouriernet, voxel or variational", self.field),
+            (self.variational_grid >= 5 and self.variational_grid % 2 == 1, "variational_grid", "an odd integer >= 5",
+             self.variational_grid),
+            (self.variational_scale_init > 0 and self.variational_kl_weight >= 0,
+             "variational_scale_init/variational_kl_weight", "> 0 and >= 0",
+             (self.variational_scale_init, self.variational_kl_weight)),
             (self.scale_prior_sigma > 0, "scale_prior_sigma", "> 0", self.scale_prior_sigma),
             (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every/checkpoint_every", ">= 1",
              (self.log_every, self.checkpoint_every)),
@@ -140,6 +156,9 @@ class FitConfig:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
         self._normalize_specs()
+        if self.field == "variational" and self.intensity_prior.get("name") != "none":
+            raise ValueError("fit setting intensity_prior: expected none with field variational (the variational "
+                             f"field carries its own Wilson prior), got {self.intensity_prior.get('name')!r}")
 
     def _normalize_specs(self) -> None:
         """Check the prior/likelihood specs, fill in defaults, keep the older scalar settings in step."""

@@ -271,7 +271,8 @@ class Trainer:
     # ---------------------------------------------------------------- outputs
     def save_outputs(self, grid: int = 65) -> dict[str, Path]:
         """Write ``model.pt``, ``intensity.mrc``/``.h5`` (``grid``^3 voxels up to the detector's ``q_max``)
-        and ``posterior.h5`` into the run directory (see :mod:`bayes_spi.infer.outputs`)."""
+        and ``posterior.h5`` into the run directory (see :mod:`bayes_spi.infer.outputs`); a variational field
+        also gets ``intensity_sd.mrc``/``.h5``, the posterior standard deviation of ``I(q)``."""
         from bayes_spi import __version__
         from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
 
@@ -285,10 +286,17 @@ class Trainer:
         )
         vol, dq = field_on_grid(self.model.field, grid, self._q_max)
         mrc, h5 = write_intensity(vol, dq, self.run_dir)
+        extra: dict[str, Path] = {}
+        if hasattr(self.model.field, "intensity_moments"):  # variational field: the posterior sd of I(q) too
+            from bayes_spi.infer.export import field_sd_on_grid
+
+            sd = field_sd_on_grid(self.model.field, grid, self._q_max)
+            extra["intensity_sd_mrc"], extra["intensity_sd_h5"] = write_intensity(sd, dq, self.run_dir,
+                                                                                  stem="intensity_sd")
         if self.guide.search is not None:
             self.guide.search.refresh()  # search against the final field
         post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device)
-        return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
+        return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, **extra, "posterior": post}
 
     # ---------------------------------------------------------------- loop
     def _batches(self):
