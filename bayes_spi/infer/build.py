@@ -111,7 +111,7 @@ def build_model_and_guide(
         **extra,
     )
     model, guide = model.to(device), guide.to(device)
-    guide.attach_scorer(model.hypothesis_loglik)
+    guide.attach_scorer(model.hypothesis_logpost)
     if getattr(model.field, "is_variational", False):
         guide.attach_field_guide(model.field.guide_sample)
     if config.n_search:

@@ -136,6 +136,17 @@ class SPIModel(nn.Module):
         y = images.reshape(images.shape[0], -1)[:, pixels]
         return self.likelihood(self.log_rate(R, log_s, pixels)).log_prob(y).sum(-1)
 
+    def hypothesis_logpost(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor) -> Tensor:
+        """``log p(y_i | R_ki, s_i) + log p(R_ki)`` ``(K, B)``: what ranks pose hypotheses (the guide's scorer).
+
+        The pose prior's log density (w.r.t. Haar) is 0 for the uniform prior; a preferred-orientation
+        prior then shifts the hypothesis weights towards its favoured views.
+        """
+        ll = self.hypothesis_loglik(R, log_s, images, pixels)
+        if isinstance(self.pose_prior, UniformPosePrior):
+            return ll
+        return ll + self.pose_prior(R.shape[-3]).log_prob(R)
+
     def forward(self, batch: SPIBatch, n_total: int) -> None:
         pyro.module("field", self.field)
         if self.intensity_prior is not None:
