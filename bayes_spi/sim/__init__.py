@@ -12,7 +12,12 @@ from bayes_spi.sim.simulate import (
     simulate_to_h5,
 )
 from bayes_spi.sim.structure import Structure, form_factor, load_structure
-from bayes_spi.sim.transform import intensity_on_grid, molecular_transform, molecular_transform_direct
+from bayes_spi.sim.transform import (
+    density_on_grid,
+    intensity_on_grid,
+    molecular_transform,
+    molecular_transform_direct,
+)
 
 __all__ = [
     "CLASSICAL_ELECTRON_RADIUS_A",
@@ -20,6 +25,7 @@ __all__ = [
     "Structure",
     "beamstop_mask",
     "calibrate_fluence",
+    "density_on_grid",
     "expected_photons",
     "fluence_from_pulse",
     "form_factor",
