@@ -1,0 +1,469 @@
+"""Lazy, validated access to what a run report needs: each input is read once, and only the parts needed.
+
+Every property returns ``None`` when its file is absent (the page then says which command makes it, see
+:data:`SOURCES`) and raises ``ValueError`` naming the file and field when a file is there but malformed.
+
+Run-directory inputs (see README "The run directory"): ``metrics.csv``, ``intensity.h5``, ``posterior.h5``,
+``model.pt``, ``config.yaml``, ``evaluation.json``; optional products of later commands: ``fsc.json``
+(``{"intensity"|"density"|"halfset": {"q_inv_A": [...], "fsc": [...], "res_nm_0.5": float|null,
+"res_nm_0.143": float|null, "crosses_0.5": bool, "crosses_0.143": bool}, "corner_res_nm": float}``, every key
+optional; null, or ``crosses`` false, means the curve stays above the threshold: the resolution is then at
+best a bound, that of the last shell), ``density.mrc`` (real-space
+density, voxel size in A, MRC order ``[z, y, x]``) and ``posterior.nc`` (ArviZ netCDF; per-pattern 50%/90%
+credible-cone radii are used when present). The data file (input patterns; with ``--truth`` also the true
+poses and intensity) is a bayes-spi HDF5 file.
+
+Example::
+
+    rd = RunData("run1", truth_path="data.h5")
+    rd.metrics["images_seen"], rd.alignment["G_mod_rotz_pi"]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from bayes_spi.report.numbers import cone_radius_deg, geodesic_deg, pose_errors
+
+__all__ = ["Source", "SOURCES", "FSC_KINDS", "RunData"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input of the report: what it is and how to make it."""
+
+    what: str
+    hint: str
+
+
+#: input name -> where it comes from (used by the page to say what is missing)
+SOURCES: dict[str, Source] = {
+    "metrics": Source("metrics.csv", "written while `bayes-spi fit DATA.h5 -o RUN/` runs"),
+    "intensity": Source("intensity.h5", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
+    "posterior": Source("posterior.h5", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
+    "model": Source("model.pt", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
+    "data": Source("the data file (input patterns)",
+                   "the path recorded in config.yaml is used; else give `bayes-spi report RUN/ --data DATA.h5`"),
+    "truth": Source("the truth (simulated data file)", "give `bayes-spi report RUN/ --truth DATA.h5`"),
+    "truth_intensity": Source("/truth/intensity of the truth file",
+                              "simulate with a truth grid (`bayes-spi simulate`)"),
+    "fsc": Source("fsc.json", "run `bayes-spi evaluate RUN/ --truth DATA.h5` (writes RUN/fsc.json)"),
+    "density": Source("density.mrc", "run `bayes-spi phase RUN/`"),
+    "posterior_nc": Source("posterior.nc (credible-cone radii)",
+                           "run `bayes-spi posterior RUN/ DATA.h5 -o RUN/posterior.nc`"),
+}
+
+#: curves of fsc.json, in display order, with their labels
+FSC_KINDS: dict[str, str] = {
+    "intensity": "intensity vs truth",
+    "density": "density vs truth",
+    "halfset": "half-set (intensity)",
+}
+
+
+def _fspath(p: Path) -> str:
+    return os.fspath(p)
+
+
+def _float_or_none(v: Any, path: Path, field: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{_fspath(path)}: field {field}: expected a number or null, got {type(v).__name__}")
+    return float(v) if math.isfinite(v) else None
+
+
+class RunData:
+    """The inputs of a run report, read lazily (cached).
+
+    Args:
+        run_dir: the run directory.
+        truth_path: a simulated data file with ``/truth`` (enables the comparisons with the truth).
+        data_path: the data file for the input patterns (default: ``truth_path``, else the path in
+            ``config.yaml`` when that file exists).
+        max_align: patterns used to fit the global alignment ``G`` (see :func:`pose_errors`).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[str] | None = None,
+                 data_path: str | os.PathLike[str] | None = None, max_align: int = 5000) -> None:
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise FileNotFoundError(f"run directory {_fspath(self.run_dir)!r} not found")
+        self.truth_path = None if truth_path is None else Path(truth_path)
+        if self.truth_path is not None and not self.truth_path.is_file():
+            raise FileNotFoundError(f"truth file {_fspath(self.truth_path)!r} not found")
+        self._data_path = None if data_path is None else Path(data_path)
+        if self._data_path is not None and not self._data_path.is_file():
+            raise FileNotFoundError(f"data file {_fspath(self._data_path)!r} not found")
+        self.max_align = int(max_align)
+
+    # ------------------------------------------------------------------ run files
+    @cached_property
+    def config_text(self) -> str | None:
+        """``config.yaml`` as text."""
+        p = self.run_dir / "config.yaml"
+        return p.read_text(encoding="utf-8") if p.is_file() else None
+
+    @cached_property
+    def config(self) -> dict[str, Any] | None:
+        """``config.yaml`` as a dict (the whole document)."""
+        from bayes_spi.infer.rundir import read_run_info
+
+        if self.config_text is None:
+            return None
+        return read_run_info(self.run_dir)
+
+    @cached_property
+    def evaluation(self) -> dict[str, float | None] | None:
+        """``evaluation.json`` (numbers; null for a metric that could not be computed)."""
+        p = self.run_dir / "evaluation.json"
+        if not p.is_file():
+            return None
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+        return {str(k): _float_or_none(v, p, str(k)) for k, v in doc.items() if not isinstance(v, (dict, list, str))}
+
+    @cached_property
+    def metrics(self) -> dict[str, np.ndarray] | None:
+        """``metrics.csv`` columns as float arrays ``(T,)`` (empty cells NaN); None without rows."""
+        p = self.run_dir / "metrics.csv"
+        if not p.is_file():
+            return None
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+        if not rows:
+            return None
+        for col in ("images_seen", "elbo_per_image"):
+            if col not in header:
+                raise ValueError(f"{_fspath(p)}: field {col}: expected a column, got columns {header}")
+        out: dict[str, np.ndarray] = {}
+        for col in header:
+            vals = []
+            for i, r in enumerate(rows):
+                cell = r.get(col)
+                if cell is None or cell == "":
+                    vals.append(np.nan)
+                    continue
+                try:
+                    vals.append(float(cell))
+                except ValueError:
+                    raise ValueError(f"{_fspath(p)}: field {col}: expected numbers, got {cell!r} "
+                                     f"in row {i + 1}") from None
+            out[col] = np.asarray(vals, dtype=np.float64)
+        return out
+
+    @cached_property
+    def intensity(self) -> tuple[np.ndarray, float] | None:
+        """``intensity.h5``: ``(I (n, n, n) [ix, iy, iz] float64, dq 1/A)``."""
+        p = self.run_dir / "intensity.h5"
+        if not p.is_file():
+            return None
+        with h5py.File(p, "r") as f:
+            if "intensity" not in f:
+                raise ValueError(f"{_fspath(p)}: field /intensity: expected a dataset, got missing")
+            d = f["intensity"]
+            if d.ndim != 3 or len(set(d.shape)) != 1 or d.shape[0] % 2 == 0:
+                raise ValueError(f"{_fspath(p)}: field /intensity: expected an odd cube (n, n, n), got {d.shape}")
+            if "voxel_size_inv_A" not in d.attrs:
+                raise ValueError(f"{_fspath(p)}: field /intensity attrs['voxel_size_inv_A']: expected a number, "
+                                 "got missing")
+            return np.asarray(d[()], dtype=np.float64), float(d.attrs["voxel_size_inv_A"])
+
+    @cached_property
+    def posterior(self) -> dict[str, np.ndarray] | None:
+        """``posterior.h5``: ``R (N, 3, 3)``, ``quaternion (N, 4)``, and when present ``sigma_rad (N, 3)``,
+        ``best_weight (N,)`` (weight of the most probable hypothesis), ``scale_mean (N,)``."""
+        from bayes_spi.dataio.h5 import quaternions_to_rotations
+
+        p = self.run_dir / "posterior.h5"
+        if not p.is_file():
+            return None
+        out: dict[str, np.ndarray] = {}
+        with h5py.File(p, "r") as f:
+            if "pose_quaternion" not in f:
+                raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected a dataset, got missing")
+            q = np.asarray(f["pose_quaternion"][()], dtype=np.float64)
+            if q.ndim != 2 or q.shape[1] != 4 or q.shape[0] == 0:
+                raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected shape (N, 4), got {q.shape}")
+            n = q.shape[0]
+            out["quaternion"] = q
+            out["R"] = quaternions_to_rotations(q)
+            for name, key, shape in (("pose_sigma_rad", "sigma_rad", (n, 3)), ("scale_mean", "scale_mean", (n,))):
+                if name in f:
+                    a = np.asarray(f[name][()], dtype=np.float64)
+                    if a.shape != shape:
+                        raise ValueError(f"{_fspath(p)}: field /{name}: expected shape {shape}, got {a.shape}")
+                    out[key] = a
+            if "hypothesis_weights" in f:
+                w = np.asarray(f["hypothesis_weights"][()], dtype=np.float64)
+                if w.ndim != 2 or w.shape[0] != n:
+                    raise ValueError(f"{_fspath(p)}: field /hypothesis_weights: expected shape ({n}, K), got {w.shape}")
+                out["best_weight"] = w.max(axis=1)
+        return out
+
+    @property
+    def n_patterns(self) -> int | None:
+        """Patterns in ``posterior.h5`` (None without it)."""
+        post = self.posterior
+        return None if post is None else int(post["R"].shape[0])
+
+    # ------------------------------------------------------------------ data file and truth
+    @cached_property
+    def data_path(self) -> Path | None:
+        """The data file of the input patterns: ``data_path``, else ``truth_path``, else config.yaml's path."""
+        if self._data_path is not None:
+            return self._data_path
+        if self.truth_path is not None:
+            return self.truth_path
+        cfg = self.config if self.config_text is not None else None
+        rec = cfg.get("data") if isinstance(cfg, dict) else None
+        path = rec.get("path") if isinstance(rec, dict) else None
+        if isinstance(path, str) and Path(path).is_file():
+            return Path(path)
+        return None
+
+    def _check_n(self, n: int, path: Path, field: str) -> None:
+        if self.n_patterns is not None and n != self.n_patterns:
+            raise ValueError(f"{_fspath(path)}: field {field}: expected {self.n_patterns} patterns (as "
+                             f"{_fspath(self.run_dir / 'posterior.h5')}), got {n}")
+
+    def read_patterns(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Counts ``(B, n_y, n_x)`` of the given patterns of the data file and its good-pixel mask ``(n_y, n_x)``."""
+        from bayes_spi.dataio.h5 import SPIDataset
+
+        if self.data_path is None:
+            return None
+        with SPIDataset(self.data_path) as ds:
+            self._check_n(ds.n_patterns, self.data_path, "/data/counts")
+            return ds.read(np.asarray(indices, dtype=np.int64)), np.asarray(ds.mask, dtype=bool)
+
+    @cached_property
+    def truth(self) -> dict[str, Any] | None:
+        """``{"R" (N, 3, 3), "scales" (N,), "intensity" (n, n, n) or None, "voxel" (1/A) or None}``."""
+        from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+
+        if self.truth_path is None:
+            return None
+        with SPIDataset(self.truth_path) as ds:
+            R = ds.truth_rotations()
+            self._check_n(len(R), self.truth_path, "/truth/quaternions")
+            try:
+                I, voxel = ds.truth_intensity()
+            except DataFormatError:
+                I, voxel = None, None
+            return {"R": R, "scales": ds.truth_scales(),
+                    "intensity": None if I is None else np.asarray(I, dtype=np.float64), "voxel": voxel}
+
+    @cached_property
+    def alignment(self) -> dict[str, Any] | None:
+        """Pose errors against the truth (:func:`pose_errors`); None without truth or posterior."""
+        if self.truth is None or self.posterior is None:
+            return None
+        return pose_errors(self.posterior["R"], self.truth["R"], max_align=self.max_align)
+
+    # ------------------------------------------------------------------ later products
+    @cached_property
+    def fsc(self) -> dict[str, Any] | None:
+        """``fsc.json`` validated: ``{kind: {"q": (S,), "fsc": (S,), "res_nm_0.5", "res_nm_0.143", "given_0.5",
+        "given_0.143", "crosses_0.5", "crosses_0.143"}, "corner_res_nm"}`` (``crosses_*`` None when not given)."""
+        p = self.run_dir / "fsc.json"
+        if not p.is_file():
+            return None
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+        out: dict[str, Any] = {"corner_res_nm": _float_or_none(doc.get("corner_res_nm"), p, "corner_res_nm")}
+        for kind in FSC_KINDS:
+            c = doc.get(kind)
+            if c is None:
+                continue
+            if not isinstance(c, dict) or "q_inv_A" not in c or "fsc" not in c:
+                raise ValueError(f"{_fspath(p)}: field {kind}: expected an object with q_inv_A and fsc lists, "
+                                 f"got {c if not isinstance(c, dict) else sorted(c)}")
+            try:
+                q = np.asarray(c["q_inv_A"], dtype=np.float64)
+                f = np.asarray(c["fsc"], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"{_fspath(p)}: field {kind}.q_inv_A/fsc: expected lists of numbers") from None
+            if q.ndim != 1 or q.shape != f.shape or q.size == 0:
+                raise ValueError(f"{_fspath(p)}: field {kind}: expected q_inv_A and fsc of equal length >= 1, "
+                                 f"got shapes {q.shape} and {f.shape}")
+            curve: dict[str, Any] = {"q": q, "fsc": f}
+            for thr in ("0.5", "0.143"):
+                key = f"res_nm_{thr}"
+                curve[key] = _float_or_none(c.get(key), p, f"{kind}.{key}")
+                curve[f"given_{thr}"] = key in c
+                crosses = c.get(f"crosses_{thr}")
+                if crosses is not None and not isinstance(crosses, bool):
+                    raise ValueError(f"{_fspath(p)}: field {kind}.crosses_{thr}: expected true/false, got {crosses!r}")
+                curve[f"crosses_{thr}"] = crosses
+            out[kind] = curve
+        return out
+
+    @cached_property
+    def density(self) -> tuple[np.ndarray, float] | None:
+        """``density.mrc``: ``(rho (n_x, n_y, n_z) indexed [ix, iy, iz] float64, voxel A)``."""
+        import mrcfile
+
+        p = self.run_dir / "density.mrc"
+        if not p.is_file():
+            return None
+        try:
+            with mrcfile.open(p, permissive=True) as mrc:
+                if mrc.data is None or mrc.data.ndim != 3:
+                    raise ValueError(f"{_fspath(p)}: field data: expected a 3D volume, got "
+                                     f"{None if mrc.data is None else mrc.data.shape}")
+                rho = np.asarray(mrc.data, dtype=np.float64).transpose(2, 1, 0)
+                voxel = float(mrc.voxel_size.x)
+        except OSError as exc:
+            raise ValueError(f"{_fspath(p)}: expected an MRC file, got an unreadable file ({exc})") from None
+        if not voxel > 0:
+            raise ValueError(f"{_fspath(p)}: field voxel_size: expected a positive size in A, got {voxel}")
+        return rho, voxel
+
+    @cached_property
+    def cones(self) -> dict[str, Any] | None:
+        """Per-pattern credible-cone radii in degrees.
+
+        Returns ``{"r50" (M,), "r90" (M,), "r90_mod" (M,) or None, "index" (M,) pattern indices (rows of
+        posterior.h5 / the data file), "R_center" (M, 3, 3) or None (the pose the cones are centred on),
+        "source": str, "label": str}``.
+
+        From ``posterior.nc`` (``bayes-spi posterior``) when it holds ``sample_stats/cone_radius_deg
+        (pattern, credible_mass)`` (with ``credible_mass`` 0.5 and 0.9, the ``pattern`` coordinate,
+        ``cone_radius_mod_rotz_deg`` and ``mean_pose_quaternion`` when present), or per-pattern variables whose
+        names contain ``cone`` and ``50`` / ``90``; otherwise the isotropic LieNormal approximation from
+        ``posterior.h5``'s ``pose_sigma_rad`` (:func:`cone_radius_deg`) around the most probable hypothesis.
+        Units: a variable's ``units`` attribute (``deg``/``rad``), else a ``deg`` in its name, else radians.
+        """
+        nc = self._cones_from_netcdf()
+        if nc is not None:
+            return nc
+        post = self.posterior
+        if post is None or "sigma_rad" not in post:
+            return None
+        s = post["sigma_rad"]
+        return {"r50": cone_radius_deg(s, 0.5), "r90": cone_radius_deg(s, 0.9), "r90_mod": None,
+                "index": np.arange(len(s)), "R_center": None,
+                "source": "posterior.h5: most probable hypothesis, isotropic LieNormal approximation "
+                          "(rms sigma x sqrt(chi2_3 quantile))",
+                "label": "posterior.h5 sigmas, isotropic approximation"}
+
+    def _cones_from_netcdf(self) -> dict[str, Any] | None:
+        p = self.run_dir / "posterior.nc"
+        n = self.n_patterns
+        if not p.is_file() or n is None:
+            return None
+        try:
+            with h5py.File(p, "r") as f:
+                g = f.get("sample_stats")
+                if isinstance(g, h5py.Group) and isinstance(g.get("cone_radius_deg"), h5py.Dataset):
+                    return self._cones_arviz(p, g, n)
+                return self._cones_by_name(p, f, n)
+        except OSError as exc:
+            raise ValueError(f"{_fspath(p)}: expected a netCDF-4 (HDF5) file, got an unreadable file ({exc})") from None
+
+    @staticmethod
+    def _in_degrees(ds: h5py.Dataset, values: np.ndarray) -> np.ndarray:
+        units = ds.attrs.get("units", "")
+        units = (units.decode() if isinstance(units, bytes) else str(units)).lower()
+        leaf = ds.name.rsplit("/", 1)[-1].lower()
+        deg = "deg" in units or ("rad" not in units and "deg" in leaf)
+        return values if deg else np.degrees(values)
+
+    def _cones_arviz(self, p: Path, g: h5py.Group, n: int) -> dict[str, Any]:
+        from bayes_spi.dataio.h5 import quaternions_to_rotations
+
+        r = np.asarray(g["cone_radius_deg"][()], dtype=np.float64)
+        if r.ndim != 2:
+            raise ValueError(f"{_fspath(p)}: field /sample_stats/cone_radius_deg: expected dims (pattern, "
+                             f"credible_mass), got shape {r.shape}")
+        m = r.shape[0]
+        levels = np.asarray(g["credible_mass"][()], dtype=np.float64) if "credible_mass" in g else np.array([0.5, 0.9])
+        levels = np.where(levels > 1.0, levels / 100.0, levels)
+        cols = {lv: np.nonzero(np.isclose(levels, lv))[0] for lv in (0.5, 0.9)}
+        if levels.shape != (r.shape[1],) or any(c.size == 0 for c in cols.values()):
+            raise ValueError(f"{_fspath(p)}: field /sample_stats/credible_mass: expected levels including 0.5 and "
+                             f"0.9 for the {r.shape[1]} columns of cone_radius_deg, got {levels.tolist()}")
+        index = np.asarray(g["pattern"][()], dtype=np.int64) if "pattern" in g else np.arange(m)
+        if index.shape != (m,) or (m and (index.min() < 0 or index.max() >= n)):
+            raise ValueError(f"{_fspath(p)}: field /sample_stats/pattern: expected {m} indices in [0, {n}) "
+                             f"(the patterns of {_fspath(self.run_dir / 'posterior.h5')}), got shape {index.shape}")
+        r = self._in_degrees(g["cone_radius_deg"], r)
+        r_mod = None
+        if "cone_radius_mod_rotz_deg" in g:
+            rm = np.asarray(g["cone_radius_mod_rotz_deg"][()], dtype=np.float64)
+            if rm.shape == r.shape:
+                r_mod = self._in_degrees(g["cone_radius_mod_rotz_deg"], rm)[:, cols[0.9][0]]
+        R_center = None
+        if "mean_pose_quaternion" in g:
+            q = np.asarray(g["mean_pose_quaternion"][()], dtype=np.float64)
+            if q.shape == (m, 4):
+                R_center = quaternions_to_rotations(q)
+        label = "posterior.nc" + (f", {m:,} of {n:,} patterns" if m < n else "")
+        return {"r50": r[:, cols[0.5][0]], "r90": r[:, cols[0.9][0]], "r90_mod": r_mod, "index": index,
+                "R_center": R_center, "label": label,
+                "source": "posterior.nc: sample_stats/cone_radius_deg around the posterior mean pose"
+                          + (f" ({m:,} of {n:,} patterns)" if m < n else "")}
+
+    @classmethod
+    def _cones_by_name(cls, p: Path, f: h5py.File, n: int) -> dict[str, Any] | None:
+        found: dict[str, np.ndarray] = {}
+        names: dict[str, str] = {}
+
+        def visit(name: str, obj: Any) -> None:
+            leaf = name.rsplit("/", 1)[-1].lower()
+            if not isinstance(obj, h5py.Dataset) or "cone" not in leaf:
+                return
+            level = "r50" if "50" in leaf else "r90" if "90" in leaf else None
+            if level is None or level in found:
+                return
+            a = np.squeeze(np.asarray(obj[()], dtype=np.float64))
+            if a.shape == (n,):
+                found[level] = cls._in_degrees(obj, a)
+                names[level] = name
+
+        f.visititems(visit)
+        if "r50" not in found or "r90" not in found:
+            return None
+        return {"r50": found["r50"], "r90": found["r90"], "r90_mod": None, "index": np.arange(n), "R_center": None,
+                "source": f"posterior.nc: {names['r50']}, {names['r90']}", "label": "posterior.nc"}
+
+    @cached_property
+    def calibration(self) -> dict[str, Any] | None:
+        """Orientation error (mod ``Rz(pi)``) of each pattern's cone centre against the truth, beside its 90% cone
+        radius: ``{"errors_deg" (M,), "r90_deg" (M,), "centre": str}``; None without truth or cones.
+
+        The centre is the pose the cones are drawn around (posterior.nc's mean pose, else posterior.h5's most
+        probable hypothesis), aligned with the same global rotation ``G`` (mod ``Rz(pi)``) as everything else.
+        """
+        al, cones = self.alignment, self.cones
+        if al is None or cones is None:
+            return None
+        idx = cones["index"]
+        r90 = cones["r90_mod"] if cones["r90_mod"] is not None else cones["r90"]
+        if cones["R_center"] is None:
+            return {"errors_deg": al["errors_mod_rotz_pi_deg"][idx], "r90_deg": r90,
+                    "centre": "most probable hypothesis"}
+        G, Rc, Rt = al["G_mod_rotz_pi"], cones["R_center"], self.truth["R"][idx]
+        e = np.minimum(geodesic_deg(G @ Rc, Rt), geodesic_deg(G @ Rc @ np.diag([-1.0, -1.0, 1.0]), Rt))
+        return {"errors_deg": e, "r90_deg": r90, "centre": "posterior mean pose"}
