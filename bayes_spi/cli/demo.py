@@ -6,8 +6,9 @@ simulation), then fits it into OUT (offline SVI, settings from DEMO_CONFIG in ba
 an earlier demo run in OUT is replaced), writes the outputs of `bayes-spi fit`, evaluates them against
 the truth and ends with the median orientation error (after the best global rotation; a mirror of the
 molecule is a rotation of its intensity, so this allows for inversion), also modulo the Rz(pi)
-ambiguity, and the intensity correlation. --quick runs a tiny version (a few hundred patterns, seconds)
-for testing.
+ambiguity, the intensity correlation and the FSC resolutions (intensity, speckle, density). It then
+phases the reconstructed intensity into OUT/density.mrc and writes the report (OUT/report.html with the
+figures in OUT/report/). --quick runs a tiny version (a few hundred patterns, seconds) for testing.
 
 Example: bayes-spi demo --out demo_run
 """
@@ -33,6 +34,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "truth_grid": 33,
     "sim_seed": 0,
     "grid": 65,
+    "phase_starts": 4,
     "fit": {
         "online": False,
         "epochs": 4,
@@ -47,6 +49,7 @@ QUICK_CONFIG: dict[str, Any] = {
     "n_patterns": 256,
     "truth_grid": 17,
     "grid": 17,
+    "phase_starts": 1,
     "fit": {
         "epochs": 1,
         "batch_size": 32,
@@ -133,3 +136,14 @@ def command(out: Path, n_patterns: int | None, quick: bool, progress: bool) -> N
     click.echo(f"median orientation error mod Rz(pi): {ev['median_pose_error_mod_rotz_deg']:.2f} deg "
                f"(wrong-mode fraction {ev['wrong_mode_fraction']:.2f})")
     click.echo(f"intensity correlation: {ev['intensity_corr']:.4f} (log intensity: {ev['log_intensity_corr']:.4f})")
+    click.echo(f"FSC resolution (nm) at 0.5 / 0.143: intensity {ev['intensity_fsc_res_nm_0.5']:.2f} / "
+               f"{ev['intensity_fsc_res_nm_0.143']:.2f}, speckle {ev['speckle_fsc_res_nm_0.5']:.2f} / "
+               f"{ev['speckle_fsc_res_nm_0.143']:.2f}, density {ev['density_fsc_res_nm_0.5']:.2f} / "
+               f"{ev['density_fsc_res_nm_0.143']:.2f} (detector corner {ev['corner_res_nm']:.2f})")
+    # the electron density of the reconstruction, and the report again so it shows the density
+    from bayes_spi.cli.phase import run_phase
+    from bayes_spi.infer.report import write_report
+
+    rec = run_phase(out, starts=s["phase_starts"], progress=False)
+    page = write_report(out, data)
+    click.echo(f"density: {rec['out']} (best of {rec['starts']} phasing starts); report: {page}")

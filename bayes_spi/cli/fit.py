@@ -4,9 +4,10 @@ DATA is a bayes-spi HDF5 file (see `bayes-spi simulate`); it is validated before
 (every pattern is read once; --no-check-data skips the value scan). RUN (-o) is the run directory:
 config.yaml (every setting, versions, the command line), run.log, checkpoint.pt (atomic, every
 --checkpoint-every steps), metrics.csv, and at the end model.pt, intensity.mrc / intensity.h5 (the 3D
-intensity on a --grid cube up to the detector's q_max; MRC voxel size in 1/A), posterior.h5 (per-image
-pose and fluence posteriors), report.png (ELBO, speed, central slices of the intensity and, with a truth,
-the pose-error histogram) and, when the data file holds the truth, evaluation.json.
+intensity on a --grid cube up to the detector's q_max; MRC voxel size in 1/A; a variational field also
+writes intensity_sd.mrc/.h5), posterior.h5 (per-image pose and fluence posteriors), report.html with
+report/*.png and the overview report.png, and, when the data file holds the truth, evaluation.json and
+fsc.json (orientation errors, fluence correlation, intensity and density FSC).
 
 A RUN that already holds a checkpoint or model is never overwritten: continue it with --resume (the
 settings then come from RUN/config.yaml and training options given on the command line are ignored with
@@ -58,7 +59,8 @@ log = logging.getLogger("bayes_spi")
 RUN_FILES: tuple[str, ...] = (
     "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
     "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
-    "fsc.json", "report.png", "report.html", "config.yaml", "run.log",
+    "fsc.json", "density.mrc", "density.json", "posterior.nc", "coverage.json", "report.png", "report.html",
+    "config.yaml", "run.log",
 )
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
@@ -325,6 +327,10 @@ def run_fit(
         if force and not resume:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
+            if (run_dir / "report").is_dir():
+                import shutil
+
+                shutil.rmtree(run_dir / "report")
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir)
         args = list(sys.argv if argv is None else argv)

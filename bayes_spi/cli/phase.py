@@ -21,21 +21,13 @@ from pathlib import Path
 
 import click
 
-__all__ = ["command"]
+__all__ = ["command", "run_phase"]
 
 
-@click.command("phase", help=__doc__)
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output MRC [default: RUN/density.mrc for a run directory].")
-@click.option("--starts", type=click.IntRange(1), default=8, show_default=True, help="Random starts.")
-@click.option("--iterations", type=click.IntRange(10), default=None, help="Iterations per start [default: the "
-              "phasing module's].")
-@click.option("--q-max", "q_max", type=float, default=None, help="Largest measured |q| in 1/A.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def command(source: Path, out: Path | None, starts: int, iterations: int | None, q_max: float | None, seed: int,
-            progress: bool) -> None:
+def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations: int | None = None,
+              q_max: float | None = None, seed: int = 0, progress: bool = False) -> dict:
+    """The body of ``bayes-spi phase``: phase, write ``out`` (MRC) and ``out.json``; returns the JSON record
+    (``errors`` per start, ``best``, ``voxel_A``, ``out``). Raises ``click.ClickException`` on bad input."""
     import numpy as np
 
     from bayes_spi import __version__
@@ -43,6 +35,7 @@ def command(source: Path, out: Path | None, starts: int, iterations: int | None,
     from bayes_spi.atomic import atomic_path
     from bayes_spi.infer.volumes import read_intensity, write_density
 
+    source = Path(source)
     if source.is_dir():
         volume = source / "intensity.h5"
         if out is None:
@@ -58,6 +51,7 @@ def command(source: Path, out: Path | None, starts: int, iterations: int | None,
         volume = source
         if out is None:
             raise click.UsageError("give -o/--out for the density when SOURCE is a volume file")
+    out = Path(out)
     if q_max is not None and not q_max > 0:
         raise click.BadParameter(f"expected a positive |q| in 1/A, got {q_max}", param_hint="--q-max")
     try:
@@ -76,13 +70,31 @@ def command(source: Path, out: Path | None, starts: int, iterations: int | None,
     out.parent.mkdir(parents=True, exist_ok=True)
     write_density(res.density, res.voxel_A, out, label=f"bayes-spi {__version__} phased density; voxel A")
     errors = [float(e) for e in np.asarray(res.errors)]
-    record = {"software_version": __version__, "source": os.fspath(volume), "grid": n, "dq_inv_A": dq,
-              "voxel_A": float(res.voxel_A), "q_max_inv_A": q_max, "starts": starts, "seed": seed,
-              "iterations": iterations, "errors": errors, "best": int(res.best),
+    record = {"software_version": __version__, "source": os.fspath(volume), "out": os.fspath(out), "grid": n,
+              "dq_inv_A": dq, "voxel_A": float(res.voxel_A), "q_max_inv_A": q_max, "starts": starts,
+              "seed": seed, "iterations": iterations, "errors": errors, "best": int(res.best),
               "support_voxels": int(np.asarray(res.support).sum())}
     with atomic_path(out.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+@click.command("phase", help=__doc__)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output MRC [default: RUN/density.mrc for a run directory].")
+@click.option("--starts", type=click.IntRange(1), default=8, show_default=True, help="Random starts.")
+@click.option("--iterations", type=click.IntRange(10), default=None, help="Iterations per start [default: the "
+              "phasing module's].")
+@click.option("--q-max", "q_max", type=float, default=None, help="Largest measured |q| in 1/A.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def command(source: Path, out: Path | None, starts: int, iterations: int | None, q_max: float | None, seed: int,
+            progress: bool) -> None:
+    record = run_phase(source, out, starts, iterations, q_max, seed, progress)
     click.echo("start  Fourier error")
-    for i, e in enumerate(errors):
-        click.echo(f"{i:>5}  {e:.5f}{'   <- best' if i == res.best else ''}")
-    click.echo(f"wrote {os.fspath(out)} ({n}^3 voxels of {res.voxel_A:.3g} A) and {os.fspath(out.with_suffix('.json'))}")
+    for i, e in enumerate(record["errors"]):
+        click.echo(f"{i:>5}  {e:.5f}{'   <- best' if i == record['best'] else ''}")
+    out_path = Path(record["out"])
+    click.echo(f"wrote {os.fspath(out_path)} ({record['grid']}^3 voxels of {record['voxel_A']:.3g} A) and "
+               f"{os.fspath(out_path.with_suffix('.json'))}")
