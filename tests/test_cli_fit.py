@@ -198,7 +198,8 @@ def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path
 
 # ---------------------------------------------------------------------------------------------- (3)
 def _snapshot(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _copy_with(src: Path, dst: Path, edit) -> Path:

@@ -15,6 +15,11 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "simulate",
     "fit": "fit",
     "demo": "demo",
+    "report": "report",
+    "export": "export",
+    "phase": "phase",
+    "evaluate": "evaluate",
+    "posterior": "posterior",
 }
 
 

@@ -1,0 +1,403 @@
+r"""Stream per-pattern posterior draws into an ArviZ-layout netCDF file (opens with ``arviz.from_netcdf``).
+
+The file is netCDF-4 (HDF5, written with h5netcdf), written batch by batch (memory does not grow with
+the number of patterns) to ``PATH.tmp`` and renamed when complete. Groups:
+
+``posterior`` (dims ``chain`` = 1, ``draw`` = D, ``pattern`` = N, ``quaternion`` = w,x,y,z, ``rotvec`` = x,y,z)
+    ``pose_quaternion (chain, draw, pattern, quaternion)`` unit quaternions, scalar first, ``w >= 0``;
+    ``pose_rotvec (chain, draw, pattern, rotvec)`` the same rotations as axis * angle (rad, norm <= pi);
+    ``scale (chain, draw, pattern)`` fluence scale (relative: defined up to one global factor);
+    ``angle_to_mean_deg (chain, draw, pattern)`` angle of the draw to the pattern's mean pose;
+    ``hypothesis_index (chain, draw, pattern)`` which mixture component the draw came from.
+``sample_stats`` (per-pattern summaries, no chain/draw dims; ``credible_mass`` = 0.5, 0.9; ``hdi`` = lower, higher)
+    ``mean_pose_quaternion``, ``mean_pose_rotvec`` the chordal L2 mean pose (see
+    :mod:`bayes_spi.posterior.mixture`); ``cone_radius_deg (pattern, credible_mass)`` radius of the credible
+    cone around it, ``cone_radius_mod_rotz_deg`` the same modulo the Rz(pi) twin, ``rotz_flip_mass`` mass
+    nearer the twin; ``scale_mean``, ``scale_sd``, ``log_scale_mean``, ``log_scale_sd`` (exact moments),
+    ``scale_hdi``, ``scale_eti (pattern, credible_mass, hdi)`` highest-density and equal-tailed intervals;
+    ``hypothesis_weights (pattern, hypothesis)``, ``hypothesis_quaternion``, ``hypothesis_sigma_deg
+    (pattern, hypothesis, rotvec)`` (marginal tangent standard deviations), ``hypothesis_log_scale_loc``,
+    ``hypothesis_log_scale_sd``.
+``observed_data``
+    ``photons (pattern)`` total counts on good pixels.
+
+Size: about ``N * D * 40`` bytes before compression (e.g. 50,000 patterns x 200 draws: ~400 MB).
+Coordinates ``pattern`` are the patterns' indices in the data file. Attributes (root and every group)
+follow ArviZ (``created_at``, ``arviz_version``, ``inference_library``, ``inference_library_version``) and
+record the conventions, the source data file, the run and every setting.
+
+Example::
+
+    trained = load_trained("run1")
+    with SPIDataset("data.h5") as ds:
+        write_posterior_netcdf(trained, ds, "posterior.nc", n_draws=200)
+    idata = arviz.from_netcdf("posterior.nc")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5netcdf
+import h5py
+import numpy as np
+import torch
+from torch import Tensor
+
+from bayes_spi import __version__
+from bayes_spi.atomic import atomic_path
+from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.posterior.mixture import LEVELS, MixturePosterior, PosteriorDraws, PosteriorSummary, draw, summarize
+from bayes_spi.posterior.refine import refine_posterior
+from bayes_spi.so3 import rotmat_to_quat_wxyz, rotmat_to_rotvec
+
+__all__ = [
+    "DEFAULT_POSE_TEMPERATURE",
+    "DEFAULT_SCALE_TEMPERATURE",
+    "QUATERNION_CONVENTION",
+    "ExportSettings",
+    "PosteriorNetCDFWriter",
+    "guide_batches",
+    "export_batches",
+    "write_posterior_netcdf",
+]
+
+QUATERNION_CONVENTION = ("scalar-first (w, x, y, z), w >= 0; R maps lab/detector q to the molecule frame: "
+                         "pixel q samples I(R @ q) (as /truth/quaternions of the data file)")
+ROTVEC_CONVENTION = "axis * angle (rad), angle in [0, pi]; the same rotation R as the quaternion"
+#: pose temperature of the refined posterior, calibrated on simulations (benchmarks/bench_coverage.py,
+#: BENCHMARKS.md): the Laplace spreads describe the likelihood given the trained field, whose remaining
+#: errors widen the true pose's scatter by about 20% on the foundation benchmark (2CEX, 32x32, 1e4 photons)
+DEFAULT_POSE_TEMPERATURE = 1.2
+#: log-scale temperature of the refined posterior, calibrated the same way (patterns 0-2047 of that benchmark)
+DEFAULT_SCALE_TEMPERATURE = 1.1
+
+MEAN_POSE_DEFINITION = ("chordal L2 mean: E[R] over the draws projected onto SO(3) (SVD); cones are geodesic "
+                        "balls around it whose radius is the quantile of the draws' angles to it")
+
+
+@dataclass
+class ExportSettings:
+    """Settings of an export (all recorded as file attributes).
+
+    Attributes:
+        n_draws: draws per pattern ``D``.
+        batch_size: patterns per batch.
+        seed: base seed; pattern ``i`` draws from ``numpy.random.default_rng([seed, i])``.
+        score_pixels: good pixels (fixed random subset) for the guide's hypothesis scores and search (0: all).
+        refine: refine the guide's best hypotheses by Gauss-Newton + Laplace (:mod:`bayes_spi.posterior.refine`).
+        n_refine, n_iter: hypotheses refined per pattern, Gauss-Newton iterations.
+        pose_temperature: multiplies the tangent-space spreads (``None``: :data:`DEFAULT_POSE_TEMPERATURE`
+            with ``refine``, 1 without).
+        scale_temperature: multiplies the log-scale spreads (``None``: :data:`DEFAULT_SCALE_TEMPERATURE` with
+            ``refine``, 1 without).
+        levels: credible masses of the cones and intervals.
+        max_patterns: export at most this many patterns (``None``: all).
+        first_pattern: index of the first pattern exported (patterns ``first_pattern, first_pattern + 1, ...``).
+        extra_attrs: more attributes for the file.
+    """
+
+    n_draws: int = 200
+    batch_size: int = 128
+    seed: int = 0
+    score_pixels: int = 512
+    refine: bool = True
+    n_refine: int = 2
+    n_iter: int = 3
+    pose_temperature: float | None = None
+    scale_temperature: float | None = None
+    levels: tuple[float, ...] = LEVELS
+    max_patterns: int | None = None
+    first_pattern: int = 0
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("n_draws", "batch_size", "n_refine"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"expected {name} >= 1 (an integer), got {value!r}")
+        if self.n_iter < 0 or self.score_pixels < 0 or self.first_pattern < 0:
+            raise ValueError(f"expected n_iter, score_pixels, first_pattern >= 0, got {self.n_iter}, "
+                             f"{self.score_pixels}, {self.first_pattern}")
+        if self.pose_temperature is None:
+            self.pose_temperature = DEFAULT_POSE_TEMPERATURE if self.refine else 1.0
+        if self.scale_temperature is None:
+            self.scale_temperature = DEFAULT_SCALE_TEMPERATURE if self.refine else 1.0
+        if self.max_patterns is not None and self.max_patterns < 1:
+            raise ValueError(f"expected max_patterns >= 1 or None, got {self.max_patterns}")
+        for name in ("pose_temperature", "scale_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"expected {name} > 0, got {getattr(self, name)}")
+        self.levels = tuple(float(p) for p in self.levels)
+        if not self.levels or any(not 0 < p < 1 for p in self.levels):
+            raise ValueError(f"expected credible masses in (0, 1), got {self.levels!r}")
+
+    def pattern_range(self, n_patterns: int) -> np.ndarray:
+        """The exported file indices for a file of ``n_patterns``: ``(N,)`` int64."""
+        stop = n_patterns if self.max_patterns is None else min(n_patterns, self.first_pattern + self.max_patterns)
+        if self.first_pattern >= stop:
+            raise ValueError(f"expected first_pattern < {n_patterns} (the file's patterns), got {self.first_pattern}")
+        return np.arange(self.first_pattern, stop, dtype=np.int64)
+
+    def attrs(self) -> dict[str, Any]:
+        """The settings as file attributes (plain numbers and strings)."""
+        out: dict[str, Any] = {
+            "n_draws": int(self.n_draws), "seed": int(self.seed), "score_pixels": int(self.score_pixels),
+            "pose_posterior": ("refined: guide hypotheses moved to the likelihood mode (Gauss-Newton), Laplace "
+                               "covariances and evidence weights" if self.refine else "amortized guide as trained"),
+            "refine": int(self.refine), "n_refine": int(self.n_refine), "n_iter": int(self.n_iter),
+            "pose_temperature": float(self.pose_temperature), "scale_temperature": float(self.scale_temperature),
+            "credible_masses": np.asarray(self.levels, dtype=np.float64),
+        }
+        out.update(self.extra_attrs)
+        return out
+
+
+def _arviz_attrs() -> dict[str, str]:
+    try:
+        az_version = metadata.version("arviz")
+    except metadata.PackageNotFoundError:
+        az_version = ""
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "arviz_version": az_version,
+        "inference_library": "bayes-spi (pyro)",
+        "inference_library_version": __version__,
+    }
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+class PosteriorNetCDFWriter:
+    """Create the file's groups, dims, coordinates and variables; :meth:`write` fills pattern slices.
+
+    Args:
+        path: the file to write (opened directly: wrap in :func:`bayes_spi.atomic.atomic_path`).
+        patterns: ``(N,)`` the patterns' indices in the data file (the ``pattern`` coordinate).
+        n_draws: ``D``.
+        n_hypotheses: ``K``.
+        levels: credible masses.
+        attrs: extra attributes for the root and every group.
+        chunk: patterns per HDF5 chunk.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], patterns: np.ndarray, n_draws: int, n_hypotheses: int,
+                 levels: Sequence[float] = LEVELS, attrs: dict[str, Any] | None = None, chunk: int = 128) -> None:
+        self.patterns = np.asarray(patterns, dtype=np.int64)
+        n = len(self.patterns)
+        if n < 1:
+            raise ValueError("expected at least one pattern, got 0")
+        self.n_draws, self.n_hypotheses, self.levels = int(n_draws), int(n_hypotheses), tuple(levels)
+        self._file = h5netcdf.File(path, "w")
+        self._pos: dict[int, int] = {int(p): i for i, p in enumerate(self.patterns)}
+        base = {**_arviz_attrs(), **(attrs or {})}
+        self._file.attrs.update(base)
+        chunk = max(1, min(int(chunk), n))
+        str_t = h5py.string_dtype()
+        d, k = self.n_draws, self.n_hypotheses
+
+        def coords(grp: Any, names: Sequence[str]) -> None:
+            values = {"chain": np.zeros(1, dtype=np.int64), "draw": np.arange(d, dtype=np.int64),
+                      "pattern": self.patterns, "quaternion": np.array(list("wxyz"), dtype=object),
+                      "rotvec": np.array(list("xyz"), dtype=object), "hypothesis": np.arange(k, dtype=np.int64),
+                      "credible_mass": np.asarray(self.levels, dtype=np.float64),
+                      "hdi": np.array(["lower", "higher"], dtype=object)}
+            grp.dimensions = {name: len(values[name]) for name in names}
+            for name in names:
+                val = values[name]
+                grp.create_variable(name, (name,), data=val, dtype=str_t if val.dtype == object else val.dtype)
+
+        def var(grp: Any, name: str, dims: tuple[str, ...], dtype: str = "f4", **attrs: Any) -> Any:
+            shape = tuple(grp.dimensions[dd].size for dd in dims)
+            chunks = tuple(chunk if dd == "pattern" else s for dd, s in zip(dims, shape))
+            v = grp.create_variable(name, dims, dtype=dtype, chunks=chunks, compression="gzip",
+                                    compression_opts=4, shuffle=True)
+            v.attrs.update(attrs)
+            return v
+
+        post = self._file.create_group("posterior")
+        post.attrs.update(base)
+        coords(post, ["chain", "draw", "pattern", "quaternion", "rotvec"])
+        cdp = ("chain", "draw", "pattern")
+        self.post = {
+            "pose_quaternion": var(post, "pose_quaternion", cdp + ("quaternion",), convention=QUATERNION_CONVENTION),
+            "pose_rotvec": var(post, "pose_rotvec", cdp + ("rotvec",), units="rad", convention=ROTVEC_CONVENTION),
+            "scale": var(post, "scale", cdp, note="relative fluence scale, defined up to one global factor"),
+            "angle_to_mean_deg": var(post, "angle_to_mean_deg", cdp, units="deg"),
+            "hypothesis_index": var(post, "hypothesis_index", cdp, dtype="i2"),
+        }
+        stats = self._file.create_group("sample_stats")
+        stats.attrs.update(base)
+        stats.attrs["note"] = "per-pattern posterior summaries (no chain/draw dimensions)"
+        coords(stats, ["pattern", "quaternion", "rotvec", "hypothesis", "credible_mass", "hdi"])
+        p = ("pattern",)
+        self.stats = {
+            "mean_pose_quaternion": var(stats, "mean_pose_quaternion", p + ("quaternion",),
+                                        convention=QUATERNION_CONVENTION, definition=MEAN_POSE_DEFINITION),
+            "mean_pose_rotvec": var(stats, "mean_pose_rotvec", p + ("rotvec",), units="rad"),
+            "cone_radius_deg": var(stats, "cone_radius_deg", p + ("credible_mass",), units="deg"),
+            "cone_radius_mod_rotz_deg": var(stats, "cone_radius_mod_rotz_deg", p + ("credible_mass",), units="deg",
+                                            definition="angle to the nearer of the mean and mean @ Rz(pi)"),
+            "rotz_flip_mass": var(stats, "rotz_flip_mass", p),
+            "scale_mean": var(stats, "scale_mean", p), "scale_sd": var(stats, "scale_sd", p),
+            "log_scale_mean": var(stats, "log_scale_mean", p), "log_scale_sd": var(stats, "log_scale_sd", p),
+            "scale_hdi": var(stats, "scale_hdi", p + ("credible_mass", "hdi")),
+            "scale_eti": var(stats, "scale_eti", p + ("credible_mass", "hdi"), definition="equal-tailed interval"),
+            "hypothesis_weights": var(stats, "hypothesis_weights", p + ("hypothesis",)),
+            "hypothesis_quaternion": var(stats, "hypothesis_quaternion", p + ("hypothesis", "quaternion"),
+                                         convention=QUATERNION_CONVENTION),
+            "hypothesis_sigma_deg": var(stats, "hypothesis_sigma_deg", p + ("hypothesis", "rotvec"), units="deg",
+                                        definition="marginal tangent-space standard deviations, R = C exp(hat(eps))"),
+            "hypothesis_log_scale_loc": var(stats, "hypothesis_log_scale_loc", p + ("hypothesis",)),
+            "hypothesis_log_scale_sd": var(stats, "hypothesis_log_scale_sd", p + ("hypothesis",)),
+        }
+        obs = self._file.create_group("observed_data")
+        obs.attrs.update(base)
+        coords(obs, ["pattern"])
+        self.obs = {"photons": var(obs, "photons", p, dtype="f8", definition="total counts on good pixels")}
+
+    def write(self, indices: np.ndarray, photons: np.ndarray, post: MixturePosterior, draws: PosteriorDraws,
+              summary: PosteriorSummary) -> None:
+        """Write one batch: ``indices (B,)`` (file indices, consecutive in the file's ``pattern`` order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if post.n_hypotheses != self.n_hypotheses or draws.rotations.shape[0] != self.n_draws:
+            raise ValueError(f"expected {self.n_hypotheses} hypotheses and {self.n_draws} draws, got "
+                             f"{post.n_hypotheses} and {draws.rotations.shape[0]}")
+        try:
+            s = self._pos[int(idx[0])]
+        except KeyError:
+            raise ValueError(f"pattern {int(idx[0])} is not among the file's patterns") from None
+        e = s + len(idx)
+        if e > len(self.patterns) or not np.array_equal(self.patterns[s:e], idx):
+            raise ValueError("expected consecutive patterns in the file's pattern order")
+        rot = draws.rotations.double()
+        self.post["pose_quaternion"][:, :, s:e] = _np(rotmat_to_quat_wxyz(rot))[None]
+        self.post["pose_rotvec"][:, :, s:e] = _np(rotmat_to_rotvec(rot))[None]
+        self.post["scale"][:, :, s:e] = _np(draws.log_scale.double().exp())[None]
+        self.post["angle_to_mean_deg"][:, :, s:e] = np.degrees(_np(summary.angle_to_mean))[None]
+        self.post["hypothesis_index"][:, :, s:e] = _np(draws.hypothesis).astype(np.int16)[None]
+        st = self.stats
+        st["mean_pose_quaternion"][s:e] = _np(rotmat_to_quat_wxyz(summary.mean_rotation))
+        st["mean_pose_rotvec"][s:e] = _np(rotmat_to_rotvec(summary.mean_rotation))
+        st["cone_radius_deg"][s:e] = np.degrees(_np(summary.cone_radius))
+        st["cone_radius_mod_rotz_deg"][s:e] = np.degrees(_np(summary.cone_radius_mod_rotz))
+        st["rotz_flip_mass"][s:e] = _np(summary.rotz_flip_mass)
+        for name in ("scale_mean", "scale_sd", "log_scale_mean", "log_scale_sd", "scale_hdi", "scale_eti"):
+            st[name][s:e] = _np(getattr(summary, name))
+        st["hypothesis_weights"][s:e] = _np(post.weights)
+        st["hypothesis_quaternion"][s:e] = _np(rotmat_to_quat_wxyz(post.rotations.double()))
+        st["hypothesis_sigma_deg"][s:e] = np.degrees(_np(post.pose_sigmas))
+        st["hypothesis_log_scale_loc"][s:e] = _np(post.log_scale_loc)
+        st["hypothesis_log_scale_sd"][s:e] = _np(post.log_scale_sd)
+        self.obs["photons"][s:e] = np.asarray(photons, dtype=np.float64)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "PosteriorNetCDFWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def export_batches(
+    batches: Iterable[tuple[np.ndarray, np.ndarray, MixturePosterior]],
+    path: str | os.PathLike[str],
+    patterns: np.ndarray,
+    n_hypotheses: int,
+    settings: ExportSettings | None = None,
+    attrs: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Draw from and summarise each batch ``(indices (B,), photons (B,), posterior)`` and write the file
+    atomically. The temperatures of ``settings`` are applied here. Returns ``path``."""
+    settings = settings or ExportSettings()
+    path = Path(path)
+    all_attrs = {"software_version": __version__, "quaternion_convention": QUATERNION_CONVENTION,
+                 "rotvec_convention": ROTVEC_CONVENTION, "mean_pose_definition": MEAN_POSE_DEFINITION,
+                 **settings.attrs(), **(attrs or {})}
+    with atomic_path(path) as tmp:
+        with PosteriorNetCDFWriter(tmp, patterns, settings.n_draws, n_hypotheses, settings.levels, all_attrs,
+                                   chunk=settings.batch_size) as writer:
+            for idx, photons, post in batches:
+                post = post.tempered(settings.pose_temperature, settings.scale_temperature)
+                draws = draw(post, settings.n_draws, idx, seed=settings.seed)
+                summary = summarize(post, draws, settings.levels)
+                writer.write(idx, photons, post, draws, summary)
+                if progress is not None:
+                    progress(len(idx))
+    return path
+
+
+def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
+                  device: torch.device | str = "cpu") -> Iterator[tuple[np.ndarray, np.ndarray, MixturePosterior]]:
+    """Stream ``dataset`` through the trained guide (and the refinement): ``(indices, photons, posterior)``.
+
+    ``trained`` is a :class:`bayes_spi.infer.load.Trained`. The guide's hypothesis scores and search use one
+    fixed random subset of ``score_pixels`` good pixels (as :func:`bayes_spi.infer.outputs.write_posterior`);
+    the refinement uses every good pixel.
+    """
+    guide, model = trained.guide, trained.model
+    guide.eval()
+    good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
+    score = good
+    if 0 < settings.score_pixels < good.numel():
+        pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(settings.seed))
+        score = good[pick[: settings.score_pixels].to(good.device)].sort().values
+    patterns = settings.pattern_range(dataset.n_patterns)
+    mask = torch.as_tensor(dataset.mask)
+    for first in range(0, len(patterns), settings.batch_size):
+        idx = patterns[first:first + settings.batch_size]
+        counts = torch.as_tensor(dataset.read(idx))
+        photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
+        images = counts.to(device)
+        with torch.no_grad():
+            post = MixturePosterior.from_guide(guide.posterior(images, score))
+        if settings.refine:
+            post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
+                                    n_iter=settings.n_iter, pixels=good)
+        yield idx, photons, post
+
+
+def write_posterior_netcdf(
+    trained: Any,
+    dataset: SPIDataset,
+    path: str | os.PathLike[str],
+    settings: ExportSettings | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Export the posterior of every pattern of ``dataset`` (or the first ``settings.max_patterns``).
+
+    Args:
+        trained: a :class:`bayes_spi.infer.load.Trained` (``load_trained(run)``).
+        dataset: the data file the run was fitted on (or another with the same detector).
+        path: the output ``.nc`` file (written atomically).
+        settings: :class:`ExportSettings`.
+        device: torch device of the model and guide.
+        progress: called with the number of patterns after each batch.
+
+    Raises:
+        ValueError: the data file's pattern shape differs from the run's detector.
+    """
+    settings = settings or ExportSettings()
+    shape = tuple(trained.guide.mask.shape)
+    if dataset.shape != shape:
+        raise ValueError(f"{os.fspath(dataset.path)}: field /data/counts: expected patterns of shape {shape} "
+                         f"(the run's detector), got {dataset.shape}")
+    patterns = settings.pattern_range(dataset.n_patterns)
+    k = min(settings.n_refine, trained.guide.n_hypotheses) if settings.refine else trained.guide.n_hypotheses
+    attrs = {"source_data": os.fspath(Path(dataset.path).resolve()),
+             "run": os.fspath(Path(trained.path).resolve().parent),
+             "model_file": os.fspath(Path(trained.path).resolve())}
+    return export_batches(guide_batches(trained, dataset, settings, device), path, patterns, k, settings,
+                          attrs, progress)

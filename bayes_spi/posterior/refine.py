@@ -1,0 +1,184 @@
+r"""Semi-amortized refinement: move the guide's best hypotheses to the likelihood's mode, Laplace spreads.
+
+The amortized encoder puts each hypothesis centre a few degrees from where the model's likelihood
+peaks (the *amortization gap*), while its spreads describe the likelihood's width (fractions of a degree
+at ~1e4 photons). Taken as is, that posterior is far too confident about the wrong place: on the
+foundation benchmark the 90% cones hold the true pose for only a small fraction of the patterns. Here
+each pattern's ``n_refine`` most probable hypotheses are refined on **all** good pixels, given the trained
+field, by Gauss-Newton (Fisher scoring) steps on ``theta = (eps, log s)``, ``R = C exp(hat(eps))``::
+
+    f(theta) = log p(y | R, s) + log p(log s)
+    g = J^T a + d/dlog s log p(log s),     H = J^T diag(-c) J + prior curvature
+    J = d log lambda / d theta (M x 4): for pixel q, x = R q and d x / d eps_a = R (e_a x q), so
+        J_eps = grad_x log I(x)^T R hat(e_a) q (one backward pass of the field); 1 for log s
+    a, c = first and second derivative of the per-pixel log-likelihood in log lambda
+
+(for Poisson ``a = y - lambda``, ``c = -lambda``; any likelihood works through autograd), with a step cap
+and a back-tracking check. At the end the posterior of hypothesis ``j`` is the Laplace approximation
+``N((eps, log s); mode, H^-1)`` (full 3 x 3 pose covariance, then marginal ``log s``), and the hypothesis
+weights are the Laplace evidences ``w_j ∝ exp(f_j) det(H_j)^{-1/2}`` (the pose prior is uniform).
+Hypotheses that converge onto the same mode (closer than 3 standard deviations) are merged (the
+weaker is dropped), so a mode is not counted twice.
+
+On the foundation benchmark (2CEX, 32x32, 1e4 photons) this takes the median error of the posterior mean
+pose from 4.8 to 1.0 degrees and the 90% cone coverage from 5% to 77%. The rest of the gap is the
+trained field's own error, which this posterior (conditional on the field) does not see: see the
+temperatures of :mod:`bayes_spi.posterior.calibration`. Cost: about 3 field evaluations with gradient per
+iteration at ``n_refine x M`` points per pattern (~10 patterns/s at 32x32 on 2 CPU cores).
+
+Example::
+
+    post = MixturePosterior.from_guide(trained.guide.posterior(images, pixels))
+    refined = refine_posterior(trained.model, images, post, n_refine=2)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bayes_spi.models.spi import SPIModel
+from bayes_spi.posterior.mixture import MixturePosterior
+from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat
+
+__all__ = ["refine_posterior"]
+
+_EYE3 = torch.eye(3)
+
+
+def _evaluate(model: SPIModel, C: Tensor, log_s: Tensor, y: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
+    """Log rates ``L (J, B, M)`` at ``(C, log s)`` and ``d L / d eps`` ``(J, B, M, 3)`` (exact, by autograd
+    through the field's input)."""
+    q = model.q[pixels]  # (M, 3)
+    with torch.enable_grad():
+        x = torch.einsum("jbik,mk->jbmi", C, q).detach().requires_grad_(True)
+        log_i = model.field.log_intensity(x)
+        (grad_x,) = torch.autograd.grad(log_i.sum(), x)
+    L = log_s[..., None] + model.log_pixel_factor[pixels] + log_i.detach()
+    # d x / d eps_a = C (e_a x q) = -C hat(q) e_a  ->  J_a = grad_x . C (e_a x q) = (C^T grad_x) . (e_a x q)
+    body = torch.einsum("jbik,jbmi->jbmk", C, grad_x)  # C^T grad_x, (J, B, M, 3)
+    jac = torch.cross(q.expand_as(body), body, dim=-1)  # (e_a x q) . v = e_a . (q x v)
+    return L, jac
+
+
+def _pixel_derivatives(model: SPIModel, L: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-likelihood ``(J, B)`` summed over pixels, and its first/second derivatives in ``L`` ``(J, B, M)``."""
+    with torch.enable_grad():
+        L = L.detach().requires_grad_(True)
+        ll = model.likelihood(L).log_prob(y)
+        (a,) = torch.autograd.grad(ll.sum(), L, create_graph=True)
+        (c,) = torch.autograd.grad(a.sum(), L)
+    return ll.detach().sum(-1), a.detach(), c.detach()
+
+
+def _prior_terms(model: SPIModel, log_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``log p(log s)`` and its first and second derivatives, each ``(J, B)``."""
+    with torch.enable_grad():
+        ls = log_s.detach().requires_grad_(True)
+        prior = model.scale_prior(ls.shape[-1])
+        lp = prior.log_prob(ls.exp()) + ls
+        (d1,) = torch.autograd.grad(lp.sum(), ls, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), ls)
+    return lp.detach(), d1.detach(), d2.detach()
+
+
+def _newton_system(model: SPIModel, log_s: Tensor, L: Tensor, jac: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Objective ``f (J, B)``, gradient ``g (J, B, 4)`` and Gauss-Newton precision ``H (J, B, 4, 4)``."""
+    ll, a, c = _pixel_derivatives(model, L, y)
+    lp, d1, d2 = _prior_terms(model, log_s)
+    jac = torch.cat([jac, torch.ones_like(jac[..., :1])], dim=-1)  # (J, B, M, 4)
+    g = torch.einsum("jbm,jbmp->jbp", a, jac)
+    g[..., 3] += d1
+    H = torch.einsum("jbm,jbmp,jbmq->jbpq", (-c).clamp(min=0), jac, jac)
+    H[..., 3, 3] += (-d2).clamp(min=0)
+    return ll + lp, g, H
+
+
+@torch.no_grad()
+def refine_posterior(
+    model: SPIModel,
+    images: Tensor,
+    post: MixturePosterior,
+    n_refine: int = 2,
+    n_iter: int = 3,
+    pixels: Tensor | None = None,
+    max_step: float = 0.1,
+) -> MixturePosterior:
+    """Refine each pattern's ``n_refine`` most probable hypotheses (see the module doc).
+
+    Args:
+        model: the trained model (field, priors, likelihood), eval mode.
+        images: ``(B, n_y, n_x)`` counts.
+        post: the guide's posterior for these patterns (:meth:`MixturePosterior.from_guide`).
+        n_refine: hypotheses kept and refined per pattern (``J <= K``).
+        n_iter: Gauss-Newton iterations.
+        pixels: ``(M,)`` flat pixel indices of the likelihood (default: every pixel; pass the good ones).
+        max_step: cap on the pose update per iteration (rad).
+
+    Returns:
+        A :class:`MixturePosterior` with ``K = J`` refined hypotheses (ordered as the guide ranked them),
+        full tangent covariances and Laplace-evidence weights; ``refined=True``.
+    """
+    n_batch, k = post.weights.shape
+    if not 1 <= n_refine <= k:
+        raise ValueError(f"expected 1 <= n_refine <= {k} (the guide's hypotheses), got {n_refine}")
+    if n_iter < 0:
+        raise ValueError(f"expected n_iter >= 0, got {n_iter}")
+    dev = post.rotations.device
+    if pixels is None:
+        pixels = torch.arange(images.shape[-2] * images.shape[-1], device=dev)
+    y = images.reshape(n_batch, -1)[:, pixels].to(post.rotations.dtype)
+    top = post.weights.topk(n_refine, dim=-1).indices.T  # (J, B)
+    cols = torch.arange(n_batch, device=dev).expand(n_refine, n_batch)
+    C = post.rotations[cols, top]  # (J, B, 3, 3)
+    ls = post.log_scale_loc[cols, top].clone()  # (J, B)
+    L, jac = _evaluate(model, C, ls, y, pixels)
+    f, g, H = _newton_system(model, ls, L, jac, y)
+    eye = torch.eye(4, dtype=C.dtype, device=dev)
+    for _ in range(n_iter):
+        damp = 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1.0)
+        step = torch.linalg.solve(H + damp[..., None, None] * eye, g.unsqueeze(-1)).squeeze(-1)
+        norm = step[..., :3].norm(dim=-1, keepdim=True)
+        step = torch.cat([step[..., :3] * (max_step / norm.clamp(min=max_step)), step[..., 3:].clamp(-0.5, 0.5)], -1)
+        accepted = torch.zeros_like(f, dtype=torch.bool)
+        for frac in (1.0, 0.25):
+            todo = ~accepted
+            if not todo.any():
+                break
+            C_new = C @ rotvec_to_rotmat(frac * step[..., :3])
+            ls_new = ls + frac * step[..., 3]
+            L_new, jac_new = _evaluate(model, C_new, ls_new, y, pixels)
+            f_new, g_new, H_new = _newton_system(model, ls_new, L_new, jac_new, y)
+            ok = todo & (f_new >= f)
+            C = torch.where(ok[..., None, None], C_new, C)
+            ls = torch.where(ok, ls_new, ls)
+            f = torch.where(ok, f_new, f)
+            g = torch.where(ok[..., None], g_new, g)
+            H = torch.where(ok[..., None, None], H_new, H)
+            accepted |= ok
+    damp = 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1.0)
+    cov = torch.linalg.inv(H + damp[..., None, None] * eye)
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    pose_cov = cov[..., :3, :3] + 1e-12 * _EYE3.to(cov)
+    tril = torch.linalg.cholesky(pose_cov)
+    sd_ls = cov[..., 3, 3].clamp(min=1e-12).sqrt()
+    log_w = f + 0.5 * torch.linalg.slogdet(cov).logabsdet
+    # merge hypotheses that converged onto the same mode: keep the one with the larger evidence
+    sd_max = pose_cov.diagonal(dim1=-2, dim2=-1).amax(-1).sqrt()  # (J, B)
+    for i in range(n_refine):
+        for j in range(i + 1, n_refine):
+            close = geodesic_angle(C[i], C[j]) < 3.0 * torch.maximum(sd_max[i], sd_max[j])
+            drop_j = close & (log_w[j] <= log_w[i])
+            drop_i = close & ~drop_j
+            log_w[j] = torch.where(drop_j, torch.full_like(log_w[j], -torch.inf), log_w[j])
+            log_w[i] = torch.where(drop_i, torch.full_like(log_w[i], -torch.inf), log_w[i])
+    weights = torch.softmax(log_w, dim=0)
+    return MixturePosterior(
+        rotations=C.transpose(0, 1).contiguous(),
+        pose_tril=tril.transpose(0, 1).contiguous(),
+        weights=weights.T.contiguous(),
+        log_scale_loc=ls.T.contiguous(),
+        log_scale_sd=sd_ls.T.contiguous(),
+        n_encoder=0,
+        refined=True,
+    )
