@@ -129,6 +129,17 @@ def test_evaluate_cli_json(tiny_run: tuple[Path, Path]) -> None:
     assert len(fsc["intensity"]["q_inv_A"]) == len(fsc["intensity"]["fsc"]) > 3
     res = _invoke(["evaluate", str(run), "--truth", str(data), "--no-density", "--no-write"])
     assert res.exit_code == 0 and "intensity FSC resolution at 0.5" in res.output
+    assert "posterior calibration" not in res.output
+    # with posterior draws in the run, evaluate also reports their coverage
+    res = _invoke(["posterior", str(run), str(data), "-o", str(run / "posterior.nc"), "--draws", "16", "--no-refine",
+                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = _invoke(["evaluate", str(run), "--truth", str(data), "--no-density", "--no-write", "--json"])
+    assert res.exit_code == 0, res.output
+    cov = json.loads(res.output.strip().splitlines()[-1])
+    for key in ("pose_coverage_50", "pose_coverage_90", "scale_coverage_50", "scale_coverage_90"):
+        assert 0.0 <= cov[key] <= 1.0
+    assert cov["pose_coverage_50"] <= cov["pose_coverage_90"]
     res = _invoke(["evaluate", str(run), "--truth", str(run / "nope.h5")])
     assert res.exit_code != 0 and "nope.h5" in res.output
 

@@ -7,6 +7,11 @@ correlation, the intensity correlation and FSC (on sqrt(I), shells of |q|), the 
 intensity against the true density (aligned for translation and enantiomer), the resolutions in nm where
 the FSC crosses 0.5 and 0.143, and the detector-corner resolution (the data's limit) alongside.
 
+When RUN/posterior.nc exists (from `bayes-spi posterior`; or --posterior FILE), the calibration of the
+posterior is reported too: the fraction of patterns whose aligned true pose lies inside their 50% and 90%
+credible cones (raw and modulo Rz(pi)) and whose true fluence scale (up to one global factor) lies inside
+the 50% and 90% intervals, with the median cone radii.
+
 Writes RUN/evaluation.json (the numbers) and RUN/fsc.json (the curves, read by `bayes-spi report`).
 With --json the numbers are printed as one JSON object; otherwise as a small table.
 
@@ -34,10 +39,13 @@ __all__ = ["command"]
               help="Compare this density MRC (on the truth grid) instead of phasing the aligned intensity.")
 @click.option("--no-density", is_flag=True, help="Skip phasing and the density FSC.")
 @click.option("--starts", type=click.IntRange(1), default=4, show_default=True, help="Phasing random starts.")
+@click.option("--posterior", "posterior_nc", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Posterior draws (netCDF from `bayes-spi posterior`) to check coverage [default: RUN/posterior.nc "
+                   "if present].")
 @click.option("--write/--no-write", default=True, show_default=True,
               help="Write evaluation.json and fsc.json into the run directory.")
 def command(run: Path, truth: Path, as_json: bool, density: Path | None, no_density: bool, starts: int,
-            write: bool) -> None:
+            posterior_nc: Path | None, write: bool) -> None:
     from bayes_spi.atomic import atomic_path
     from bayes_spi.dataio.h5 import DataFormatError
     from bayes_spi.infer.evaluate import evaluate_run_full, format_evaluation, write_fsc_json
@@ -49,6 +57,18 @@ def command(run: Path, truth: Path, as_json: bool, density: Path | None, no_dens
     except (FileNotFoundError, ValueError, DataFormatError) as exc:
         raise click.ClickException(str(exc)) from None
     scalars = {k: (v if math.isfinite(v) else None) for k, v in ev.scalars.items()}
+    nc = posterior_nc if posterior_nc is not None else run / "posterior.nc"
+    coverage: dict = {}
+    if posterior_nc is not None or nc.is_file():
+        from bayes_spi.posterior.coverage import coverage_from_netcdf, format_coverage
+
+        try:
+            coverage = coverage_from_netcdf(nc, truth)
+        except (FileNotFoundError, ValueError, DataFormatError) as exc:
+            raise click.ClickException(str(exc)) from None
+        for k, v in coverage.items():
+            if k.startswith(("pose_coverage", "scale_coverage", "median_cone_radius")) and isinstance(v, float):
+                scalars[k] = v if math.isfinite(v) else None
     if write:
         with atomic_path(run / "evaluation.json") as tmp:
             tmp.write_text(json.dumps(scalars, indent=2) + "\n")
@@ -58,6 +78,9 @@ def command(run: Path, truth: Path, as_json: bool, density: Path | None, no_dens
         return
     click.echo(f"evaluation of {os.fspath(run)} against {os.fspath(truth)}:")
     click.echo(format_evaluation(ev.scalars))
+    if coverage:
+        click.echo(f"posterior calibration ({os.fspath(nc)}):")
+        click.echo(format_coverage(coverage))
     for name, curve in ev.curves.items():
         for t in (0.5, 0.143):
             if not curve.crosses(t):
