@@ -226,3 +226,36 @@ def test_fit_half_sets(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     assert res.exit_code != 0 and "--resume" in res.output
     res = _invoke(["fit", "-o", str(run), "--half-sets", "--resume", "--no-progress"])
     assert res.exit_code == 0, res.output + repr(res.exception)
+
+
+def test_variational_field_fit_and_export_sd(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """`fit --field variational` end to end: config, intensity_sd volumes from the fit and from `export`."""
+    _, data = tiny_run
+    run = tmp_path / "var"
+    res = _invoke(["fit", str(data), "-o", str(run), *TINY, "--field", "variational", "--variational-grid", "13",
+                   "--no-truth"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["settings"]["field"] == "variational" and cfg["settings"]["variational_grid"] == 13
+    mean, dq = read_intensity(run / "intensity.h5")
+    sd, dq_sd = read_intensity(run / "intensity_sd.mrc")
+    assert sd.shape == mean.shape and dq_sd == pytest.approx(dq, rel=1e-6)
+    assert np.all(sd > 0) and np.all(mean > 0)
+    np.testing.assert_allclose(sd, sd[::-1, ::-1, ::-1], rtol=1e-4)  # Friedel-symmetric uncertainty
+    # export on another grid: the sd volume equals the field's own moments there
+    res = _invoke(["export", str(run), "--grid", "7", "-o", str(tmp_path / "e")])
+    assert res.exit_code == 0 and "intensity_sd.h5" in res.output, res.output
+    field, q_max = load_field(run / "model.pt")
+    from bayes_spi.infer.outputs import grid_q
+
+    q, _ = grid_q(7, q_max)
+    with torch.no_grad():
+        _, sd_ref = field.intensity_moments(torch.as_tensor(q.reshape(-1, 3), dtype=torch.float32))
+    sd7, _ = read_intensity(tmp_path / "e" / "intensity_sd.h5")
+    np.testing.assert_allclose(sd7, sd_ref.double().numpy().reshape(7, 7, 7), rtol=1e-5)
+    # the variational field carries its own Wilson prior: a second intensity prior is refused
+    res = _invoke(["fit", str(data), "-o", str(tmp_path / "bad"), *TINY, "--field", "variational",
+                   "--intensity-prior", "wilson"])
+    assert res.exit_code != 0 and "intensity_prior" in res.output and not (tmp_path / "bad").exists()
