@@ -417,7 +417,8 @@ def fsc_figure(run: RunData, out_dir: Path) -> Path | None:
     fig = Figure(figsize=(8.5, 5.4))
     ax = fig.subplots()
     _adjust(fig, left=0.7, right=0.5, top=0.85)
-    colours = {"intensity": "tab:blue", "density": "tab:orange", "halfset": "tab:green"}
+    colours = {"intensity": "tab:blue", "speckle": "tab:purple", "density": "tab:orange", "halfset": "tab:green",
+               "halfset_speckle": "tab:olive"}
     q_hi = 0.0
     y_lo = 0.0
     for kind, label in FSC_KINDS.items():

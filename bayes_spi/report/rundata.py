@@ -65,9 +65,11 @@ SOURCES: dict[str, Source] = {
 
 #: curves of fsc.json, in display order, with their labels
 FSC_KINDS: dict[str, str] = {
-    "intensity": "intensity vs truth",
+    "intensity": "intensity vs truth (sqrt I)",
+    "speckle": "speckle vs truth (shell means removed)",
     "density": "density vs truth",
-    "halfset": "half-set (intensity)",
+    "halfset": "half-set (sqrt I)",
+    "halfset_speckle": "half-set speckle",
 }
 
 
