@@ -27,14 +27,12 @@ import json
 import os
 from typing import Any
 
-import h5netcdf
 import numpy as np
 from scipy import stats
 
 from bayes_spi.atomic import atomic_path
-from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
 from bayes_spi.metrics import align_rotations
-from bayes_spi.posterior.coverage import angles_rad
+from bayes_spi.posterior.coverage import angles_rad, log_scale_offset, read_summaries
 
 __all__ = ["fit_temperatures", "save_calibration", "load_calibration"]
 
@@ -47,36 +45,20 @@ def fit_temperatures(path: str | os.PathLike[str], truth_path: str | os.PathLike
         ``pose_temperature_for_50`` etc., ``n_patterns``, ``calibrated_on`` (the data file), ``posterior``.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`bayes_spi.posterior.coverage.coverage_from_netcdf`.
+        FileNotFoundError, ValueError: as :func:`bayes_spi.posterior.coverage.read_summaries`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found (expected a posterior from `bayes-spi posterior`)")
-    with h5netcdf.File(path, "r") as f:
-        if "sample_stats" not in f.groups:
-            raise ValueError(f"{path}: field /sample_stats: expected a group, got missing")
-        g = f.groups["sample_stats"]
-        pat = np.asarray(g.variables["pattern"][:], dtype=np.int64)
-        levels = [float(p) for p in g.variables["credible_mass"][:]]
-        M = quaternions_to_rotations(np.asarray(g.variables["mean_pose_quaternion"][:], dtype=np.float64))
-        radius = np.radians(np.asarray(g.variables["cone_radius_deg"][:], dtype=np.float64))
-        m = np.asarray(g.variables["log_scale_mean"][:], dtype=np.float64)
-        t = np.asarray(g.variables["log_scale_sd"][:], dtype=np.float64)
-        pose_used = float(f.attrs.get("pose_temperature", 1.0))
-        scale_used = float(f.attrs.get("scale_temperature", 1.0))
-    with SPIDataset(truth_path) as ds:
-        if pat.min() < 0 or pat.max() >= ds.n_patterns:
-            raise ValueError(f"{path}: field /sample_stats/pattern: expected indices in [0, {ds.n_patterns}), "
-                             f"got [{pat.min()}, {pat.max()}]")
-        R_true = ds.truth_rotations()[pat]
-        s_true = ds.truth_scales()[pat]
+    d = read_summaries(path, truth_path)
+    pat, levels, M, radius = d["pattern"], d["levels"], d["mean_rotation"], d["cone_radius"]
+    m, t, R_true, s_true = d["log_scale_mean"], d["log_scale_sd"], d["R_true"], d["s_true"]
+    pose_used = float(d["attrs"].get("pose_temperature", 1.0))
+    scale_used = float(d["attrs"].get("scale_temperature", 1.0))
     G, _, _ = align_rotations(M, R_true)
     err = angles_rad(M, G.T @ R_true)
     out: dict[str, Any] = {}
     for j, p in enumerate(levels):
         out[f"pose_temperature_for_{round(100 * p)}"] = float(pose_used * np.quantile(err / radius[:, j], p))
-    prec = 1.0 / np.maximum(t, 1e-12) ** 2
-    c = np.sum((np.log(s_true) - m) * prec) / np.sum(prec)
+    c = log_scale_offset(m, t, s_true)
     z = np.abs(np.log(s_true) - c - m) / t
     for p in levels:
         out[f"scale_temperature_for_{round(100 * p)}"] = float(scale_used * np.quantile(z, p)

@@ -32,7 +32,8 @@ from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
 from bayes_spi.metrics import align_rotations
 from bayes_spi.so3 import geodesic_angle
 
-__all__ = ["angles_rad", "pose_coverage", "scale_coverage", "coverage_from_netcdf", "format_coverage"]
+__all__ = ["angles_rad", "log_scale_offset", "pose_coverage", "scale_coverage", "read_summaries",
+           "coverage_from_netcdf", "format_coverage"]
 
 _ROTZ_PI = np.diag([-1.0, -1.0, 1.0])
 
@@ -98,6 +99,13 @@ def pose_coverage(
     return out
 
 
+def log_scale_offset(log_scale_mean: np.ndarray, log_scale_sd: np.ndarray, s_true: np.ndarray) -> float:
+    """The global offset ``c`` of the log scales: the precision-weighted mean of ``log s_true - m`` (see the
+    module doc), all ``(N,)``."""
+    prec = 1.0 / np.maximum(log_scale_sd, 1e-12) ** 2
+    return float(np.sum((np.log(s_true) - log_scale_mean) * prec) / np.sum(prec))
+
+
 def scale_coverage(log_scale_mean: np.ndarray, log_scale_sd: np.ndarray, intervals: np.ndarray,
                    s_true: np.ndarray, levels: Sequence[float]) -> dict[str, float]:
     """Fraction of patterns whose aligned true scale lies in its central interval.
@@ -121,8 +129,7 @@ def scale_coverage(log_scale_mean: np.ndarray, log_scale_sd: np.ndarray, interva
                          f"{m.shape}, {t.shape}, {st.shape}, {iv.shape}")
     if np.any(st <= 0):
         raise ValueError("expected positive true scales, got a value <= 0")
-    prec = 1.0 / np.maximum(t, 1e-12) ** 2
-    c = float(np.sum((np.log(st) - m) * prec) / np.sum(prec))
+    c = log_scale_offset(m, t, st)
     aligned = st * np.exp(-c)
     out: dict[str, float] = {}
     for j, p in enumerate(lv):
@@ -132,12 +139,14 @@ def scale_coverage(log_scale_mean: np.ndarray, log_scale_sd: np.ndarray, interva
     return out
 
 
-def coverage_from_netcdf(path: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Pose and fluence coverage of an exported posterior (``bayes-spi posterior``) against a data file's truth.
+def read_summaries(path: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The per-pattern summaries of an exported posterior (``bayes-spi posterior``) and the matching truth.
 
     Returns:
-        The entries of :func:`pose_coverage` and :func:`scale_coverage`, ``levels``, and the export's
-        ``pose_temperature``, ``scale_temperature``, ``refine``.
+        ``pattern (N,)``, ``levels`` (list), ``mean_rotation (N, 3, 3)``, ``cone_radius`` and
+        ``cone_radius_mod_rotz`` ``(N, L)`` (rad), ``log_scale_mean``, ``log_scale_sd`` ``(N,)``,
+        ``scale_eti (N, L, 2)``, ``attrs`` (the export's ``pose_temperature``, ``scale_temperature``,
+        ``refine`` where recorded), ``R_true (N, 3, 3)``, ``s_true (N,)``.
 
     Raises:
         FileNotFoundError: a file is missing.
@@ -156,25 +165,47 @@ def coverage_from_netcdf(path: str | os.PathLike[str], truth_path: str | os.Path
         missing = [name for name in need if name not in g.variables]
         if missing:
             raise ValueError(f"{path}: field /sample_stats/{missing[0]}: expected a variable, got missing")
+
+        def var(name: str) -> np.ndarray:
+            return np.asarray(g.variables[name][:], dtype=np.float64)
+
         pat = np.asarray(g.variables["pattern"][:], dtype=np.int64)
-        levels = [float(p) for p in g.variables["credible_mass"][:]]
-        quat = np.asarray(g.variables["mean_pose_quaternion"][:], dtype=np.float64)
-        radius = np.radians(np.asarray(g.variables["cone_radius_deg"][:], dtype=np.float64))
-        radius_m = np.radians(np.asarray(g.variables["cone_radius_mod_rotz_deg"][:], dtype=np.float64))
-        lm = np.asarray(g.variables["log_scale_mean"][:], dtype=np.float64)
-        ls = np.asarray(g.variables["log_scale_sd"][:], dtype=np.float64)
-        eti = np.asarray(g.variables["scale_eti"][:], dtype=np.float64)
-        settings = {k: f.attrs[k] for k in ("pose_temperature", "scale_temperature", "refine") if k in f.attrs}
+        out: dict[str, Any] = {
+            "pattern": pat,
+            "levels": [float(p) for p in g.variables["credible_mass"][:]],
+            "mean_rotation": quaternions_to_rotations(var("mean_pose_quaternion")),
+            "cone_radius": np.radians(var("cone_radius_deg")),
+            "cone_radius_mod_rotz": np.radians(var("cone_radius_mod_rotz_deg")),
+            "log_scale_mean": var("log_scale_mean"),
+            "log_scale_sd": var("log_scale_sd"),
+            "scale_eti": var("scale_eti"),
+            "attrs": {k: f.attrs[k] for k in ("pose_temperature", "scale_temperature", "refine") if k in f.attrs},
+        }
     with SPIDataset(truth_path) as ds:
         if pat.size and (pat.min() < 0 or pat.max() >= ds.n_patterns):
             raise ValueError(f"{path}: field /sample_stats/pattern: expected indices in [0, {ds.n_patterns}) "
                              f"(the data file's patterns), got [{pat.min()}, {pat.max()}]")
-        R_true = ds.truth_rotations()[pat]
-        s_true = ds.truth_scales()[pat]
-    out = pose_coverage(quaternions_to_rotations(quat), radius, R_true, levels, radius_m)
-    out.update(scale_coverage(lm, ls, eti, s_true, levels))
+        out["R_true"] = ds.truth_rotations()[pat]
+        out["s_true"] = ds.truth_scales()[pat]
+    return out
+
+
+def coverage_from_netcdf(path: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Pose and fluence coverage of an exported posterior (``bayes-spi posterior``) against a data file's truth.
+
+    Returns:
+        The entries of :func:`pose_coverage` and :func:`scale_coverage`, ``levels``, and the export's
+        ``pose_temperature``, ``scale_temperature``, ``refine``.
+
+    Raises:
+        As :func:`read_summaries`.
+    """
+    d = read_summaries(path, truth_path)
+    levels = d["levels"]
+    out = pose_coverage(d["mean_rotation"], d["cone_radius"], d["R_true"], levels, d["cone_radius_mod_rotz"])
+    out.update(scale_coverage(d["log_scale_mean"], d["log_scale_sd"], d["scale_eti"], d["s_true"], levels))
     out["levels"] = levels
-    out.update({k: float(v) for k, v in settings.items()})
+    out.update({k: float(v) for k, v in d["attrs"].items()})
     return out
 
 
