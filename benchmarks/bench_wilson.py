@@ -42,6 +42,7 @@ import numpy as np
 import pyro
 import torch
 
+from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
 from bayes_spi.infer.build import build_model_and_guide, detector_tensors
 from bayes_spi.infer.config import FitConfig
@@ -76,17 +77,6 @@ def build_variant(dataset: SPIDataset, cfg: FitConfig, variant: str, wilson: dic
     return model, guide
 
 
-def _shell_centred(vol: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``vol`` minus its mean over each one-voxel shell (within ``mask``)."""
-    from bayes_spi.analysis.fsc import radial_index
-
-    shell = np.floor(radial_index(vol.shape[0]) + 0.5).astype(np.int64)
-    sums = np.bincount(shell[mask], weights=vol[mask], minlength=shell.max() + 1)
-    counts = np.bincount(shell[mask], minlength=shell.max() + 1)
-    means = sums / np.maximum(counts, 1)
-    return vol - means[shell]
-
-
 def evaluate(run: Path, model: torch.nn.Module, data: Path, q_max: float) -> dict[str, float]:
     """Orientation errors from ``run/posterior.h5`` and intensity FSC / correlations of ``model.field``."""
     with h5py.File(run / "posterior.h5", "r") as f:
@@ -98,9 +88,7 @@ def evaluate(run: Path, model: torch.nn.Module, data: Path, q_max: float) -> dic
     n = I_true.shape[0]
     G = np.asarray(summ["G_mod_rotz_pi"], dtype=np.float64)
     I_est, _ = field_on_grid(model.field, n, (n // 2) * voxel, rotation=G.T)
-    ax = (np.arange(n) - n // 2) * voxel
-    qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
-    sphere = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
+    sphere = ball_mask(n, voxel, q_max)
     out = {
         "median_pose_error_deg": summ["median_error_deg"],
         "mean_pose_error_deg": summ["mean_error_deg"],
@@ -110,17 +98,11 @@ def evaluate(run: Path, model: torch.nn.Module, data: Path, q_max: float) -> dic
         "intensity_corr": intensity_correlation(I_est, I_true, mask=sphere, transform="none"),
         "log_intensity_corr": intensity_correlation(I_est, I_true, mask=sphere, transform="log"),
     }
-    try:
-        from bayes_spi.analysis.fsc import intensity_fsc, shell_correlation
-    except ImportError:  # the FSC module is optional here: fall back to the correlations above
-        return out
     q_top = min(q_max, (n // 2) * voxel)
     curve = intensity_fsc(I_est, I_true, voxel, q_max=q_top, mask=sphere)
-    # the same on amplitudes with each shell's mean removed: the speckle alone (the plain intensity FSC is
-    # dominated by the radial profile, which any field learns)
-    centred = shell_correlation(_shell_centred(np.sqrt(np.clip(I_est, 0, None)), sphere),
-                                _shell_centred(np.sqrt(np.clip(I_true, 0, None)), sphere), voxel, q_max=q_top,
-                                mask=sphere)
+    # the same with each shell's mean removed: the speckle alone (the plain intensity FSC is dominated by the
+    # radial profile, which any field learns)
+    centred = intensity_fsc(I_est, I_true, voxel, q_max=q_top, mask=sphere, speckle=True)
     out.update({
         "speckle_fsc_res_nm_0.5": centred.resolution_nm(0.5),
         "speckle_fsc_crosses_0.5": float(centred.crosses(0.5)),

@@ -35,6 +35,7 @@ __all__ = [
     "FSCCurve",
     "resolution_at",
     "radial_index",
+    "ball_mask",
     "centred_fft",
     "shell_correlation",
     "intensity_fsc",
@@ -160,6 +161,14 @@ def radial_index(n: int) -> np.ndarray:
     """``|q| / dq`` of every voxel of the centred odd cube ``(n, n, n)`` (float64)."""
     axis = np.arange(n, dtype=np.float64) - n // 2
     return np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+
+
+def ball_mask(n: int, dq: float, q_max: float) -> np.ndarray:
+    """``(n, n, n)`` bool: the voxels of the centred odd grid (spacing ``dq``) with ``|q| <= q_max`` (1/A),
+    e.g. the region a detector measured (its largest ``|q|``)."""
+    axis = (np.arange(n) - n // 2) * float(dq)
+    qx, qy, qz = np.meshgrid(axis, axis, axis, indexing="ij")
+    return qx**2 + qy**2 + qz**2 <= float(q_max) ** 2 * (1 + 1e-9)
 
 
 def shell_correlation(

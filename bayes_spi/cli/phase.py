@@ -61,9 +61,9 @@ def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations
     n = intensity.shape[0]
     measured = None
     if q_max is not None:
-        ax = (np.arange(n) - n // 2) * dq
-        qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
-        measured = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
+        from bayes_spi.analysis.fsc import ball_mask
+
+        measured = ball_mask(n, dq, q_max)
     kwargs = {} if iterations is None else {"n_iter": iterations}
     res = phase_retrieval(intensity, dq, n_starts=starts, seed=seed, measured_mask=measured, progress=progress,
                           **kwargs)

@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 import torch
 
+from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 from bayes_spi.dataio.h5 import DataFormatError, SPIDataset, quaternions_to_rotations
 from bayes_spi.geometry import Geometry
 from bayes_spi.infer.build import build_field, detector_tensors
@@ -223,14 +224,10 @@ def evaluate_run_full(
         n_grid = I_true.shape[0]
         # truth grid: q = (i - n//2) * voxel, i.e. grid_q(n, (n//2) * voxel); I_true(q) = I_est(G^T q)
         I_est, _ = field_on_grid(field, n_grid, (n_grid // 2) * voxel, rotation=G.T)
-        ax = (np.arange(n_grid) - n_grid // 2) * voxel
-        qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
-        sphere = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
+        sphere = ball_mask(n_grid, voxel, q_max)
         out["intensity_corr"] = intensity_correlation(I_est, I_true, mask=sphere, transform="none")
         out["log_intensity_corr"] = intensity_correlation(I_est, I_true, mask=sphere, transform="log")
         if fsc:
-            from bayes_spi.analysis.fsc import intensity_fsc
-
             q_last = voxel * np.floor(q_max / voxel)
             curves["intensity"] = intensity_fsc(I_est, I_true, voxel, q_max=q_last, mask=sphere)
             out["intensity_fsc_res_nm_0.5"] = curves["intensity"].resolution_nm(0.5)

@@ -80,7 +80,7 @@ def halfset_fsc(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], gr
         "speckle": FSCCurve})``: the papers' sqrt(I) FSC and the speckle FSC (shell means removed).
     """
     from bayes_spi.analysis.align import align_intensity_rotation
-    from bayes_spi.analysis.fsc import intensity_fsc
+    from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 
     field_a, q_max = load_field(Path(run_a) / "model.pt")
     field_b, _ = load_field(Path(run_b) / "model.pt")
@@ -90,9 +90,7 @@ def halfset_fsc(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], gr
     R = np.asarray(align_intensity_rotation(I_a, I_b, **kwargs), dtype=np.float64)
     # align_intensity_rotation: rotate_volume(I_b, R)(x) = I_b(R^T x) ~ I_a(x), so sample field b at R^T q
     I_b_aligned, _ = field_on_grid(field_b, grid, q_max, rotation=R.T)
-    ax = (np.arange(grid) - grid // 2) * dq
-    qx, qy, qz = np.meshgrid(ax, ax, ax, indexing="ij")
-    sphere = qx**2 + qy**2 + qz**2 <= q_max**2 * (1 + 1e-9)
+    sphere = ball_mask(grid, dq, q_max)
     q_last = dq * np.floor(q_max / dq)
     curve = intensity_fsc(I_a, I_b_aligned, dq, q_max=q_last, mask=sphere)
     speckle = intensity_fsc(I_a, I_b_aligned, dq, q_max=q_last, mask=sphere, speckle=True)
