@@ -85,6 +85,17 @@ def _float_or_none(v: Any, path: Path, field: str) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
+def _read_json_object(p: Path) -> dict[str, Any]:
+    """A JSON file holding one object; ``ValueError`` naming the file otherwise."""
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 class RunData:
     """The inputs of a run report, read lazily (cached).
 
@@ -131,12 +142,7 @@ class RunData:
         p = self.run_dir / "evaluation.json"
         if not p.is_file():
             return None
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+        doc = _read_json_object(p)
         return {str(k): _float_or_none(v, p, str(k)) for k, v in doc.items() if not isinstance(v, (dict, list, str))}
 
     @cached_property
@@ -287,12 +293,7 @@ class RunData:
         p = self.run_dir / "fsc.json"
         if not p.is_file():
             return None
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+        doc = _read_json_object(p)
         out: dict[str, Any] = {"corner_res_nm": _float_or_none(doc.get("corner_res_nm"), p, "corner_res_nm")}
         for kind in FSC_KINDS:
             c = doc.get(kind)
