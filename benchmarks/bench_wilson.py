@@ -46,12 +46,12 @@ from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
 from bayes_spi.infer.build import build_model_and_guide, detector_tensors
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.infer.outputs import field_on_grid, write_intensity
+from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.infer.rundir import setup_logging, write_config
 from bayes_spi.infer.trainer import Trainer
 from bayes_spi.metrics import intensity_correlation, orientation_error_summary
 from bayes_spi.models.intensity_priors import make_intensity_prior
-from bayes_spi.models.variational_field import make_variational_field, moments_on_grid
+from bayes_spi.models.variational_field import make_variational_field
 from bayes_spi.sim.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +129,7 @@ def run_variant(variant: str, data: Path, out: Path, cfg: FitConfig, wilson: dic
     state = trainer.fit()
     t_fit = time.perf_counter() - t0
     t1 = time.perf_counter()
-    trainer.save_outputs(grid=65)
-    if variant == "variational":
-        _, sd, dq = moments_on_grid(model.field, 65, trainer._q_max)
-        write_intensity(sd, dq, run, stem="intensity_sd")
+    trainer.save_outputs(grid=65)  # a variational field's intensity_sd.mrc too
     t_export = time.perf_counter() - t1
     result: dict[str, Any] = {"variant": variant}
     result.update(evaluate(run, model, data, trainer._q_max))

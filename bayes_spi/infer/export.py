@@ -19,15 +19,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.load import model_path_of
-from bayes_spi.infer.outputs import field_on_grid, grid_q, write_intensity
-from bayes_spi.models.fields import IntensityField
+from bayes_spi.infer.outputs import field_on_grid, write_intensity
 
-__all__ = ["grid_spacing", "export_run", "field_sd_on_grid"]
+__all__ = ["grid_spacing", "export_run"]
 
 
 def grid_spacing(n: int, q_max: float, voxel_A: float | None = None) -> float:
@@ -39,16 +35,6 @@ def grid_spacing(n: int, q_max: float, voxel_A: float | None = None) -> float:
     if not voxel_A > 0:
         raise ValueError(f"expected a positive real-space voxel size (A), got {voxel_A}")
     return 1.0 / (n * float(voxel_A))
-
-
-@torch.no_grad()
-def field_sd_on_grid(field: IntensityField, n: int, grid_max: float, chunk: int = 65536) -> np.ndarray:
-    """Posterior sd of ``I(q)`` ``(n, n, n)`` on the grid of :func:`grid_q` (the field needs ``intensity_moments``)."""
-    q, _ = grid_q(n, grid_max)
-    flat = torch.as_tensor(q.reshape(-1, 3), dtype=torch.float32)
-    dev = next(field.parameters()).device
-    sds = [field.intensity_moments(flat[i:i + chunk].to(dev))[1].double().cpu() for i in range(0, flat.shape[0], chunk)]
-    return torch.cat(sds).reshape(n, n, n).numpy()
 
 
 def export_run(run: str | os.PathLike[str], grid: int = 65, voxel_A: float | None = None,
@@ -69,7 +55,9 @@ def export_run(run: str | os.PathLike[str], grid: int = 65, voxel_A: float | Non
     mrc, h5 = write_intensity(vol, dq, out, stem=stem)
     result: dict[str, object] = {"intensity_mrc": mrc, "intensity_h5": h5}
     if hasattr(field, "intensity_moments"):
-        sd = field_sd_on_grid(field, grid, grid_max)
+        from bayes_spi.models.variational_field import moments_on_grid
+
+        _, sd, _ = moments_on_grid(field, grid, grid_max)
         result["intensity_sd_mrc"], result["intensity_sd_h5"] = write_intensity(sd, dq, out, stem=f"{stem}_sd")
     result.update({"grid": grid, "dq_inv_A": dq, "voxel_A": 1.0 / (grid * dq), "grid_q_max_inv_A": grid_max,
                    "detector_q_max_inv_A": q_max})

@@ -288,9 +288,9 @@ class Trainer:
         mrc, h5 = write_intensity(vol, dq, self.run_dir)
         extra: dict[str, Path] = {}
         if hasattr(self.model.field, "intensity_moments"):  # variational field: the posterior sd of I(q) too
-            from bayes_spi.infer.export import field_sd_on_grid
+            from bayes_spi.models.variational_field import moments_on_grid
 
-            sd = field_sd_on_grid(self.model.field, grid, self._q_max)
+            _, sd, _ = moments_on_grid(self.model.field, grid, self._q_max)
             extra["intensity_sd_mrc"], extra["intensity_sd_h5"] = write_intensity(sd, dq, self.run_dir,
                                                                                   stem="intensity_sd")
         if self.guide.search is not None:

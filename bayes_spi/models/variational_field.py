@@ -339,6 +339,7 @@ def make_variational_field(
 
 
 @torch.no_grad()
+@torch.no_grad()
 def moments_on_grid(field: VariationalAmplitudeField, n: int, q_max: float, rotation: np.ndarray | None = None,
                     chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, float]:
     """Posterior mean and sd of ``I`` on the grid of :func:`bayes_spi.infer.outputs.grid_q`.
