@@ -43,13 +43,12 @@ from typing import Any
 
 import h5py
 import numpy as np
-import torch
 
 from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 from bayes_spi.dataio.h5 import DataFormatError, SPIDataset, quaternions_to_rotations
 from bayes_spi.geometry import Geometry
 from bayes_spi.infer.build import build_field, detector_tensors
-from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.load import read_model_file, stored_geometry
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.metrics import fluence_correlation, intensity_correlation, orientation_error_summary
 from bayes_spi.models.fields import IntensityField
@@ -88,17 +87,9 @@ def load_field(model_path: str | os.PathLike[str], geometry: Geometry | None = N
         FileNotFoundError: no such file.
         ValueError: the file lacks ``config``/``model`` entries or the field's weights do not fit.
     """
-    path = Path(model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the run's trained model)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ck, dict) or "config" not in ck or "model" not in ck:
-        raise ValueError(f"{os.fspath(path)}: expected a dict with 'config' and 'model' entries")
-    config = FitConfig.from_dict(ck["config"])
+    path, ck, config = read_model_file(model_path)
     if geometry is None:
-        if "geometry" not in ck:
-            raise ValueError(f"{os.fspath(path)}: field geometry: expected a stored geometry (or pass one)")
-        geometry = Geometry.from_dict(ck["geometry"], mask=ck.get("mask"))
+        geometry = stored_geometry(ck, path)
     q, _, _ = detector_tensors(geometry)
     q_max = float(q.norm(dim=-1).max())
     field = build_field(config, q_max)

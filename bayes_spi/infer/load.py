@@ -22,7 +22,7 @@ from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.spi import SPIModel
 
-__all__ = ["Trained", "load_trained", "model_path_of"]
+__all__ = ["Trained", "load_trained", "model_path_of", "read_model_file", "stored_geometry"]
 
 
 @dataclass
@@ -52,6 +52,37 @@ def model_path_of(run: str | os.PathLike[str]) -> Path:
     return p if p.suffix == ".pt" or p.is_file() else p / "model.pt"
 
 
+def read_model_file(run: str | os.PathLike[str], need: tuple[str, ...] = ("config", "model")
+                    ) -> tuple[Path, dict, FitConfig]:
+    """``(path, checkpoint dict, FitConfig)`` of a run's ``model.pt`` (a run directory or the file).
+
+    Raises:
+        FileNotFoundError: no ``model.pt``.
+        ValueError: not a bayes-spi model file (an entry of ``need`` missing) or an invalid config.
+    """
+    path = model_path_of(run)
+    if not path.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the trained model of a finished run)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{os.fspath(path)}: expected a bayes-spi model file with entries {', '.join(need)}; "
+                         f"missing {missing}")
+    try:
+        config = FitConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{os.fspath(path)}: field config: {exc}") from None
+    return path, ck, config
+
+
+def stored_geometry(ck: dict, path: Path) -> Geometry:
+    """The detector geometry (with its mask) stored in a ``model.pt`` checkpoint dict."""
+    if "geometry" not in ck:
+        raise ValueError(f"{os.fspath(path)}: field geometry: expected a stored geometry, got missing")
+    mask = ck.get("mask")
+    return Geometry.from_dict(ck["geometry"], mask=None if mask is None else np.asarray(mask))
+
+
 def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
     """Rebuild model and guide from a run directory (or its ``model.pt``).
 
@@ -59,20 +90,8 @@ def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu"
         FileNotFoundError: no ``model.pt``.
         ValueError: the file is not a bayes-spi model (missing entries) or its weights do not fit its config.
     """
-    path = model_path_of(run)
-    if not path.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the trained model of a finished run)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    missing = [k for k in ("config", "geometry", "model", "guide") if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise ValueError(f"{os.fspath(path)}: expected a bayes-spi model file with entries config, geometry, model, "
-                         f"guide; missing {missing}")
-    try:
-        config = FitConfig.from_dict(ck["config"])
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{os.fspath(path)}: field config: {exc}") from None
-    mask = ck.get("mask")
-    geometry = Geometry.from_dict(ck["geometry"], mask=None if mask is None else np.asarray(mask))
+    path, ck, config = read_model_file(run, ("config", "geometry", "model", "guide"))
+    geometry = stored_geometry(ck, path)
     model, guide = build_model_and_guide(geometry, config, device=device)
     for name, module in (("model", model), ("guide", guide)):
         try:
