@@ -121,7 +121,13 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert np.all(sd > 0)
     # evaluation.json and the summary
     ev = json.loads((run / "evaluation.json").read_text())
+    verdict = json.loads((run / "verdict.json").read_text())
+    assert ev.pop("verdict") == verdict["status"] in ("converged", "unconverged", "failed")
     assert set(ev) == set(EVALUATION_KEYS)
+    # the truth-free verdict is printed with its numbers, and the sampling report was written
+    assert "FIT " in output and "nats/photon" in output
+    sampling = json.loads((run / "sampling.json").read_text())
+    assert sampling["diameter_A"] > 0 and sampling["oversampling"] > 0
     assert ev["n_patterns"] == N_PATTERNS
     for key in EVALUATION_KEYS:
         assert math.isfinite(ev[key]), key

@@ -18,7 +18,7 @@ from bayes_spi.sim.simulate import beamstop_mask, expected_photons, pixel_weight
 from bayes_spi.sim.structure import load_structure
 from bayes_spi.sim.transform import molecular_transform_direct
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # small files carried in the repository
 
 
 def _run(args: list[str]) -> tuple[int, str]:
@@ -97,7 +97,7 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert code != 0 and "reference-7" in text and "Traceback" not in text
     code, text = _run([str(tmp_path / "missing.pdb"), "-o", out])
     assert code != 0 and "missing.pdb" in text
-    mask_path = DATA / "detector" / "pnccd_back_260x257_mask.byt"
+    mask_path = DATA / "pnccd_back_260x257_mask.byt"
     code, text = _run(["-o", out, "--mask", str(mask_path), "--n-patterns", "2"])
     assert code != 0 and "pnccd_back_260x257_mask.byt" in text and "1024 bytes" in text and "66820" in text
     bad_npy = tmp_path / "mask.npy"

@@ -11,7 +11,7 @@ import pytest
 from bayes_spi.sim.structure import Structure, atomic_number, form_factor, load_structure
 from bayes_spi.sim.transform import intensity_on_grid, molecular_transform, molecular_transform_direct
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PDB_2CEX = Path(__file__).resolve().parents[1] / "bayes_spi" / "resources" / "2CEX.pdb"  # packaged
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,12 @@ def cex() -> Structure:
 
 
 def test_builtin_structure_is_centred_without_waters(cex: Structure) -> None:
-    st = gemmi.read_structure(str(DATA / "pdb" / "2CEX.pdb"))
+    st = gemmi.read_structure(str(PDB_2CEX))
     n_water = sum(1 for ch in st[0] for res in ch if res.name == "HOH" for _ in res)
     n_all = sum(1 for ch in st[0] for res in ch for _ in res)
     assert cex.n_atoms == n_all - n_water
     assert n_water > 0 and set(cex.elements) >= {"C", "N", "O", "S"}
-    with_water = load_structure(DATA / "pdb" / "2CEX.pdb", keep_waters=True)
+    with_water = load_structure(PDB_2CEX, keep_waters=True)
     assert with_water.n_atoms == n_all
     z_weighted = sum(
         (atomic_number(el) * cex.occupancies[el][:, None] * cex.positions[el]).sum(axis=0) for el in cex.elements

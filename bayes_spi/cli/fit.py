@@ -59,14 +59,14 @@ log = logging.getLogger("bayes_spi")
 RUN_FILES: tuple[str, ...] = (
     "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
     "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
-    "fsc.json", "density.mrc", "density.json", "posterior.nc", "coverage.json", "report.png", "report.html",
+    "fsc.json", "sampling.json", "verdict.json", "density.mrc", "density.json", "posterior.nc", "coverage.json", "report.png", "report.html",
     "config.yaml", "run.log",
 )
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "n_heads", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
 
@@ -88,6 +88,11 @@ _HELP = {
     "field_depth": "Hidden layers of the neural field.",
     "field_w0": "First-layer SIREN frequency.",
     "n_heads": "Pose proposals per pattern (2 x n_heads hypotheses with their Rz(pi) partners).",
+    "n_search": "Hypotheses per pattern from the exhaustive orientation-grid search (the EMC E-step's top rotations).",
+    "search_rotations": "Rotations in the search grid (default: from the particle size, see --auto-settings).",
+    "weight_floor": "Initial hypothesis-weight floor (uniform mixture weight), decayed to 0.",
+    "auto_settings": "Derive --field-w0 and --search-rotations from the data (particle size from the mean pattern) "
+                     "unless given; the estimate, the speckle oversampling and the values used go to sampling.json.",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",
     "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
@@ -209,6 +214,17 @@ def _atomic_json(obj: Any, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats -> ``None`` (strict JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _last_metrics(path: Path) -> dict[str, str]:
     import csv
 
@@ -294,6 +310,7 @@ def run_fit(
                 "expected a new or empty directory; continue it with --resume or overwrite it with --force")
         config = _build_config(given)
         ignored = []
+    sampling = None
 
     dataset = _open_dataset(Path(data))
     if subset is not None:
@@ -315,6 +332,14 @@ def run_fit(
                         f"{rec.get('path', '?')}), got {found}")
         if check_data:
             _check_values(dataset, progress)
+        if not resume:
+            from bayes_spi.infer.autoset import data_settings
+
+            try:
+                config, sampling = data_settings(dataset, config, given)
+            except ValueError as exc:
+                raise click.ClickException(f"{os.fspath(data)}: {exc}") from None
+            click.echo(sampling.summary(), err=sampling.undersampled)
 
         from bayes_spi.infer.trainer import Trainer, resolve_device
 
@@ -350,6 +375,10 @@ def run_fit(
                 data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
             write_config(run_dir, config, data, args, device=str(device), data_info=data_info)
             log.info("new run: %s", " ".join(args))
+            if sampling is not None:
+                _atomic_json(sampling.to_dict(), run_dir / "sampling.json")
+                for line in sampling.summary().splitlines():
+                    (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
 
         pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed (Trainer builds them)
@@ -385,6 +414,13 @@ def run_fit(
         last = _last_metrics(trainer.metrics_path)
         final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
 
+        from bayes_spi.infer.verdict import assess_fit
+
+        verdict = assess_fit(trainer)
+        _atomic_json(_json_safe(verdict.to_dict()), run_dir / "verdict.json")
+        for line in verdict.summary().splitlines():
+            (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
+
         evaluation = None
         if truth and dataset.has_truth:
             from bayes_spi.infer.evaluate import evaluate_run_full, write_fsc_json
@@ -399,8 +435,8 @@ def run_fit(
                     log.info("evaluation: %s", note)
                 write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
                 # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
-                _atomic_json({k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
-                             run_dir / "evaluation.json")
+                _atomic_json({**{k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
+                              "verdict": verdict.status}, run_dir / "evaluation.json")
                 log.info("evaluation: %s", json.dumps(evaluation))
         from bayes_spi.infer.report import write_report
 
@@ -410,7 +446,7 @@ def run_fit(
         dataset.close()
         close_logging()
     return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
-            "evaluation": evaluation, "outputs": outputs}
+            "evaluation": evaluation, "outputs": outputs, "verdict": verdict}
 
 
 def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], *, resume: bool = False,
@@ -486,6 +522,9 @@ def print_summary(result: dict[str, Any]) -> None:
     rate_text = f"{rate:.1f} images/s" if math.isfinite(rate) else "no new steps"
     click.echo(f"  steps {st.step}, images seen {st.images_seen}, {rate_text}")
     click.echo(f"  final ELBO per image: {result['final_elbo']:.6g}")
+    verdict = result.get("verdict")
+    if verdict is not None:
+        click.echo(verdict.summary(), err=verdict.status != "converged")
     if result["evaluation"] is not None:
         click.echo("evaluation against the truth:")
         click.echo(format_evaluation(result["evaluation"]))
@@ -515,6 +554,11 @@ class _RecordingCommand(click.Command):
 @_training_option("field_depth", click.IntRange(min=1))
 @_training_option("field_w0", float)
 @_training_option("n_heads", click.IntRange(min=1))
+@_training_option("n_search", click.IntRange(min=0))
+@_training_option("search_rotations", click.IntRange(min=1))
+@_training_option("weight_floor", click.FloatRange(min=0, max=1, max_open=True))
+@click.option("--auto-settings/--no-auto-settings", "auto_settings", default=None,
+              help=_HELP["auto_settings"] + " [default: on]")
 @_training_option("lr", float)
 @_training_option("lr_final", float)
 @_training_option("pixels_per_pattern", click.IntRange(min=0))

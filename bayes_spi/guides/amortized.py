@@ -123,7 +123,7 @@ class AmortizedGuide(nn.Module):
         for head in (self.logit_head, self.scale_head):
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
-        nn.init.constant_(self.scale_head.bias[1:], -2.0)
+        nn.init.constant_(self.scale_head.bias[1:], -2.69)  # initial spread 2 sigmoid(-2.69) = 0.127
         self.weight_floor = 0.0
         self._scorer: list[Scorer] = []  # a plain list: the model is not a submodule of the guide
         self._search: list[Callable[[Tensor, Tensor], Tensor]] = []
@@ -186,10 +186,18 @@ class AmortizedGuide(nn.Module):
                 raise ValueError(f"expected search proposals of shape ({n_batch}, {self.n_search}, 3, 3), "
                                  f"got shape {tuple(found.shape)}")
             rots = torch.cat([rots, found], dim=1)  # (B, K, 3, 3)
-        sig = F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3
         sc = self.scale_head(h)
-        loc = self._log_totals(images) + sc[:, 0]
-        scale = F.softplus(sc[:, 1]) + 1e-3
+        # bounded heads: the scale's location stays within a factor e^3 of the closed-form Poisson estimate
+        # and its spread within (1e-3, 2], whatever the encoder's inputs (a huge input must not send a
+        # LogNormal site to 0 or infinity)
+        loc = self._log_totals(images)
+        if self.n_search and getattr(self._search[0], "last_log_scale", None) is not None:
+            # the search's profile (maximum-likelihood) scale at the best grid rotation, against the current
+            # field: the scale stays in step with the field's level, which it is otherwise degenerate with
+            loc = self._search[0].last_log_scale.to(loc.dtype).detach()
+        loc = loc + 3.0 * torch.tanh(sc[:, 0] / 3.0)
+        scale = 2.0 * torch.sigmoid(sc[:, 1]) + 1e-3
+        sig = (F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3).clamp(max=3.0)
         logits = self.logit_head(h)
         if self._scorer:
             if pixels is None:

@@ -66,11 +66,38 @@ class PatternEncoder(nn.Module):
                 nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
                 nn.init.zeros_(mod.bias)
         self.features = features
-        # per-pixel standardisation of the transformed counts, set from the first batch seen (a fixed
-        # statistic of the data, saved with the module): the mean pattern dominates every raw input,
-        # the pose lives in the deviations from it.
+        # standardisation of the transformed counts, set from the first batch seen (a fixed statistic of
+        # the data, saved with the module): the mean pattern dominates every raw input, the pose lives in
+        # the deviations from it. The mean is per pixel; the spread is pooled over rings of pixels at equal
+        # distance from the detector centre (patterns x ring pixels), and floored: at < 1 photon per pixel
+        # most pixels are 0 in every pattern of one batch, and a per-pixel spread would divide by ~0.
         self.register_buffer("pixel_mean", torch.full((n_y, n_x), float("nan")))
         self.register_buffer("pixel_std", torch.ones(n_y, n_x))
+
+    @staticmethod
+    def ring_index(n_y: int, n_x: int, n_rings: int = 16) -> Tensor:
+        """``(n_y, n_x)`` int64 ring of each pixel: distance from the detector centre in ``n_rings`` bins."""
+        yy, xx = torch.meshgrid(torch.arange(n_y) - (n_y - 1) / 2, torch.arange(n_x) - (n_x - 1) / 2, indexing="ij")
+        r = torch.sqrt(yy**2 + xx**2)
+        return (r / (r.max() + 1e-9) * n_rings).long().clamp(max=n_rings - 1)
+
+    @torch.no_grad()
+    def set_standardisation(self, x: Tensor, mask: Tensor) -> None:
+        """Set ``pixel_mean`` and the ring-pooled, floored ``pixel_std`` from transformed counts ``x (B, n_y, n_x)``."""
+        if x.shape[0] < 2:
+            raise ValueError(f"expected at least 2 patterns in the first batch, got shape {tuple(x.shape)}")
+        self.pixel_mean.copy_(x.mean(0))
+        dev = (x - x.mean(0)) * mask.to(x.dtype)
+        rings = self.ring_index(*mask.shape).to(x.device)
+        std = torch.ones_like(self.pixel_std)
+        good = mask.bool()
+        overall = dev[:, good].std().clamp(min=1e-3) if good.any() else torch.tensor(1.0)
+        for r in range(int(rings.max()) + 1):
+            sel = (rings == r) & good
+            if sel.any():
+                std[rings == r] = dev[:, sel].std() if int(sel.sum()) * x.shape[0] > 1 else overall
+        # floor: a ring that is (almost) always empty must not amplify its rare photons
+        self.pixel_std.copy_(torch.maximum(std, 0.25 * overall).clamp(min=1e-2))
 
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
         if images.dim() != 3 or images.shape[-2:] != mask.shape:
@@ -79,10 +106,7 @@ class PatternEncoder(nn.Module):
             )
         x = transform_counts(images, mask, self.transform)
         if torch.isnan(self.pixel_mean).any():
-            if x.shape[0] < 2:
-                raise ValueError(f"expected at least 2 patterns in the first batch, got shape {tuple(images.shape)}")
-            self.pixel_mean.copy_(x.mean(0))
-            self.pixel_std.copy_(x.std(0).clamp(min=1e-3))
+            self.set_standardisation(x, mask)
         m = mask.to(x.dtype).expand_as(x)
         x = (x - self.pixel_mean) / self.pixel_std * m
         return self.net(torch.stack([x, m], dim=1))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_spi.models.spi import SPIModel
-from bayes_spi.so3 import random_rotmat
+from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 
 __all__ = ["OrientationSearch"]
 
@@ -38,22 +38,29 @@ class OrientationSearch:
 
     Args:
         model: the model whose field and detector are searched against (not copied).
-        n_rotations: grid size ``G`` (uniform random rotations, fixed by ``seed``); spacing about
-            ``(8 pi^2 / G)^(1/3)`` rad (4096: ~16 degrees).
+        n_rotations: grid size ``G``; spacing about ``(8 pi^2 / G)^(1/3)`` rad (4096: ~16 degrees).
+        grid: ``"fibonacci"`` (default: the deterministic quasi-uniform Super-Fibonacci spiral, randomly
+            rotated as a whole by ``seed``; no gaps) or ``"random"`` (Haar-random rotations from ``seed``).
         n_keep: proposals per pattern.
         cache_grid: voxels per side of the cached ``log I`` cube over ``[-q_max, q_max]^3``.
         seed: seed of the rotation grid.
     """
 
     def __init__(self, model: SPIModel, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
-                 seed: int = 12345) -> None:
+                 seed: int = 12345, grid: str = "fibonacci") -> None:
         if n_rotations < n_keep or n_keep < 1:
             raise ValueError(f"expected 1 <= n_keep <= n_rotations, got n_keep={n_keep}, n_rotations={n_rotations}")
         if cache_grid < 3:
             raise ValueError(f"expected cache_grid >= 3, got {cache_grid}")
         self._model = [model]  # a list: not a submodule of whoever holds the search
         gen = torch.Generator().manual_seed(seed)
-        self.rotations = random_rotmat(n_rotations, generator=gen)
+        if grid == "fibonacci":
+            self.rotations = random_rotmat(1, generator=gen)[0] @ super_fibonacci_rotmat(n_rotations)
+        elif grid == "random":
+            self.rotations = random_rotmat(n_rotations, generator=gen)
+        else:
+            raise ValueError(f"expected grid 'fibonacci' or 'random', got {grid!r}")
+        self.last_log_scale: Tensor | None = None
         self.n_keep = int(n_keep)
         self.cache_grid = int(cache_grid)
         self.q_max = float(model.q.norm(dim=-1).max())
@@ -86,8 +93,12 @@ class OrientationSearch:
         self._cache = log_i.reshape(1, 1, n, n, n)
 
     @torch.no_grad()
-    def grid_loglik(self, images: Tensor, pixels: Tensor, chunk: int = 1024) -> Tensor:
-        """Profile log-likelihood ``(B, G)`` of every pattern at every grid rotation on ``pixels``."""
+    def grid_loglik(self, images: Tensor, pixels: Tensor, chunk: int = 1024, return_log_scale: bool = False
+                    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Profile log-likelihood ``(B, G)`` of every pattern at every grid rotation on ``pixels``.
+
+        With ``return_log_scale`` also the profile (maximum-likelihood) log fluence scale
+        ``log(N_i / sum_k lambda_gk)`` ``(B, G)``."""
         if self._cache is None:
             self.refresh()
         model = self.model
@@ -97,18 +108,27 @@ class OrientationSearch:
         y = images.reshape(images.shape[0], -1)[:, pixels].to(q.dtype)  # (B, M)
         n_tot = y.sum(-1, keepdim=True)
         rots = self.rotations.to(dev, q.dtype)
-        out = []
+        out, scales = [], []
+        log_n = n_tot.clamp(min=1.0).log()
         for s in range(0, rots.shape[0], chunk):
             qr = torch.einsum("gij,mj->gmi", rots[s:s + chunk], q) / self.q_max  # (g, M, 3) in [-1, 1]
             # grid_sample: volume (D=ix, H=iy, W=iz) wants coordinates ordered (iz, iy, ix)
             log_i = F.grid_sample(self._cache, qr.flip(-1)[None, :, :, None, :], mode="bilinear",
                                   padding_mode="border", align_corners=True).reshape(qr.shape[:2])
             log_lam = log_i + log_w  # (g, M)
-            out.append(y @ log_lam.T - n_tot * torch.logsumexp(log_lam, dim=-1)[None])
+            lse = torch.logsumexp(log_lam, dim=-1)[None]  # (1, g)
+            out.append(y @ log_lam.T - n_tot * lse)
+            if return_log_scale:
+                scales.append(log_n - lse)
+        if return_log_scale:
+            return torch.cat(out, dim=-1), torch.cat(scales, dim=-1)
         return torch.cat(out, dim=-1)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, pixels: Tensor) -> Tensor:
         """Best ``n_keep`` grid rotations per pattern: ``images (B, n_y, n_x)`` -> ``(B, n_keep, 3, 3)``."""
-        top = self.grid_loglik(images, pixels).topk(self.n_keep, dim=-1).indices  # (B, S)
+        ll, log_s = self.grid_loglik(images, pixels, return_log_scale=True)
+        top = ll.topk(self.n_keep, dim=-1).indices  # (B, S)
+        # the profile fluence scale at the best rotation: the guide's closed-form scale estimate
+        self.last_log_scale = log_s.gather(1, top[:, :1]).squeeze(1)
         return self.rotations.to(images.device)[top]

@@ -115,5 +115,6 @@ def build_model_and_guide(
     if getattr(model.field, "is_variational", False):
         guide.attach_field_guide(model.field.guide_sample)
     if config.n_search:
-        guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345))
+        guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
+                                               grid=config.search_grid))
     return model, guide

@@ -64,6 +64,10 @@ class FitConfig:
         n_search, search_rotations, search_every: proposals per pattern from an exhaustive search over a
         fixed grid of ``search_rotations`` rotations (field cache refreshed every ``search_every`` steps);
         0 turns the search off.
+        search_grid: ``fibonacci`` (quasi-uniform Super-Fibonacci spiral, default) or ``random``.
+        auto_settings: derive ``field_w0`` and ``search_rotations`` from the data (particle size estimated from
+        the mean pattern, :mod:`bayes_spi.analysis.sampling`) unless they are given explicitly; done by
+        :func:`bayes_spi.infer.autoset.data_settings` before a fit starts, the values used are recorded.
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
@@ -108,6 +112,8 @@ class FitConfig:
     n_search: int = 2
     search_rotations: int = 4096
     search_every: int = 5
+    search_grid: str = "fibonacci"
+    auto_settings: bool = True
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
@@ -135,6 +141,7 @@ class FitConfig:
             (self.n_search >= 0 and self.search_rotations >= max(self.n_search, 1), "n_search/search_rotations",
              "n_search >= 0 and search_rotations >= n_search", (self.n_search, self.search_rotations)),
             (self.distill_weight >= 0, "distill_weight", ">= 0", self.distill_weight),
+            (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),
             (0 < self.radius_start <= 1, "radius_start", "in (0, 1]", self.radius_start),

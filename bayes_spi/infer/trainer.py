@@ -123,6 +123,15 @@ class Trainer:
         self.optim = torch.optim.Adam(self.params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        # a fixed probe set (the first patterns of the file) for the truth-free verdict: its most probable
+        # poses are recorded at every checkpoint (bayes_spi.infer.verdict)
+        n_probe = min(256, self.n_total)
+        _, probe = next(iter(dataset.iter_batches(n_probe, shuffle=False)))
+        self.probe_images = torch.as_tensor(probe, device=self.device)
+        self.probe_last: torch.Tensor | None = None
+        self.probe_previous: torch.Tensor | None = None
+        self._probe_step = -1
+        self.batch_log_scale: float | None = None  # see recentre_level
 
     # ---------------------------------------------------------------- schedules
     def radius(self, step: int) -> float:
@@ -169,7 +178,29 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
+    @torch.no_grad()
+    def probe_poses(self) -> torch.Tensor:
+        """Most probable pose ``(n_probe, 3, 3)`` of each probe pattern under the current guide."""
+        was = self.guide.training
+        self.guide.eval()
+        floor, self.guide.weight_floor = self.guide.weight_floor, 0.0
+        try:
+            post = self.guide.posterior(self.probe_images)
+        finally:
+            self.guide.weight_floor = floor
+            self.guide.train(was)
+        rows = torch.arange(post.weights.shape[0], device=post.weights.device)
+        return post.rotations[rows, post.weights.argmax(-1)].detach().cpu()
+
+    def _record_probe(self) -> None:
+        if self.state.step == self._probe_step:
+            return
+        self.probe_previous = self.probe_last
+        self.probe_last = self.probe_poses()
+        self._probe_step = self.state.step
+
     def save_checkpoint(self) -> None:
+        self._record_probe()
         atomic_torch_save(
             {
                 "state": self.state.__dict__,
@@ -183,6 +214,8 @@ class Trainer:
                 "pixel_rng": self.pixel_gen.get_state(),
                 # the search's field cache is refreshed every search_every steps: keep it for an exact resume
                 "search_cache": self.guide.search.cache if self.guide.search is not None else None,
+                "batch_log_scale": self.batch_log_scale,
+                "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": self._probe_step},
             },
             self.checkpoint_path,
         )
@@ -200,6 +233,10 @@ class Trainer:
         self.pixel_gen.set_state(ck["pixel_rng"])
         if self.guide.search is not None and ck.get("search_cache") is not None:
             self.guide.search.cache = ck["search_cache"].to(self.device)
+        self.batch_log_scale = ck.get("batch_log_scale")
+        probe = ck.get("probe") or {}
+        self.probe_last, self.probe_previous = probe.get("last"), probe.get("previous")
+        self._probe_step = int(probe.get("step", -1))
         self._truncate_metrics(self.state.step)
         log.info("resumed from %s at step %d (%d images seen)", self.checkpoint_path, self.state.step,
                  self.state.images_seen)
@@ -309,12 +346,47 @@ class Trainer:
             for b, (idx, counts) in enumerate(it, start=start):
                 yield epoch, b, idx, counts
 
+    @torch.no_grad()
+    def _prior_log_scale(self) -> float:
+        """Mean of ``log s`` under the scale prior (Monte Carlo with a fixed seed, computed once)."""
+        if not hasattr(self, "_prior_log_s"):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                draws = self.model.scale_prior(4096).sample().to(torch.float64)
+            self._prior_log_s = float(draws.clamp(min=1e-30).log().mean())
+        return self._prior_log_s
+
+    @torch.no_grad()
+    def recentre_level(self) -> float:
+        """Move the overall level between the fluence scales and the field (``s I`` is all the likelihood sees).
+
+        The guide's scale location is the search's profile (maximum-likelihood) scale against the field, so
+        nothing else keeps the field's level where the scale prior expects the scales: shift ``log I`` (the
+        field's ``log_offset`` and the search cache together) by the batch mean of the profile ``log s``
+        minus the prior's mean ``log s``. The likelihood is unchanged; the scales' KL is minimised.
+        Returns the shift applied (0 without a search).
+        """
+        search = self.guide.search
+        level, self.batch_log_scale = self.batch_log_scale, None
+        if search is None or level is None or search.cache is None:
+            return 0.0
+        shift = level - self._prior_log_scale()
+        if not math.isfinite(shift):
+            return 0.0
+        self.model.field.log_offset.add_(shift)
+        search.cache = search.cache + shift
+        return shift
+
     def step(self, batch: SPIBatch) -> float:
         """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
         self.optim.zero_grad(set_to_none=True)
         if self.guide.search is not None and self.state.step % self.config.search_every == 0:
+            self.recentre_level()
             self.guide.search.refresh()
         loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
+        search = self.guide.search
+        if search is not None and search.last_log_scale is not None:  # this batch's mean profile log scale
+            self.batch_log_scale = float(search.last_log_scale.mean())
         value = float(loss.detach())
         if self.config.distill_weight > 0 and self.guide.n_search > 0:
             loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior)

@@ -204,6 +204,19 @@ def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
     if run.truth_path is not None:
         rows.append(("truth file", os.fspath(run.truth_path)))
     sections.append(("Run", rows))
+    v = run.verdict
+    if v is not None:
+        rows = [("status", {"converged": "CONVERGED", "unconverged": "NOT CONVERGED (run longer)",
+                            "failed": "FAILED: not trustworthy"}[v["status"]])]
+        rows += [("reason", str(r)) for r in v.get("reasons", [])]
+        checks = v.get("checks", {}) if isinstance(v.get("checks"), dict) else {}
+        for key, label, unit in (("gain_per_photon", "information gain over the radial average", "nats/photon"),
+                                 ("pose_change_deg", "probe-pose change since the previous checkpoint", "deg"),
+                                 ("elbo_rel_change", "ELBO change over the last tenth", ""),
+                                 ("effective_hypotheses", "effective hypotheses per pattern", "")):
+            if isinstance(checks.get(key), (int, float)):
+                rows.append((label, _fmt(float(checks[key]), unit)))
+        sections.append(("Verdict without truth (verdict.json)", rows))
     m = run.metrics
     if m is not None:
         rows = []

@@ -137,6 +137,18 @@ class RunData:
         return read_run_info(self.run_dir)
 
     @cached_property
+    def verdict(self) -> dict[str, Any] | None:
+        """``verdict.json`` (the truth-free verdict of the fit: status, reasons, checks), or None."""
+        p = self.run_dir / "verdict.json"
+        if not p.is_file():
+            return None
+        doc = _read_json_object(p)
+        if doc.get("status") not in ("converged", "unconverged", "failed"):
+            raise ValueError(f"{_fspath(p)}: field status: expected converged, unconverged or failed, "
+                             f"got {doc.get('status')!r}")
+        return doc
+
+    @cached_property
     def evaluation(self) -> dict[str, float | None] | None:
         """``evaluation.json`` (numbers; null for a metric that could not be computed)."""
         p = self.run_dir / "evaluation.json"

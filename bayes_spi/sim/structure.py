@@ -21,7 +21,7 @@ import numpy as np
 __all__ = ["BUILTIN_STRUCTURES", "Structure", "load_structure", "form_factor", "atomic_number"]
 
 #: built-in structure names -> packaged file in ``bayes_spi.resources``
-BUILTIN_STRUCTURES: dict[str, str] = {"2CEX": "2CEX.pdb"}
+BUILTIN_STRUCTURES: dict[str, str] = {"2CEX": "2CEX.pdb", "1EI7": "1EI7.pdb"}
 
 _WATERS = frozenset({"HOH", "WAT", "DOD", "H2O"})
 

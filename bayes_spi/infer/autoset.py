@@ -1,0 +1,53 @@
+"""Fit settings derived from the data: the field's bandwidth and the orientation grid's density.
+
+The defaults of :class:`~bayes_spi.infer.config.FitConfig` were tuned on one small protein; a particle
+three times larger has speckles three times finer, needs a field of three times the bandwidth and an
+orientation grid about three times finer along each axis. :func:`data_settings` estimates the particle
+size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0`` and
+``search_rotations`` from it, unless the user gave them; it also reports the speckle oversampling and
+warns when the detector cannot resolve the speckles.
+
+Example::
+
+    config, report = data_settings(SPIDataset("data.h5"), FitConfig(), given={})
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
+from bayes_spi.infer.config import FitConfig
+
+__all__ = ["AUTO_FIELDS", "data_settings"]
+
+log = logging.getLogger("bayes_spi")
+
+#: settings :func:`data_settings` may set (only those not given explicitly)
+AUTO_FIELDS: tuple[str, ...] = ("field_w0", "search_rotations")
+
+
+def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None = None,
+                  n_patterns: int = 2000) -> tuple[FitConfig, SamplingReport]:
+    """``(config with the data-derived settings, the sampling report)``.
+
+    Args:
+        dataset: an :class:`~bayes_spi.dataio.h5.SPIDataset` (or subset); its first ``n_patterns`` are read.
+        config: the settings so far.
+        given: settings the user gave explicitly (never replaced).
+    """
+    report = estimate_sampling(dataset, n_patterns=n_patterns)
+    if not config.auto_settings:
+        return config, report
+    given = given or {}
+    updates: dict[str, Any] = {}
+    if "field_w0" not in given and config.field in ("siren", "fouriernet", "variational"):
+        updates["field_w0"] = round(report.field_w0, 1)
+    if "search_rotations" not in given and config.n_search > 0:
+        updates["search_rotations"] = int(report.grid_rotations)
+    if updates:
+        log.info("settings from the data: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
+    return dataclasses.replace(config, **updates), report

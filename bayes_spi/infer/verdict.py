@@ -1,0 +1,219 @@
+"""Did the fit work? A verdict that needs no truth, printed at the end of every fit.
+
+A fit that failed must say so, loudly, on data with no ground truth. :func:`assess_fit` combines checks
+that use only the data and the run itself:
+
+- **schedule**: the learning-rate and coarse-to-fine schedules ran to their end (a fit stopped early by
+  ``--max-minutes`` or ``--max-images`` before the radius reached the detector edge is *unconverged*);
+- **plateau**: the ELBO per image over the last tenth of the images (after the radius reached 1) has
+  stopped improving compared with the tenth before;
+- **spikes**: no ELBO drop of more than 5 robust standard deviations after the curriculum (the signature
+  of the collapses seen on Dragonfly data);
+- **stability**: the most probable poses of a fixed probe set of patterns barely moved between the last
+  two checkpoints (median angle, allowing the Rz(pi) twin);
+- **information gain**: the fitted 3D model must explain the probe patterns better than the best
+  orientation-free model, the spherically averaged intensity ``I(|q|)`` of the same patterns (both
+  with each pattern's maximum-likelihood fluence scale). The gain is reported in nats per photon; a
+  model that learned no 3D structure (a collapsed field, random poses) gains ~0 or less;
+- **hypothesis weights**: the mean effective number of hypotheses ``exp(H(w))`` (reported; a broad
+  posterior is honest at low photon counts and is not by itself a failure).
+
+Statuses: ``converged`` (all checks pass), ``unconverged`` (schedule incomplete or ELBO still rising:
+run longer), ``failed`` (no information gain, unstable poses or spikes). The verdict goes to stdout/stderr,
+``run.log``, ``verdict.json``, ``evaluation.json`` and the report.
+
+Example::
+
+    v = assess_fit(trainer)
+    print(v.summary())
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Verdict", "assess_fit", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
+
+STATUSES = ("converged", "unconverged", "failed")
+
+#: a model must beat the radial average by at least this many nats per photon
+MIN_GAIN_PER_PHOTON = 0.01
+#: median change of the probe poses between the last two checkpoints, degrees
+MAX_POSE_CHANGE_DEG = 10.0
+#: relative ELBO improvement over the last tenth of the images that still counts as "rising"
+PLATEAU_TOL = 0.005
+
+
+@dataclass
+class Verdict:
+    """The outcome of :func:`assess_fit`.
+
+    Attributes:
+        status: ``converged``, ``unconverged`` or ``failed``.
+        reasons: why it is not ``converged`` (empty when it is).
+        checks: every measured number (``None`` where a check could not run).
+    """
+
+    status: str
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        c = self.checks
+        parts = []
+        if c.get("gain_per_photon") is not None:
+            parts.append(f"information gain over the radial average {c['gain_per_photon']:.3f} nats/photon")
+        if c.get("pose_change_deg") is not None:
+            parts.append(f"probe poses moved {c['pose_change_deg']:.1f} deg since the previous checkpoint")
+        if c.get("elbo_rel_change") is not None:
+            parts.append(f"ELBO change over the last tenth {100 * c['elbo_rel_change']:+.2f}%")
+        if c.get("effective_hypotheses") is not None:
+            parts.append(f"effective hypotheses per pattern {c['effective_hypotheses']:.1f}")
+        head = {"converged": "FIT CONVERGED", "unconverged": "FIT NOT CONVERGED",
+                "failed": "FIT FAILED"}[self.status]
+        text = f"{head}: " + "; ".join(parts)
+        for r in self.reasons:
+            text += f"\n  - {r}"
+        if self.status == "failed":
+            text += "\n  The reconstruction is not trustworthy; see BENCHMARKS.md (robustness) for what to change."
+        return text
+
+
+def _read_metrics(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            try:
+                rows.append({k: float(v) for k, v in r.items() if v not in (None, "")})
+            except ValueError:
+                continue
+    return rows
+
+
+def elbo_checks(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """ELBO plateau and spikes from ``metrics.csv`` rows (only rows at radius 1 count).
+
+    Returns ``{"elbo_rel_change", "elbo_spikes", "rows_at_full_radius"}`` (``None`` where too few rows).
+    """
+    full = [r for r in rows if r.get("radius", 1.0) >= 0.999 and math.isfinite(r.get("elbo_per_image", math.nan))]
+    out: dict[str, Any] = {"rows_at_full_radius": len(full), "elbo_rel_change": None, "elbo_spikes": None}
+    if len(full) < 6:
+        return out
+    img = np.array([r["images_seen"] for r in full])
+    elbo = np.array([r["elbo_per_image"] for r in full])
+    span = img[-1] - img[0]
+    last = elbo[img > img[-1] - 0.1 * span]
+    prev = elbo[(img <= img[-1] - 0.1 * span) & (img > img[-1] - 0.2 * span)]
+    if len(last) and len(prev):
+        out["elbo_rel_change"] = float((last.mean() - prev.mean()) / max(abs(prev.mean()), 1e-12))
+    d = np.diff(elbo)
+    mad = float(np.median(np.abs(d - np.median(d)))) * 1.4826
+    out["elbo_spikes"] = int(np.sum(d < np.median(d) - 5 * max(mad, 1e-12 + 1e-4 * abs(elbo.mean()))))
+    return out
+
+
+def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
+    """Median angle (degrees) between two pose sets ``(N, 3, 3)``, each pose allowed its Rz(pi) twin."""
+    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=R_b.dtype))
+
+    def ang(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        tr = (A.transpose(-1, -2) @ B).diagonal(dim1=-2, dim2=-1).sum(-1)
+        return torch.acos(((tr - 1) / 2).clamp(-1, 1))
+
+    a = torch.minimum(ang(R_a, R_b), ang(R_a, R_b @ flip))
+    return float(torch.rad2deg(a.median()))
+
+
+@torch.no_grad()
+def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
+    """Log-likelihood per photon of the fitted model minus that of the radial-average model.
+
+    Args:
+        model, guide: the fitted :class:`~bayes_spi.models.spi.SPIModel` and its guide.
+        images: ``(B, n_y, n_x)`` probe patterns.
+        good: ``(n_y * n_x,)`` bool good pixels.
+    Returns:
+        ``{"gain_per_photon", "loglik_model", "loglik_radial", "effective_hypotheses"}`` (log-likelihoods
+        per pattern, Poisson, each pattern's fluence scale at its maximum-likelihood value).
+    """
+    pixels = torch.nonzero(good).squeeze(-1)
+    y = images.reshape(images.shape[0], -1)[:, pixels].to(torch.float64)
+    n_tot = y.sum(-1)
+    post = guide.posterior(images, pixels)
+    rows = torch.arange(images.shape[0], device=images.device)
+    best = post.rotations[rows, post.weights.argmax(-1)]  # (B, 3, 3)
+    log_lam = model.log_rate(best, torch.zeros(images.shape[0], device=images.device), pixels).to(torch.float64)
+
+    def profile_ll(log_lam: torch.Tensor) -> torch.Tensor:
+        log_s = n_tot.clamp(min=1e-12).log() - torch.logsumexp(log_lam, -1)
+        lam_log = log_lam + log_s[:, None]
+        return (y * lam_log - lam_log.exp() - torch.lgamma(y + 1)).sum(-1)
+
+    ll_model = profile_ll(log_lam)
+    # radial model: shell means of counts / pixel factor over these patterns, shells one pixel wide
+    qn = model.q[pixels].norm(dim=-1).to(torch.float64)
+    factor = model.log_pixel_factor[pixels].to(torch.float64).exp()
+    n_shells = max(8, int(math.sqrt(int(good.sum()))))
+    shell = (qn / (qn.max() * (1 + 1e-9)) * n_shells).long()
+    per_pix = (y / n_tot.clamp(min=1.0)[:, None]).sum(0) / factor
+    sums = torch.zeros(n_shells, dtype=torch.float64, device=y.device).index_add_(0, shell, per_pix)
+    cnt = torch.zeros(n_shells, dtype=torch.float64, device=y.device).index_add_(0, shell, torch.ones_like(per_pix))
+    radial = (sums / cnt.clamp(min=1)).clamp(min=1e-12)[shell]
+    ll_radial = profile_ll((radial * factor).log()[None].expand_as(y))
+    photons = float(n_tot.sum())
+    w = post.weights.clamp(min=1e-30)
+    ent = float((-(w * w.log()).sum(-1)).exp().mean())
+    return {"gain_per_photon": float((ll_model - ll_radial).sum()) / max(photons, 1.0),
+            "loglik_model": float(ll_model.mean()), "loglik_radial": float(ll_radial.mean()),
+            "effective_hypotheses": ent}
+
+
+def assess_fit(trainer: Any) -> Verdict:
+    """The verdict of a finished (or stopped) fit run by a :class:`~bayes_spi.infer.trainer.Trainer`."""
+    checks: dict[str, Any] = {}
+    reasons_fail: list[str] = []
+    reasons_unc: list[str] = []
+    st = trainer.state
+    checks["steps"] = int(st.step)
+    checks["total_steps"] = int(trainer.total_steps)
+    checks["schedule_complete"] = bool(st.step >= trainer.total_steps)
+    if not checks["schedule_complete"]:
+        reasons_unc.append(f"the schedule stopped at step {st.step} of {trainer.total_steps} (radius "
+                           f"{trainer.radius(max(st.step - 1, 0)):.2f} of the detector edge): run longer")
+    checks.update(elbo_checks(_read_metrics(trainer.metrics_path)))
+    if checks["elbo_rel_change"] is not None and checks["elbo_rel_change"] > PLATEAU_TOL:
+        reasons_unc.append(f"the ELBO was still rising ({100 * checks['elbo_rel_change']:+.2f}% over the last tenth "
+                           "of the images): run longer")
+    if checks["elbo_spikes"]:
+        reasons_fail.append(f"{checks['elbo_spikes']} ELBO spike(s) after the curriculum (an optimisation collapse)")
+    probe = getattr(trainer, "probe_images", None)
+    checks["pose_change_deg"] = None
+    if probe is not None:
+        prev = getattr(trainer, "probe_previous", None)
+        cur = trainer.probe_poses()
+        if prev is not None:
+            checks["pose_change_deg"] = pose_change_deg(prev, cur)
+            if checks["pose_change_deg"] > MAX_POSE_CHANGE_DEG:
+                reasons_fail.append(f"the most probable poses of the probe patterns moved {checks['pose_change_deg']:.0f} "
+                                    f"deg (median) since the previous checkpoint (> {MAX_POSE_CHANGE_DEG:.0f}): "
+                                    "the pose posteriors are not stable")
+        gain = information_gain(trainer.model, trainer.guide, probe, trainer._good)
+        checks.update(gain)
+        if gain["gain_per_photon"] < MIN_GAIN_PER_PHOTON:
+            reasons_fail.append(f"the 3D model explains the patterns no better than their radial average "
+                                f"({gain['gain_per_photon']:.4f} nats/photon < {MIN_GAIN_PER_PHOTON}): no 3D structure "
+                                "was learned (collapsed field or random poses)")
+    status = "failed" if reasons_fail else ("unconverged" if reasons_unc else "converged")
+    return Verdict(status, reasons_fail + reasons_unc, checks)
