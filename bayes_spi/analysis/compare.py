@@ -4,7 +4,9 @@ Independent simulators (Dragonfly) and experiments rarely provide true orientati
 is a reference 3D intensity (a simulation's truth, or another program's reconstruction). The score used
 throughout the robustness and peer benchmarks is the **speckle correlation**: the Pearson correlation of
 ``sqrt(I)`` between the two volumes over the measured shell ``q_min <= |q| <= q_max``, after removing
-each ``|q|`` shell's mean from both (so the shared radial fall-off does not count, only the speckles do),
+each ``|q|`` shell's mean from both and dividing by the shell's spread (so the shared radial fall-off
+does not count, only the speckles do, and every shell counts by its number of voxels rather than by its
+brightness: the few low-``q`` voxels would otherwise dominate),
 after the best rotational alignment of the reconstruction onto the reference
 (:func:`bayes_spi.analysis.align.align_intensity_rotation`; inversion needs no search because
 intensities are centrosymmetric).
@@ -30,7 +32,9 @@ __all__ = ["speckle_correlation", "ReferenceComparison", "compare_to_reference"]
 
 
 def speckle_correlation(I_a: np.ndarray, I_b: np.ndarray, dq: float, q_max: float, q_min: float = 0.0) -> float:
-    """Pearson correlation of ``sqrt(I)`` with each shell's mean removed, over ``q_min <= |q| <= q_max``.
+    """Correlation of ``sqrt(I)`` with each shell standardised (mean removed, divided by its spread), over
+    ``q_min <= |q| <= q_max``: the Pearson correlation of the shell z-scores (each voxel's shell mean and
+    spread interpolated at its own ``|q|``, so a steep fall-off inside one shell does not count).
 
     Args:
         I_a, I_b: ``(n, n, n)`` intensities on the same centred odd grid (voxel ``dq`` 1/A).
@@ -45,10 +49,24 @@ def speckle_correlation(I_a: np.ndarray, I_b: np.ndarray, dq: float, q_max: floa
     shell = np.floor(r / float(dq) + 0.5).astype(np.int64)[use]
     va, vb = a[use], b[use]
     cnt = np.maximum(np.bincount(shell), 1)
-    va = va - (np.bincount(shell, weights=va) / cnt)[shell]
-    vb = vb - (np.bincount(shell, weights=vb) / cnt)[shell]
-    den = np.sqrt((va**2).sum() * (vb**2).sum())
-    return float((va * vb).sum() / den) if den > 0 else float("nan")
+    rv = r[use]
+    r_mean = np.bincount(shell, weights=rv) / cnt
+    filled = np.bincount(shell) > 0
+
+    def standardise(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the shell mean interpolated at each voxel's own |q|: a steep radial fall-off varies inside a shell
+        m = np.bincount(shell, weights=v) / cnt
+        v = v - np.interp(rv, r_mean[filled], m[filled])
+        sd = np.sqrt(np.bincount(shell, weights=v**2) / cnt)
+        return v, np.interp(rv, r_mean[filled], sd[filled])
+
+    va, sa = standardise(va)
+    vb, sb = standardise(vb)
+    ok = (sa > 0) & (sb > 0)
+    if not ok.any():
+        return float("nan")
+    za, zb = va[ok] / sa[ok], vb[ok] / sb[ok]
+    return float((za * zb).sum() / np.sqrt((za**2).sum() * (zb**2).sum()))
 
 
 @dataclass

@@ -134,8 +134,13 @@ def diameter_from_profile(q: np.ndarray, intensity: np.ndarray, level: float = G
     edge = _pair_edge(r, autocorrelation_radial(q, intensity, r), level)
     diameters = np.geomspace(0.25 / q.max(), 1.5 / max(q.min(), 1e-3 * q.max()), 48)
     edges = np.array([_pair_edge(r, autocorrelation_radial(q, _sphere_profile(q, d), r), level) for d in diameters])
-    order = np.argsort(edges)
-    return float(np.interp(edge, edges[order], diameters[order]))
+    # the calibration is monotone until the beam stop hides the sphere's central speckle: keep that branch
+    stop = len(edges)
+    for i in range(1, len(edges)):
+        if edges[i] <= edges[i - 1]:
+            stop = i
+            break
+    return float(np.interp(edge, edges[:stop], diameters[:stop]))
 
 
 def grid_size_for_spacing(spacing_rad: float) -> int:

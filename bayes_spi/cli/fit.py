@@ -66,7 +66,7 @@ RUN_FILES: tuple[str, ...] = (
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
 
@@ -93,6 +93,9 @@ _HELP = {
     "weight_floor": "Initial hypothesis-weight floor (uniform mixture weight), decayed to 0.",
     "auto_settings": "Derive --field-w0 and --search-rotations from the data (particle size from the mean pattern) "
                      "unless given; the estimate, the speckle oversampling and the values used go to sampling.json.",
+    "emc_fraction": "Fraction of the data batches in the EMC warm start (the field fitted to each pattern's exact "
+                    "marginal likelihood over the whole orientation grid) before SVI with the amortized guide; 0: off.",
+    "emc_beta": "Tempering (<= 1) of the EMC warm start's orientation posterior (deterministic annealing).",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",
     "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
@@ -557,6 +560,8 @@ class _RecordingCommand(click.Command):
 @_training_option("n_search", click.IntRange(min=0))
 @_training_option("search_rotations", click.IntRange(min=1))
 @_training_option("weight_floor", click.FloatRange(min=0, max=1, max_open=True))
+@_training_option("emc_fraction", click.FloatRange(min=0, max=1))
+@_training_option("emc_beta", click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--auto-settings/--no-auto-settings", "auto_settings", default=None,
               help=_HELP["auto_settings"] + " [default: on]")
 @_training_option("lr", float)

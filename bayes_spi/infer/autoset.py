@@ -3,8 +3,8 @@
 The defaults of :class:`~bayes_spi.infer.config.FitConfig` were tuned on one small protein; a particle
 three times larger has speckles three times finer, needs a field of three times the bandwidth and an
 orientation grid about three times finer along each axis. :func:`data_settings` estimates the particle
-size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0`` and
-``search_rotations`` from it, unless the user gave them; it also reports the speckle oversampling and
+size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
+``search_rotations`` and ``cache_grid`` from it, unless the user gave them; it also reports the speckle oversampling and
 warns when the detector cannot resolve the speckles.
 
 Example::
@@ -27,7 +27,7 @@ __all__ = ["AUTO_FIELDS", "data_settings"]
 log = logging.getLogger("bayes_spi")
 
 #: settings :func:`data_settings` may set (only those not given explicitly)
-AUTO_FIELDS: tuple[str, ...] = ("field_w0", "search_rotations")
+AUTO_FIELDS: tuple[str, ...] = ("field_w0", "search_rotations", "cache_grid")
 
 
 def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None = None,
@@ -48,6 +48,10 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         updates["field_w0"] = round(report.field_w0, 1)
     if "search_rotations" not in given and config.n_search > 0:
         updates["search_rotations"] = int(report.grid_rotations)
+    if "cache_grid" not in given:
+        from bayes_spi.infer.emc import cache_grid_for
+
+        updates["cache_grid"] = cache_grid_for(report.q_max, report.diameter_A)
     if updates:
         log.info("settings from the data: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return dataclasses.replace(config, **updates), report

@@ -116,5 +116,5 @@ def build_model_and_guide(
         guide.attach_field_guide(model.field.guide_sample)
     if config.n_search:
         guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
-                                               grid=config.search_grid))
+                                               cache_grid=config.cache_grid, grid=config.search_grid))
     return model, guide

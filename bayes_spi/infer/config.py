@@ -68,6 +68,13 @@ class FitConfig:
         auto_settings: derive ``field_w0`` and ``search_rotations`` from the data (particle size estimated from
         the mean pattern, :mod:`bayes_spi.analysis.sampling`) unless they are given explicitly; done by
         :func:`bayes_spi.infer.autoset.data_settings` before a fit starts, the values used are recorded.
+        cache_grid: odd voxels per side of the field cache read by the search and the EMC warm start
+        (from the particle size with ``auto_settings``: about two voxels per speckle).
+        emc_fraction: fraction of the data batches trained by the EMC warm start (:mod:`bayes_spi.infer.emc`:
+        the field is fitted to the exact marginal likelihood over the whole orientation grid, EMC's
+        E-step, before the amortized guide takes over); 0 turns it off. ``emc_batches`` data batches form
+        one warm-start step (its cost is mostly per step), ``emc_pixels`` pixels per pattern enter it
+        (0 = all eligible), ``emc_beta`` (<= 1) tempers its posterior (deterministic annealing).
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
@@ -114,6 +121,11 @@ class FitConfig:
     search_every: int = 5
     search_grid: str = "fibonacci"
     auto_settings: bool = True
+    cache_grid: int = 41
+    emc_fraction: float = 0.5
+    emc_batches: int = 8
+    emc_pixels: int = 1024
+    emc_beta: float = 1.0
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
@@ -141,6 +153,11 @@ class FitConfig:
             (self.n_search >= 0 and self.search_rotations >= max(self.n_search, 1), "n_search/search_rotations",
              "n_search >= 0 and search_rotations >= n_search", (self.n_search, self.search_rotations)),
             (self.distill_weight >= 0, "distill_weight", ">= 0", self.distill_weight),
+            (self.cache_grid >= 3 and self.cache_grid % 2 == 1, "cache_grid", "an odd integer >= 3", self.cache_grid),
+            (0 <= self.emc_fraction <= 1, "emc_fraction", "in [0, 1]", self.emc_fraction),
+            (self.emc_batches >= 1 and self.emc_pixels >= 0, "emc_batches/emc_pixels", ">= 1 / >= 0",
+             (self.emc_batches, self.emc_pixels)),
+            (0 < self.emc_beta <= 1, "emc_beta", "in (0, 1]", self.emc_beta),
             (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),

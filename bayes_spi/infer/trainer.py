@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
+import numpy as np
 import torch
 from pyro.infer import TraceEnum_ELBO
 
@@ -45,7 +46,7 @@ log = logging.getLogger("bayes_spi")
 
 METRIC_FIELDS = [
     "step", "epoch", "images_seen", "elbo_per_image", "loglik_per_image", "kl_pose", "kl_scale",
-    "kl_hypothesis", "radius", "lr", "images_per_s", "elapsed_s",
+    "kl_hypothesis", "effective_poses", "radius", "lr", "images_per_s", "elapsed_s",
 ]
 
 
@@ -125,13 +126,18 @@ class Trainer:
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
         # a fixed probe set (the first patterns of the file) for the truth-free verdict: its most probable
         # poses are recorded at every checkpoint (bayes_spi.infer.verdict)
-        n_probe = min(256, self.n_total)
+        n_probe = min(128, self.n_total)
         _, probe = next(iter(dataset.iter_batches(n_probe, shuffle=False)))
         self.probe_images = torch.as_tensor(probe, device=self.device)
+        good_idx = torch.nonzero(self._good).squeeze(-1)
+        pick = torch.randperm(good_idx.numel(), generator=torch.Generator().manual_seed(config.seed + 3))[:1024]
+        self.probe_pixels = good_idx[pick.to(good_idx.device)].sort().values  # fixed: comparable between checkpoints
         self.probe_last: torch.Tensor | None = None
         self.probe_previous: torch.Tensor | None = None
         self._probe_step = -1
         self.batch_log_scale: float | None = None  # see recentre_level
+        self._emc = None
+        self.emc_terms: dict[str, float] = {}
 
     # ---------------------------------------------------------------- schedules
     def radius(self, step: int) -> float:
@@ -152,26 +158,38 @@ class Trainer:
         c = self.config
         return c.lr * (c.lr_final / c.lr) ** (step / max(self.total_steps, 1))
 
-    def select_pixels(self, step: int) -> tuple[torch.Tensor, float]:
-        """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``pixels_per_pattern`` of them."""
+    def select_pixels(self, step: int, m: int | None = None) -> tuple[torch.Tensor, float]:
+        """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``m`` (default ``pixels_per_pattern``)."""
         eligible = torch.nonzero(self._good & (self._qnorm <= self.radius(step) * self._q_max + 1e-12)).squeeze(-1)
-        m = self.config.pixels_per_pattern
+        m = self.config.pixels_per_pattern if m is None else m
         if m == 0 or m >= eligible.numel():
             return eligible, 1.0
         pick = torch.randperm(eligible.numel(), generator=self.pixel_gen)[:m].to(eligible.device)
         return eligible[pick], eligible.numel() / m
 
     @torch.no_grad()
-    def initialise_offset(self, n_images: int = 256) -> None:
-        """Start the field at the data's mean level: ``log_offset = log(mean count / mean pixel factor)``.
+    def initialise_offset(self, n_images: int = 1024) -> None:
+        """Start the field at the data's mean level: ``log_offset = log(mean count / mean pixel factor)``;
+        a field with a radial profile (:class:`~bayes_spi.models.fields.SirenField`) starts at the data's
+        spherically averaged intensity (shell means of counts / pixel factor over ``n_images`` patterns).
 
         Without it the fluence scales absorb the overall level early and their KL dominates the ELBO.
         """
         _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
         good = self._good.cpu().numpy()
-        mean_count = float(counts.reshape(counts.shape[0], -1)[:, good].mean())
-        factor = self.model.log_pixel_factor[self._good].exp().mean()
-        self.model.field.log_offset.fill_(math.log(max(mean_count, 1e-6) / float(factor)))
+        flat = counts.reshape(counts.shape[0], -1)[:, good]
+        mean_count = float(flat.mean())
+        factor = self.model.log_pixel_factor[self._good].exp()
+        self.model.field.log_offset.fill_(math.log(max(mean_count, 1e-6) / float(factor.mean())))
+        if hasattr(self.model.field, "set_radial_profile"):
+            from bayes_spi.analysis.sampling import radial_profile
+
+            qn = self._qnorm[self._good].cpu().double().numpy()
+            per_pixel = flat.mean(axis=0) / factor.cpu().double().numpy()
+            n_shells = max(8, int(math.sqrt(int(good.sum()))))
+            qc, prof = radial_profile(qn, per_pixel, n_shells)
+            floor = max(float(prof[prof > 0].min()) if np.any(prof > 0) else 1e-12, 1e-30) * 0.5
+            self.model.field.set_radial_profile(torch.as_tensor(qc), torch.as_tensor(np.log(np.maximum(prof, floor))))
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -185,7 +203,7 @@ class Trainer:
         self.guide.eval()
         floor, self.guide.weight_floor = self.guide.weight_floor, 0.0
         try:
-            post = self.guide.posterior(self.probe_images)
+            post = self.guide.posterior(self.probe_images, self.probe_pixels)
         finally:
             self.guide.weight_floor = floor
             self.guide.train(was)
@@ -302,8 +320,9 @@ class Trainer:
         klp = (wt * kl_pose).sum(0).mean()
         kls = (q_scale.log_prob(s) - p_scale.log_prob(s)).mean()
         klh = (w * (w.clamp(min=1e-30).log() + math.log(k))).sum(-1).mean()
+        eff = float((-(w * w.clamp(min=1e-30).log()).sum(-1)).exp().mean())
         return {"loglik_per_image": float(loglik), "kl_pose": float(klp), "kl_scale": float(kls),
-                "kl_hypothesis": float(klh)}
+                "kl_hypothesis": float(klh), "effective_poses": eff}
 
     # ---------------------------------------------------------------- outputs
     def save_outputs(self, grid: int = 65) -> dict[str, Path]:
@@ -346,6 +365,53 @@ class Trainer:
             for b, (idx, counts) in enumerate(it, start=start):
                 yield epoch, b, idx, counts
 
+    # ---------------------------------------------------------------- EMC warm start
+    @property
+    def emc_end(self) -> int:
+        """The data batch at which the EMC warm start hands over to SVI with the amortized guide."""
+        return int(round(self.config.emc_fraction * self.total_steps))
+
+    def in_emc(self, step: int) -> bool:
+        return step < self.emc_end
+
+    @property
+    def emc(self) -> "GridMarginal":
+        """The grid marginal likelihood (built on first use, on the search's grid when there is one)."""
+        if self._emc is None:
+            from bayes_spi.infer.emc import GridMarginal
+            from bayes_spi.so3 import super_fibonacci_rotmat
+
+            search = self.guide.search
+            rots = search.rotations if search is not None else super_fibonacci_rotmat(self.config.search_rotations)
+            self._emc = GridMarginal(self.model, rots.to(self.device), cache_grid=self.config.cache_grid)
+        return self._emc
+
+    def emc_step(self, batch: SPIBatch) -> float:
+        """One EMC warm-start step: ascend the grid marginal likelihood (:mod:`bayes_spi.infer.emc`).
+
+        Returns minus the log marginal likelihood per image (the objective of this stage)."""
+        self.optim.zero_grad(set_to_none=True)
+        post = self.emc(batch.images, batch.pixels, batch.pixel_weight, self.config.emc_beta)
+        loss = -post.log_marginal.mean()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
+        self.optim.step()
+        self.scheduler.step()
+        self.batch_log_scale = float(post.log_scale.mean())
+        eff = float(post.effective_orientations.mean())
+        self.emc_terms = {"loglik_per_image": -value, "kl_pose": math.log(post.weights.shape[-1]) - math.log(eff),
+                          "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff}
+        # the level between scales and field: the same recentring as in SVI (the cache is rebuilt every step)
+        level, self.batch_log_scale = self.batch_log_scale, None
+        shift = level - self._prior_log_scale()
+        if math.isfinite(shift):
+            with torch.no_grad():
+                self.model.field.log_offset.add_(shift)
+        return value
+
     @torch.no_grad()
     def _prior_log_scale(self) -> float:
         """Mean of ``log s`` under the scale prior (Monte Carlo with a fixed seed, computed once)."""
@@ -380,9 +446,11 @@ class Trainer:
     def step(self, batch: SPIBatch) -> float:
         """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
         self.optim.zero_grad(set_to_none=True)
-        if self.guide.search is not None and self.state.step % self.config.search_every == 0:
+        search = self.guide.search
+        if search is not None and (self.state.step % self.config.search_every == 0 or search.cache is None
+                                   or self.state.step == self.emc_end):
             self.recentre_level()
-            self.guide.search.refresh()
+            search.refresh()
         loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
         search = self.guide.search
         if search is not None and search.last_log_scale is not None:  # this batch's mean profile log scale
@@ -430,15 +498,28 @@ class Trainer:
         t_start = time.perf_counter() - self.state.elapsed_s
         self.model.train()
         self.guide.train()
-        for epoch, b, idx, counts in self._batches():
+        batches = self._batches()
+        for epoch, b, idx, counts in batches:
             st = self.state
             if st.step >= self.total_steps:
                 break
-            pixels, pw = self.select_pixels(st.step)
+            group = [(epoch, b, idx, counts)]
+            emc = self.in_emc(st.step)
+            if emc:  # one warm-start step takes emc_batches data batches (its cost is mostly per step)
+                want = min(c.emc_batches, self.emc_end - st.step, self.total_steps - st.step)
+                for more in batches:
+                    group.append(more)
+                    if len(group) >= want:
+                        break
+            epoch, b = group[-1][0], group[-1][1]
+            idx = np.concatenate([g[2] for g in group])
+            counts = np.concatenate([g[3] for g in group])
+            n_batches = len(group)
+            pixels, pw = self.select_pixels(st.step, c.emc_pixels if emc else None)
             batch = SPIBatch(torch.as_tensor(counts, device=self.device), torch.as_tensor(idx, device=self.device),
                              pixels.to(self.device), pw)
             self.guide.weight_floor = self.weight_floor(st.step)
-            loss = self.step(batch)
+            loss = self.emc_step(batch) if emc else self.step(batch)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"ELBO is {loss} at step {st.step} (epoch {epoch}, batch {b}); last good checkpoint: "
@@ -446,7 +527,10 @@ class Trainer:
                 )
             st.elbo_acc += -loss
             st.n_acc += 1
-            st.step += 1
+            prev = st.step
+            st.step += n_batches
+            for _ in range(n_batches - 1):  # the scheduler follows the data batches consumed
+                self.scheduler.step()
             st.images_seen += len(idx)
             st.epoch, st.batch_in_epoch = epoch, b + 1
             if st.batch_in_epoch >= self.batches_per_epoch:
@@ -454,21 +538,27 @@ class Trainer:
             st.elapsed_s = time.perf_counter() - t_start
             if bar is not None:
                 bar.update(len(idx))
-            if st.step % c.log_every == 0 or st.step == self.total_steps:
+            if st.step // c.log_every != prev // c.log_every or st.step == self.total_steps:
                 now = time.perf_counter()
                 rate = (st.images_seen - n_last) / max(now - t_last, 1e-9)
                 t_last, n_last = now, st.images_seen
                 row = {"step": st.step, "epoch": epoch, "images_seen": st.images_seen,
                        "elbo_per_image": st.elbo_acc / max(st.n_acc, 1), "radius": self.radius(st.step - 1),
                        "lr": self.lr(st.step), "images_per_s": rate, "elapsed_s": st.elapsed_s}
-                row.update(self.elbo_terms(batch))
+                if emc:
+                    row.update(self.emc_terms)
+                else:
+                    row.update(self.elbo_terms(batch))
                 self._write_metrics(row)
                 st.elbo_acc, st.n_acc = 0.0, 0
                 if bar is not None:
                     bar.set_postfix(elbo=f"{row['elbo_per_image']:.4g}", img_s=f"{rate:.0f}", r=f"{row['radius']:.2f}")
-                log.info("step %d/%d images %d elbo/img %.5g loglik/img %.5g img/s %.1f", st.step,
-                         self.total_steps, st.images_seen, row["elbo_per_image"], row["loglik_per_image"], rate)
-            if st.step % c.checkpoint_every == 0:
+                extra = (f" [EMC warm start: {self.emc_terms['effective_poses']:.0f} effective orientations "
+                         "per pattern]") if emc else ""
+                log.info("step %d/%d images %d elbo/img %.5g loglik/img %.5g img/s %.1f%s", st.step,
+                         self.total_steps, st.images_seen, row["elbo_per_image"], row["loglik_per_image"], rate,
+                         extra)
+            if st.step // c.checkpoint_every != prev // c.checkpoint_every:
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(st)

@@ -1,0 +1,225 @@
+"""Robust fitting: settings from the data, the EMC E-step, the truth-free verdict, low-photon encoder inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bayes_spi.analysis.compare import compare_to_reference, speckle_correlation
+from bayes_spi.analysis.sampling import diameter_from_profile, estimate_sampling, sampling_report
+from bayes_spi.guides.encoder import PatternEncoder
+from bayes_spi.infer.emc import GridMarginal, cache_grid_for
+from bayes_spi.infer.verdict import elbo_checks, information_gain, pose_change_deg
+from bayes_spi.models.fields import SirenField, VoxelField
+from bayes_spi.models.spi import SPIModel
+from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
+
+
+def _sphere(q: np.ndarray, d: float) -> np.ndarray:
+    x = np.pi * q * d
+    return (3 * (np.sin(x) - x * np.cos(x)) / x**3) ** 2
+
+
+@pytest.mark.parametrize("diameter", [40.0, 120.0, 250.0])
+def test_diameter_of_uniform_spheres_from_their_radial_profile(diameter: float) -> None:
+    """Closed form: a uniform sphere's intensity; the estimate is calibrated, not fitted, so this can fail."""
+    q = np.arange(0.6 / 250, 0.06, 0.0012)  # a beam stop hides the lowest shells
+    assert diameter_from_profile(q, _sphere(q, diameter)) == pytest.approx(diameter, rel=0.1)
+
+
+def test_diameter_of_a_protein_from_simulated_patterns(tmp_path: Path) -> None:
+    """2CEX (largest distance between atoms ~65 A) from 300 simulated patterns at 1e4 photons."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.sim.simulate import simulate
+
+    data = tmp_path / "d.h5"
+    simulate("2CEX", "reference-32", 300, data, artifacts="FPB", mean_photons=1e4, truth_grid=0, seed=2,
+             progress=False)
+    with SPIDataset(data) as ds:
+        rep = estimate_sampling(ds, n_patterns=300)
+    assert 45.0 < rep.diameter_A < 85.0, rep
+    assert rep.oversampling == pytest.approx(172.5 / rep.diameter_A, rel=0.02)
+    assert not rep.undersampled
+    assert rep.photons_per_pattern == pytest.approx(1e4, rel=0.1)
+
+
+def test_undersampled_setups_are_reported() -> None:
+    rep = sampling_report(240.0, field_of_view_A=345.0, q_max=0.125, q_edge=0.089, photons_per_pattern=1e4,
+                          n_good_pixels=4096)
+    assert rep.undersampled and rep.oversampling == pytest.approx(345 / 240)
+    assert "WARNING" in rep.summary() and "oversampling" in rep.summary()
+    ok = sampling_report(60.0, 345.0, 0.125, 0.089, 1e4, 4096)
+    assert not ok.undersampled and "WARNING" not in ok.summary()
+    # a larger particle needs a finer grid and a wider field bandwidth
+    assert rep.grid_rotations >= ok.grid_rotations and rep.field_w0 > ok.field_w0
+    assert cache_grid_for(0.054, 200.0) > cache_grid_for(0.054, 60.0)
+
+
+def _min_angles(grid: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    tr = torch.einsum("aij,bij->ab", probes, grid)  # trace(P^T G)
+    return torch.acos(((tr - 1) / 2).clamp(-1, 1)).min(-1).values
+
+
+def test_super_fibonacci_grid_is_orthonormal_and_covers_so3_better_than_random() -> None:
+    g = super_fibonacci_rotmat(2048, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64).expand(2048, 3, 3)
+    assert torch.allclose(g @ g.transpose(-1, -2), eye, atol=1e-10)
+    assert torch.allclose(torch.linalg.det(g), torch.ones(2048, dtype=torch.float64), atol=1e-10)
+    probes = random_rotmat(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    rnd = random_rotmat(2048, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    worst_fib, worst_rnd = _min_angles(g, probes).max(), _min_angles(rnd, probes).max()
+    spacing = (8 * math.pi**2 / 2048) ** (1 / 3)
+    assert worst_fib < 0.85 * worst_rnd
+    assert worst_fib < 0.95 * spacing  # no holes: the covering radius stays below the typical spacing
+
+
+def _voxel_model(n: int = 9, n_pix: int = 8) -> SPIModel:
+    torch.manual_seed(0)
+    ax = (torch.arange(n_pix) - (n_pix - 1) / 2) * 0.012
+    qx, qy = torch.meshgrid(ax, ax, indexing="xy")
+    q = torch.stack([qx, qy, 0.5 * (qx**2 + qy**2)], -1).reshape(-1, 3)
+    q_max = float(q.norm(dim=-1).max())
+    field = VoxelField(q_max, n=n)
+    field.grid.data.normal_(0.0, 1.0)
+    return SPIModel(field, q, torch.full((q.shape[0],), 1e-3))
+
+
+def test_grid_marginal_equals_the_brute_force_mixture_over_the_grid() -> None:
+    """With a voxel field on the cache's own grid the interpolation is exact: log p(y) must equal
+    log mean_g prod_k Poisson(y_k | s_g lambda_gk) with s_g the maximum-likelihood scale, computed here
+    from the model's own log_rate."""
+    model = _voxel_model()
+    rots = super_fibonacci_rotmat(64)
+    emc = GridMarginal(model, rots, cache_grid=9, chunk=16)
+    pixels = torch.arange(64)
+    images = torch.poisson(torch.full((3, 8, 8), 2.0))
+    post = emc(images, pixels)
+    y = images.reshape(3, -1).double()
+    log_lam = model.log_rate(rots[:, None].expand(64, 3, 3, 3), torch.zeros(64, 3), pixels).double()  # (G, B, M)
+    log_s = y.sum(-1).log() - torch.logsumexp(log_lam, -1)
+    rate = (log_lam + log_s[..., None]).exp()
+    ll = torch.distributions.Poisson(rate).log_prob(y).sum(-1)  # (G, B)
+    expected = torch.logsumexp(ll, 0) - math.log(64)
+    assert torch.allclose(post.log_marginal.double(), expected, atol=2e-3 * float(expected.abs().max()))
+    assert torch.allclose(post.weights.double(), torch.softmax(ll.T, -1), atol=1e-4)
+    # tempering broadens the posterior
+    hot = emc(images, pixels, beta=0.2)
+    assert float(hot.effective_orientations.mean()) > float(post.effective_orientations.mean())
+
+
+def test_grid_marginal_gradient_reaches_the_field() -> None:
+    model = _voxel_model()
+    emc = GridMarginal(model, super_fibonacci_rotmat(32), cache_grid=9)
+    post = emc(torch.poisson(torch.full((2, 8, 8), 3.0)), torch.arange(64))
+    post.log_marginal.sum().backward()
+    g = model.field.grid.grad
+    assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_siren_field_starts_at_the_radial_profile_and_nearly_isotropic() -> None:
+    torch.manual_seed(0)
+    field = SirenField(0.1, w0=30.0)
+    q = torch.linspace(0.0, 0.1, 20)
+    prof = -40.0 * q  # log I falling by e^-4 over q_max
+    field.set_radial_profile(q, prof + 3.0)
+    dirs = torch.nn.functional.normalize(torch.randn(50, 3), dim=-1)
+    for r in (0.02, 0.05, 0.09):
+        vals = field.log_intensity(r * dirs).detach()
+        assert float(vals.mean()) == pytest.approx(3.0 - 40.0 * r, abs=0.05)
+        assert float(vals.std()) < 0.05  # anisotropy at initialisation: tiny
+
+
+def test_encoder_inputs_stay_bounded_at_a_hundredth_of_a_photon_per_pixel() -> None:
+    """The crash on Dragonfly data: per-pixel spreads from one sparse batch divided by ~0."""
+    torch.manual_seed(1)
+    mask = torch.ones(32, 32, dtype=torch.bool)
+    enc = PatternEncoder(32, 32, features=8, channels=4)
+    first = torch.poisson(torch.full((32, 32, 32), 0.01))
+    enc(first, mask)  # sets the standardisation
+    later = torch.poisson(torch.full((64, 32, 32), 0.01))
+    from bayes_spi.guides.encoder import transform_counts
+
+    x = (transform_counts(later, mask) - enc.pixel_mean) / enc.pixel_std
+    assert float(x.abs().max()) < 100.0
+    assert torch.isfinite(enc(later, mask)).all()
+
+
+def test_speckle_correlation_ignores_shell_means_and_scale() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.random((15, 15, 15)) + 0.1
+    a = a + a[::-1, ::-1, ::-1]
+    r = np.sqrt(((np.indices(a.shape) - 7) ** 2).sum(0))
+    radial = np.exp(-r)  # a steep shared fall-off
+    assert speckle_correlation(a * radial, 3 * a * radial, 0.01, 0.07) == pytest.approx(1.0)
+    b = rng.random((15, 15, 15)) + 0.1
+    b = b + b[::-1, ::-1, ::-1]
+    assert abs(speckle_correlation(a * radial, b * radial, 0.01, 0.07)) < 0.1
+
+
+def test_compare_to_reference_aligns_a_rotated_reconstruction() -> None:
+    from bayes_spi.analysis.align import rotate_volume
+    from bayes_spi.sim.structure import load_structure
+    from bayes_spi.sim.transform import intensity_on_grid
+
+    I_ref, dq = intensity_on_grid(load_structure("2CEX"), 25, 0.08)
+    R = random_rotmat(1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)[0].numpy()
+    moved = rotate_volume(I_ref, R)
+    res = compare_to_reference(moved, I_ref, dq, q_max=0.075, n_rotations=1500)
+    assert res.speckle_corr > 0.9
+    unrelated = compare_to_reference(np.ones_like(I_ref) + 0.01 * np.random.default_rng(0).random(I_ref.shape),
+                                     I_ref, dq, q_max=0.075, n_rotations=300)
+    assert unrelated.speckle_corr < 0.5
+
+
+def test_elbo_checks_flag_a_spike_and_a_rising_elbo() -> None:
+    rows = [{"images_seen": 100.0 * i, "elbo_per_image": -1000.0 + 0.01 * (i % 3), "radius": 1.0} for i in range(60)]
+    calm = elbo_checks(rows)
+    assert calm["elbo_spikes"] == 0 and abs(calm["elbo_rel_change"]) < 1e-4
+    rows[40]["elbo_per_image"] = -1500.0
+    assert elbo_checks(rows)["elbo_spikes"] >= 1
+    rising = [{"images_seen": 100.0 * i, "elbo_per_image": -1000.0 + 5.0 * i, "radius": 1.0} for i in range(60)]
+    assert elbo_checks(rising)["elbo_rel_change"] > 0.005
+
+
+def test_pose_change_allows_the_rotz_pi_twin() -> None:
+    R = random_rotmat(20, generator=torch.Generator().manual_seed(0))
+    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
+    assert pose_change_deg(R, R @ flip) == pytest.approx(0.0, abs=0.1)  # float32 acos near 1
+    other = random_rotmat(20, generator=torch.Generator().manual_seed(1))
+    assert pose_change_deg(R, other) > 45.0
+
+
+def test_information_gain_separates_a_true_3d_model_from_its_radial_average() -> None:
+    """Patterns drawn from the model itself at known poses: the model gains information over the radial
+    average; a model whose field is made isotropic gains none."""
+    from bayes_spi.guides.amortized import AmortizedGuide
+
+    torch.manual_seed(2)
+    model = _voxel_model(n=9, n_pix=16)
+    model.field.grid.data.mul_(1.5)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    guide = AmortizedGuide(mask, n_heads=1, features=8, channels=4)
+    R = random_rotmat(64, generator=torch.Generator().manual_seed(3))
+    pixels = torch.arange(256)
+    with torch.no_grad():
+        rate = model.log_rate(R, torch.zeros(64), pixels).exp()
+        rate = rate * 2000 / rate.sum(-1, keepdim=True)
+    images = torch.poisson(rate).reshape(64, 16, 16)
+
+    class Oracle:  # the guide's posterior with the true pose as its most probable hypothesis
+        def posterior(self, images, pixels=None):
+            post = guide.posterior(images, pixels)
+            post.rotations = torch.cat([R[:, None], post.rotations[:, 1:]], 1)
+            post.weights = torch.nn.functional.one_hot(torch.zeros(64, dtype=torch.long), post.weights.shape[1]).float()
+            return post
+
+    good = torch.ones(256, dtype=torch.bool)
+    gain = information_gain(model, Oracle(), images, good)
+    assert gain["gain_per_photon"] > 0.02, gain
+    model.field.grid.data.zero_()  # isotropic: nothing beyond the radial average to gain
+    flat = information_gain(model, Oracle(), images, good)
+    assert flat["gain_per_photon"] < 0.01, flat
