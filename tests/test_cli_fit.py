@@ -76,7 +76,9 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert re.match(r"\d{4}-\d\d-\d\dT", cfg["created"])
     # run.log: timestamped INFO lines
     log_text = (run / "run.log").read_text()
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 5/12", log_text, re.M), log_text
+    # the EMC warm start takes the first half of the 12 data batches in one step (emc_batches 8 >= 6), then SVI
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 6/12 .*EMC warm start", log_text, re.M), log_text
+    assert re.search(r"INFO +step 10/12 images 160 ", log_text) and "EMC" not in log_text.split("step 10/12")[1].splitlines()[0]
     # metrics.csv: one row per log interval (and the last step)
     with open(run / "metrics.csv", newline="") as fh:
         reader = csv.DictReader(fh)
@@ -84,8 +86,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         rows = list(reader)
     for col in ("step", "images_seen", "elbo_per_image", "images_per_s"):
         assert col in header
-    assert [int(r["step"]) for r in rows] == [5, 10, 12]
-    assert [int(r["images_seen"]) for r in rows] == [80, 160, 192]
+    assert [int(r["step"]) for r in rows] == [6, 10, 12]
+    assert [int(r["images_seen"]) for r in rows] == [96, 160, 192]
     assert all(math.isfinite(float(r["elbo_per_image"])) for r in rows)
     # model.pt
     ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
@@ -195,7 +197,8 @@ def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path
         for key in a[part]:
             assert torch.allclose(a[part][key].double(), b[part][key].double(), rtol=1e-6, atol=1e-7), (part, key)
     rows_a, rows_b = _metric_rows(killed / "metrics.csv"), _metric_rows(ref / "metrics.csv")
-    assert [r[0] for r in rows_b] == [str(s) for s in range(1, 19)]
+    # the EMC warm start (9 of 18 batches) takes steps of up to emc_batches=8 data batches, then SVI one each
+    assert [r[0] for r in rows_b] == [str(s) for s in (8, *range(9, 19))]
     assert rows_a == rows_b
     for run in (killed, ref):
         assert not list(run.glob("*.tmp"))

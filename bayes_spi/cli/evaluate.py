@@ -15,7 +15,14 @@ the 50% and 90% intervals, with the median cone radii.
 Writes RUN/evaluation.json (the numbers) and RUN/fsc.json (the curves, read by `bayes-spi report`).
 With --json the numbers are printed as one JSON object; otherwise as a small table.
 
+Without true poses (an independent simulator, another program's reconstruction, an experiment), give
+--reference VOLUME instead of --truth: an intensity volume (MRC with the voxel size in 1/A, HDF5 with
+/intensity and attr voxel_size_inv_A, or a data file's /truth/intensity). The run's intensity is aligned
+onto it by rotation and scored by the speckle correlation (sqrt I, each |q| shell standardised, over the
+shell the detector measured) and the FSC; written to RUN/reference.json.
+
 Example: bayes-spi evaluate run1 --truth data.h5
+Example: bayes-spi evaluate run1 --reference dragonfly_intensity.h5
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ __all__ = ["command"]
 
 @click.command("evaluate", help=__doc__)
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--truth", "truth", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--truth", "truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The simulated data file with /truth.")
+@click.option("--reference", "reference", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A reference intensity volume (no poses needed) instead of --truth.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--density", "density", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Compare this density MRC (on the truth grid) instead of phasing the aligned intensity.")
@@ -44,7 +53,7 @@ __all__ = ["command"]
                    "if present].")
 @click.option("--write/--no-write", default=True, show_default=True,
               help="Write evaluation.json and fsc.json into the run directory.")
-def command(run: Path, truth: Path, as_json: bool, density: Path | None, no_density: bool, starts: int,
+def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool, density: Path | None, no_density: bool, starts: int,
             posterior_nc: Path | None, write: bool) -> None:
     from bayes_spi.atomic import atomic_path
     from bayes_spi.dataio.h5 import DataFormatError
@@ -52,6 +61,29 @@ def command(run: Path, truth: Path, as_json: bool, density: Path | None, no_dens
 
     if density is not None and no_density:
         raise click.UsageError("give either --density or --no-density, not both")
+    if (truth is None) == (reference is None):
+        raise click.UsageError("give either --truth DATA (a simulation with true poses) or --reference VOLUME")
+    if reference is not None:
+        from bayes_spi.infer.evaluate import evaluate_against_reference
+
+        try:
+            scalars, curves = evaluate_against_reference(run, reference)
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
+        if write:
+            with atomic_path(run / "reference.json") as tmp:
+                tmp.write_text(json.dumps({**clean, "reference": os.fspath(reference)}, indent=2) + "\n")
+        if as_json:
+            click.echo(json.dumps(clean))
+            return
+        click.echo(f"{os.fspath(run)} against the reference {os.fspath(reference)} (after rotational alignment):")
+        click.echo(f"  speckle correlation  {scalars['speckle_corr']:.3f}  (|q| {scalars['q_min']:.4f}-"
+                   f"{scalars['q_max']:.4f} 1/A)")
+        for key, label in (("intensity_fsc_res_nm_0.5", "sqrt I FSC 0.5"), ("speckle_fsc_res_nm_0.5", "speckle FSC 0.5"),
+                           ("speckle_fsc_res_nm_0.143", "speckle FSC 0.143")):
+            click.echo(f"  {label:<20} {scalars[key]:.3f} nm")
+        return
     try:
         ev = evaluate_run_full(run, truth, density=False if no_density else (density or True), phase_starts=starts)
     except (FileNotFoundError, ValueError, DataFormatError) as exc:

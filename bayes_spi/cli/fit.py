@@ -412,17 +412,16 @@ def run_fit(
         if first and state.images_seen > first[0][0]:
             rate = (state.images_seen - first[0][0]) / max(time.perf_counter() - first[0][1], 1e-9)
         log.info("training done: step %d, %d images, %.1f images/s", state.step, state.images_seen, rate)
-        outputs = trainer.save_outputs(grid=grid)
-        log.info("wrote %s", ", ".join(p.name for p in outputs.values()))
-        last = _last_metrics(trainer.metrics_path)
-        final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
-
         from bayes_spi.infer.verdict import assess_fit
 
         verdict = assess_fit(trainer)
         _atomic_json(_json_safe(verdict.to_dict()), run_dir / "verdict.json")
         for line in verdict.summary().splitlines():
             (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
+        outputs = trainer.save_outputs(grid=grid, verdict=verdict)
+        log.info("wrote %s", ", ".join(p.name for p in outputs.values()))
+        last = _last_metrics(trainer.metrics_path)
+        final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
 
         evaluation = None
         if truth and dataset.has_truth:

@@ -329,3 +329,37 @@ def format_evaluation(d: dict[str, Any]) -> str:
         rows.append((label, f"{text} {unit}".rstrip()))
     width = max((len(r[0]) for r in rows), default=0)
     return "\n".join(f"  {label:<{width}}  {value}" for label, value in rows)
+
+
+def evaluate_against_reference(run_dir: str | os.PathLike[str], reference: str | os.PathLike[str],
+                               n_rotations: int = 4000) -> tuple[dict[str, float], dict[str, Any]]:
+    """Compare a run's intensity with a reference volume alone (no poses needed).
+
+    Args:
+        run_dir: the run directory (its ``model.pt``), or the ``model.pt`` file.
+        reference: an intensity volume (MRC with the voxel size in 1/A, HDF5 ``/intensity`` with
+            ``voxel_size_inv_A``, or a data file's ``/truth/intensity``), e.g. another program's result
+            or an independent simulator's truth, on a centred odd grid.
+    Returns:
+        ``(scalars, curves)``: ``speckle_corr`` (see :mod:`bayes_spi.analysis.compare`), the ``sqrt(I)``
+        and speckle FSC resolutions (nm), ``q_min``/``q_max`` of the scored shell; curves ``reference`` and
+        ``reference_speckle``.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or malformed file (named).
+    """
+    from bayes_spi.analysis.compare import compare_to_reference
+    from bayes_spi.infer.load import model_path_of, read_model_file, stored_geometry
+    from bayes_spi.infer.volumes import read_intensity
+
+    I_ref, dq = read_intensity(reference)
+    field, q_max = load_field(model_path_of(run_dir))
+    path, ck, _ = read_model_file(model_path_of(run_dir))
+    geom = stored_geometry(ck, path)
+    qn = geom.q_magnitudes()[geom.good_pixels()]
+    n = I_ref.shape[0]
+    q_top = min(float(qn.max()), (n // 2) * dq)
+    I_est, _ = field_on_grid(field, n, (n // 2) * dq)
+    res = compare_to_reference(I_est, I_ref, dq, q_top, q_min=float(qn.min()), n_rotations=n_rotations)
+    scalars = {**res.scalars(), "q_min": float(qn.min()), "q_max": q_top}
+    return scalars, {"reference": res.fsc, "reference_speckle": res.speckle_fsc}

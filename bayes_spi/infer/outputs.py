@@ -20,6 +20,8 @@ exists is complete):
 
 from __future__ import annotations
 
+from typing import Any
+
 import os
 from pathlib import Path
 
@@ -88,7 +90,7 @@ def write_intensity(volume: np.ndarray, dq: float, run_dir: str | os.PathLike, s
 @torch.no_grad()
 def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.PathLike,
                     batch_size: int = 128, device: torch.device | str = "cpu", score_pixels: int = 512,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, attrs: dict[str, Any] | None = None) -> Path:
     """Stream the data set through the guide and write per-image posterior summaries (see module doc).
 
     The hypothesis weights (and the search proposals) are evaluated on one fixed random subset of
@@ -111,6 +113,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                             "score_pixels": int(good.numel()),
                             "hypotheses": "first n_encoder_hypotheses from the encoder (its heads, then their "
                                           "Rz(pi) partners), the rest from the orientation search"})
+            f.attrs.update(attrs or {})
             ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=True, compression="gzip")
                   for name, shape in [("pose_quaternion", (n, 4)), ("pose_sigma_rad", (n, 3)),
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),

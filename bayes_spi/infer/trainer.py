@@ -74,6 +74,9 @@ class TrainState:
     elapsed_s: float = 0.0
     elbo_acc: float = 0.0  # running sum of per-image ELBOs since the last metrics row
     n_acc: int = 0
+    planned_steps: int = 0  # > 0: the schedule's length set by --max-minutes from measured throughput
+    planned_emc_end: int = -1  # >= 0: where the EMC warm start ended (fixed once it has)
+    planned_phases: int = 0  # bit 1: planned during the EMC warm start, bit 2: during SVI
 
 
 class Trainer:
@@ -114,9 +117,9 @@ class Trainer:
         self.n_total = dataset.n_patterns
         batches_per_epoch = math.ceil(self.n_total / config.batch_size)
         epochs = 1 if config.online else config.epochs
-        self.total_steps = batches_per_epoch * epochs
+        self.data_steps = batches_per_epoch * epochs
         if config.max_images is not None:
-            self.total_steps = min(self.total_steps, math.ceil(config.max_images / config.batch_size))
+            self.data_steps = min(self.data_steps, math.ceil(config.max_images / config.batch_size))
         self.batches_per_epoch = batches_per_epoch
         self.state = TrainState()
         self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
@@ -140,6 +143,42 @@ class Trainer:
         self.emc_terms: dict[str, float] = {}
 
     # ---------------------------------------------------------------- schedules
+    @property
+    def total_steps(self) -> int:
+        """Data batches in the schedule: all epochs (or ``max_images``), or fewer when ``max_minutes`` sized it."""
+        planned = self.state.planned_steps
+        return min(planned, self.data_steps) if planned > 0 else self.data_steps
+
+    #: SVI images/s relative to the EMC warm start's, assumed until SVI's own rate is measured
+    SVI_RATE_GUESS = 1.0 / 6.0
+
+    def plan_for_budget(self, emc: bool, rate_batches_per_s: float) -> None:
+        """Size the schedule so that it completes within ``max_minutes`` at the measured rate.
+
+        Called once in each phase (after a few steps): the schedules (radius, learning rate, weight floor,
+        EMC hand-over) then run to their end inside the budget instead of being cut off by it, whatever the
+        machine's speed; the result is recorded in the checkpoint (an exact resume keeps it).
+        """
+        st, c = self.state, self.config
+        if c.max_minutes is None or not rate_batches_per_s > 0:
+            return
+        remaining = max(60.0 * c.max_minutes - st.elapsed_s, 0.0)
+        f = c.emc_fraction
+        if emc:
+            r_e, r_s = rate_batches_per_s, rate_batches_per_s * self.SVI_RATE_GUESS
+            t_new = (remaining + st.step / r_e) / (f / r_e + (1 - f) / r_s) if f > 0 else st.step + remaining * r_s
+        else:
+            t_new = st.step + remaining * rate_batches_per_s
+        t_new = max(int(t_new), st.step + 1)
+        if t_new < self.data_steps:
+            if st.planned_emc_end < 0 and not emc:
+                st.planned_emc_end = self.emc_end
+            st.planned_steps = t_new
+            log.info("--max-minutes %.1f: schedule sized to %d of %d batches (%d images) from the measured %.1f "
+                     "images/s%s", c.max_minutes, t_new, self.data_steps, t_new * c.batch_size,
+                     rate_batches_per_s * c.batch_size, " (EMC warm start; SVI rate assumed 1/6 of it)" if emc else "")
+        st.planned_phases |= 1 if emc else 2
+
     def radius(self, step: int) -> float:
         c = self.config
         ramp = c.radius_ramp * self.total_steps
@@ -325,7 +364,7 @@ class Trainer:
                 "kl_hypothesis": float(klh), "effective_poses": eff}
 
     # ---------------------------------------------------------------- outputs
-    def save_outputs(self, grid: int = 65) -> dict[str, Path]:
+    def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:
         """Write ``model.pt``, ``intensity.mrc``/``.h5`` (``grid``^3 voxels up to the detector's ``q_max``)
         and ``posterior.h5`` into the run directory (see :mod:`bayes_spi.infer.outputs`); a variational field
         also gets ``intensity_sd.mrc``/``.h5``, the posterior standard deviation of ``I(q)``."""
@@ -351,7 +390,11 @@ class Trainer:
                                                                                   stem="intensity_sd")
         if self.guide.search is not None:
             self.guide.search.refresh()  # search against the final field
-        post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device)
+        attrs = {}
+        if verdict is not None:  # the per-pattern posteriors of a failed fit must say so
+            attrs = {"fit_verdict": verdict.status, "fit_verdict_reasons": "; ".join(verdict.reasons) or "none"}
+        post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device,
+                               attrs=attrs)
         return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, **extra, "posterior": post}
 
     # ---------------------------------------------------------------- loop
@@ -369,6 +412,8 @@ class Trainer:
     @property
     def emc_end(self) -> int:
         """The data batch at which the EMC warm start hands over to SVI with the amortized guide."""
+        if self.state.planned_emc_end >= 0:
+            return self.state.planned_emc_end
         return int(round(self.config.emc_fraction * self.total_steps))
 
     def in_emc(self, step: int) -> bool:
@@ -499,6 +544,7 @@ class Trainer:
         self.model.train()
         self.guide.train()
         batches = self._batches()
+        phase_mark: tuple[bool, float, int] | None = None  # (emc, time, step) at the start of this phase here
         for epoch, b, idx, counts in batches:
             st = self.state
             if st.step >= self.total_steps:
@@ -507,10 +553,11 @@ class Trainer:
             emc = self.in_emc(st.step)
             if emc:  # one warm-start step takes emc_batches data batches (its cost is mostly per step)
                 want = min(c.emc_batches, self.emc_end - st.step, self.total_steps - st.step)
-                for more in batches:
-                    group.append(more)
-                    if len(group) >= want:
+                while len(group) < want:
+                    more = next(batches, None)
+                    if more is None:
                         break
+                    group.append(more)
             epoch, b = group[-1][0], group[-1][1]
             idx = np.concatenate([g[2] for g in group])
             counts = np.concatenate([g[3] for g in group])
@@ -536,6 +583,13 @@ class Trainer:
             if st.batch_in_epoch >= self.batches_per_epoch:
                 st.epoch, st.batch_in_epoch = epoch + 1, 0
             st.elapsed_s = time.perf_counter() - t_start
+            if c.max_minutes is not None:
+                if phase_mark is None or phase_mark[0] != emc:
+                    phase_mark = (emc, time.perf_counter(), st.step)
+                elif not st.planned_phases & (1 if emc else 2) and st.step - phase_mark[2] >= 6 * n_batches:
+                    self.plan_for_budget(emc, (st.step - phase_mark[2]) / max(time.perf_counter() - phase_mark[1], 1e-9))
+                    if bar is not None:
+                        bar.total = self.total_steps * c.batch_size
             if bar is not None:
                 bar.update(len(idx))
             if st.step // c.log_every != prev // c.log_every or st.step == self.total_steps:
@@ -562,8 +616,10 @@ class Trainer:
                 self.save_checkpoint()
             if on_step is not None:
                 on_step(st)
-            if c.max_minutes is not None and st.elapsed_s > 60.0 * c.max_minutes:
-                log.info("time budget of %.1f min reached at step %d", c.max_minutes, st.step)
+            if c.max_minutes is not None and st.elapsed_s > 1.5 * 60.0 * c.max_minutes:
+                # a safety stop only: the schedule was sized to end inside the budget (plan_for_budget)
+                log.warning("time budget of %.1f min exceeded by half at step %d of %d: stopping (the fit is "
+                            "unconverged)", c.max_minutes, st.step, self.total_steps)
                 break
         if bar is not None:
             bar.close()
