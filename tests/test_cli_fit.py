@@ -76,8 +76,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert re.match(r"\d{4}-\d\d-\d\dT", cfg["created"])
     # run.log: timestamped INFO lines
     log_text = (run / "run.log").read_text()
-    # the EMC warm start takes the first half of the 12 data batches in one step (emc_batches 8 >= 6), then SVI
-    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 6/12 .*EMC warm start", log_text, re.M), log_text
+    # the EMC warm start takes the first 9 of the 12 data batches in steps of emc_batches=4 (4, 8, 9), then SVI
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 8/12 .*EMC warm start", log_text, re.M), log_text
     assert re.search(r"INFO +step 10/12 images 160 ", log_text) and "EMC" not in log_text.split("step 10/12")[1].splitlines()[0]
     # metrics.csv: one row per log interval (and the last step)
     with open(run / "metrics.csv", newline="") as fh:
@@ -86,8 +86,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         rows = list(reader)
     for col in ("step", "images_seen", "elbo_per_image", "images_per_s"):
         assert col in header
-    assert [int(r["step"]) for r in rows] == [6, 10, 12]
-    assert [int(r["images_seen"]) for r in rows] == [96, 160, 192]
+    assert [int(r["step"]) for r in rows] == [8, 10, 12]
+    assert [int(r["images_seen"]) for r in rows] == [128, 160, 192]
     assert all(math.isfinite(float(r["elbo_per_image"])) for r in rows)
     # model.pt
     ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
@@ -197,8 +197,8 @@ def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path
         for key in a[part]:
             assert torch.allclose(a[part][key].double(), b[part][key].double(), rtol=1e-6, atol=1e-7), (part, key)
     rows_a, rows_b = _metric_rows(killed / "metrics.csv"), _metric_rows(ref / "metrics.csv")
-    # the EMC warm start (9 of 18 batches) takes steps of up to emc_batches=8 data batches, then SVI one each
-    assert [r[0] for r in rows_b] == [str(s) for s in (8, *range(9, 19))]
+    # the EMC warm start (14 of 18 batches) takes steps of up to emc_batches=4 data batches, then SVI one each
+    assert [r[0] for r in rows_b] == [str(s) for s in (4, 8, 12, 14, 15, 16, 17, 18)]
     assert rows_a == rows_b
     for run in (killed, ref):
         assert not list(run.glob("*.tmp"))
@@ -386,8 +386,10 @@ def _tiny_trainer(data_file: Path, run: Path, **overrides):
     from bayes_spi.infer.config import FitConfig
     from bayes_spi.infer.trainer import Trainer
 
+    # emc_fraction 0: these tests exercise the step mechanics one data batch per step (SVI); the EMC warm start
+    # (several batches per step) has its own resume test below
     cfg = FitConfig(**{"batch_size": 16, "epochs": 1, "field_width": 16, "n_heads": 1, "pixels_per_pattern": 64,
-                       "encoder_features": 32, "encoder_channels": 8, **overrides})
+                       "encoder_features": 32, "encoder_channels": 8, "emc_fraction": 0.0, **overrides})
     pyro.set_rng_seed(cfg.seed)
     return Trainer(SPIDataset(data_file), cfg, run, progress=False)
 
@@ -413,6 +415,29 @@ def test_resume_between_log_rows_keeps_metrics(data_file: Path, tmp_path: Path) 
     t = _tiny_trainer(data_file, ref, log_every=4, checkpoint_every=2)
     t.fit()
     t.dataset.close()
+    assert _metric_rows(cut / "metrics.csv") == _metric_rows(ref / "metrics.csv")
+
+
+def test_resume_inside_the_emc_warm_start_is_exact(data_file: Path, tmp_path: Path) -> None:
+    """Killed after the first EMC step (4 data batches), resumed: the same model as an uninterrupted fit."""
+    kw = {"epochs": 2, "emc_fraction": 0.75, "emc_batches": 4, "log_every": 1, "checkpoint_every": 4,
+          "search_rotations": 256, "cache_grid": 17}
+    cut = tmp_path / "cut"
+    t = _tiny_trainer(data_file, cut, **kw)
+    with pytest.raises(_Interrupt):
+        t.fit(on_step=_stop_after(8))  # the checkpoint at step 4 (one EMC step) is the one resumed from
+    t.dataset.close()
+    t = _tiny_trainer(data_file, cut, **kw)
+    t.fit(resume=True)
+    t.dataset.close()
+    resumed = t.model.state_dict()
+    ref = tmp_path / "ref"
+    t = _tiny_trainer(data_file, ref, **kw)
+    t.fit()
+    t.dataset.close()
+    assert t.state.step == 12 and t.emc_end == 9
+    for k, v in t.model.state_dict().items():
+        assert torch.allclose(v, resumed[k], rtol=1e-6, atol=1e-7), k
     assert _metric_rows(cut / "metrics.csv") == _metric_rows(ref / "metrics.csv")
 
 

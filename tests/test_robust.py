@@ -179,7 +179,7 @@ def test_elbo_checks_flag_a_spike_and_a_rising_elbo() -> None:
     rows = [{"images_seen": 100.0 * i, "elbo_per_image": -1000.0 + 0.01 * (i % 3), "radius": 1.0} for i in range(60)]
     calm = elbo_checks(rows)
     assert calm["elbo_spikes"] == 0 and abs(calm["elbo_rel_change"]) < 1e-4
-    rows[40]["elbo_per_image"] = -1500.0
+    rows[40]["elbo_per_image"] = -1500.0  # a 50% drop: a collapse
     assert elbo_checks(rows)["elbo_spikes"] >= 1
     rising = [{"images_seen": 100.0 * i, "elbo_per_image": -1000.0 + 5.0 * i, "radius": 1.0} for i in range(60)]
     assert elbo_checks(rising)["elbo_rel_change"] > 0.005

@@ -122,15 +122,15 @@ class FitConfig:
     search_grid: str = "fibonacci"
     auto_settings: bool = True
     cache_grid: int = 41
-    emc_fraction: float = 0.5
-    emc_batches: int = 8
+    emc_fraction: float = 0.75
+    emc_batches: int = 4
     emc_pixels: int = 1024
     emc_beta: float = 1.0
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
 
-    lr: float = 2e-3
+    lr: float = 5e-3
     lr_final: float = 1e-4
     clip_norm: float = 10.0
     pixels_per_pattern: int = 256

@@ -47,6 +47,8 @@ STATUSES = ("converged", "unconverged", "failed")
 MIN_GAIN_PER_PHOTON = 0.01
 #: median change of the probe poses between the last two checkpoints, degrees
 MAX_POSE_CHANGE_DEG = 10.0
+#: a spike must also drop the ELBO per image by this fraction of its magnitude
+SPIKE_REL = 0.02
 #: relative ELBO improvement over the last tenth of the images that still counts as "rising"
 PLATEAU_TOL = 0.005
 
@@ -102,12 +104,14 @@ def _read_metrics(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def elbo_checks(rows: list[dict[str, float]]) -> dict[str, Any]:
-    """ELBO plateau and spikes from ``metrics.csv`` rows (only rows at radius 1 count).
+def elbo_checks(rows: list[dict[str, float]], after_step: int = 0) -> dict[str, Any]:
+    """ELBO plateau and spikes from ``metrics.csv`` rows: only rows at radius 1 and after ``after_step`` count
+    (the EMC warm start's objective, the log marginal likelihood, is not the ELBO of the stage after it).
 
     Returns ``{"elbo_rel_change", "elbo_spikes", "rows_at_full_radius"}`` (``None`` where too few rows).
     """
-    full = [r for r in rows if r.get("radius", 1.0) >= 0.999 and math.isfinite(r.get("elbo_per_image", math.nan))]
+    full = [r for r in rows if r.get("radius", 1.0) >= 0.999 and r.get("step", math.inf) > after_step
+            and math.isfinite(r.get("elbo_per_image", math.nan))]
     out: dict[str, Any] = {"rows_at_full_radius": len(full), "elbo_rel_change": None, "elbo_spikes": None}
     if len(full) < 6:
         return out
@@ -120,7 +124,9 @@ def elbo_checks(rows: list[dict[str, float]]) -> dict[str, Any]:
         out["elbo_rel_change"] = float((last.mean() - prev.mean()) / max(abs(prev.mean()), 1e-12))
     d = np.diff(elbo)
     mad = float(np.median(np.abs(d - np.median(d)))) * 1.4826
-    out["elbo_spikes"] = int(np.sum(d < np.median(d) - 5 * max(mad, 1e-12 + 1e-4 * abs(elbo.mean()))))
+    # a spike: a drop beyond 5 robust standard deviations of the row-to-row changes and beyond 2% of the ELBO
+    drop = np.median(d) - d
+    out["elbo_spikes"] = int(np.sum((drop > 5 * mad) & (drop > SPIKE_REL * abs(float(np.median(elbo))))))
     return out
 
 
@@ -192,7 +198,9 @@ def assess_fit(trainer: Any) -> Verdict:
     if not checks["schedule_complete"]:
         reasons_unc.append(f"the schedule stopped at step {st.step} of {trainer.total_steps} (radius "
                            f"{trainer.radius(max(st.step - 1, 0)):.2f} of the detector edge): run longer")
-    checks.update(elbo_checks(_read_metrics(trainer.metrics_path)))
+    emc_end = int(getattr(trainer, "emc_end", 0))
+    last_stage_start = emc_end if emc_end < st.step else 0
+    checks.update(elbo_checks(_read_metrics(trainer.metrics_path), after_step=last_stage_start))
     if checks["elbo_rel_change"] is not None and checks["elbo_rel_change"] > PLATEAU_TOL:
         reasons_unc.append(f"the ELBO was still rising ({100 * checks['elbo_rel_change']:+.2f}% over the last tenth "
                            "of the images): run longer")

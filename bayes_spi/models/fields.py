@@ -81,14 +81,14 @@ class _SineLayer(nn.Module):
 class _EvenSiren(nn.Module):
     """SIREN with an even first layer ``cos(w0 W x)`` (no bias): ``g(x) = g(-x)`` exactly."""
 
-    def __init__(self, width: int, depth: int, w0_first: float) -> None:
+    def __init__(self, width: int, depth: int, w0_first: float, out_scale: float = 0.1) -> None:
         super().__init__()
         self.w0_first = w0_first
         self.first = nn.Parameter(torch.empty(width, 3).uniform_(-1.0, 1.0))
         # hidden layers with w0 = 1: the SIREN scale lives in the weights (bound sqrt(6 / width))
         self.hidden = nn.ModuleList([_SineLayer(width, width, 1.0) for _ in range(depth - 1)])
         self.out = nn.Linear(width, 1)
-        nn.init.uniform_(self.out.weight, -math.sqrt(6.0 / width) * 0.1, math.sqrt(6.0 / width) * 0.1)
+        nn.init.uniform_(self.out.weight, -math.sqrt(6.0 / width) * out_scale, math.sqrt(6.0 / width) * out_scale)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,8 +132,7 @@ class SirenField(IntensityField):
         out_scale: float = 0.01,
     ) -> None:
         super().__init__(q_max, log_offset)
-        self.net = _EvenSiren(width, depth, w0)
-        nn.init.uniform_(self.net.out.weight, -math.sqrt(6.0 / width) * out_scale, math.sqrt(6.0 / width) * out_scale)
+        self.net = _EvenSiren(width, depth, w0, out_scale)
         self.log_clamp = float(log_clamp)
         self.radial = nn.Parameter(torch.zeros(int(n_radial)))
 
