@@ -287,3 +287,35 @@ def test_cli_posterior_end_to_end(tiny_run: tuple[Path, Path], tmp_path: Path) -
     # a missing run is a clean error
     res = CliRunner().invoke(cli, ["posterior", str(tmp_path / "nope"), str(data), "-o", str(out)])
     assert res.exit_code != 0 and "not found" in res.output
+
+
+def test_self_calibration_simulates_from_the_fit(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """--self-calibrate: temperatures fitted on patterns simulated from the fitted model (no truth needed), and
+    the export carries the fit's truth-free verdict."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.load import load_trained
+    from bayes_spi.posterior.selfsim import simulate_from_fit
+
+    run, data = tiny_run
+    sim = simulate_from_fit(load_trained(run), 64, tmp_path / "sim.h5", photons=500.0, seed=2)
+    with SPIDataset(sim) as ds:
+        counts = ds.read(np.arange(64))
+        assert ds.truth_rotations().shape == (64, 3, 3) and ds.truth_scales().shape == (64,)
+        assert np.all(counts[:, ~ds.mask] == 0)
+        # the requested photon level, up to the scale prior's spread and Poisson noise
+        assert counts.sum(axis=(1, 2)).mean() == pytest.approx(500.0, rel=0.3)
+    out = tmp_path / "selfcal" / "posterior.nc"
+    res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(out), "--draws", "10",
+                                   "--max-patterns", "4", "--self-calibrate", "24", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    cal = json.loads((out.parent / "calibration.json").read_text())
+    assert cal["source"] == "self-simulation" and cal["pose_temperature"] > 0 and cal["scale_temperature"] > 0
+    assert not list(out.parent.glob("tmp*")), "the self-simulation's temporary files are removed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attrs = az.from_netcdf(out).posterior.attrs
+    assert attrs["pose_temperature"] == pytest.approx(cal["pose_temperature"])
+    verdict = json.loads((run / "verdict.json").read_text())["status"]
+    assert attrs["fit_verdict"] == verdict
+    if verdict != "converged":
+        assert "WARNING" in res.output

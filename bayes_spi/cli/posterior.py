@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 __all__ = ["command"]
 
@@ -58,12 +59,18 @@ __all__ = ["command"]
 @click.option("--calibrate", is_flag=True,
               help="With --truth: fit the temperatures that make this export nominal; write calibration.json "
                    "beside OUT.")
+@click.option("--self-calibrate", "self_calibrate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Calibration without a truth: simulate N patterns from the fitted model itself (poses and scales "
+                   "from the priors, counts through the same detector, DATA's mean photons), fit the temperatures "
+                   "on them and use them; writes calibration.json (source: self-simulation) beside OUT. They "
+                   "exclude the field's own error (see BENCHMARKS.md).")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed: int, max_patterns: int | None,
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
-            calibration: Path | None, truth: bool, calibrate: bool, device: str, progress: bool) -> None:
+            calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, device: str,
+            progress: bool) -> None:
     from bayes_spi.atomic import atomic_path
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.load import load_trained
@@ -114,6 +121,31 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
                        "its posterior is not a trustworthy statement of uncertainty; the file records this "
                        "(attribute fit_verdict)", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if self_calibrate:
+        if calibration is not None or pose_temperature is not None or scale_temperature is not None:
+            dataset.close()
+            raise click.UsageError("give --self-calibrate or fixed temperatures (--calibration, --pose-temperature, "
+                                   "--scale-temperature), not both")
+        import dataclasses
+        import tempfile
+
+        from bayes_spi.posterior.selfsim import simulate_from_fit
+
+        first = dataset.read(np.arange(min(1000, dataset.n_patterns)))
+        photons = float((first * dataset.mask).sum(axis=(1, 2)).mean())
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+            sim = simulate_from_fit(trained, self_calibrate, Path(tmpdir) / "selfsim.h5", photons, seed=seed + 1)
+            cal_nc = Path(tmpdir) / "selfsim.nc"
+            with SPIDataset(sim) as sim_ds:
+                write_posterior_netcdf(trained, sim_ds, cal_nc, dataclasses.replace(settings, max_patterns=None))
+            cal = fit_temperatures(cal_nc, sim)
+        cal.update({"run": os.fspath(run), "source": "self-simulation", "n_patterns": int(self_calibrate),
+                    "photons_per_pattern": photons})
+        save_calibration(out.parent / "calibration.json", cal)
+        settings = dataclasses.replace(settings, pose_temperature=cal["pose_temperature"],
+                                       scale_temperature=cal["scale_temperature"])
+        click.echo(f"self-calibration on {self_calibrate} patterns simulated from the fit: pose temperature "
+                   f"{cal['pose_temperature']:.3f}, scale {cal['scale_temperature']:.3f} (calibration.json)")
     with dataset:
         n = len(settings.pattern_range(dataset.n_patterns))
         bar = None
