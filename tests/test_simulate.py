@@ -6,6 +6,8 @@ import importlib
 from pathlib import Path
 
 import h5py
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -194,3 +196,19 @@ def test_bad_orientations_and_interrupted_run_leave_no_file(tmp_path: Path, monk
         simulate("2CEX", "reference-32", 10, out, chunk=4, truth_grid=0, progress=False)
     assert calls["n"] == 3
     assert not out.exists() and not (tmp_path / "never.h5.tmp").exists()
+
+
+def test_cli_reports_speckle_oversampling_and_warns_when_undersampled(tmp_path: Path) -> None:
+    """2CEX (~65 A) on reference-32 (field of view 172 A) is sampled; on a detector with 4x the pixel size
+    (field of view 43 A) it is not, and simulate says so."""
+    code, output = _run(["-o", str(tmp_path / "ok.h5"), "--geometry", "reference-32", "--n-patterns", "2",
+                         "--truth-grid", "0"])
+    assert code == 0, output
+    m = re.search(r"speckle oversampling ([0-9.]+)", output)
+    assert m and 2.0 < float(m.group(1)) < 3.5, output
+    assert "WARNING" not in output
+    code, output = _run(["-o", str(tmp_path / "bad.h5"), "--geometry", "reference-32", "--n-patterns", "2",
+                         "--truth-grid", "0", "--pixel-size-m", "0.0125", "--pixels", "8"])
+    assert code == 0, output
+    m = re.search(r"speckle oversampling ([0-9.]+)", output)
+    assert m and float(m.group(1)) < 2.0 and "WARNING: oversampling < 2" in output, output

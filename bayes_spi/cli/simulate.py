@@ -169,6 +169,18 @@ def command(
         )
     except (FileNotFoundError, DataFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    import numpy as np
+
+    atoms = np.concatenate([molecule.positions[e] for e in molecule.elements])
+    sub = atoms[:: max(1, len(atoms) // 2000)]
+    extent = float(np.linalg.norm(sub[:, None] - sub[None], axis=-1).max()) if len(sub) > 1 else 0.0
+    over = geometry.field_of_view_A / extent if extent > 0 else float("inf")
+    click.echo(f"particle extent {extent:.0f} A, field of view {geometry.field_of_view_A:.0f} A: speckle "
+               f"oversampling {over:.2f}")
+    if over < 2.0:
+        click.echo("WARNING: oversampling < 2: this detector does not resolve the particle's speckles (field of view "
+                   "< 2 x particle size); a reconstruction from these patterns is not expected to work. Use a "
+                   "larger distance, smaller pixels or a longer wavelength.", err=True)
     click.echo(
         f"wrote {summary.n_patterns} patterns of {molecule.name or structure} "
         f"({geometry.shape[1]}x{geometry.shape[0]} px, {summary.n_good_pixels} good, "
