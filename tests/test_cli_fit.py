@@ -449,3 +449,18 @@ def test_log_every_does_not_change_training(data_file: Path, tmp_path: Path) -> 
         t.dataset.close()
         states.append({k: v.clone() for k, v in t.model.state_dict().items()})
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_max_minutes_sizes_the_schedule_instead_of_cutting_it(data_file: Path, tmp_path: Path) -> None:
+    """A budget far shorter than the data's schedule: the trainer measures its throughput, shortens the schedule
+    and runs it to its end (radius 1, final learning rate), rather than stopping half-way through it."""
+    t = _tiny_trainer(data_file, tmp_path / "run", epochs=30, emc_fraction=0.5, emc_batches=2, max_minutes=0.04,
+                      search_rotations=256, cache_grid=17, checkpoint_every=1000, log_every=1000)
+    t.fit()
+    t.dataset.close()
+    st = t.state
+    assert t.data_steps == 180
+    assert 0 < st.planned_steps < t.data_steps, st  # the schedule was sized from the measured throughput
+    assert st.step == t.total_steps == st.planned_steps  # ... and completed
+    assert t.radius(st.step) == 1.0
+    assert st.elapsed_s < 1.5 * 60 * 0.04 + 5.0

@@ -78,8 +78,9 @@ _HELP = {
     "epochs": "Passes over the data (offline).",
     "batch_size": "Patterns per SVI step.",
     "max_images": "Stop after this many patterns.",
-    "max_minutes": "Stop cleanly (checkpoint, outputs) after this much training time; schedules still follow "
-                   "the step count (honoured with --resume).",
+    "max_minutes": "Training-time budget: the schedule (curriculum, learning rate, EMC hand-over) is sized from the "
+                   "throughput measured in the first steps of each stage so that it completes in time; a 1.5x "
+                   "overrun stops cleanly and the verdict says unconverged (honoured with --resume).",
     "field": "Intensity field: siren, fouriernet, voxel, or variational (a posterior over |F| on a grid with a "
              "Wilson prior; writes intensity_sd.mrc).",
     "variational_grid": "Grid size (odd) of the variational field's amplitudes.",

@@ -36,8 +36,9 @@ class FitConfig:
         epochs: passes over the data (offline; the order is reshuffled every epoch).
         batch_size: patterns per SVI step.
         max_images: stop after this many patterns (``None``: all epochs).
-        max_minutes: stop (cleanly: checkpoint and outputs) after this much training time; the
-        schedules still run on the step count, so set the data size or ``max_images`` to match.
+        max_minutes: a training-time budget: the trainer sizes the schedule from the throughput it
+        measures (:meth:`~bayes_spi.infer.trainer.Trainer.plan_for_budget`) so that it completes in time;
+        a 1.5x overrun is a clean safety stop (checkpoint, outputs, an unconverged verdict).
     Model:
         field: ``siren``, ``fouriernet``, ``voxel`` or ``variational``; ``field_width``/``field_depth``/
         ``field_w0`` its size and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
