@@ -41,6 +41,14 @@ def test_diameter_of_a_protein_from_simulated_patterns(tmp_path: Path) -> None:
              progress=False)
     with SPIDataset(data) as ds:
         rep = estimate_sampling(ds, n_patterns=300)
+        from bayes_spi.infer.autoset import data_settings
+        from bayes_spi.infer.config import FitConfig
+
+        cfg, _ = data_settings(ds, FitConfig(), given={"field_w0": 7.0})
+        off, _ = data_settings(ds, FitConfig(auto_settings=False), given={})
+    assert cfg.field_w0 == 7.0  # given settings always win
+    assert cfg.search_rotations == rep.grid_rotations and cfg.cache_grid % 2 == 1 and cfg.cache_grid >= 33
+    assert off == FitConfig(auto_settings=False)  # --no-auto-settings changes nothing
     assert 45.0 < rep.diameter_A < 85.0, rep
     assert rep.oversampling == pytest.approx(172.5 / rep.diameter_A, rel=0.02)
     assert not rep.undersampled

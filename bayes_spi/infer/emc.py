@@ -45,7 +45,7 @@ from bayes_spi.models.spi import SPIModel
 __all__ = ["GridMarginal", "GridPosterior", "cache_grid_for"]
 
 
-def cache_grid_for(q_max: float, diameter_A: float, voxels_per_speckle: float = 2.0,
+def cache_grid_for(q_max: float, diameter_A: float, voxels_per_speckle: float = 2.5,
                    smallest: int = 33, largest: int = 81) -> int:
     """Odd cube size ``n`` resolving speckles of width ``1/D`` over ``[-q_max, q_max]`` (clamped)."""
     n = int(math.ceil(2 * q_max * diameter_A * voxels_per_speckle)) + 1
