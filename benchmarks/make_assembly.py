@@ -22,6 +22,17 @@ from bayes_spi.sim.structure import load_structure
 __all__ = ["assembly_positions", "write_pdb"]
 
 
+def _random_centres(n: int, radius: float, rng: np.random.Generator, min_sep: float = 42.0) -> np.ndarray:
+    """``n`` points in a ball of ``radius`` at least ``min_sep`` apart (rejection sampling): no symmetry."""
+    pts: list[np.ndarray] = []
+    while len(pts) < n:
+        p = rng.uniform(-radius, radius, 3)
+        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_sep for q in pts):
+            pts.append(p)
+    c = np.array(pts)
+    return c - c.mean(0)
+
+
 def _vertices(n: int) -> np.ndarray:
     if n == 12:
         p = (1 + 5**0.5) / 2
@@ -39,16 +50,23 @@ def _vertices(n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def assembly_positions(copies: int, radius: float, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """Elements ``(N,)`` and positions ``(N, 3)`` (A) of ``copies`` rotated 2CEX copies at ``radius``."""
+def assembly_positions(copies: int, radius: float, seed: int = 0, layout: str = "symmetric"
+                       ) -> tuple[list[str], np.ndarray]:
+    """Elements ``(N,)`` and positions ``(N, 3)`` (A) of ``copies`` rotated 2CEX copies.
+
+    ``layout="symmetric"``: centres on the vertices of an icosahedron (12), octahedron (6) or a pair (2) at
+    ``radius`` (nearly point-group symmetric at low resolution: orientations are then defined only up to
+    that symmetry); ``"random"``: centres at random in a ball of ``radius`` (no symmetry).
+    """
     s = load_structure("2CEX")
     els = [e for e in s.elements for _ in range(len(s.positions[e]))]
     pos = np.concatenate([s.positions[e] for e in s.elements])
     rng = np.random.default_rng(seed)
+    centres = _vertices(copies) * radius if layout == "symmetric" else _random_centres(copies, radius, rng)
     out_e, out_p = [], []
-    for v in _vertices(copies):
+    for v in centres:
         R = Rotation.random(random_state=rng).as_matrix()
-        out_p.append(pos @ R.T + radius * v)
+        out_p.append(pos @ R.T + v)
         out_e += els
     return out_e, np.concatenate(out_p)
 
@@ -68,9 +86,10 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=12)
     ap.add_argument("--radius", type=float, default=68.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layout", choices=["symmetric", "random"], default="symmetric")
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
-    e, p = assembly_positions(a.copies, a.radius, a.seed)
+    e, p = assembly_positions(a.copies, a.radius, a.seed, a.layout)
     write_pdb(a.output, e, p)
     ext = np.linalg.norm(p[:, None] - p[None, ::50], axis=-1).max()
     print(f"wrote {len(e)} atoms, max extent {ext:.0f} A, to {a.output}")

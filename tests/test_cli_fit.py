@@ -78,7 +78,7 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     log_text = (run / "run.log").read_text()
     # the EMC warm start takes the first 9 of the 12 data batches in steps of emc_batches=4 (4, 8, 9), then SVI
     assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 8/12 .*EMC warm start", log_text, re.M), log_text
-    assert re.search(r"INFO +step 10/12 images 160 ", log_text) and "EMC" not in log_text.split("step 10/12")[1].splitlines()[0]
+    assert re.search(r"INFO +step 10/12 images \d+ ", log_text) and "EMC" not in log_text.split("step 10/12")[1].splitlines()[0]
     # metrics.csv: one row per log interval (and the last step)
     with open(run / "metrics.csv", newline="") as fh:
         reader = csv.DictReader(fh)
@@ -87,7 +87,9 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     for col in ("step", "images_seen", "elbo_per_image", "images_per_s"):
         assert col in header
     assert [int(r["step"]) for r in rows] == [8, 10, 12]
-    assert [int(r["images_seen"]) for r in rows] == [128, 160, 192]
+    # 3 of the 96 patterns (1/32) are held out for the verdict and never trained on: 2 epochs see 2 x 93
+    images = [int(r["images_seen"]) for r in rows]
+    assert images == sorted(images) and images[-1] == 2 * (N_PATTERNS - 3)
     assert all(math.isfinite(float(r["elbo_per_image"])) for r in rows)
     # model.pt
     ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)

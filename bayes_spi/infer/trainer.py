@@ -127,10 +127,13 @@ class Trainer:
         self.optim = torch.optim.Adam(self.params, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
-        # a fixed probe set (the first patterns of the file) for the truth-free verdict: its most probable
-        # poses are recorded at every checkpoint (bayes_spi.infer.verdict)
-        n_probe = min(128, self.n_total)
-        _, probe = next(iter(dataset.iter_batches(n_probe, shuffle=False)))
+        # a held-out probe set for the truth-free verdict (bayes_spi.infer.verdict): 1/32 of the patterns (2 to 256),
+        # evenly spread over the file, never trained on, so that its information gain cannot come from the field
+        # fitting the noise of the patterns it was trained on ("Einstein from noise"); its most probable poses
+        # are recorded at every checkpoint
+        n_hold = min(max(2, self.n_total // 32), 256, max(self.n_total - 1, 1))
+        self.holdout = np.unique(np.linspace(0, self.n_total - 1, n_hold).round().astype(np.int64))
+        probe = dataset.read(self.holdout[:128])
         self.probe_images = torch.as_tensor(probe, device=self.device)
         good_idx = torch.nonzero(self._good).squeeze(-1)
         pick = torch.randperm(good_idx.numel(), generator=torch.Generator().manual_seed(config.seed + 3))[:1024]
@@ -406,7 +409,11 @@ class Trainer:
             start = self.state.batch_in_epoch if epoch == self.state.epoch else 0
             it = self.dataset.iter_batches(c.batch_size, shuffle=not c.online, seed=c.seed, start=start, epoch=epoch)
             for b, (idx, counts) in enumerate(it, start=start):
-                yield epoch, b, idx, counts
+                keep = ~np.isin(idx, self.holdout)
+                if not keep.all():  # the held-out probe patterns are never trained on
+                    idx, counts = idx[keep], counts[keep]
+                if len(idx):
+                    yield epoch, b, idx, counts
 
     # ---------------------------------------------------------------- EMC warm start
     @property

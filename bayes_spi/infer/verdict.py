@@ -146,6 +146,10 @@ def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
 def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
     """Log-likelihood per photon of the fitted model minus that of the radial-average model.
 
+    With an orientation search on the guide, the model's side is the marginal likelihood over the search's
+    whole grid (uniform pose prior: ``log (1/G) sum_g p(y | R_g)``), a Bayes factor against the radial model
+    that pays for the orientation freedom; otherwise the likelihood at the guide's most probable pose.
+
     Args:
         model, guide: the fitted :class:`~bayes_spi.models.spi.SPIModel` and its guide.
         images: ``(B, n_y, n_x)`` probe patterns.
@@ -178,6 +182,15 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     cnt = torch.zeros(n_shells, dtype=torch.float64, device=y.device).index_add_(0, shell, torch.ones_like(per_pix))
     radial = (sums / cnt.clamp(min=1)).clamp(min=1e-12)[shell]
     ll_radial = profile_ll((radial * factor).log()[None].expand_as(y))
+    search = getattr(guide, "search", None)
+    if search is not None:
+        # a fair comparison: the 3D model's marginal likelihood over the whole orientation grid (log mean_g), not
+        # its best orientation, whose maximum over G candidates alone gains ~log G nats over any fixed model
+        search.refresh()
+        ll_grid = search.grid_loglik(images, pixels).to(torch.float64)  # (B, G), profile, without terms in y only
+        rad_log_lam = (radial * factor).log()[None].expand_as(y)
+        ll_rad_nc = (y * rad_log_lam).sum(-1) - n_tot * torch.logsumexp(rad_log_lam, -1)
+        ll_model = torch.logsumexp(ll_grid, -1) - math.log(ll_grid.shape[-1]) - ll_rad_nc + ll_radial
     photons = float(n_tot.sum())
     w = post.weights.clamp(min=1e-30)
     ent = float((-(w * w.log()).sum(-1)).exp().mean())
