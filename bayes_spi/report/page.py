@@ -212,7 +212,7 @@ def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
         checks = v.get("checks", {}) if isinstance(v.get("checks"), dict) else {}
         for key, label, unit in (("gain_per_photon", "information gain over the radial average", "nats/photon"),
                                  ("pose_change_deg", "probe-pose change since the previous checkpoint", "deg"),
-                                 ("elbo_rel_change", "ELBO change over the last tenth", ""),
+                                 ("elbo_rel_change", "ELBO trend per tenth of the images (relative)", ""),
                                  ("effective_hypotheses", "effective hypotheses per pattern", "")):
             if isinstance(checks.get(key), (int, float)):
                 rows.append((label, _fmt(float(checks[key]), unit)))
