@@ -134,8 +134,10 @@ def command(out: Path, n_patterns: int | None, quick: bool, progress: bool) -> N
     click.echo("")
     verdict = result["verdict"]
     if verdict.status != "converged":
-        click.echo(f"THE DEMO FIT DID NOT CONVERGE ({verdict.status}); the numbers below describe a failed "
-                   "reconstruction, not a result:", err=True)
+        what = ("FAILED: the numbers below describe a failed reconstruction, not a result"
+                if verdict.status == "failed" else
+                "DID NOT CONVERGE: the numbers below describe an unfinished reconstruction (run longer)")
+        click.echo(f"THE DEMO FIT {what}:", err=True)
         for reason in verdict.reasons:
             click.echo(f"  - {reason}", err=True)
     click.echo(f"median orientation error: {ev['median_pose_error_deg']:.2f} deg "
