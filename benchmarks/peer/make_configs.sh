@@ -53,6 +53,6 @@ CFG
   echo "$d/config.ini"
 }
 # ~190 A particle: TMV coat-protein disk 1EI7 (BIOMT assembly applied by Dragonfly's make_densities, 194.7 A max extent)
-mk tmv190 /work/shared/data/pdb/1EI7.pdb 200 2.0 1000 "$NUM"
+mk tmv190 "$(cd "$(dirname "$0")/../.." && pwd)/bayes_spi/resources/1EI7.pdb" 200 2.0 1000 "$NUM"
 # ~55-68 A particle 2CEX, detector at 75 mm so q at the detector edge (centre of edge) ~0.10 1/A
-mk 2cex /work/shared/data/pdb/2CEX.pdb 75 2.0 3000 "$NUM"
+mk 2cex "$(cd "$(dirname "$0")/../.." && pwd)/bayes_spi/resources/2CEX.pdb" 75 2.0 3000 "$NUM"
