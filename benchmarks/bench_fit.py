@@ -1,6 +1,6 @@
 """Foundation benchmark: simulate 2CEX, fit it on the CPU under a time budget, print the figures.
 
-Simulates ``--n-patterns`` patterns of 2CEX (from ``../shared/data/pdb``) on the binned reference
+Simulates ``--n-patterns`` patterns of 2CEX (the packaged structure) on the binned reference
 geometry (``--size`` 32 or 64 pixels), about ``--photons`` photons per pattern, artifacts F (lognormal
 fluence jitter 0.3) and P (Poisson), then runs ``bayes-spi fit`` in-process for at most ``--minutes``
 and evaluates against the truth. Prints one JSON object with images/s, wall time, peak memory (RSS),
@@ -32,7 +32,7 @@ from bayes_spi.infer.trainer import Trainer
 from bayes_spi.sim.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-PDB = ROOT.parent / "shared" / "data" / "pdb" / "2CEX.pdb"
+PDB = "2CEX"  # the packaged structure (bayes_spi/resources): nothing outside the repository
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from bayes_spi.models.variational_field import make_variational_field
 from bayes_spi.sim.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
-PDB = ROOT.parent / "shared" / "data" / "pdb" / "2CEX.pdb"
+PDB = "2CEX"  # the packaged structure (bayes_spi/resources): nothing outside the repository
 VARIANTS = ("none", "wilson", "variational")
 
 
@@ -170,7 +170,7 @@ def main() -> None:
     data = out / "data.h5"
     t0 = time.perf_counter()
     if not data.exists():
-        simulate(PDB if PDB.exists() else "2CEX", f"reference-{args.size}", args.n_patterns, data, artifacts="FP",
+        simulate(PDB, f"reference-{args.size}", args.n_patterns, data, artifacts="FP",
                  mean_photons=args.photons, fluence_jitter="lognormal:0.3", seed=args.seed, truth_grid=65,
                  progress=False)
     t_sim = time.perf_counter() - t0

@@ -108,18 +108,16 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
         dataset.close()
         raise click.ClickException(f"{os.fspath(data)}: field /truth: expected simulated data with a truth "
                                    "(for --truth), got missing")
-    verdict_path = Path(trained.path).parent / "verdict.json"
-    if verdict_path.is_file():
-        import json
+    from bayes_spi.infer.verdict import read_verdict
 
-        try:
-            status = json.loads(verdict_path.read_text(encoding="utf-8")).get("status")
-        except (ValueError, AttributeError):
-            status = None
-        if status in ("failed", "unconverged"):
-            click.echo(f"WARNING: the fit in {os.fspath(run)} is marked {status.upper()} ({os.fspath(verdict_path)}): "
-                       "its posterior is not a trustworthy statement of uncertainty; the file records this "
-                       "(attribute fit_verdict)", err=True)
+    try:
+        status = (read_verdict(Path(trained.path).parent) or {}).get("status")
+    except ValueError:
+        status = None
+    if status in ("failed", "unconverged"):
+        click.echo(f"WARNING: the fit in {os.fspath(run)} is marked {status.upper()} "
+                   f"({os.fspath(Path(trained.path).parent / 'verdict.json')}): its posterior is not a trustworthy "
+                   "statement of uncertainty; the file records this (attribute fit_verdict)", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     if self_calibrate:
         if calibration is not None or pose_temperature is not None or scale_temperature is not None:

@@ -30,7 +30,41 @@ from torch import Tensor
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 
-__all__ = ["OrientationSearch"]
+__all__ = ["OrientationSearch", "cube_points", "grid_profile_loglik"]
+
+
+def cube_points(n: int, q_max: float, device: torch.device | str | None = None) -> Tensor:
+    """``q`` of the voxels of the ``n^3`` cube over ``[-q_max, q_max]^3``, ``(n^3, 3)``, indexed ``[ix, iy, iz]``."""
+    ax = torch.linspace(-q_max, q_max, n, device=device)
+    return torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+
+
+def grid_profile_loglik(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
+                        chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """Poisson log-likelihood of patterns at every rotation of a grid, the fluence profiled out.
+
+    Args:
+        cache: ``(1, 1, n, n, n)`` ``log I`` on :func:`cube_points` (differentiable if it carries a gradient).
+        rotations: ``(G, 3, 3)``; q: ``(M, 3)`` pixel ``q`` (1/A); log_w: ``(M,)`` log pixel factors;
+        y: ``(B, M)`` counts; q_max: half-width of the cube (1/A).
+    Returns:
+        ``ll (B, G)`` = ``sum_k y_k log lambda_gk - N log sum_k lambda_gk`` (up to terms in ``y`` only) and the
+        profile log scales ``log(N / sum_k lambda_gk)`` ``(B, G)`` (detached).
+    """
+    n_tot = y.sum(-1, keepdim=True)
+    log_n = n_tot.clamp(min=1.0).log()
+    rots = rotations.to(q.device, q.dtype)
+    lls, scales = [], []
+    for s in range(0, rots.shape[0], chunk):
+        qr = torch.einsum("gij,mj->gmi", rots[s:s + chunk], q) / q_max  # (g, M, 3) in [-1, 1]
+        # grid_sample: volume (D=ix, H=iy, W=iz) wants coordinates ordered (iz, iy, ix)
+        log_i = F.grid_sample(cache, qr.flip(-1)[None, :, :, None, :], mode="bilinear", padding_mode="border",
+                              align_corners=True).reshape(qr.shape[:2])
+        log_lam = log_i + log_w  # (g, M)
+        lse = torch.logsumexp(log_lam, dim=-1)[None]  # (1, g)
+        lls.append(y @ log_lam.T - n_tot * lse)
+        scales.append((log_n - lse).detach())
+    return torch.cat(lls, -1), torch.cat(scales, -1)
 
 
 class OrientationSearch:
@@ -86,9 +120,7 @@ class OrientationSearch:
     def refresh(self) -> None:
         """Re-evaluate the field on the cache cube (call after the field changed)."""
         n = self.cache_grid
-        dev = self.model.q.device
-        ax = torch.linspace(-self.q_max, self.q_max, n, device=dev)
-        q = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+        q = cube_points(n, self.q_max, self.model.q.device)
         log_i = torch.cat([self.model.field.log_intensity(q[i:i + 65536]) for i in range(0, q.shape[0], 65536)])
         self._cache = log_i.reshape(1, 1, n, n, n)
 
@@ -102,27 +134,11 @@ class OrientationSearch:
         if self._cache is None:
             self.refresh()
         model = self.model
-        dev = model.q.device
         q = model.q[pixels]  # (M, 3)
-        log_w = model.log_pixel_factor[pixels]
         y = images.reshape(images.shape[0], -1)[:, pixels].to(q.dtype)  # (B, M)
-        n_tot = y.sum(-1, keepdim=True)
-        rots = self.rotations.to(dev, q.dtype)
-        out, scales = [], []
-        log_n = n_tot.clamp(min=1.0).log()
-        for s in range(0, rots.shape[0], chunk):
-            qr = torch.einsum("gij,mj->gmi", rots[s:s + chunk], q) / self.q_max  # (g, M, 3) in [-1, 1]
-            # grid_sample: volume (D=ix, H=iy, W=iz) wants coordinates ordered (iz, iy, ix)
-            log_i = F.grid_sample(self._cache, qr.flip(-1)[None, :, :, None, :], mode="bilinear",
-                                  padding_mode="border", align_corners=True).reshape(qr.shape[:2])
-            log_lam = log_i + log_w  # (g, M)
-            lse = torch.logsumexp(log_lam, dim=-1)[None]  # (1, g)
-            out.append(y @ log_lam.T - n_tot * lse)
-            if return_log_scale:
-                scales.append(log_n - lse)
-        if return_log_scale:
-            return torch.cat(out, dim=-1), torch.cat(scales, dim=-1)
-        return torch.cat(out, dim=-1)
+        ll, log_s = grid_profile_loglik(self._cache, self.rotations, q, model.log_pixel_factor[pixels], y, self.q_max,
+                                        chunk)
+        return (ll, log_s) if return_log_scale else ll
 
     @torch.no_grad()
     def __call__(self, images: Tensor, pixels: Tensor) -> Tensor:

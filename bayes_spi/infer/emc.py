@@ -22,7 +22,8 @@ costs one field evaluation on the cube, ``G x M`` interpolations and one ``(B, M
 Example:
     >>> import torch
     >>> from bayes_spi.models.fields import SirenField
-    >>> from bayes_spi.models.spi import SPIModel
+    >>> from bayes_spi.guides.search import cube_points, grid_profile_loglik
+from bayes_spi.models.spi import SPIModel
     >>> from bayes_spi.so3 import super_fibonacci_rotmat
     >>> model = SPIModel(SirenField(0.125), torch.randn(64, 3) * 0.03, torch.full((64,), 1e-3))
     >>> emc = GridMarginal(model, super_fibonacci_rotmat(256), cache_grid=9)
@@ -37,9 +38,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from bayes_spi.guides.search import cube_points, grid_profile_loglik
 from bayes_spi.models.spi import SPIModel
 
 __all__ = ["GridMarginal", "GridPosterior", "cache_grid_for"]
@@ -94,9 +95,7 @@ class GridMarginal:
         self.n = int(cache_grid)
         self.chunk = int(chunk)
         self.q_max = float(model.q.norm(dim=-1).max())
-        dev = model.q.device
-        ax = torch.linspace(-self.q_max, self.q_max, self.n, device=dev)
-        pts = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+        pts = cube_points(self.n, self.q_max, model.q.device)
         dq = 2 * self.q_max / (self.n - 1)
         # only voxels an interpolation at |q| <= q_max can touch need the field
         self.inside = torch.nonzero(pts.norm(dim=-1) <= self.q_max + math.sqrt(3) * dq + 1e-9).squeeze(-1)
@@ -119,21 +118,8 @@ class GridMarginal:
         model = self.model
         cache = self.cache() if cache is None else cache
         q = model.q[pixels]
-        log_w = model.log_pixel_factor[pixels]
         y = images.reshape(images.shape[0], -1)[:, pixels].to(q.dtype)
-        n_tot = y.sum(-1, keepdim=True)
-        log_n = n_tot.clamp(min=1.0).log()
-        rots = self.rotations.to(q.device, q.dtype)
-        lls, scales = [], []
-        for s in range(0, rots.shape[0], self.chunk):
-            qr = torch.einsum("gij,mj->gmi", rots[s:s + self.chunk], q) / self.q_max
-            log_i = F.grid_sample(cache, qr.flip(-1)[None, :, :, None, :], mode="bilinear", padding_mode="border",
-                                  align_corners=True).reshape(qr.shape[:2])
-            log_lam = log_i + log_w
-            lse = torch.logsumexp(log_lam, dim=-1)[None]
-            lls.append(y @ log_lam.T - n_tot * lse)
-            scales.append((log_n - lse).detach())
-        return torch.cat(lls, -1), torch.cat(scales, -1)
+        return grid_profile_loglik(cache, self.rotations, q, model.log_pixel_factor[pixels], y, self.q_max, self.chunk)
 
     def __call__(self, images: Tensor, pixels: Tensor, pixel_weight: float = 1.0, beta: float = 1.0
                  ) -> GridPosterior:

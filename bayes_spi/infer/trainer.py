@@ -448,21 +448,30 @@ class Trainer:
         value = float(loss.detach())
         if not math.isfinite(value):
             return value
+        self._optimizer_step(loss)
+        eff = float(post.effective_orientations.mean())
+        self.emc_terms = {"loglik_per_image": -value, "kl_pose": math.log(post.weights.shape[-1]) - math.log(eff),
+                          "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff}
+        # the level between scales and field, as recentre_level does in SVI (the cache is rebuilt every step)
+        self._shift_level(float(post.log_scale.mean()))
+        return value
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward, clip the gradient norm, one Adam step, one learning-rate schedule step."""
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
         self.optim.step()
         self.scheduler.step()
-        self.batch_log_scale = float(post.log_scale.mean())
-        eff = float(post.effective_orientations.mean())
-        self.emc_terms = {"loglik_per_image": -value, "kl_pose": math.log(post.weights.shape[-1]) - math.log(eff),
-                          "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff}
-        # the level between scales and field: the same recentring as in SVI (the cache is rebuilt every step)
-        level, self.batch_log_scale = self.batch_log_scale, None
-        shift = level - self._prior_log_scale()
-        if math.isfinite(shift):
-            with torch.no_grad():
-                self.model.field.log_offset.add_(shift)
-        return value
+
+    @torch.no_grad()
+    def _shift_level(self, level_log_scale: float) -> float:
+        """Add ``level_log_scale`` minus the prior's mean ``log s`` to the field's ``log_offset``; returns the
+        shift (0 if not finite)."""
+        shift = level_log_scale - self._prior_log_scale()
+        if not math.isfinite(shift):
+            return 0.0
+        self.model.field.log_offset.add_(shift)
+        return shift
 
     @torch.no_grad()
     def _prior_log_scale(self) -> float:
@@ -488,10 +497,7 @@ class Trainer:
         level, self.batch_log_scale = self.batch_log_scale, None
         if search is None or level is None or search.cache is None:
             return 0.0
-        shift = level - self._prior_log_scale()
-        if not math.isfinite(shift):
-            return 0.0
-        self.model.field.log_offset.add_(shift)
+        shift = self._shift_level(level)
         search.cache = search.cache + shift
         return shift
 
@@ -512,10 +518,7 @@ class Trainer:
             loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior)
         if not math.isfinite(value):
             return value
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
-        self.optim.step()
-        self.scheduler.step()
+        self._optimizer_step(loss)
         return value
 
     @staticmethod

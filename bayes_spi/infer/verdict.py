@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Verdict", "assess_fit", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
+__all__ = ["Verdict", "assess_fit", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
 
 STATUSES = ("converged", "unconverged", "failed")
 
@@ -97,6 +97,23 @@ class Verdict:
         if self.status == "failed":
             text += "\n  The reconstruction is not trustworthy; see BENCHMARKS.md (robustness) for what to change."
         return text
+
+
+def read_verdict(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run's ``verdict.json`` as a dict (``None`` when the run has none).
+
+    Raises:
+        ValueError: the file is not a JSON object.
+    """
+    import json
+
+    path = Path(run_dir) / "verdict.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text(encoding="utf-8"))  # json.JSONDecodeError is a ValueError
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:

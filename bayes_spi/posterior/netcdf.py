@@ -399,15 +399,15 @@ def write_posterior_netcdf(
     attrs = {"source_data": os.fspath(Path(dataset.path).resolve()),
              "run": os.fspath(Path(trained.path).resolve().parent),
              "model_file": os.fspath(Path(trained.path).resolve())}
-    verdict = Path(trained.path).resolve().parent / "verdict.json"
-    if verdict.is_file():  # a failed or unconverged fit's posterior says so
-        import json
+    from bayes_spi.infer.verdict import read_verdict
 
-        try:
-            doc = json.loads(verdict.read_text(encoding="utf-8"))
+    try:  # a failed or unconverged fit's posterior says so
+        doc = read_verdict(Path(trained.path).resolve().parent)
+    except ValueError:
+        attrs["fit_verdict"] = "unknown (unreadable verdict.json)"
+    else:
+        if doc is not None:
             attrs["fit_verdict"] = str(doc.get("status", "unknown"))
             attrs["fit_verdict_reasons"] = "; ".join(str(r) for r in doc.get("reasons", [])) or "none"
-        except (ValueError, AttributeError):
-            attrs["fit_verdict"] = "unknown (unreadable verdict.json)"
     return export_batches(guide_batches(trained, dataset, settings, device), path, patterns, k, settings,
                           attrs, progress)
