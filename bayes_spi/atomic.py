@@ -1,5 +1,9 @@
 """Atomic file writes: a file that exists under its final name is complete.
 
+A write that fails (a full disk, a read-only or missing directory) removes its temporary file, leaves the
+file under its final name as it was, and raises :class:`WriteError`: an ``OSError`` (same ``errno``) whose
+message names the file and the reason in one line.
+
 Example:
     >>> import os, tempfile
     >>> d = tempfile.mkdtemp()
@@ -11,26 +15,55 @@ Example:
 
 from __future__ import annotations
 
+import errno as _errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "WriteError", "write_error_message"]
+
+
+def write_error_message(path: str | os.PathLike[str], exc: OSError) -> str:
+    """One line: the file, what went wrong (e.g. no space left on the device) and that nothing was replaced."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno == _errno.ENOSPC:
+        reason = "no space left on the device"
+    elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        reason = f"not writable ({reason})"
+    return f"{os.fspath(path)}: could not write the file: {reason}"
+
+
+class WriteError(OSError):
+    """Writing a file failed; the message names the file and the reason (``errno`` as the cause's)."""
+
+    def __init__(self, path: str | os.PathLike[str], cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.filename = os.fspath(path)
+        self.message = (write_error_message(path, cause) + "; the temporary file was removed and any previous "
+                        "file of that name is unchanged")
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield ``path.tmp`` to write to; on success it is flushed to disk and renamed to ``path``, on an
-    error (or interrupt) it is removed and ``path`` is left as it was."""
+    error (or interrupt) it is removed and ``path`` is left as it was (an ``OSError`` becomes a
+    :class:`WriteError` naming ``path``)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the original error is the one to report
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(path, exc) from exc
         raise
-    os.replace(tmp, path)

@@ -22,7 +22,7 @@ to the normalised Haar measure (the uniform prior has ``log_prob == 0``), as
 ``bayes_spi.distributions.PreferredOrientationSO3`` does.
 
 Note: ``model.pt`` records the config's prior specs, not this custom object; reload such a model by
-building it the same way and loading ``torch.load("run/model.pt")["model"]`` into it.
+building it the same way and loading ``torch.load("run/model.pt", weights_only=True)["model"]`` into it.
 """
 
 from __future__ import annotations

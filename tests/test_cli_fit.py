@@ -92,7 +92,7 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert images == sorted(images) and images[-1] == 2 * (N_PATTERNS - 3)
     assert all(math.isfinite(float(r["elbo_per_image"])) for r in rows)
     # model.pt
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     assert ck["state"]["step"] == TOTAL_STEPS and any(k.startswith("field.") for k in ck["model"])
     # intensity.mrc / .h5: 17^3, voxel size = q spacing (1/A) up to the detector's q_max
     geom = get_preset("reference-32")
@@ -178,7 +178,7 @@ def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.pt").exists(), "the run finished before it was killed: the test proves nothing"
-    step_at_kill = torch.load(killed / "checkpoint.pt", weights_only=False)["state"]["step"]
+    step_at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"]
     assert 2 <= step_at_kill < 18
 
     # --resume: settings from config.yaml; a differing training option is ignored with a warning
@@ -191,8 +191,8 @@ def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path
     res = _invoke(["fit", str(data_file), "-o", str(ref), *args, "--no-truth"])
     assert res.exit_code == 0, res.output + repr(res.exception)
 
-    a = torch.load(killed / "model.pt", weights_only=False)
-    b = torch.load(ref / "model.pt", weights_only=False)
+    a = torch.load(killed / "model.pt", weights_only=True)
+    b = torch.load(ref / "model.pt", weights_only=True)
     assert a["state"]["step"] == b["state"]["step"] == 18
     for part in ("model", "guide"):
         assert a[part].keys() == b[part].keys()

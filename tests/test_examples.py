@@ -74,7 +74,7 @@ def test_custom_prior_example(custom_prior: ModuleType, data_file: Path, tmp_pat
     assert isinstance(model.likelihood, PoissonGaussianLikelihood) and model.likelihood.readout_sigma == 0.3
     # the standard trainer ran and wrote its outputs
     assert out["trainer"].state.step == 2
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     assert float(ck["model"]["scale_prior.shape"]) == 9.0 and float(ck["model"]["pose_prior.kappa"]) == 1.5
     with open(run / "metrics.csv", newline="") as fh:
         assert _finite_elbos(list(csv.DictReader(fh)))
@@ -130,7 +130,7 @@ def test_cli_fit_with_priors_and_likelihood(data_file: Path, tmp_path: Path) -> 
     assert isinstance(model.pose_prior, PreferredOrientationPrior) and float(model.pose_prior.kappa) == 2.0
     assert isinstance(model.scale_prior, EmpiricalScalePrior)
     assert isinstance(model.likelihood, PoissonGaussianLikelihood) and model.likelihood.readout_sigma == 0.3
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     assert torch.equal(ck["model"]["scale_prior.locs"], EmpiricalScalePrior.pr772().locs)
 
 

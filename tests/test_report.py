@@ -363,7 +363,11 @@ def test_report_cli_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "run"), "--truth", str(tmp_path / "no.h5")])
     assert r.exit_code != 0 and "no.h5" in r.output
-    # an empty run directory: a page that says everything is missing
+    # a directory that is not a run: refused (issue 8)
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "run")])
+    assert r.exit_code != 0 and "expected a run directory" in r.output
+    # a run that has only just started (run.log): a page that says everything is missing
+    (tmp_path / "run" / "run.log").write_text("")
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     page = (tmp_path / "run" / "report.html").read_text()

@@ -1,6 +1,6 @@
 r"""Fourier shell correlation (FSC) of intensities and densities, and resolution at a threshold.
 
-Conventions (as in the NeuroRient / X-RAI evaluations, see ``DESIGN.md`` section 5):
+Conventions (as in the NeuroRient / X-RAI evaluations, see ``docs/DESIGN.md`` section 5):
 
 * Reciprocal grids are odd cubes ``(n, n, n)`` indexed ``[ix, iy, iz]``; voxel ``i`` sits at
   ``q = (i - n//2) * dq`` (1/A, no ``2 pi``).

@@ -1,6 +1,6 @@
 """Settings from the data: particle size, speckle sampling, field bandwidth and orientation-grid density.
 
-A fit's hard settings depend on the particle, not on the detector alone (DESIGN section 4, "What EMC
+A fit's hard settings depend on the particle, not on the detector alone (docs/DESIGN.md section 4, "What EMC
 teaches"): the speckle width is ``~1/D`` for a particle of diameter ``D``, so
 
 * the detector resolves the speckles only when the **oversampling** ``FOV / D >= 2`` (``FOV`` =

@@ -4,7 +4,9 @@ RUN is a run directory (or its model.pt). The grid has --grid voxels per side (o
 default it spans the detector's q range; with --voxel A it is sampled so that phasing it gives a density
 with A-angstrom voxels (spacing 1/(N A) in 1/A, reaching about 1/(2A)). The MRC voxel size and origin are
 in 1/A (reciprocal space). A variational intensity field also gets STEM_sd.mrc/.h5, the posterior standard
-deviation of I(q) per voxel.
+deviation of I(q) per voxel. Files are written to -o (default: the run directory, then with the stem
+intensity_gGRID so that the run's own intensity.mrc/.h5, read by `phase` and `report`, are kept); an
+existing file is only replaced with --force.
 
 Example: bayes-spi export run1 --grid 129
 """
@@ -27,8 +29,10 @@ __all__ = ["command"]
                    "default: the grid spans the detector's q range.")
 @click.option("-o", "--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory [default: the run directory].")
-@click.option("--stem", default="intensity", show_default=True, help="File name stem.")
-def command(run: Path, grid: int, voxel: float | None, out_dir: Path | None, stem: str) -> None:
+@click.option("--stem", default=None,
+              help="File name stem [default: intensity, or intensity_gGRID in the run directory].")
+@click.option("--force", is_flag=True, help="Overwrite existing files of the same name.")
+def command(run: Path, grid: int, voxel: float | None, out_dir: Path | None, stem: str | None, force: bool) -> None:
     from bayes_spi.infer.export import export_run
 
     if grid < 3 or grid % 2 == 0:
@@ -36,8 +40,8 @@ def command(run: Path, grid: int, voxel: float | None, out_dir: Path | None, ste
     if voxel is not None and not voxel > 0:
         raise click.BadParameter(f"expected a positive size in A, got {voxel}", param_hint="--voxel")
     try:
-        res = export_run(run, grid=grid, voxel_A=voxel, out_dir=out_dir, stem=stem)
-    except (FileNotFoundError, ValueError) as exc:
+        res = export_run(run, grid=grid, voxel_A=voxel, out_dir=out_dir, stem=stem, overwrite=force)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"grid {grid}^3, spacing {res['dq_inv_A']:.5g} 1/A, reaches |q| = {res['grid_q_max_inv_A']:.4g} 1/A "
                f"(detector: {res['detector_q_max_inv_A']:.4g} 1/A); density voxel {res['voxel_A']:.4g} A")

@@ -11,7 +11,9 @@ fsc.json (orientation errors, fluence correlation, intensity and density FSC).
 
 A RUN that already holds a checkpoint or model is never overwritten: continue it with --resume (the
 settings then come from RUN/config.yaml and training options given on the command line are ignored with
-a warning; DATA may be omitted) or start afresh with --force. Options not given take the defaults shown.
+a warning; DATA may be omitted; --grid defaults to the run's own) or start afresh with --force. One fit at a
+time runs on a RUN: RUN/fit.lock holds its pid while it runs, a second fit on the same RUN is refused at once,
+and the lock of a process that has died is taken over. Options not given take the defaults shown.
 
 Priors and the likelihood are chosen by SPEC: NAME, or NAME:KEY=VALUE;KEY=VALUE... (":" also separates
 parameters, so no shell quoting is needed; vectors are comma-separated), all recorded in config.yaml:
@@ -170,6 +172,31 @@ def _spec_option(kind: str) -> Any:
                         help=_SPEC_HELP[kind])
 
 
+def _locked(run_dir: Path, owner: tuple[int, str]) -> str:
+    from bayes_spi.infer.rundir import _locked_message
+
+    return _locked_message(run_dir, *owner)
+
+
+#: entries a checkpoint.pt must hold to be resumed from
+CHECKPOINT_ENTRIES = ("state", "config", "model", "guide", "optim", "scheduler", "torch_rng", "pixel_rng")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Read ``checkpoint.pt`` safely (weights only: no code in it runs) and check its entries, before anything
+    is written."""
+    from bayes_spi.torchfile import TorchFileError, load_torch_file
+
+    try:
+        ck = load_torch_file(path, what="a bayes-spi checkpoint")
+    except (FileNotFoundError, TorchFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    missing = [k for k in CHECKPOINT_ENTRIES if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise click.ClickException(f"{os.fspath(path)}: expected a bayes-spi checkpoint with entries "
+                                   f"{', '.join(CHECKPOINT_ENTRIES)}, got {missing} missing")
+
+
 def _existing_run(run_dir: Path) -> bool:
     return any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt"))
 
@@ -246,7 +273,7 @@ def run_fit(
     *,
     resume: bool = False,
     force: bool = False,
-    grid: int = 65,
+    grid: int | None = None,
     truth: bool = True,
     progress: bool = True,
     check_data: bool = True,
@@ -261,7 +288,8 @@ def run_fit(
         run_dir: the run directory.
         given: FitConfig settings given explicitly (others take the defaults, or with ``resume`` the
             run's settings; only :data:`RESUME_OVERRIDABLE` ones are then honoured).
-        resume, force, grid, truth, progress, check_data: as the command-line options.
+        resume, force, grid, truth, progress, check_data: as the command-line options (``grid=None``: 65
+            for a new run, the run's recorded grid with ``resume``).
         argv: the command line recorded in ``config.yaml`` (default ``sys.argv``).
         subset: fit only these patterns (global indices; e.g. one half-set), re-indexed 0..n-1 in the
             run's outputs (``posterior.h5`` rows follow the sorted indices); no truth evaluation then.
@@ -272,16 +300,22 @@ def run_fit(
     """
     import pyro
 
+    from bayes_spi.cli.common import check_device, check_writable_dir, os_error_message
     from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.rundir import close_logging, read_config, read_run_info, setup_logging, write_config
+    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, read_config,
+                                        read_run_info, setup_logging, write_config)
 
     if resume and force:
         raise click.UsageError("give either --resume or --force, not both")
-    if grid < 3 or grid % 2 == 0:
+    if grid is not None and (grid < 3 or grid % 2 == 0):
         raise click.BadParameter(f"expected an odd integer >= 3, got {grid}", param_hint="--grid")
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise click.ClickException(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
+    check_writable_dir(run_dir, "the run")
+    owner = live_lock_owner(run_dir)
+    if owner is not None:  # refuse at once; the lock itself is taken below, before anything is written
+        raise click.ClickException(str(RunLockedError(_locked(run_dir, owner))))
 
     # ---- everything below up to "touch the run directory" only reads
     info: dict[str, Any] = {}
@@ -294,6 +328,10 @@ def run_fit(
             config = read_config(run_dir)
         except (FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+        _check_checkpoint(run_dir / "checkpoint.pt")
+        if grid is None:  # the run's output grid, as it was started
+            recorded_grid = (info.get("outputs") or {}).get("grid") if isinstance(info.get("outputs"), dict) else None
+            grid = int(recorded_grid) if isinstance(recorded_grid, int) else 65
         if data is None:
             recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
             if not recorded:
@@ -314,6 +352,9 @@ def run_fit(
                 "expected a new or empty directory; continue it with --resume or overwrite it with --force")
         config = _build_config(given)
         ignored = []
+    if grid is None:
+        grid = 65
+    check_device(config.device)
     sampling = None
 
     dataset = _open_dataset(Path(data))
@@ -326,7 +367,13 @@ def run_fit(
             dataset.close()
             raise click.ClickException(f"{os.fspath(data)}: {subset_name}: {exc}") from None
         truth = False
+    lock = RunLock(run_dir)
+    trainer = None
     try:
+        if dataset.n_patterns < 2:
+            raise click.ClickException(
+                f"{os.fspath(data)}: field /data/counts: expected at least 2 patterns (one is held out to judge the "
+                f"fit), got {dataset.n_patterns}")
         if resume:
             rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
             for key, found in (("n_patterns", dataset.n_patterns), ("shape", list(dataset.shape))):
@@ -352,7 +399,11 @@ def run_fit(
         except RuntimeError as exc:
             raise click.BadParameter(str(exc), param_hint="--device") from None
 
-        # ---- touch the run directory
+        # ---- touch the run directory (first take its lock: one fit at a time)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            raise click.ClickException(str(exc)) from None
         if force and not resume:
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
@@ -377,7 +428,8 @@ def run_fit(
             if subset is not None:  # posterior.h5 row j is pattern members[j] of the file
                 data_info["subset"] = subset_name
                 data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
-            write_config(run_dir, config, data, args, device=str(device), data_info=data_info)
+            write_config(run_dir, config, data, args, device=str(device), data_info=data_info,
+                         outputs={"grid": grid})
             log.info("new run: %s", " ".join(args))
             if sampling is not None:
                 _atomic_json(sampling.to_dict(), run_dir / "sampling.json")
@@ -445,15 +497,23 @@ def run_fit(
 
         outputs["report"] = write_report(run_dir, dataset.path if evaluation is not None else None)
         log.info("wrote %s", outputs["report"].name)
+    except OSError as exc:  # a full disk, an unwritable file: one line, the last good checkpoint kept
+        msg = os_error_message(exc)
+        ck = run_dir / "checkpoint.pt"
+        if ck.is_file():
+            msg += f" (the last good checkpoint is kept: {os.fspath(ck)}; continue with --resume)"
+        log.error("%s", msg)
+        raise click.ClickException(msg) from None
     finally:
         dataset.close()
         close_logging()
+        lock.release()
     return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
             "evaluation": evaluation, "outputs": outputs, "verdict": verdict}
 
 
 def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], *, resume: bool = False,
-                 force: bool = False, grid: int = 65, progress: bool = True, check_data: bool = True,
+                 force: bool = False, grid: int | None = None, progress: bool = True, check_data: bool = True,
                  argv: list[str] | None = None) -> dict[str, Any]:
     """``bayes-spi fit --half-sets``: two fits on a random split, then their FSC (see
     :mod:`bayes_spi.infer.halfsets`). Returns ``{"halves": [run_fit results], "summary": path, "curve": FSCCurve}``."""
@@ -487,6 +547,16 @@ def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], *, res
         seed = int(given.get("seed", 0))
         h1, h2 = write_split(run_dir, n_patterns, seed)
         attrs = {"seed": seed, "n_patterns": n_patterns}
+    if grid is None and resume:  # the grid the half-set run was started with
+        from bayes_spi.infer.rundir import read_run_info
+
+        try:
+            recorded = (read_run_info(run_dir / HALVES[0]).get("outputs") or {}).get("grid")
+        except (FileNotFoundError, ValueError, AttributeError):
+            recorded = None
+        grid = recorded if isinstance(recorded, int) else None
+    if grid is None:
+        grid = 65
     results = []
     for name, members in zip(HALVES, (h1, h2)):
         click.echo(f"half-set {name}: {len(members)} patterns -> {os.fspath(run_dir / name)}")
@@ -578,7 +648,8 @@ class _RecordingCommand(click.Command):
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))
 @_training_option("log_every", click.IntRange(min=1))
-@click.option("--grid", type=int, default=65, show_default=True, help="Odd size of the output intensity cube.")
+@click.option("--grid", type=int, default=None,
+              help="Odd size of the output intensity cube. [default: 65; with --resume the run's own]")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN from its checkpoint.")
 @click.option("--force", is_flag=True, help="Start afresh even if RUN holds a run (its outputs are removed).")
 @click.option("--truth/--no-truth", default=True, show_default=True,
@@ -590,7 +661,7 @@ class _RecordingCommand(click.Command):
                    "(RUN/half1, RUN/half2; the split, drawn from --seed, is kept in RUN/halfsets.h5) and report "
                    "their FSC (RUN/halfsets.json, RUN/fsc.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def command(data: Path | None, run_dir: Path, grid: int, resume: bool, force: bool, truth: bool,
+def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, force: bool, truth: bool,
             check_data: bool, half_sets: bool, progress: bool, **options: Any) -> None:
     given = {k: v for k, v in options.items() if v is not None}
     from bayes_spi.infer.config import FitConfig

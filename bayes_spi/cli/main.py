@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 
 import click
@@ -34,6 +35,18 @@ class _LazyGroup(click.Group):
             return None
         module = importlib.import_module(f"bayes_spi.cli.{SUBCOMMANDS[name]}")
         return module.command
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Run the subcommand; a file-system error that no subcommand turned into a message (an unwritable
+        output path, a full disk) becomes one line naming the file, not a traceback."""
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise
+            from bayes_spi.cli.common import os_error_message
+
+            raise click.ClickException(os_error_message(exc)) from None
 
 
 @click.group(cls=_LazyGroup)

@@ -54,6 +54,11 @@ def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations
     out = Path(out)
     if q_max is not None and not q_max > 0:
         raise click.BadParameter(f"expected a positive |q| in 1/A, got {q_max}", param_hint="--q-max")
+    from bayes_spi.cli.common import check_writable_dir, os_error_message
+
+    if out.is_dir():
+        raise click.ClickException(f"{os.fspath(out)}: expected an output MRC file name, got a directory")
+    check_writable_dir(out.parent, "the density")  # before the phasing, not after it
     try:
         intensity, dq = read_intensity(volume)
     except (FileNotFoundError, ValueError) as exc:
@@ -67,15 +72,21 @@ def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations
     kwargs = {} if iterations is None else {"n_iter": iterations}
     res = phase_retrieval(intensity, dq, n_starts=starts, seed=seed, measured_mask=measured, progress=progress,
                           **kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_density(res.density, res.voxel_A, out, label=f"bayes-spi {__version__} phased density; voxel A")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_density(res.density, res.voxel_A, out, label=f"bayes-spi {__version__} phased density; voxel A")
+    except OSError as exc:
+        raise click.ClickException(os_error_message(exc)) from None
     errors = [float(e) for e in np.asarray(res.errors)]
     record = {"software_version": __version__, "source": os.fspath(volume), "out": os.fspath(out), "grid": n,
               "dq_inv_A": dq, "voxel_A": float(res.voxel_A), "q_max_inv_A": q_max, "starts": starts,
               "seed": seed, "iterations": iterations, "errors": errors, "best": int(res.best),
               "support_voxels": int(np.asarray(res.support).sum())}
-    with atomic_path(out.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise click.ClickException(os_error_message(exc)) from None
     return record
 
 

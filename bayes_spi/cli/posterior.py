@@ -27,6 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -65,13 +66,15 @@ __all__ = ["command"]
                    "on them and use them; writes calibration.json (source: self-simulation) beside OUT. They "
                    "exclude the field's own error (see BENCHMARKS.md).")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed: int, max_patterns: int | None,
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
             calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, device: str,
-            progress: bool) -> None:
+            force: bool, progress: bool) -> None:
     from bayes_spi.atomic import atomic_path
+    from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.load import load_trained
     from bayes_spi.posterior.calibration import fit_temperatures, load_calibration, save_calibration
@@ -90,6 +93,7 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
             pose_temperature, scale_temperature = load_calibration(calibration)
         except (FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+    check_device(device)
     settings = ExportSettings(n_draws=draws, batch_size=batch_size, seed=seed, score_pixels=score_pixels,
                               refine=refine, n_refine=n_refine, pose_temperature=pose_temperature,
                               scale_temperature=scale_temperature, max_patterns=max_patterns)
@@ -108,6 +112,12 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
         dataset.close()
         raise click.ClickException(f"{os.fspath(data)}: field /truth: expected simulated data with a truth "
                                    "(for --truth), got missing")
+    try:
+        refuse_overwrite([out], force, "output file")
+        check_writable_dir(out.parent, "the output file")
+    except click.ClickException:
+        dataset.close()
+        raise
     from bayes_spi.infer.verdict import read_verdict
 
     try:
@@ -118,7 +128,42 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
         click.echo(f"WARNING: the fit in {os.fspath(run)} is marked {status.upper()} "
                    f"({os.fspath(Path(trained.path).parent / 'verdict.json')}): its posterior is not a trustworthy "
                    "statement of uncertainty; the file records this (attribute fit_verdict)", err=True)
+    created = _created_dirs(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _export(run, data, out, draws, seed, settings, trained, dataset, calibration, pose_temperature,
+                scale_temperature, truth, calibrate, self_calibrate, device, refine, progress)
+    except BaseException:
+        _remove_empty(created)  # a failed export leaves no empty output directory behind
+        raise
+
+
+def _created_dirs(d: Path) -> list[Path]:
+    """The directories ``mkdir(parents=True)`` would create for ``d``, deepest first."""
+    out = []
+    while not os.path.lexists(d) and d.parent != d:
+        out.append(d)
+        d = d.parent
+    return out
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break  # not empty (or gone): keep it and its parents
+
+
+def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: Any, trained: Any, dataset: Any,
+            calibration: Path | None, pose_temperature: float | None, scale_temperature: float | None, truth: bool,
+            calibrate: bool, self_calibrate: int, device: str, refine: bool, progress: bool) -> None:
+    from bayes_spi.atomic import atomic_path
+    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+    from bayes_spi.posterior.calibration import fit_temperatures, save_calibration
+    from bayes_spi.posterior.coverage import coverage_from_netcdf, format_coverage
+    from bayes_spi.posterior.netcdf import write_posterior_netcdf
+
     if self_calibrate:
         if calibration is not None or pose_temperature is not None or scale_temperature is not None:
             dataset.close()

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import click
 
-__all__ = ["command"]
+__all__ = ["command", "RUN_MARKERS"]
+
+#: files of which a run directory holds at least one (written when a fit starts or ends)
+RUN_MARKERS = ("config.yaml", "run.log", "model.pt", "metrics.csv", "checkpoint.pt")
 
 
 @click.command(name="report", help=__doc__)
@@ -38,9 +41,22 @@ def command(run_dir: Path, truth_path: Path | None, data_path: Path | None, n_pa
     if not run_dir.is_dir():
         raise click.ClickException(f"run directory {os.fspath(run_dir)!r} not found (expected the output of "
                                    "`bayes-spi fit DATA.h5 -o RUN`)")
+    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+
     for name, p in (("--truth", truth_path), ("--data", data_path)):
-        if p is not None and not p.is_file():
+        if p is None:
+            continue
+        if not p.is_file():
             raise click.ClickException(f"{name}: data file {os.fspath(p)!r} not found")
+        try:  # an unreadable file is an error here, not a page with the comparisons left out
+            with SPIDataset(p) as ds:
+                if name == "--truth" and not ds.has_truth:
+                    raise DataFormatError(p, "/truth", "simulated data with a truth (for --truth)", "missing")
+        except (FileNotFoundError, DataFormatError) as exc:
+            raise click.ClickException(f"{name}: {exc}") from None
+    if not any((run_dir / name).is_file() for name in RUN_MARKERS):
+        raise click.ClickException(f"{os.fspath(run_dir)}: expected a run directory (the output of `bayes-spi fit "
+                                   f"DATA.h5 -o RUN`, holding {', '.join(RUN_MARKERS)}), got none of these files")
     t0 = time.perf_counter()
     try:
         result = build_report(run_dir, truth_path, data_path, n_patterns=n_patterns, max_align=max_align)

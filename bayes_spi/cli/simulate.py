@@ -9,7 +9,8 @@ True = good; or Dragonfly .byt, 0 = good). The fluence comes from --mean-photons
 per pattern over good pixels, default 1e4) or from --photons-per-pulse with --beam-radius-nm. Geometry:
 a preset (--geometry) whose values --photon-energy-ev, --pixels, --pixel-size-m, --distance-m and
 --polarization override. Ground truth (poses, fluence scales, the intensity on a --truth-grid cube) is
-stored in /truth. The file is written in chunks to OUT.tmp and renamed when complete.
+stored in /truth. The file is written in chunks to OUT.tmp and renamed when complete; an existing OUT is
+only replaced with --force.
 
 Example: bayes-spi simulate -o data.h5 --geometry reference-32 --n-patterns 1000 --artifacts FPB
 """
@@ -94,6 +95,7 @@ def _build_geometry(
               help="Odd size of the ground-truth intensity cube (0 = none).")
 @click.option("--chunk", type=click.IntRange(min=1), default=256, show_default=True,
               help="Patterns simulated and written at a time.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def command(
     structure: str,
@@ -117,6 +119,7 @@ def command(
     seed: int,
     truth_grid: int,
     chunk: int,
+    force: bool,
     progress: bool,
 ) -> None:
     from bayes_spi.dataio.h5 import DataFormatError
@@ -124,6 +127,10 @@ def command(
     from bayes_spi.sim.simulate import parse_artifacts, simulate
     from bayes_spi.sim.structure import load_structure
 
+    from bayes_spi.cli.common import check_writable_dir, refuse_overwrite
+
+    refuse_overwrite([output], force, "output file")
+    check_writable_dir(output.parent, "the output file")
     geometry = _build_geometry(preset, photon_energy_ev, pixels, pixel_size_m, distance_m, polarization)
     try:
         arts = parse_artifacts(artifacts)

@@ -25,9 +25,9 @@ Layout (format_version 1)
     /simulation          optional; attrs: everything needed to reproduce the simulation (structure, seed,
                          artifacts, fluence settings, n_patterns, ...)
 
-Reading rules: counts may be any integer dtype, or a float dtype (e.g. converted from another format);
-float counts are accepted as they are (non-integer values allowed), but every value read at a good pixel
-must be finite and >= 0, otherwise :class:`DataFormatError` names the file, ``/data/counts`` and the
+Reading rules: counts may be any integer dtype, or a float dtype (e.g. converted from another format)
+holding whole numbers; every value read at a good pixel must be finite, >= 0 and (for float dtypes) an
+integer (the likelihoods count photons), otherwise :class:`DataFormatError` names the file, ``/data/counts`` and the
 pattern index. Values at masked pixels are never validated and are returned as 0: consumers must use
 :attr:`SPIDataset.mask` and never treat masked pixels as data.
 """
@@ -132,8 +132,21 @@ class H5Writer:
         if expected_patterns is not None and expected_patterns > 0:
             chunk = min(chunk, int(expected_patterns))
         chunk = max(chunk, 1)
+        from bayes_spi.atomic import WriteError
+
+        try:
+            self._file = h5py.File(self.tmp_path, "w")
+        except OSError as exc:
+            raise WriteError(self.path, exc) from exc
+        try:
+            self._create(geometry, chunk, simulation_attrs)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(self.path, exc) from exc
+
+    def _create(self, geometry: Geometry, chunk: int, simulation_attrs: dict[str, Any] | None) -> None:
         n_y, n_x = geometry.shape
-        self._file = h5py.File(self.tmp_path, "w")
+        with_truth = self.with_truth
         f = self._file
         f.attrs["format"] = FORMAT_NAME
         f.attrs["format_version"] = FORMAT_VERSION
@@ -245,23 +258,41 @@ class H5Writer:
     def close(self) -> None:
         """Finish: flush, close and atomically move ``PATH.tmp`` to ``PATH``."""
         if self._file.id.valid:
-            self._file.close()
-            os.replace(self.tmp_path, self.path)
+            try:
+                self._file.flush()
+                self._file.close()
+                os.replace(self.tmp_path, self.path)
+            except OSError as exc:
+                self.abort()
+                from bayes_spi.atomic import WriteError
+
+                raise WriteError(self.path, exc) from exc
 
     def abort(self) -> None:
-        """Close and delete the temporary file (``PATH`` untouched)."""
-        if self._file.id.valid:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        """Close and delete the temporary file (``PATH`` untouched); never raises."""
+        try:
+            if self._file.id.valid:
+                self._file.close()
+        except (OSError, RuntimeError):
+            pass  # closing a file on a full disk can fail: the file is removed below anyway
+        try:
+            self.tmp_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def __enter__(self) -> H5Writer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.close()
+            self.close()  # on an error it removes the temporary file and raises one WriteError
         else:
             self.abort()
+            if isinstance(exc, OSError) and not isinstance(exc, KeyboardInterrupt):
+                from bayes_spi.atomic import WriteError
+
+                if not isinstance(exc, WriteError):
+                    raise WriteError(self.path, exc) from exc
 
 
 def write_simulation(
@@ -319,7 +350,15 @@ class SPIDataset:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"data file {os.fspath(path)!r} not found")
+            from bayes_spi.paths import input_file_problem
+
+            problem = input_file_problem(self.path)
+            if problem is None or isinstance(problem, FileNotFoundError):
+                raise FileNotFoundError(f"data file {os.fspath(path)!r} not found"
+                                        + ("" if problem is None or problem.strerror == "not found"
+                                           else f" ({problem.strerror})"))
+            found = (problem.strerror or "").removeprefix("got ")
+            raise DataFormatError(self.path, "/", "a bayes-spi HDF5 file", found)
         try:
             self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES)
         except OSError as exc:
@@ -388,6 +427,9 @@ class SPIDataset:
             if not np.all((raw_mask == 0) | (raw_mask == 1)):
                 raise self._error("/geometry/mask", "values 0/1 (1 = good pixel)", "other values")
             mask = raw_mask.astype(bool)
+            if not mask.any():
+                raise self._error("/geometry/mask", "at least one good pixel (value 1)",
+                                  f"all {mask.size} pixels masked (0)")
         self.mask: np.ndarray = mask
         try:
             self.geometry: Geometry = Geometry.from_dict(values, mask=mask)
@@ -495,6 +537,12 @@ class SPIDataset:
             if bad.any():
                 raise self._error("/data/counts", "finite values",
                                   f"NaN or infinity in pattern index {int(idx[np.argmax(bad)])}")
+            frac = (good != np.round(good)).any(axis=1)
+            if frac.any():
+                i = int(np.argmax(frac))
+                value = float(good[i][good[i] != np.round(good[i])][0])
+                raise self._error("/data/counts", "whole photon counts (float dtype allowed, integer values)",
+                                  f"non-integer value {value:g} in pattern index {int(idx[i])}")
         neg = (good < 0).any(axis=1)
         if neg.any():
             raise self._error("/data/counts", "non-negative counts",
@@ -567,7 +615,11 @@ class SPIDataset:
 
     def truth_rotations(self) -> np.ndarray:
         """True poses ``(N, 3, 3)``: pixel ``k`` of pattern ``i`` samples ``I_mol(R_i @ q_k)``."""
-        return quaternions_to_rotations(self.truth_quaternions())
+        try:
+            return quaternions_to_rotations(self.truth_quaternions())
+        except ValueError as exc:
+            raise self._error("/truth/quaternions", "non-zero finite quaternions (N, 4)",
+                              str(exc).split("got ", 1)[-1]) from None
 
     def truth_scales(self) -> np.ndarray:
         """True fluence scales ``gamma_i`` ``(N,)``."""

@@ -7,7 +7,7 @@ For pattern ``i`` with counts ``y_i``::
     s_i          ~ LogNormal(log(N_i / N_ref) + a(y_i), b(y_i))
 
 The encoder proposes ``H`` rotations ``R_h``; each is paired with ``R_h @ Rz(pi)``, the pose that gives
-the same pattern up to Ewald curvature (DESIGN section 4), so the genuine two-fold ambiguity is always
+the same pattern up to Ewald curvature (docs/DESIGN.md section 4), so the genuine two-fold ambiguity is always
 represented and its weight is inferred. The mixture over hypotheses is the Bayesian form of X-RAI's
 "keep the better of K": with ``TraceEnum_ELBO`` the ELBO is the exact ``w``-weighted sum of the
 per-hypothesis ELBOs plus ``KL(w || uniform)``, so the weights become the posterior probabilities

@@ -93,7 +93,9 @@ def load_field(model_path: str | os.PathLike[str], geometry: Geometry | None = N
     q, _, _ = detector_tensors(geometry)
     q_max = float(q.norm(dim=-1).max())
     field = build_field(config, q_max)
-    state = {k[len("field."):]: v for k, v in ck["model"].items() if k.startswith("field.")}
+    if not isinstance(ck["model"], dict):
+        raise ValueError(f"{os.fspath(path)}: field model: expected a state dict, got {type(ck['model']).__name__}")
+    state = {k[len("field."):]: v for k, v in ck["model"].items() if isinstance(k, str) and k.startswith("field.")}
     if not state:
         raise ValueError(f"{os.fspath(path)}: field model: expected 'field.*' entries, got none")
     try:
@@ -168,7 +170,12 @@ def evaluate_run_full(
     mdl_path = Path(model_path) if model_path is not None else run_dir / "model.pt"
     if not post_path.is_file():
         raise FileNotFoundError(f"{os.fspath(post_path)}: not found (expected the run's per-image posterior)")
-    with h5py.File(post_path, "r") as f:
+    try:
+        f = h5py.File(post_path, "r")
+    except OSError as exc:
+        raise ValueError(f"{os.fspath(post_path)}: expected the run's per-image posterior (HDF5), got an unreadable "
+                         f"file ({exc})") from None
+    with f:
         for name in ("pose_quaternion", "scale_mean"):
             if name not in f:
                 raise ValueError(f"{os.fspath(post_path)}: field /{name}: expected a dataset, got missing")
@@ -195,7 +202,10 @@ def evaluate_run_full(
     if quat.shape != (n, 4) or scale.shape != (n,):
         raise ValueError(f"{os.fspath(post_path)}: pose_quaternion/scale_mean: expected shapes ({n}, 4)/({n},) "
                          f"(the truth file's N), got {quat.shape}/{scale.shape}")
-    R_est = quaternions_to_rotations(quat)
+    try:
+        R_est = quaternions_to_rotations(quat)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(post_path)}: field /pose_quaternion: {exc}") from None
     summ = orientation_error_summary(R_est, R_true)
     out: dict[str, float] = {k: float("nan") for k in EVALUATION_KEYS}
     out.update({

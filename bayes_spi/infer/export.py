@@ -11,7 +11,7 @@ When the field is variational (it has ``intensity_moments``), the posterior stan
 
 Example::
 
-    paths = export_run("run1", grid=129)
+    paths = export_run("run1", grid=129)   # run1/intensity_g129.mrc/.h5; run1/intensity.* are kept
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.load import model_path_of
 from bayes_spi.infer.outputs import field_on_grid, write_intensity
 
-__all__ = ["grid_spacing", "export_run"]
+__all__ = ["grid_spacing", "export_paths", "export_run"]
 
 
 def grid_spacing(n: int, q_max: float, voxel_A: float | None = None) -> float:
@@ -37,19 +37,42 @@ def grid_spacing(n: int, q_max: float, voxel_A: float | None = None) -> float:
     return 1.0 / (n * float(voxel_A))
 
 
+def export_paths(out_dir: str | os.PathLike[str], stem: str) -> list[Path]:
+    """The files :func:`export_run` may write: ``STEM.mrc``, ``STEM.h5`` and, for a variational field, ``STEM_sd.*``."""
+    out = Path(out_dir)
+    return [out / f"{s}{ext}" for s in (stem, f"{stem}_sd") for ext in (".mrc", ".h5")]
+
+
 def export_run(run: str | os.PathLike[str], grid: int = 65, voxel_A: float | None = None,
-               out_dir: str | os.PathLike[str] | None = None, stem: str = "intensity") -> dict[str, object]:
+               out_dir: str | os.PathLike[str] | None = None, stem: str | None = None,
+               overwrite: bool = False) -> dict[str, object]:
     """Write ``STEM.mrc``/``STEM.h5`` (and ``STEM_sd.*`` for a variational field) into ``out_dir`` (default the run).
+
+    The default ``stem`` is ``intensity`` in another directory and ``intensity_gGRID`` in the run directory,
+    so that the run's own ``intensity.mrc``/``.h5`` (read by ``bayes-spi phase`` and ``report``) are kept.
+
+    Raises:
+        FileNotFoundError: no ``model.pt``.
+        FileExistsError: a file to be written exists and ``overwrite`` is False (names the files).
+        ValueError: a bad model file or grid.
 
     Returns:
         ``{"intensity_mrc", "intensity_h5", ["intensity_sd_mrc", "intensity_sd_h5"], "grid", "dq_inv_A",
         "voxel_A", "grid_q_max_inv_A", "detector_q_max_inv_A"}``.
     """
     path = model_path_of(run)
+    out = Path(out_dir) if out_dir is not None else path.parent
+    if stem is None:
+        in_run = out.resolve() == path.parent.resolve()
+        stem = f"intensity_g{grid}" if in_run else "intensity"
+    existing = [p for p in export_paths(out, stem) if os.path.lexists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(os.fspath(p) for p in existing)}: already exists: expected new files "
+                              "(the run's own intensity.mrc/.h5 are read by `bayes-spi phase` and `report`); give "
+                              "another --stem or -o, or --force to overwrite")
     field, q_max = load_field(path)
     dq = grid_spacing(grid, q_max, voxel_A)
     grid_max = (grid // 2) * dq
-    out = Path(out_dir) if out_dir is not None else path.parent
     out.mkdir(parents=True, exist_ok=True)
     vol, _ = field_on_grid(field, grid, grid_max)
     mrc, h5 = write_intensity(vol, dq, out, stem=stem)

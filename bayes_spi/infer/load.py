@@ -21,6 +21,8 @@ from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.spi import SPIModel
+from bayes_spi.paths import check_input_file
+from bayes_spi.torchfile import load_torch_file
 
 __all__ = ["Trained", "load_trained", "model_path_of", "read_model_file", "stored_geometry"]
 
@@ -56,19 +58,25 @@ def read_model_file(run: str | os.PathLike[str], need: tuple[str, ...] = ("confi
                     ) -> tuple[Path, dict, FitConfig]:
     """``(path, checkpoint dict, FitConfig)`` of a run's ``model.pt`` (a run directory or the file).
 
+    The file is read with ``weights_only=True`` (:func:`bayes_spi.torchfile.load_torch_file`): a crafted
+    file cannot run code.
+
     Raises:
-        FileNotFoundError: no ``model.pt``.
-        ValueError: not a bayes-spi model file (an entry of ``need`` missing) or an invalid config.
+        FileNotFoundError: no ``model.pt`` (IsADirectoryError / OSError with an accurate message for a
+            directory or a symbolic-link loop).
+        ValueError: not a bayes-spi model file (empty, truncated, foreign, an entry of ``need`` missing) or
+            an invalid config (:class:`~bayes_spi.torchfile.TorchFileError` is a ValueError).
     """
     path = model_path_of(run)
-    if not path.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the trained model of a finished run)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    check_input_file(path, "the trained model of a finished run (model.pt)")
+    ck = load_torch_file(path, map_location="cpu", what="a bayes-spi model file (model.pt)")
     missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"{os.fspath(path)}: expected a bayes-spi model file with entries {', '.join(need)}; "
                          f"missing {missing}")
     try:
+        if not isinstance(ck["config"], dict):
+            raise TypeError(f"expected a mapping, got {type(ck['config']).__name__}")
         config = FitConfig.from_dict(ck["config"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{os.fspath(path)}: field config: {exc}") from None
@@ -80,7 +88,14 @@ def stored_geometry(ck: dict, path: Path) -> Geometry:
     if "geometry" not in ck:
         raise ValueError(f"{os.fspath(path)}: field geometry: expected a stored geometry, got missing")
     mask = ck.get("mask")
-    return Geometry.from_dict(ck["geometry"], mask=None if mask is None else np.asarray(mask))
+    if isinstance(mask, torch.Tensor):
+        mask = mask.cpu().numpy()
+    if not isinstance(ck["geometry"], dict):
+        raise ValueError(f"{os.fspath(path)}: field geometry: expected a mapping, got {type(ck['geometry']).__name__}")
+    try:
+        return Geometry.from_dict(ck["geometry"], mask=None if mask is None else np.asarray(mask, dtype=bool))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{os.fspath(path)}: field geometry: expected a stored detector geometry ({exc})") from None
 
 
 def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
@@ -96,7 +111,7 @@ def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu"
     for name, module in (("model", model), ("guide", guide)):
         try:
             module.load_state_dict(ck[name])
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             raise ValueError(f"{os.fspath(path)}: field {name}: weights do not match the config ({exc})") from None
     model.eval()
     guide.eval()

@@ -7,6 +7,7 @@ A run directory written by ``bayes-spi fit`` holds::
     checkpoint.pt    latest atomic checkpoint (resume with ``--resume``)
     metrics.csv      metric history, one row per log interval
     model.pt, intensity.mrc, intensity.h5, posterior.h5, evaluation.json   final outputs
+    fit.lock         while a ``fit`` runs: the owner's pid and host (an advisory lock, see :class:`RunLock`)
 
 Example:
     >>> import tempfile
@@ -41,10 +42,15 @@ __all__ = [
     "read_run_info",
     "setup_logging",
     "close_logging",
+    "LOCK_NAME",
+    "RunLockedError",
+    "RunLock",
+    "live_lock_owner",
 ]
 
 CONFIG_NAME = "config.yaml"
 LOG_NAME = "run.log"
+LOCK_NAME = "fit.lock"
 _HANDLER_TAG = "_bayes_spi_run_handler"
 
 
@@ -60,6 +66,7 @@ def write_config(
     argv: Sequence[str] | None = None,
     device: str | None = None,
     data_info: dict[str, Any] | None = None,
+    outputs: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``run_dir/config.yaml`` atomically and return its path.
 
@@ -70,6 +77,7 @@ def write_config(
         argv: the full command line (default ``sys.argv``).
         device: the resolved device (e.g. ``cpu``, ``cuda:0``); default ``config.device``.
         data_info: extra facts about the data (e.g. ``n_patterns``, ``shape``) stored under ``data``.
+        outputs: settings of the outputs (e.g. ``grid``) stored under ``outputs``; ``--resume`` keeps them.
     """
     import pyro
     import torch
@@ -99,6 +107,8 @@ def write_config(
         "host": platform.node(),
         "settings": _plain(config.to_dict()),
     }
+    if outputs:
+        doc["outputs"] = _plain(outputs)
     path = run_dir / CONFIG_NAME
     text = "# bayes-spi run configuration (settings: FitConfig; see bayes_spi/infer/config.py)\n"
     text += yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
@@ -198,3 +208,115 @@ def setup_logging(run_dir: str | os.PathLike[str], level: int = logging.INFO) ->
         setattr(handler, _HANDLER_TAG, True)
         logger.addHandler(handler)
     return logger
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+class RunLockedError(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _read_lock(path: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` from a lock file, ``None`` when it is missing or unreadable (then treated as stale)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError, IsADirectoryError):
+        return None
+    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    try:
+        return int(fields.get("pid", "")), fields.get("host", "")
+    except ValueError:
+        return None
+
+
+def live_lock_owner(run_dir: str | os.PathLike[str]) -> tuple[int, str] | None:
+    """``(pid, host)`` of the live process that holds ``run_dir``'s lock, or ``None`` (no lock, or a stale one:
+    its pid is dead on this host). A lock from another host is taken as live (its pid cannot be checked)."""
+    owner = _read_lock(Path(run_dir) / LOCK_NAME)
+    if owner is None:
+        return None
+    pid, host = owner
+    if host and host != platform.node():
+        return owner
+    return owner if _pid_alive(pid) else None
+
+
+def _locked_message(run_dir: Path, pid: int, host: str) -> str:
+    return (f"run directory {os.fspath(run_dir)!r} is in use by another bayes-spi fit (pid {pid}"
+            f"{' on ' + host if host and host != platform.node() else ''}; lock file "
+            f"{os.fspath(run_dir / LOCK_NAME)}): expected no other process on it; wait for that fit to end or give "
+            "another -o (remove the lock file only if that process is gone)")
+
+
+class RunLock:
+    """An advisory lock on a run directory: ``RUN/fit.lock`` holds the owner's pid and host.
+
+    :meth:`acquire` creates it atomically (``O_CREAT | O_EXCL``); a lock whose pid is dead on this host is
+    stale and taken over; a live one raises :class:`RunLockedError` at once. :meth:`release` removes it.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> with RunLock(d):
+        ...     live_lock_owner(d)[0] == os.getpid()
+        True
+        >>> live_lock_owner(d) is None
+        True
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = f"pid={os.getpid()}\nhost={platform.node()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = live_lock_owner(self.run_dir)
+                if owner is not None:
+                    raise RunLockedError(_locked_message(self.run_dir, *owner)) from None
+                # stale (its process is gone): take it over; a racing taker loses at O_EXCL above
+                stale = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+                try:
+                    os.replace(self.path, stale)
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            self.held = True
+            return self
+        raise RunLockedError(f"run directory {os.fspath(self.run_dir)!r}: could not take the lock file "
+                             f"{os.fspath(self.path)} (another process keeps replacing it)")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        owner = _read_lock(self.path)
+        if owner is not None and owner[0] == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -59,8 +59,9 @@ def resolve_device(name: str) -> torch.device:
 
 def atomic_torch_save(obj: object, path: Path) -> None:
     """``torch.save`` to ``path.tmp`` then ``os.replace``: a reader never sees a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    from bayes_spi.torchfile import save_torch_file  # tensors and plain values only (read with weights_only)
+
+    save_torch_file(obj, path)
 
 
 @dataclass
@@ -281,7 +282,9 @@ class Trainer:
         )
 
     def load_checkpoint(self) -> None:
-        ck = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        from bayes_spi.torchfile import load_torch_file  # weights_only: no code in the file runs
+
+        ck = load_torch_file(self.checkpoint_path, map_location=self.device, what="a bayes-spi checkpoint")
         self.state = TrainState(**ck["state"])
         self.model.load_state_dict(ck["model"])
         self.guide.load_state_dict(ck["guide"])

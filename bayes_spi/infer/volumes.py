@@ -37,7 +37,8 @@ def _check_cube(arr: np.ndarray, path: Path, field: str) -> np.ndarray:
     return arr
 
 
-def _read_mrc(path: Path) -> tuple[np.ndarray, float]:
+def _read_mrc(path: Path, labels: list[str] | None = None) -> tuple[np.ndarray, float]:
+    """Data ``[x, y, z]`` and voxel size of an MRC file; its header labels are appended to ``labels``."""
     try:
         with mrcfile.open(path, permissive=True) as mrc:
             if mrc.data is None:
@@ -45,6 +46,10 @@ def _read_mrc(path: Path) -> tuple[np.ndarray, float]:
             data = np.asarray(mrc.data, dtype=np.float64).transpose(2, 1, 0)  # [z,y,x] -> [x,y,z]
             vs = mrc.voxel_size
             sizes = {float(vs.x), float(vs.y), float(vs.z)}
+            if labels is not None:
+                n_labels = max(0, min(int(mrc.header.nlabl), 10))
+                labels.extend(bytes(mrc.header.label[i]).decode("ascii", "replace").strip("\x00 ")
+                              for i in range(n_labels))
     except (OSError, ValueError) as exc:
         if isinstance(exc, ValueError) and os.fspath(path) in str(exc):
             raise
@@ -69,8 +74,11 @@ def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     if not p.is_file():
         raise FileNotFoundError(f"{os.fspath(p)}: not found (expected an intensity volume, .mrc or .h5)")
     if p.suffix.lower() in (".mrc", ".map", ".mrcs"):
-        data, dq = _read_mrc(p)
-        return _check_cube(data, p, "data"), dq
+        labels: list[str] = []
+        data, dq = _read_mrc(p, labels)
+        _check_cube(data, p, "data")
+        _reject_density(p, data, dq, labels)
+        return data, dq
     try:
         f = h5py.File(p, "r")
     except OSError as exc:
@@ -85,6 +93,23 @@ def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
                                      "size in 1/A, got missing")
                 return _check_cube(np.asarray(ds[()], dtype=np.float64), p, f"/{name}"), float(ds.attrs["voxel_size_inv_A"])
     raise ValueError(f"{os.fspath(p)}: field /intensity: expected a dataset (or /truth/intensity), got missing")
+
+
+#: an intensity grid's spacing (1/A) is far below this; a density's voxel size (A) is above it
+_MAX_INTENSITY_VOXEL_INV_A = 0.5
+
+
+def _reject_density(path: Path, data: np.ndarray, voxel: float, labels: list[str]) -> None:
+    """An intensity MRC holds ``|F(q)|^2`` on a fine reciprocal grid (voxel in 1/A); refuse a real-space density
+    (labelled as one by bayes-spi, or with a voxel size that only makes sense in A)."""
+    density_label = next((lab for lab in labels if "density" in lab.lower()), None)
+    if density_label is not None:
+        raise ValueError(f"{os.fspath(path)}: expected an intensity volume (reciprocal space), got a density MRC "
+                         f"(label {density_label!r}); phase an intensity: a run directory, its intensity.h5, or "
+                         "the output of `bayes-spi export`")
+    if voxel >= _MAX_INTENSITY_VOXEL_INV_A:
+        raise ValueError(f"{os.fspath(path)}: field voxel_size: expected an intensity grid spacing in 1/A (well "
+                         f"below {_MAX_INTENSITY_VOXEL_INV_A}), got {voxel:g}: a real-space density (voxel in A)?")
 
 
 def read_density(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:

@@ -1,4 +1,4 @@
-r"""Wilson-style priors on the intensity field (DESIGN section 3; Careless's Wilson prior).
+r"""Wilson-style priors on the intensity field (docs/DESIGN.md section 3; Careless's Wilson prior).
 
 Two pieces:
 

@@ -46,7 +46,7 @@ class PoissonLikelihood(Likelihood):
     """``y ~ Poisson(exp(log_rate) + background)``: photon counting, the exact model for an ideal detector.
 
     Args:
-        background: expected background photons per pixel (``b_k`` in DESIGN section 3), >= 0.
+        background: expected background photons per pixel (``b_k`` in docs/DESIGN.md section 3), >= 0.
         max_log_rate: the log rate is clamped above at this value (guards ``exp`` overflow in the first
             steps of a fit; far above any physical count).
     """

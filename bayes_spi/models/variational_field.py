@@ -1,4 +1,4 @@
-r"""A variational intensity field: a posterior over the amplitudes ``|F(q)|`` (use (b) of DESIGN section 3).
+r"""A variational intensity field: a posterior over the amplitudes ``|F(q)|`` (use (b) of docs/DESIGN.md section 3).
 
 The intensity is ``I(q) = |F(q)|^2`` with the amplitude a **global** latent variable on a grid (Careless's
 surrogate posterior, adapted to a 3D continuum):

@@ -139,6 +139,14 @@ def scale_coverage(log_scale_mean: np.ndarray, log_scale_sd: np.ndarray, interva
     return out
 
 
+def _rotations(quat: np.ndarray, path: str, field: str) -> np.ndarray:
+    """:func:`quaternions_to_rotations`, its error naming the file and the field."""
+    try:
+        return quaternions_to_rotations(quat)
+    except ValueError as exc:
+        raise ValueError(f"{path}: field {field}: {exc}") from None
+
+
 def read_summaries(path: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> dict[str, Any]:
     """The per-pattern summaries of an exported posterior (``bayes-spi posterior``) and the matching truth.
 
@@ -156,7 +164,12 @@ def read_summaries(path: str | os.PathLike[str], truth_path: str | os.PathLike[s
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: not found (expected a posterior from `bayes-spi posterior`)")
-    with h5netcdf.File(path, "r") as f:
+    try:
+        f = h5netcdf.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: expected a netCDF posterior from `bayes-spi posterior`, got an unreadable file "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    with f:
         if "sample_stats" not in f.groups:
             raise ValueError(f"{path}: field /sample_stats: expected a group, got missing")
         g = f.groups["sample_stats"]
@@ -173,7 +186,7 @@ def read_summaries(path: str | os.PathLike[str], truth_path: str | os.PathLike[s
         out: dict[str, Any] = {
             "pattern": pat,
             "levels": [float(p) for p in g.variables["credible_mass"][:]],
-            "mean_rotation": quaternions_to_rotations(var("mean_pose_quaternion")),
+            "mean_rotation": _rotations(var("mean_pose_quaternion"), path, "/sample_stats/mean_pose_quaternion"),
             "cone_radius": np.radians(var("cone_radius_deg")),
             "cone_radius_mod_rotz": np.radians(var("cone_radius_mod_rotz_deg")),
             "log_scale_mean": var("log_scale_mean"),

@@ -349,6 +349,7 @@ def simulate(
                     quats = random_quaternions(batch, rng_pose)
                 scales = sample_jitter(fluence_jitter, batch, rng_jitter) if "F" in arts else np.ones(batch)
                 lam = expected_photons(mol, q, weights, quaternions_to_rotations(quats), c, scales)
+                _check_int32(lam, start, c)
                 values = rng_noise.poisson(lam).astype(np.float64) if "P" in arts else lam
                 if "G" in arts and readout_sigma > 0:
                     values = values + readout_sigma * rng_noise.standard_normal(values.shape)
@@ -370,6 +371,21 @@ def simulate(
         photons_per_unit_intensity=c,
         n_good_pixels=int(good.sum()),
     )
+
+
+#: the largest count a pattern file holds (``/data/counts`` is int32)
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _check_int32(lam: np.ndarray, start: int, photons_per_unit: float) -> None:
+    """Expected counts beyond what int32 (and Poisson sampling) can hold would wrap around or fail inside
+    numpy: say so, with the number and what to change."""
+    peak = float(np.max(lam)) if lam.size else 0.0
+    if not np.isfinite(peak) or peak > INT32_MAX / 2:
+        raise ValueError(
+            f"counts: expected at most {INT32_MAX} photons in a pixel (the data file stores int32 counts), got an "
+            f"expected {peak:.3g} photons in a pixel of pattern {start + int(np.argmax(lam.max(axis=-1)))} "
+            f"(fluence x r_e^2 = {photons_per_unit:.3g}): lower --mean-photons or --photons-per-pulse")
 
 
 #: alias kept for callers that use the longer name

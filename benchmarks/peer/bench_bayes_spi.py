@@ -98,7 +98,7 @@ def main() -> int:
     rows = []
     q_max = float(np.linalg.norm(q[mask], axis=1).max())
     for path in sorted(snaps.glob("snap_*.pt")):
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
         field = build_field(cfg, q_max)
         field.load_state_dict(ck["field"])
         vol, _ = field_on_grid(field, n, (n // 2) * dq)
