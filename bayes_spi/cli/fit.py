@@ -172,12 +172,6 @@ def _spec_option(kind: str) -> Any:
                         help=_SPEC_HELP[kind])
 
 
-def _locked(run_dir: Path, owner: tuple[int, str]) -> str:
-    from bayes_spi.infer.rundir import _locked_message
-
-    return _locked_message(run_dir, *owner)
-
-
 #: entries a checkpoint.pt must hold to be resumed from
 CHECKPOINT_ENTRIES = ("state", "config", "model", "guide", "optim", "scheduler", "torch_rng", "pixel_rng")
 
@@ -302,8 +296,8 @@ def run_fit(
 
     from bayes_spi.cli.common import check_device, check_writable_dir, os_error_message
     from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, read_config,
-                                        read_run_info, setup_logging, write_config)
+    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, locked_message,
+                                        read_config, read_run_info, setup_logging, write_config)
 
     if resume and force:
         raise click.UsageError("give either --resume or --force, not both")
@@ -315,7 +309,7 @@ def run_fit(
     check_writable_dir(run_dir, "the run")
     owner = live_lock_owner(run_dir)
     if owner is not None:  # refuse at once; the lock itself is taken below, before anything is written
-        raise click.ClickException(str(RunLockedError(_locked(run_dir, owner))))
+        raise click.ClickException(locked_message(run_dir, *owner))
 
     # ---- everything below up to "touch the run directory" only reads
     info: dict[str, Any] = {}
@@ -330,8 +324,9 @@ def run_fit(
             raise click.ClickException(str(exc)) from None
         _check_checkpoint(run_dir / "checkpoint.pt")
         if grid is None:  # the run's output grid, as it was started
-            recorded_grid = (info.get("outputs") or {}).get("grid") if isinstance(info.get("outputs"), dict) else None
-            grid = int(recorded_grid) if isinstance(recorded_grid, int) else 65
+            outputs_info = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
+            recorded_grid = outputs_info.get("grid")
+            grid = recorded_grid if isinstance(recorded_grid, int) else 65
         if data is None:
             recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
             if not recorded:
@@ -368,7 +363,6 @@ def run_fit(
             raise click.ClickException(f"{os.fspath(data)}: {subset_name}: {exc}") from None
         truth = False
     lock = RunLock(run_dir)
-    trainer = None
     try:
         if dataset.n_patterns < 2:
             raise click.ClickException(

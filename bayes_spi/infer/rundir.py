@@ -46,6 +46,7 @@ __all__ = [
     "RunLockedError",
     "RunLock",
     "live_lock_owner",
+    "locked_message",
 ]
 
 CONFIG_NAME = "config.yaml"
@@ -254,7 +255,9 @@ def live_lock_owner(run_dir: str | os.PathLike[str]) -> tuple[int, str] | None:
     return owner if _pid_alive(pid) else None
 
 
-def _locked_message(run_dir: Path, pid: int, host: str) -> str:
+def locked_message(run_dir: str | os.PathLike[str], pid: int, host: str) -> str:
+    """The error for a run directory whose lock is held by the live process ``pid`` on ``host``."""
+    run_dir = Path(run_dir)
     return (f"run directory {os.fspath(run_dir)!r} is in use by another bayes-spi fit (pid {pid}"
             f"{' on ' + host if host and host != platform.node() else ''}; lock file "
             f"{os.fspath(run_dir / LOCK_NAME)}): expected no other process on it; wait for that fit to end or give "
@@ -291,7 +294,7 @@ class RunLock:
             except FileExistsError:
                 owner = live_lock_owner(self.run_dir)
                 if owner is not None:
-                    raise RunLockedError(_locked_message(self.run_dir, *owner)) from None
+                    raise RunLockedError(locked_message(self.run_dir, *owner)) from None
                 # stale (its process is gone): take it over; a racing taker loses at O_EXCL above
                 stale = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
                 try:
