@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,16 @@ def load_torch_file(path: str | os.PathLike[str], map_location: Any = "cpu", wha
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "Unsupported" in line or "GLOBAL" in line), "")
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        asks = f"asks for the object {found.group(1)}" if found else "is not one"
+        hint = ""
+        if found and found.group(1).startswith("numpy"):
+            hint = ("; a model.pt written by an older bayes-spi stored its mask as a numpy array: rewrite it from "
+                    "the run's checkpoint with `bayes-spi fit -o RUN --resume`")
         raise TorchFileError(
             f"{os.fspath(p)}: expected {what} holding only tensors and plain values (read with weights_only, "
-            f"no code in it is run), got a file that is not one{': ' + detail if detail else ''} (a foreign, "
-            "tampered or damaged file; nothing in it was executed)") from None
+            f"no code in it is run), got a file that {asks} (a foreign, tampered or damaged file; nothing in it "
+            f"was executed){hint}") from None
     except _READ_ERRORS as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TorchFileError(f"{os.fspath(p)}: expected {what}, got an unreadable file (truncated or not a torch "

@@ -111,6 +111,18 @@ def test_d1_model_pt_payload_does_not_run(run_copy: Path, tmp_path: Path) -> Non
     assert not marker.exists()
 
 
+def test_d1_old_model_pt_with_numpy_mask_is_refused_and_rewritten_by_resume(run_copy: Path, data_file: Path,
+                                                                            tmp_path: Path) -> None:
+    ck = torch.load(run_copy / "model.pt", weights_only=True)
+    ck["mask"] = ck["mask"].numpy()  # as bayes-spi wrote it before: loading it needs numpy's unpickler
+    torch.save(ck, run_copy / "model.pt")
+    _clean_error(_invoke(["export", run_copy, "--grid", "5", "-o", tmp_path / "e"]), r"model\.pt", "numpy",
+                 "--resume")
+    res = _invoke(["fit", data_file, "-o", run_copy, "--resume", "--no-progress", "--no-truth"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert isinstance(torch.load(run_copy / "model.pt", weights_only=True)["mask"], torch.Tensor)
+
+
 def test_d1_checkpoint_payload_does_not_run(run_copy: Path, data_file: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     good = torch.load(run_copy / "checkpoint.pt", weights_only=True)

@@ -172,6 +172,18 @@ def _spec_option(kind: str) -> Any:
                         help=_SPEC_HELP[kind])
 
 
+def _grid_of(volume: Path, default: int = 65) -> int:
+    """The cube size of a run's ``intensity.h5`` (runs from before ``config.yaml`` recorded ``outputs.grid``)."""
+    import h5py
+
+    try:
+        with h5py.File(volume, "r") as f:
+            n = int(f["intensity"].shape[0])
+    except (OSError, KeyError, IndexError, TypeError):
+        return default
+    return n if n >= 3 and n % 2 == 1 else default
+
+
 #: entries a checkpoint.pt must hold to be resumed from
 CHECKPOINT_ENTRIES = ("state", "config", "model", "guide", "optim", "scheduler", "torch_rng", "pixel_rng")
 
@@ -326,7 +338,7 @@ def run_fit(
         if grid is None:  # the run's output grid, as it was started
             outputs_info = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
             recorded_grid = outputs_info.get("grid")
-            grid = recorded_grid if isinstance(recorded_grid, int) else 65
+            grid = recorded_grid if isinstance(recorded_grid, int) else _grid_of(run_dir / "intensity.h5")
         if data is None:
             recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
             if not recorded:
