@@ -449,6 +449,11 @@ def test_d8_symlink_loop_and_directory_inputs_say_what_they_are(fitted_run: Path
     folder.mkdir()
     out = _clean_error(_invoke(["fit", folder, "-o", tmp_path / "r2", *TINY]), "directory")
     assert "not found" not in out
+    out = _clean_error(_invoke(["simulate", "-o", tmp_path / "s.h5", "--mask", folder, "--n-patterns", "2",
+                                "--no-progress"]), "mask file", "directory")
+    assert "not found" not in out
+    out = _clean_error(_invoke(["phase", loop, "-o", tmp_path / "d.mrc"]), "symbolic link loop")
+    assert "not found" not in out
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(run / "model.pt", run / "model.pt")

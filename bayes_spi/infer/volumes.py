@@ -25,6 +25,7 @@ import numpy as np
 
 from bayes_spi import __version__
 from bayes_spi.atomic import atomic_path
+from bayes_spi.paths import check_input_file
 
 __all__ = ["read_intensity", "read_density", "write_density"]
 
@@ -70,9 +71,7 @@ def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
         FileNotFoundError: no such file.
         ValueError: not a volume, not an odd cube, no voxel size, non-finite values (names file and field).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{os.fspath(p)}: not found (expected an intensity volume, .mrc or .h5)")
+    p = check_input_file(path, "an intensity volume, .mrc or .h5")
     if p.suffix.lower() in (".mrc", ".map", ".mrcs"):
         labels: list[str] = []
         data, dq = _read_mrc(p, labels)
@@ -114,9 +113,7 @@ def _reject_density(path: Path, data: np.ndarray, voxel: float, labels: list[str
 
 def read_density(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """A density cube ``[ix, iy, iz]`` float64 and its voxel size (A) from an MRC file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{os.fspath(p)}: not found (expected a density MRC, e.g. from `bayes-spi phase`)")
+    p = check_input_file(path, "a density MRC, e.g. from `bayes-spi phase`")
     data, voxel = _read_mrc(p)
     return _check_cube(data, p, "data"), voxel
 

@@ -117,9 +117,9 @@ def load_mask_file(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.n
         FileNotFoundError: missing file.
         DataFormatError: wrong shape/size/values (names the file and what was expected).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"mask file {os.fspath(path)!r} not found")
+    from bayes_spi.paths import check_input_file
+
+    file = check_input_file(path, "a mask file (.npy or .byt)")
     n_y, n_x = shape
     suffix = file.suffix.lower()
     if suffix == ".npy":
@@ -148,9 +148,9 @@ def load_orientations(path: str | os.PathLike[str], n_patterns: int) -> np.ndarr
     Raises:
         FileNotFoundError / DataFormatError: missing file, wrong shape, too few rows, zero rows.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"orientations file {os.fspath(path)!r} not found")
+    from bayes_spi.paths import check_input_file
+
+    file = check_input_file(path, "an orientations file (.npy of quaternions)")
     arr = np.load(file, allow_pickle=False)
     if arr.ndim != 2 or arr.shape[1] != 4 or arr.shape[0] < n_patterns:
         raise DataFormatError(file, "orientations", f"quaternions of shape (>= {n_patterns}, 4)", f"shape {arr.shape}")
