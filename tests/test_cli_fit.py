@@ -109,7 +109,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         quat = f["pose_quaternion"][()]
         w = f["hypothesis_weights"][()]
         sd = f["scale_sd"][()]
-        n_enc = int(f.attrs["n_encoder_hypotheses"])
+        refined = int(f.attrs["refined"])
+        hq = f["hypothesis_quaternions"][()]
     assert quat.shape == (N_PATTERNS, 4)
     np.testing.assert_allclose(np.linalg.norm(quat, axis=1), 1.0, atol=1e-5)
     # report.png: a real PNG of the expected size (2 x 3 panels at 90 dpi), not blank
@@ -119,8 +120,11 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = mpimg.imread(png)
     assert img.shape[:2] == (765, 1260) and img[..., :3].std() > 0.05
-    n_search = FitConfig().n_search  # hypotheses: 2 per encoder head (n_heads 1) + the search proposals
-    assert w.shape == (N_PATTERNS, 2 + n_search) and n_enc == 2
+    # hypotheses: 4 refined local modes, the two best seeds and their Rz(pi) twins (weights may be 0 for a
+    # merged duplicate); the best one is the pose
+    assert w.shape == (N_PATTERNS, 4) and refined == 1
+    best = hq[np.arange(N_PATTERNS), w.argmax(1)]
+    np.testing.assert_allclose(np.abs((best * quat).sum(1)), 1.0, atol=1e-5)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
     assert np.all(sd > 0)
     # evaluation.json and the summary

@@ -14,8 +14,10 @@ exists is complete):
   ``pose_quaternion (N, 4)`` the most probable hypothesis' centre (scalar-first, same convention
   as the data file's truth: pixel samples ``I(R q)``), ``pose_sigma_rad (N, 3)`` its tangent-space
   spread, ``hypothesis_quaternions (N, K, 4)``, ``hypothesis_sigma_rad (N, K, 3)``,
-  ``hypothesis_weights (N, K)`` (attr ``n_encoder_hypotheses``: the first ones come from the encoder,
-  the rest from the orientation search), ``scale_mean (N,)``, ``scale_sd (N,)`` (LogNormal moments).
+  ``hypothesis_weights (N, K)`` (by default ``K = 4`` local modes: the guide's two best hypotheses and their
+  Rz(pi) twins refined on all good pixels, with Laplace spreads and weights, attr ``refined = 1``; with
+  ``refine=0`` the guide's raw hypotheses, attr ``n_encoder_hypotheses``: the first ones come from the
+  encoder, the rest from the orientation search), ``scale_mean (N,)``, ``scale_sd (N,)`` (LogNormal moments).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.so3 import rotmat_to_quat_wxyz
 
-__all__ = ["grid_q", "field_on_grid", "write_intensity", "write_posterior"]
+__all__ = ["field_log_cache", "field_on_grid", "grid_q", "refine_cache_grid", "write_intensity", "write_posterior"]
 
 
 def grid_q(n: int, q_max: float) -> tuple[np.ndarray, float]:
@@ -87,50 +89,105 @@ def write_intensity(volume: np.ndarray, dq: float, run_dir: str | os.PathLike, s
     return mrc_path, h5_path
 
 
+def refine_cache_grid(guide: AmortizedGuide) -> int:
+    """Voxels per side of the ``log I`` cube the export refines poses on: twice as fine as the search's cube."""
+    base = guide.search.cache_grid if guide.search is not None else 41
+    return int(min(2 * base - 1, 129))
+
+
+@torch.no_grad()
+def field_log_cache(field: IntensityField, n: int, q_max: float, chunk: int = 65536) -> torch.Tensor:
+    """``log I`` on the ``n^3`` cube over ``[-q_max, q_max]^3`` (:func:`~bayes_spi.guides.search.cube_points`), ``(1, 1, n, n, n)``."""
+    from bayes_spi.guides.search import cube_points
+
+    dev = next(field.parameters()).device
+    pts = cube_points(n, q_max, dev)
+    out = torch.cat([field.log_intensity(pts[i:i + chunk]) for i in range(0, pts.shape[0], chunk)])
+    return out.reshape(1, 1, n, n, n)
+
+
 @torch.no_grad()
 def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.PathLike,
                     batch_size: int = 128, device: torch.device | str = "cpu", score_pixels: int = 512,
-                    seed: int = 0, attrs: dict[str, Any] | None = None) -> Path:
+                    seed: int = 0, attrs: dict[str, Any] | None = None, refine: int = 4,
+                    progress: Any = None) -> Path:
     """Stream the data set through the guide and write per-image posterior summaries (see module doc).
 
-    The hypothesis weights (and the search proposals) are evaluated on one fixed random subset of
-    ``score_pixels`` good pixels (0: all), the same for every pattern, as training does with a fresh subset
-    each step: the model's likelihood at every hypothesis of every pattern is the expensive part of the
-    export on a CPU. The subset size is recorded in the file.
+    With ``refine > 0`` (the default) the guide's hypotheses are only seeds: its ``refine // 2`` best
+    and their Rz(pi) twins are moved to their modes on all good pixels and weighted by their Laplace
+    evidences (:func:`bayes_spi.posterior.local.refine_with_twins`, on a ``log I`` cube twice as fine as
+    the search's); ``K = refine`` hypotheses per pattern are written, with Laplace spreads. With
+    ``refine = 0`` the guide's own hypotheses are written as they are: then the hypothesis weights (and the
+    search proposals) are evaluated on one fixed random subset of ``score_pixels`` good pixels (0: all).
+    ``progress(done, total)`` is called after each batch.
     """
+    from bayes_spi.posterior.local import refine_with_twins
+
     path = Path(path)
-    n, k = dataset.n_patterns, guide.n_hypotheses
+    n = dataset.n_patterns
+    k = int(refine) if refine > 0 else guide.n_hypotheses
     guide.eval()
-    good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
+    all_good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
+    good = all_good
     if 0 < score_pixels < good.numel():
         pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(seed))[:score_pixels]
         good = good[pick.to(good.device)].sort().values
+    cache = None
+    if refine > 0:
+        model = guide.search.model if guide.search is not None else None
+        if model is None:
+            raise ValueError("refine: expected a guide with an orientation search (its model and cube), got none; "
+                             "use refine=0")
+        q_all = model.q[all_good]
+        log_w = model.log_pixel_factor[all_good]
+        q_max = float(model.q.norm(dim=-1).max())
+        cache = field_log_cache(model.field, refine_cache_grid(guide), q_max)
+    how = ("local modes: the guide's best hypotheses (encoder heads and orientation search) and their Rz(pi) "
+           "twins, refined by Gauss-Newton on all good pixels (profiled fluence, cached log I); Laplace "
+           "spreads and evidence weights" if refine > 0 else
+           "first n_encoder_hypotheses from the encoder (its heads, then their Rz(pi) partners), the rest from "
+           "the orientation search")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"software_version": __version__, "source": str(dataset.path),
                             "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)",
-                            "n_encoder_hypotheses": guide.n_encoder_hypotheses,
-                            "score_pixels": int(good.numel()),
-                            "hypotheses": "first n_encoder_hypotheses from the encoder (its heads, then their "
-                                          "Rz(pi) partners), the rest from the orientation search"})
+                            "n_encoder_hypotheses": 0 if refine > 0 else guide.n_encoder_hypotheses,
+                            "score_pixels": int(all_good.numel() if refine > 0 else good.numel()),
+                            "refined": int(refine > 0), "hypotheses": how})
             f.attrs.update(attrs or {})
             ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=True, compression="gzip")
                   for name, shape in [("pose_quaternion", (n, 4)), ("pose_sigma_rad", (n, 3)),
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),
                                       ("hypothesis_weights", (n, k)), ("scale_mean", (n,)), ("scale_sd", (n,))]}
+            done = 0
             for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
-                post = guide.posterior(torch.as_tensor(counts, device=device), good)
-                best = post.weights.argmax(-1)
-                rows = torch.arange(len(idx), device=best.device)
-                quats = rotmat_to_quat_wxyz(post.rotations)
+                images = torch.as_tensor(counts, device=device)
+                post = guide.posterior(images, good)
+                rots, sigmas, weights = post.rotations, post.sigmas, post.weights
                 mu, sd = post.scale_loc, post.scale_scale
+                if cache is not None:
+                    y = images.reshape(images.shape[0], -1)[:, all_good].to(q_all.dtype)
+                    modes, weights = refine_with_twins(cache, rots, q_all, log_w, y, q_max, n_keep=k)
+                    rots, sigmas = modes.rotations, modes.sigmas
+                    mu = modes.log_scale.gather(1, weights.argmax(-1, keepdim=True)).squeeze(1)
+                    if rots.shape[1] < k:  # fewer seeds than asked: pad with zero-weight copies
+                        pad = k - rots.shape[1]
+                        rots = torch.cat([rots, rots[:, :1].expand(-1, pad, -1, -1)], 1)
+                        sigmas = torch.cat([sigmas, sigmas[:, :1].expand(-1, pad, -1)], 1)
+                        weights = torch.cat([weights, weights.new_zeros(weights.shape[0], pad)], 1)
+                best = weights.argmax(-1)
+                rows = torch.arange(len(idx), device=best.device)
+                quats = rotmat_to_quat_wxyz(rots)
                 mean = torch.exp(mu + sd**2 / 2)
                 s, e = int(idx[0]), int(idx[-1]) + 1
                 ds["pose_quaternion"][s:e] = quats[rows, best].cpu().numpy()
-                ds["pose_sigma_rad"][s:e] = post.sigmas[rows, best].cpu().numpy()
+                ds["pose_sigma_rad"][s:e] = sigmas[rows, best].cpu().numpy()
                 ds["hypothesis_quaternions"][s:e] = quats.cpu().numpy()
-                ds["hypothesis_sigma_rad"][s:e] = post.sigmas.cpu().numpy()
-                ds["hypothesis_weights"][s:e] = post.weights.cpu().numpy()
+                ds["hypothesis_sigma_rad"][s:e] = sigmas.cpu().numpy()
+                ds["hypothesis_weights"][s:e] = weights.cpu().numpy()
                 ds["scale_mean"][s:e] = mean.cpu().numpy()
                 ds["scale_sd"][s:e] = (mean * torch.sqrt(torch.expm1(sd**2))).cpu().numpy()
+                done += len(idx)
+                if progress is not None:
+                    progress(done, n)
     return path
