@@ -399,8 +399,22 @@ class Trainer:
         attrs = {}
         if verdict is not None:  # the per-pattern posteriors of a failed fit must say so
             attrs = {"fit_verdict": verdict.status, "fit_verdict_reasons": "; ".join(verdict.reasons) or "none"}
-        post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device,
-                               attrs=attrs)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.dataset.n_patterns, unit="pattern", desc="posterior.h5", dynamic_ncols=True)
+
+        def shown(done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(done - bar.n)
+
+        try:
+            post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device,
+                                   attrs=attrs, progress=shown)
+        finally:
+            if bar is not None:
+                bar.close()
         return {"model": model_path, "intensity_mrc": mrc, "intensity_h5": h5, **extra, "posterior": post}
 
     # ---------------------------------------------------------------- loop
