@@ -32,7 +32,6 @@ from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.evaluate import EVALUATION_KEYS, evaluate_run, format_evaluation
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import IntensityField
-from bayes_spi.sim.simulate import simulate
 
 #: tiny fit settings: 96 patterns / 16 = 6 steps per epoch, 2 epochs = 12 steps
 TINY = ["--batch-size", "16", "--epochs", "2", "--field-width", "16", "--n-heads", "1",
@@ -47,11 +46,8 @@ def _invoke(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    simulate("2CEX", "reference-32", N_PATTERNS, path, artifacts="FPB", mean_photons=1e4, truth_grid=17,
-             seed=3, chunk=32, progress=False)
-    return path
+def data_file(simulated) -> Path:
+    return simulated(N_PATTERNS, truth_grid=17, chunk=32)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +106,7 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
         w = f["hypothesis_weights"][()]
         sd = f["scale_sd"][()]
         refined = int(f.attrs["refined"])
+        mean_best, ambiguous = float(f.attrs["mean_best_weight"]), float(f.attrs["ambiguous_fraction"])
         hq = f["hypothesis_quaternions"][()]
     assert quat.shape == (N_PATTERNS, 4)
     np.testing.assert_allclose(np.linalg.norm(quat, axis=1), 1.0, atol=1e-5)
@@ -125,6 +122,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert w.shape == (N_PATTERNS, 4) and refined == 1
     best = hq[np.arange(N_PATTERNS), w.argmax(1)]
     np.testing.assert_allclose(np.abs((best * quat).sum(1)), 1.0, atol=1e-5)
+    assert mean_best == pytest.approx(float(w.max(1).mean()), abs=1e-5)
+    assert ambiguous == pytest.approx(float((w.max(1) < 0.9).mean()), abs=1e-9)
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
     assert np.all(sd > 0)
     # evaluation.json and the summary
