@@ -11,17 +11,22 @@ Example:
     ...     _ = tmp.write_text("done")
     >>> open(os.path.join(d, "a.txt")).read()
     'done'
+    >>> p = write_json(os.path.join(d, "a.json"), {"x": 1})
+    >>> p.read_text()
+    '{\\n  "x": 1\\n}\\n'
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "WriteError", "write_error_message"]
+__all__ = ["atomic_path", "WriteError", "os_error_message", "write_error_message", "write_json"]
 
 
 def write_error_message(path: str | os.PathLike[str], exc: OSError) -> str:
@@ -32,6 +37,15 @@ def write_error_message(path: str | os.PathLike[str], exc: OSError) -> str:
     elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
         reason = f"not writable ({reason})"
     return f"{os.fspath(path)}: could not write the file: {reason}"
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for any file-system error: the file, then what went wrong."""
+    if isinstance(exc, WriteError):
+        return str(exc)
+    if exc.filename is not None:
+        return write_error_message(exc.filename, exc) if exc.strerror else f"{exc.filename}: {exc}"
+    return str(exc) or type(exc).__name__
 
 
 class WriteError(OSError):
@@ -67,3 +81,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(path, exc) from exc
         raise
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2, allow_nan: bool = True) -> Path:
+    """Write ``obj`` as JSON (``indent``, a final newline, ASCII) to ``path`` atomically (:func:`atomic_path`).
+
+    Args:
+        path: the file to write; replaced only when the write succeeded.
+        obj: anything ``json.dumps`` accepts.
+        indent: spaces per level.
+        allow_nan: ``False`` for strict JSON: a ``NaN`` or infinity raises ``ValueError`` (nothing is written).
+
+    Returns:
+        ``Path(path)``.
+    """
+    path = Path(path)
+    text = json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

@@ -229,6 +229,11 @@ class Geometry:
             return 0.5 * (1.0 + cos2)
         return np.ones(self.shape)
 
+    def pixel_factor(self) -> np.ndarray:
+        """Solid angle times polarization factor of each pixel, ``P_k * Omega_k``, shape ``(n_y, n_x)`` (sr):
+        what multiplies ``r_e^2 * fluence * I(q)`` in the expected photon count."""
+        return self.solid_angle() * self.polarization_factor()
+
     def good_pixels(self) -> np.ndarray:
         """Good-pixel mask, shape ``(n_y, n_x)`` bool (all True without a mask)."""
         if self.detector.mask is None:

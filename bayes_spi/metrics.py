@@ -35,6 +35,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 from scipy import stats
 
+from bayes_spi.so3 import geodesic_angle_numpy, rotz_pi_numpy
+
 __all__ = [
     "align_rotations",
     "orientation_error_summary",
@@ -42,7 +44,7 @@ __all__ = [
     "intensity_correlation",
 ]
 
-_ROTZ_PI = np.diag([-1.0, -1.0, 1.0])
+_ROTZ_PI = rotz_pi_numpy()
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -58,10 +60,7 @@ def _check_rotmats(R: np.ndarray, name: str) -> None:
 
 def _angles_deg(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Geodesic angle between A_i and B_i in degrees, (N,), stable near 0 and 180."""
-    M = np.swapaxes(A, -1, -2) @ B
-    cos = 0.5 * (np.trace(M, axis1=-2, axis2=-1) - 1.0)
-    a = 0.5 * np.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
-    return np.degrees(np.arctan2(np.linalg.norm(a, axis=-1), cos))
+    return np.degrees(geodesic_angle_numpy(A, B))
 
 
 def _procrustes(R_est: np.ndarray, R_true: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ Conventions
   The quaternion ``(cos(t/2), sin(t/2) * axis)`` is the rotation by angle ``t`` about ``axis``
   (right-handed), i.e. the same rotation as the rotation vector ``t * axis``.
 * Rotation vectors (axis-angle) have norm in ``[0, pi]`` when produced by :func:`rotmat_to_rotvec`.
+* The numpy helpers (suffix ``_numpy``) are the float64 counterparts of the torch ones, for the
+  analysis and report code that works on numpy arrays.
 * 6D representation (Zhou et al. 2019): ``x[..., :3]`` is the first column ``a1`` and ``x[..., 3:]``
   the second column ``a2`` of a ``3 x 2`` matrix that is Gram-Schmidt orthonormalised; roma's
   :func:`roma.special_gramschmidt` wants that matrix shaped ``(..., 3, 2)`` (columns last), so a plain
@@ -26,6 +28,7 @@ from __future__ import annotations
 import math  # noqa: F401  (used in doctest examples)
 from typing import Sequence
 
+import numpy as np
 import roma
 import torch
 from torch import Tensor
@@ -40,7 +43,9 @@ __all__ = [
     "random_rotmat",
     "super_fibonacci_rotmat",
     "geodesic_angle",
+    "geodesic_angle_numpy",
     "rotz_pi",
+    "rotz_pi_numpy",
     "sixd_to_rotmat",
 ]
 
@@ -256,6 +261,41 @@ def rotz_pi(dtype: torch.dtype | None = None, device: torch.device | str | None 
                 [ 0.,  0.,  1.]])
     """
     return torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=dtype or torch.get_default_dtype(), device=device))
+
+
+def rotz_pi_numpy() -> np.ndarray:
+    r"""Rotation by 180 degrees about the z (beam) axis, ``diag(-1, -1, 1)``, float64 ``(3, 3)`` (a new array).
+
+    Example:
+        >>> rotz_pi_numpy()
+        array([[-1.,  0.,  0.],
+               [ 0., -1.,  0.],
+               [ 0.,  0.,  1.]])
+    """
+    return np.diag([-1.0, -1.0, 1.0])
+
+
+def geodesic_angle_numpy(R1: np.ndarray, R2: np.ndarray) -> np.ndarray:
+    r"""Geodesic distance (rotation angle of ``R1^T R2``) in radians, in ``[0, pi]``: numpy, float64.
+
+    The same ``atan2(sin, cos)`` as :func:`geodesic_angle` (stable near 0 and pi), without the clamp.
+
+    Args:
+        R1: rotations, shape ``(..., 3, 3)``.
+        R2: rotations, shape ``(..., 3, 3)`` (broadcast against ``R1``).
+
+    Returns:
+        Angles, shape ``(...)``.
+
+    Example:
+        >>> R = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> round(float(np.degrees(geodesic_angle_numpy(np.eye(3), R))), 6)
+        90.0
+    """
+    M = np.swapaxes(R1, -1, -2) @ R2
+    cos = 0.5 * (np.trace(M, axis1=-2, axis2=-1) - 1.0)
+    a = 0.5 * np.stack([M[..., 2, 1] - M[..., 1, 2], M[..., 0, 2] - M[..., 2, 0], M[..., 1, 0] - M[..., 0, 1]], -1)
+    return np.arctan2(np.linalg.norm(a, axis=-1), cos)
 
 
 def sixd_to_rotmat(x: Tensor) -> Tensor:

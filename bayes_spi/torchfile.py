@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from bayes_spi.atomic import atomic_path
+from bayes_spi.config.commands import command
 
 __all__ = ["TorchFileError", "to_plain", "save_torch_file", "load_torch_file"]
 
@@ -94,7 +95,7 @@ def load_torch_file(path: str | os.PathLike[str], map_location: Any = "cpu", wha
         hint = ""
         if found and found.group(1).startswith("numpy"):
             hint = ("; a model.pt written by an older bayes-spi stored its mask as a numpy array: rewrite it from "
-                    "the run's checkpoint with `bayes-spi fit -o RUN --resume`")
+                    f"the run's checkpoint with {command('resume')}")
         raise TorchFileError(
             f"{os.fspath(p)}: expected {what} holding only tensors and plain values (read with weights_only, "
             f"no code in it is run), got a file that {asks} (a foreign, tampered or damaged file; nothing in it "

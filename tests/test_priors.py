@@ -22,7 +22,7 @@ from bayes_spi.models.priors import (
     make_pose_prior,
     make_scale_prior,
 )
-from bayes_spi.models.specs import format_spec, normalize_spec, parse_spec
+from bayes_spi.config.specs import format_spec, normalize_spec, parse_spec
 from bayes_spi.sim.fluence import pr772_histogram
 from bayes_spi.so3 import geodesic_angle, random_rotmat
 

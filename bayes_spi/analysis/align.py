@@ -36,6 +36,8 @@ import numpy as np
 from scipy import ndimage, optimize
 from scipy.spatial.transform import Rotation
 
+from bayes_spi.grid import centred_index
+
 __all__ = [
     "rotate_volume",
     "centre_of_mass",
@@ -63,7 +65,7 @@ def _check_rotation(R: np.ndarray) -> np.ndarray:
 
 def _offsets(n: int) -> np.ndarray:
     """``(n^3, 3)`` voxel offsets ``i - n//2`` in C order."""
-    axis = np.arange(n, dtype=np.float64) - n // 2
+    axis = centred_index(n)
     grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
     return grid.reshape(-1, 3)
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from bayes_spi.grid import centred_index, radial_index
+
 __all__ = [
     "FSCCurve",
     "resolution_at",
@@ -157,16 +159,10 @@ def _check_pair(a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
         raise ValueError(f"{names[1]}: expected shape {a.shape} (as {names[0]}), got {b.shape}")
 
 
-def radial_index(n: int) -> np.ndarray:
-    """``|q| / dq`` of every voxel of the centred odd cube ``(n, n, n)`` (float64)."""
-    axis = np.arange(n, dtype=np.float64) - n // 2
-    return np.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
-
-
 def ball_mask(n: int, dq: float, q_max: float) -> np.ndarray:
     """``(n, n, n)`` bool: the voxels of the centred odd grid (spacing ``dq``) with ``|q| <= q_max`` (1/A),
     e.g. the region a detector measured (its largest ``|q|``)."""
-    axis = (np.arange(n) - n // 2) * float(dq)
+    axis = centred_index(n) * float(dq)
     qx, qy, qz = np.meshgrid(axis, axis, axis, indexing="ij")
     return qx**2 + qy**2 + qz**2 <= float(q_max) ** 2 * (1 + 1e-9)
 

@@ -49,6 +49,7 @@ import scipy.fft as sfft
 from tqdm import tqdm
 
 from bayes_spi.analysis.align import centre_of_mass
+from bayes_spi.grid import centred_index
 
 __all__ = ["PhasingResult", "phase_retrieval", "fourier_error", "measured_sphere"]
 
@@ -81,7 +82,7 @@ class PhasingResult:
 
 def measured_sphere(n: int) -> np.ndarray:
     """Default measured region: ``(n, n, n)`` bool, voxels with ``|i - n//2| <= n//2`` (the inscribed ball)."""
-    axis = np.arange(n, dtype=np.float64) - n // 2
+    axis = centred_index(n)
     r2 = axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2
     return r2 <= (n // 2) ** 2 + 1e-9
 

@@ -222,7 +222,7 @@ def estimate_sampling(dataset: Any, n_patterns: int = 2000, batch_size: int = 25
         n += take
         if n >= n_patterns:
             break
-    factor = geom.solid_angle() * geom.polarization_factor()
+    factor = geom.pixel_factor()
     qn = geom.q_magnitudes()[mask]
     mean = total[mask] / max(n, 1)
     det = geom.detector

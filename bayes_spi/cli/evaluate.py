@@ -55,7 +55,7 @@ __all__ = ["command"]
               help="Write evaluation.json and fsc.json into the run directory.")
 def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool, density: Path | None, no_density: bool, starts: int,
             posterior_nc: Path | None, write: bool) -> None:
-    from bayes_spi.atomic import atomic_path
+    from bayes_spi.atomic import write_json
     from bayes_spi.dataio.h5 import DataFormatError
     from bayes_spi.infer.evaluate import evaluate_run_full, format_evaluation, write_fsc_json
 
@@ -72,8 +72,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             raise click.ClickException(str(exc)) from None
         clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
         if write:
-            with atomic_path(run / "reference.json") as tmp:
-                tmp.write_text(json.dumps({**clean, "reference": os.fspath(reference)}, indent=2) + "\n")
+            write_json(run / "reference.json", {**clean, "reference": os.fspath(reference)})
         if as_json:
             click.echo(json.dumps(clean))
             return
@@ -102,8 +101,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             if k.startswith(("pose_coverage", "scale_coverage", "median_cone_radius")) and isinstance(v, float):
                 scalars[k] = v if math.isfinite(v) else None
     if write:
-        with atomic_path(run / "evaluation.json") as tmp:
-            tmp.write_text(json.dumps(scalars, indent=2) + "\n")
+        write_json(run / "evaluation.json", scalars)
         write_fsc_json(run, ev.curves, corner_res_nm=ev.scalars["corner_res_nm"])
     if as_json:
         click.echo(json.dumps(scalars))

@@ -51,7 +51,7 @@ from typing import Any
 
 import click
 
-from bayes_spi.atomic import atomic_path
+from bayes_spi.atomic import write_json
 
 __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets"]
 
@@ -139,7 +139,7 @@ def _check_spec(ctx: click.Context, param: click.Parameter, value: str | None) -
     """Parse and check a prior/likelihood SPEC; priors from files are built here so errors come first."""
     if value is None:
         return None
-    from bayes_spi.models.specs import FLAGS, normalize_spec
+    from bayes_spi.config.specs import FLAGS, normalize_spec
 
     kind = str(param.name)
     flag = FLAGS[kind]
@@ -244,11 +244,6 @@ def _build_config(given: dict[str, Any]) -> Any:
         return FitConfig(**given)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _json_safe(obj: Any) -> Any:
@@ -438,7 +433,7 @@ def run_fit(
                          outputs={"grid": grid})
             log.info("new run: %s", " ".join(args))
             if sampling is not None:
-                _atomic_json(sampling.to_dict(), run_dir / "sampling.json")
+                write_json(run_dir / "sampling.json", sampling.to_dict(), allow_nan=False)
                 for line in sampling.summary().splitlines():
                     (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
@@ -474,7 +469,7 @@ def run_fit(
         from bayes_spi.infer.verdict import assess_fit
 
         verdict = assess_fit(trainer)
-        _atomic_json(_json_safe(verdict.to_dict()), run_dir / "verdict.json")
+        write_json(run_dir / "verdict.json", _json_safe(verdict.to_dict()), allow_nan=False)
         for line in verdict.summary().splitlines():
             (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
         outputs = trainer.save_outputs(grid=grid, verdict=verdict)
@@ -496,8 +491,9 @@ def run_fit(
                     log.info("evaluation: %s", note)
                 write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
                 # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
-                _atomic_json({**{k: (v if math.isfinite(v) else None) for k, v in evaluation.items()},
-                              "verdict": verdict.status}, run_dir / "evaluation.json")
+                write_json(run_dir / "evaluation.json", {**{k: (v if math.isfinite(v) else None)
+                                                            for k, v in evaluation.items()},
+                                                         "verdict": verdict.status}, allow_nan=False)
                 log.info("evaluation: %s", json.dumps(evaluation))
         from bayes_spi.infer.report import write_report
 

@@ -15,7 +15,6 @@ Example: bayes-spi phase run1 -o run1/density.mrc --starts 8
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations
 
     from bayes_spi import __version__
     from bayes_spi.analysis.phasing import phase_retrieval
-    from bayes_spi.atomic import atomic_path
+    from bayes_spi.atomic import write_json
     from bayes_spi.infer.volumes import read_intensity, write_density
 
     source = Path(source)
@@ -83,8 +82,7 @@ def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations
               "seed": seed, "iterations": iterations, "errors": errors, "best": int(res.best),
               "support_voxels": int(np.asarray(res.support).sum())}
     try:
-        with atomic_path(out.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(out.with_suffix(".json"), record)
     except OSError as exc:
         raise click.ClickException(os_error_message(exc)) from None
     return record

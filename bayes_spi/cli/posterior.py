@@ -23,7 +23,6 @@ Example: bayes-spi posterior run1 data.h5 -o posterior.nc --draws 200 --truth
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -73,7 +72,6 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
             score_pixels: int,
             calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, device: str,
             force: bool, progress: bool) -> None:
-    from bayes_spi.atomic import atomic_path
     from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.load import load_trained
@@ -158,7 +156,7 @@ def _remove_empty(dirs: list[Path]) -> None:
 def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: Any, trained: Any, dataset: Any,
             calibration: Path | None, pose_temperature: float | None, scale_temperature: float | None, truth: bool,
             calibrate: bool, self_calibrate: int, device: str, refine: bool, progress: bool) -> None:
-    from bayes_spi.atomic import atomic_path
+    from bayes_spi.atomic import write_json
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.posterior.calibration import fit_temperatures, save_calibration
     from bayes_spi.posterior.coverage import coverage_from_netcdf, format_coverage
@@ -217,8 +215,7 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
         click.echo("coverage of the credible regions (fraction holding the truth):")
         click.echo(format_coverage(cov))
         path = out.parent / "coverage.json"
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(cov, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        write_json(path, cov, allow_nan=False)
         click.echo(f"wrote {os.fspath(path)}")
     if calibrate:
         cal = fit_temperatures(out, data)

@@ -1,7 +1,7 @@
 """Build the model and guide for a detector geometry from a :class:`FitConfig`.
 
 The priors and the likelihood come from the specs in the config (``pose_prior``, ``scale_prior``,
-``likelihood``, ``intensity_prior``; see :mod:`bayes_spi.models.specs`).
+``likelihood``, ``intensity_prior``; see :mod:`bayes_spi.config.specs`).
 
 Example:
     >>> from bayes_spi.geometry import get_preset
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from bayes_spi.config.specs import FLAGS
 from bayes_spi.geometry import Geometry
 from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.guides.search import OrientationSearch
@@ -23,7 +24,7 @@ from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.fields import IntensityField, SirenField, FourierNetField, VoxelField
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
-from bayes_spi.models.spi import SPIModel
+from bayes_spi.models.spi import SPIModel, detector_q_max
 
 __all__ = ["build_field", "build_model_and_guide", "build_intensity_prior", "detector_tensors"]
 
@@ -31,7 +32,7 @@ __all__ = ["build_field", "build_model_and_guide", "build_intensity_prior", "det
 def detector_tensors(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q (P, 3)`` in 1/A, ``pixel_factor (P,)`` (solid angle x polarization), ``mask (n_y, n_x)`` bool."""
     q = torch.as_tensor(geometry.q_vectors(), dtype=torch.float64).reshape(-1, 3)
-    factor = torch.as_tensor(geometry.solid_angle() * geometry.polarization_factor(), dtype=torch.float64)
+    factor = torch.as_tensor(geometry.pixel_factor(), dtype=torch.float64)
     mask = torch.as_tensor(geometry.good_pixels(), dtype=torch.bool)
     return q, factor.reshape(-1), mask
 
@@ -63,7 +64,7 @@ def build_intensity_prior(spec: dict[str, Any], q_max: float) -> torch.nn.Module
     try:
         from bayes_spi.models.intensity_priors import make_intensity_prior
     except ImportError as exc:
-        raise ValueError(f"--intensity-prior {spec.get('name')}: expected the module "
+        raise ValueError(f"{FLAGS['intensity_prior']} {spec.get('name')}: expected the module "
                          f"bayes_spi.models.intensity_priors, got an import error ({exc})") from None
     return make_intensity_prior(spec, q_max)
 
@@ -85,7 +86,7 @@ def build_model_and_guide(
     :class:`SPIModel`'s constructor as they are (``config.yaml`` then still shows the config's specs).
     """
     q, factor, mask = detector_tensors(geometry)
-    q_max = float(q.norm(dim=-1).max())
+    q_max = detector_q_max(q)
     field = build_field(config, q_max)
     guide = AmortizedGuide(
         mask,

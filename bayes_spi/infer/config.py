@@ -2,7 +2,7 @@
 
 Priors and the likelihood are *specs*: plain dicts ``{"name": ..., parameters...}`` (or their
 command-line strings, e.g. ``"preferred:axis=0,0,1;kappa=2"``), checked and completed with their
-defaults by :func:`bayes_spi.models.specs.normalize_spec` and turned into objects by
+defaults by :func:`bayes_spi.config.specs.normalize_spec` and turned into objects by
 :func:`bayes_spi.infer.build.build_model_and_guide`.
 
 Example:
@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
-from bayes_spi.models.specs import normalize_spec, parse_spec
+from bayes_spi.config.specs import normalize_spec, parse_spec
 
 __all__ = ["FitConfig"]
 
@@ -58,7 +58,7 @@ class FitConfig:
         existed still load): kept equal to the lognormal spec's ``sigma`` and the likelihood spec's
         ``background``; when one of a pair is left at its default the other wins, two different
         non-default values are an error.
-        See :mod:`bayes_spi.models.specs` for every name and parameter.
+        See :mod:`bayes_spi.config.specs` for every name and parameter.
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.

@@ -45,6 +45,7 @@ import h5py
 import numpy as np
 
 from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
+from bayes_spi.config.commands import command
 from bayes_spi.dataio.h5 import DataFormatError, SPIDataset, quaternions_to_rotations
 from bayes_spi.geometry import Geometry
 from bayes_spi.infer.build import build_field, detector_tensors
@@ -52,6 +53,7 @@ from bayes_spi.infer.load import read_model_file, stored_geometry
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.metrics import fluence_correlation, intensity_correlation, orientation_error_summary
 from bayes_spi.models.fields import IntensityField
+from bayes_spi.models.spi import detector_q_max
 
 __all__ = ["EVALUATION_KEYS", "Evaluation", "evaluate_run", "evaluate_run_full", "format_evaluation", "load_field",
            "write_fsc_json"]
@@ -91,7 +93,7 @@ def load_field(model_path: str | os.PathLike[str], geometry: Geometry | None = N
     if geometry is None:
         geometry = stored_geometry(ck, path)
     q, _, _ = detector_tensors(geometry)
-    q_max = float(q.norm(dim=-1).max())
+    q_max = detector_q_max(q)
     field = build_field(config, q_max)
     if not isinstance(ck["model"], dict):
         raise ValueError(f"{os.fspath(path)}: field model: expected a state dict, got {type(ck['model']).__name__}")
@@ -267,7 +269,7 @@ def _density_fsc(I_est: np.ndarray, I_true: np.ndarray, rho_true: np.ndarray | N
         if rho_est.shape != rho_true.shape or abs(v_est - voxel_A) > 1e-3 * voxel_A:
             raise ValueError(f"{os.fspath(density)}: expected a {n}^3 density with {voxel_A:.4g} A voxels (the truth "
                              f"grid), got {rho_est.shape[0]}^3 with {v_est:.4g} A; phase an export made with "
-                             f"`bayes-spi export RUN --grid {n} --voxel {voxel_A:.6g}`")
+                             f"{command('export_grid', grid=n, voxel=voxel_A)}")
         rotation_search = True
         notes.append(f"density FSC of {os.fspath(density)} (aligned in rotation, translation and enantiomer)")
     aligned, _ = align_density(rho_true, rho_est, voxel_A, rotation_search=rotation_search)
@@ -280,7 +282,7 @@ def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corn
     "res_nm_0.5", "res_nm_0.143"}, "corner_res_nm": ...}``; other entries already there are kept."""
     import json
 
-    from bayes_spi.atomic import atomic_path
+    from bayes_spi.atomic import write_json
 
     path = Path(run_dir) / "fsc.json"
     data: dict[str, Any] = {}
@@ -298,8 +300,7 @@ def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corn
         data[name] = entry
     if corner_res_nm is not None:
         data["corner_res_nm"] = float(corner_res_nm)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    write_json(path, data, indent=1)
     return path
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bayes_spi.config.commands import flag
 from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.load import model_path_of
 from bayes_spi.infer.outputs import field_on_grid, write_intensity
@@ -69,7 +70,7 @@ def export_run(run: str | os.PathLike[str], grid: int = 65, voxel_A: float | Non
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(os.fspath(p) for p in existing)}: already exists: expected new files "
                               "(the run's own intensity.mrc/.h5 are read by `bayes-spi phase` and `report`); give "
-                              "another --stem or -o, or --force to overwrite")
+                              f"another {flag('stem')} or -o, or {flag('force')} to overwrite")
     field, q_max = load_field(path)
     dq = grid_spacing(grid, q_max, voxel_A)
     grid_max = (grid // 2) * dq

@@ -21,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import h5py
 import numpy as np
 
 from bayes_spi import __version__
-from bayes_spi.atomic import atomic_path
+from bayes_spi.atomic import atomic_path, write_json
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.subset import random_halves
 from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.outputs import field_on_grid
@@ -58,7 +58,7 @@ def read_split(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     """The recorded split: ``(half1, half2, attrs)``."""
     path = Path(run_dir) / "halfsets.h5"
     if not path.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the half-set split of a --half-sets run)")
+        raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the half-set split of a {flag('half_sets')} run)")
     with h5py.File(path, "r") as f:
         for name in HALVES:
             if name not in f:
@@ -120,6 +120,4 @@ def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dic
         **info,
     }
     path = run_dir / "halfsets.json"
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
+    return write_json(path, summary)

@@ -119,5 +119,5 @@ def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu"
     if guide.search is not None:
         with torch.no_grad():
             guide.search.refresh()
-    q_max = float(model.q.norm(dim=-1).max())
+    q_max = model.q_max
     return Trained(model, guide, config, geometry, q_max, path)

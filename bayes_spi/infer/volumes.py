@@ -20,11 +20,10 @@ import os
 from pathlib import Path
 
 import h5py
-import mrcfile
 import numpy as np
 
 from bayes_spi import __version__
-from bayes_spi.atomic import atomic_path
+from bayes_spi.mrc import read_mrc, write_mrc
 from bayes_spi.paths import check_input_file
 
 __all__ = ["read_intensity", "read_density", "write_density"]
@@ -36,29 +35,6 @@ def _check_cube(arr: np.ndarray, path: Path, field: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{os.fspath(path)}: field {field}: expected finite values, got NaN or inf")
     return arr
-
-
-def _read_mrc(path: Path, labels: list[str] | None = None) -> tuple[np.ndarray, float]:
-    """Data ``[x, y, z]`` and voxel size of an MRC file; its header labels are appended to ``labels``."""
-    try:
-        with mrcfile.open(path, permissive=True) as mrc:
-            if mrc.data is None:
-                raise ValueError(f"{os.fspath(path)}: field data: expected a 3D volume, got none")
-            data = np.asarray(mrc.data, dtype=np.float64).transpose(2, 1, 0)  # [z,y,x] -> [x,y,z]
-            vs = mrc.voxel_size
-            sizes = {float(vs.x), float(vs.y), float(vs.z)}
-            if labels is not None:
-                n_labels = max(0, min(int(mrc.header.nlabl), 10))
-                labels.extend(bytes(mrc.header.label[i]).decode("ascii", "replace").strip("\x00 ")
-                              for i in range(n_labels))
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ValueError) and os.fspath(path) in str(exc):
-            raise
-        raise ValueError(f"{os.fspath(path)}: expected an MRC volume, got an unreadable file ({exc})") from None
-    if len(sizes) != 1 or not sizes.pop() > 0:
-        raise ValueError(f"{os.fspath(path)}: field voxel_size: expected one positive size for x, y, z, got "
-                         f"({vs.x}, {vs.y}, {vs.z})")
-    return data, float(vs.x)
 
 
 def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
@@ -74,7 +50,7 @@ def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     p = check_input_file(path, "an intensity volume, .mrc or .h5")
     if p.suffix.lower() in (".mrc", ".map", ".mrcs"):
         labels: list[str] = []
-        data, dq = _read_mrc(p, labels)
+        data, dq = read_mrc(p, labels)
         _check_cube(data, p, "data")
         _reject_density(p, data, dq, labels)
         return data, dq
@@ -114,7 +90,7 @@ def _reject_density(path: Path, data: np.ndarray, voxel: float, labels: list[str
 def read_density(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """A density cube ``[ix, iy, iz]`` float64 and its voxel size (A) from an MRC file."""
     p = check_input_file(path, "a density MRC, e.g. from `bayes-spi phase`")
-    data, voxel = _read_mrc(p)
+    data, voxel = read_mrc(p)
     return _check_cube(data, p, "data"), voxel
 
 
@@ -125,15 +101,4 @@ def write_density(density: np.ndarray, voxel_A: float, path: str | os.PathLike[s
         raise ValueError(f"expected a density cube (n, n, n), got shape {rho.shape}")
     if not voxel_A > 0:
         raise ValueError(f"expected a positive voxel size in A, got {voxel_A}")
-    p = Path(path)
-    n = rho.shape[0]
-    with atomic_path(p) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(rho.transpose(2, 1, 0)).astype(np.float32))
-            mrc.voxel_size = float(voxel_A)
-            origin = -(n // 2) * float(voxel_A)
-            mrc.header.origin = (origin, origin, origin)
-            text = (label or f"bayes-spi {__version__} electron density; voxel size in A")[:80]
-            mrc.header.label[0] = text.encode("ascii", "replace")
-            mrc.header.nlabl = 1
-    return p
+    return write_mrc(path, rho, float(voxel_A), label or f"bayes-spi {__version__} electron density; voxel size in A")

@@ -3,7 +3,7 @@
 The model calls ``likelihood(log_rate)`` with ``log_rate`` of shape ``(..., B, M)`` (``M`` pixels)
 and observes the counts ``(B, M)`` under the returned distribution with ``.to_event(1)``.
 
-Built-ins and their spec names (:func:`make_likelihood`, :mod:`bayes_spi.models.specs`):
+Built-ins and their spec names (:func:`make_likelihood`, :mod:`bayes_spi.config.specs`):
 :class:`PoissonLikelihood` (``poisson``) and :class:`PoissonGaussianLikelihood` (``poisson-gaussian``:
 Poisson photons plus Gaussian read-out noise, clipped at 0 and rounded, as the simulator's ``G``).
 
@@ -24,7 +24,7 @@ import pyro.distributions as dist
 from torch import Tensor
 
 from bayes_spi.distributions.readout import PoissonGaussianCounts
-from bayes_spi.models.specs import normalize_spec
+from bayes_spi.config.specs import normalize_spec
 
 __all__ = ["Likelihood", "PoissonLikelihood", "PoissonGaussianLikelihood", "LIKELIHOODS", "make_likelihood"]
 
@@ -115,7 +115,7 @@ class PoissonGaussianLikelihood(Likelihood):
         return {"name": self.name, "sigma": self.readout_sigma, "background": self.background}
 
 
-#: likelihood spec name -> factory taking the spec's parameters (see :data:`bayes_spi.models.specs.SCHEMAS`)
+#: likelihood spec name -> factory taking the spec's parameters (see :data:`bayes_spi.config.specs.SCHEMAS`)
 LIKELIHOODS: dict[str, Callable[..., Likelihood]] = {
     "poisson": lambda background: PoissonLikelihood(background=background),
     "poisson-gaussian": lambda sigma, background: PoissonGaussianLikelihood(sigma, background=background),

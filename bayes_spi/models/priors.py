@@ -11,7 +11,7 @@ are taken with respect to the normalised Haar measure (``UniformSO3().log_prob =
 prior's ``log_prob`` and the guide's :class:`~bayes_spi.distributions.so3.LieNormalSO3` are
 consistent in the ELBO.
 
-Built-ins (and their spec names, see :mod:`bayes_spi.models.specs` and :func:`make_pose_prior`,
+Built-ins (and their spec names, see :mod:`bayes_spi.config.specs` and :func:`make_pose_prior`,
 :func:`make_scale_prior`):
 
 - poses: :class:`UniformPosePrior` (``uniform``), :class:`PreferredOrientationPrior` (``preferred``:
@@ -51,7 +51,7 @@ from bayes_spi.models.photon_totals import (
     load_photon_totals,
     silverman_bandwidth,
 )
-from bayes_spi.models.specs import normalize_spec
+from bayes_spi.config.specs import FLAGS, normalize_spec
 
 __all__ = [
     "PosePrior",
@@ -234,7 +234,7 @@ class EmpiricalScalePrior(ScalePrior):
             return cls.from_file(path, smoothing=smoothing)
 
 
-#: pose-prior spec name -> factory taking the spec's parameters (see :data:`bayes_spi.models.specs.SCHEMAS`)
+#: pose-prior spec name -> factory taking the spec's parameters (see :data:`bayes_spi.config.specs.SCHEMAS`)
 POSE_PRIORS: dict[str, Callable[..., PosePrior]] = {
     "uniform": UniformPosePrior,
     "preferred": lambda axis, kappa: PreferredOrientationPrior(axis, kappa),
@@ -270,6 +270,6 @@ def make_scale_prior(spec: str | dict[str, Any]) -> ScalePrior:
     try:
         return SCALE_PRIORS[s["name"]](**params)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"--scale-prior {s['name']}: {exc}") from None
+        raise FileNotFoundError(f"{FLAGS['scale_prior']} {s['name']}: {exc}") from None
     except ValueError as exc:
-        raise ValueError(f"--scale-prior {s['name']}: {exc}") from None
+        raise ValueError(f"{FLAGS['scale_prior']} {s['name']}: {exc}") from None

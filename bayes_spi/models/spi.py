@@ -46,7 +46,13 @@ from bayes_spi.models.intensity_priors import IntensityPrior, NoIntensityPrior
 from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior, PosePrior, ScalePrior, UniformPosePrior
 
-__all__ = ["SPIBatch", "SPIModel"]
+__all__ = ["SPIBatch", "SPIModel", "detector_q_max"]
+
+
+def detector_q_max(q: Tensor) -> float:
+    """The largest ``|q|`` (1/A) over the detector's pixel centres ``q (P, 3)``: the reach of the data,
+    on which the fields and the search cube are built (computed in ``q``'s dtype)."""
+    return float(q.norm(dim=-1).max())
 
 
 @dataclass
@@ -124,6 +130,11 @@ class SPIModel(nn.Module):
             raise ValueError("expected no intensity_prior with a variational field (its Wilson prior is the "
                              "'amplitude' site), got both")
         self.intensity_prior = intensity_prior
+
+    @property
+    def q_max(self) -> float:
+        """The largest ``|q|`` (1/A) of the pixel centres as the model holds them (float32 ``q``)."""
+        return detector_q_max(self.q)
 
     def log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor) -> Tensor:
         """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)`` and log scales ``(..., B)``."""

@@ -66,6 +66,7 @@ from pyro import poutine
 from torch import Tensor, nn
 
 from bayes_spi.distributions.wilson import WilsonAmplitude, kl_lognormal_wilson
+from bayes_spi.grid import centred_index, grid_q
 from bayes_spi.models.fields import IntensityField, _EvenSiren
 from bayes_spi.models.intensity_priors import RadialProfile, make_sigma_profile
 
@@ -154,7 +155,7 @@ class VariationalAmplitudeField(IntensityField):
 
         # latent nodes: Friedel half (flat index <= centre), within reach of the ball
         n = self.n
-        ax = (torch.arange(n, dtype=torch.float64) - n // 2) * self.dq
+        ax = torch.from_numpy(centred_index(n)) * self.dq
         node_q = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
         flat = torch.arange(n**3)
         reach = self.q_max + math.sqrt(3.0) * self.dq * (1.0 + 1e-6)
@@ -342,13 +343,11 @@ def make_variational_field(
 @torch.no_grad()
 def moments_on_grid(field: VariationalAmplitudeField, n: int, q_max: float, rotation: np.ndarray | None = None,
                     chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, float]:
-    """Posterior mean and sd of ``I`` on the grid of :func:`bayes_spi.infer.outputs.grid_q`.
+    """Posterior mean and sd of ``I`` on the grid of :func:`bayes_spi.grid.grid_q`.
 
     Returns ``(mean (n, n, n), sd (n, n, n), dq)`` float64, indexed ``[ix, iy, iz]`` (optionally at
     ``rotation @ q``); write the sd with ``write_intensity(sd, dq, run_dir, stem="intensity_sd")``.
     """
-    from bayes_spi.infer.outputs import grid_q
-
     q, dq = grid_q(n, q_max)
     flat = torch.as_tensor(q.reshape(-1, 3), dtype=torch.float32)
     if rotation is not None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from bayes_spi.atomic import atomic_path
+from bayes_spi.atomic import write_json
 from bayes_spi.metrics import align_rotations
 from bayes_spi.posterior.coverage import angles_rad, log_scale_offset, read_summaries
 
@@ -71,8 +71,7 @@ def fit_temperatures(path: str | os.PathLike[str], truth_path: str | os.PathLike
 
 def save_calibration(path: str | os.PathLike[str], calibration: dict[str, Any]) -> None:
     """Write ``calibration`` (at least ``pose_temperature``, ``scale_temperature``) as JSON, atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(calibration, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_json(path, calibration, allow_nan=False)
 
 
 def load_calibration(path: str | os.PathLike[str]) -> tuple[float, float]:

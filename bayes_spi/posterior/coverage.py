@@ -30,12 +30,12 @@ import torch
 
 from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
 from bayes_spi.metrics import align_rotations
-from bayes_spi.so3 import geodesic_angle
+from bayes_spi.so3 import geodesic_angle, rotz_pi_numpy
 
 __all__ = ["angles_rad", "log_scale_offset", "pose_coverage", "scale_coverage", "read_summaries",
            "coverage_from_netcdf", "format_coverage"]
 
-_ROTZ_PI = np.diag([-1.0, -1.0, 1.0])
+_ROTZ_PI = rotz_pi_numpy()
 
 
 def angles_rad(A: np.ndarray, B: np.ndarray) -> np.ndarray:

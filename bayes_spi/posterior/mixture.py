@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from bayes_spi.guides.amortized import PosePosterior
-from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat
+from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat, rotz_pi
 
 __all__ = [
     "LEVELS",
@@ -59,8 +59,6 @@ __all__ = [
 
 #: default credible masses of the cones and intervals
 LEVELS: tuple[float, ...] = (0.5, 0.9)
-
-_ROTZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
 
 
 @dataclass
@@ -241,7 +239,7 @@ def summarize(post: MixturePosterior, draws: PosteriorDraws, levels: Sequence[fl
     rot = draws.rotations.double()
     mean = chordal_mean(rot)  # (B, 3, 3)
     ang = geodesic_angle(mean.unsqueeze(0), rot)  # (D, B)
-    ang_flip = geodesic_angle((mean @ _ROTZ_PI.to(mean.device)).unsqueeze(0), rot)
+    ang_flip = geodesic_angle((mean @ rotz_pi(dtype=torch.float64, device=mean.device)).unsqueeze(0), rot)
     ang_mod = torch.minimum(ang, ang_flip)
     radius = torch.quantile(ang, q.to(ang.device), dim=0).T  # (B, L)
     radius_mod = torch.quantile(ang_mod, q.to(ang.device), dim=0).T

@@ -36,6 +36,7 @@ from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 from bayes_spi.atomic import atomic_path
+from bayes_spi.grid import centred_index
 from bayes_spi.report.numbers import (
     equal_area_histogram,
     hammer_xy,
@@ -226,7 +227,7 @@ _PLANES = (("q_z = 0", ("q_x", "q_y"), 2), ("q_y = 0", ("q_x", "q_z"), 1), ("q_x
 
 def _plane_points(n: int, dq: float, normal_axis: int) -> np.ndarray:
     """Points ``(n, n, 3)`` of a central plane, indexed ``[i_first, i_second]`` of the two in-plane axes."""
-    ax = (np.arange(n) - n // 2) * dq
+    ax = centred_index(n) * dq
     a, b = np.meshgrid(ax, ax, indexing="ij")
     pts = np.zeros((n, n, 3))
     inplane = [k for k in range(3) if k != normal_axis]

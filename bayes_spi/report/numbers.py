@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
+from bayes_spi.so3 import geodesic_angle_numpy, rotz_pi_numpy
+
 __all__ = [
     "viewing_directions",
     "lon_lat",
@@ -49,7 +51,7 @@ __all__ = [
     "predicted_counts",
 ]
 
-_ROTZ_PI = np.diag([-1.0, -1.0, 1.0])
+_ROTZ_PI = rotz_pi_numpy()
 
 
 def _rotmats(R: Any, name: str = "R") -> np.ndarray:
@@ -156,10 +158,7 @@ def cone_radius_deg(sigma_rad: Any, level: float) -> np.ndarray:
 def geodesic_deg(A: Any, B: Any) -> np.ndarray:
     """Geodesic angle between ``A_i`` and ``B_i`` ``(N, 3, 3)`` in degrees ``(N,)`` (stable near 0 and 180)."""
     A, B = _rotmats(A, "A"), _rotmats(B, "B")
-    M = np.swapaxes(A, -1, -2) @ B
-    cos = 0.5 * (np.trace(M, axis1=-2, axis2=-1) - 1.0)
-    a = 0.5 * np.stack([M[:, 2, 1] - M[:, 1, 2], M[:, 0, 2] - M[:, 2, 0], M[:, 1, 0] - M[:, 0, 1]], -1)
-    return np.degrees(np.arctan2(np.linalg.norm(a, axis=-1), cos))
+    return np.degrees(geodesic_angle_numpy(A, B))
 
 
 def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0) -> dict[str, Any]:

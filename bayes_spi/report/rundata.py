@@ -33,7 +33,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from bayes_spi.config.commands import command
 from bayes_spi.report.numbers import cone_radius_deg, geodesic_deg, pose_errors
+from bayes_spi.so3 import rotz_pi_numpy
 
 __all__ = ["Source", "SOURCES", "FSC_KINDS", "RunData"]
 
@@ -48,17 +50,17 @@ class Source:
 
 #: input name -> where it comes from (used by the page to say what is missing)
 SOURCES: dict[str, Source] = {
-    "metrics": Source("metrics.csv", "written while `bayes-spi fit DATA.h5 -o RUN/` runs"),
-    "intensity": Source("intensity.h5", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
-    "posterior": Source("posterior.h5", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
-    "model": Source("model.pt", "written at the end of `bayes-spi fit DATA.h5 -o RUN/`"),
+    "metrics": Source("metrics.csv", f"written while {command('fit')} runs"),
+    "intensity": Source("intensity.h5", f"written at the end of {command('fit')}"),
+    "posterior": Source("posterior.h5", f"written at the end of {command('fit')}"),
+    "model": Source("model.pt", f"written at the end of {command('fit')}"),
     "data": Source("the data file (input patterns)",
-                   "the path recorded in config.yaml is used; else give `bayes-spi report RUN/ --data DATA.h5`"),
-    "truth": Source("the truth (simulated data file)", "give `bayes-spi report RUN/ --truth DATA.h5`"),
+                   f"the path recorded in config.yaml is used; else give {command('report_data')}"),
+    "truth": Source("the truth (simulated data file)", f"give {command('report_truth')}"),
     "truth_intensity": Source("/truth/intensity of the truth file",
-                              "simulate with a truth grid (`bayes-spi simulate`)"),
-    "fsc": Source("fsc.json", "run `bayes-spi evaluate RUN/ --truth DATA.h5` (writes RUN/fsc.json)"),
-    "density": Source("density.mrc", "run `bayes-spi phase RUN/`"),
+                              f"simulate with a truth grid ({command('simulate')})"),
+    "fsc": Source("fsc.json", f"run {command('evaluate_truth')} (writes RUN/fsc.json)"),
+    "density": Source("density.mrc", f"run {command('phase')}"),
     "posterior_nc": Source("posterior.nc (credible-cone radii)",
                            "run `bayes-spi posterior RUN/ DATA.h5 -o RUN/posterior.nc`"),
 }
@@ -337,23 +339,12 @@ class RunData:
     @cached_property
     def density(self) -> tuple[np.ndarray, float] | None:
         """``density.mrc``: ``(rho (n_x, n_y, n_z) indexed [ix, iy, iz] float64, voxel A)``."""
-        import mrcfile
+        from bayes_spi.mrc import read_mrc
 
         p = self.run_dir / "density.mrc"
         if not p.is_file():
             return None
-        try:
-            with mrcfile.open(p, permissive=True) as mrc:
-                if mrc.data is None or mrc.data.ndim != 3:
-                    raise ValueError(f"{_fspath(p)}: field data: expected a 3D volume, got "
-                                     f"{None if mrc.data is None else mrc.data.shape}")
-                rho = np.asarray(mrc.data, dtype=np.float64).transpose(2, 1, 0)
-                voxel = float(mrc.voxel_size.x)
-        except OSError as exc:
-            raise ValueError(f"{_fspath(p)}: expected an MRC file, got an unreadable file ({exc})") from None
-        if not voxel > 0:
-            raise ValueError(f"{_fspath(p)}: field voxel_size: expected a positive size in A, got {voxel}")
-        return rho, voxel
+        return read_mrc(p)
 
     @cached_property
     def cones(self) -> dict[str, Any] | None:
@@ -480,5 +471,5 @@ class RunData:
             return {"errors_deg": al["errors_mod_rotz_pi_deg"][idx], "r90_deg": r90,
                     "centre": "most probable hypothesis"}
         G, Rc, Rt = al["G_mod_rotz_pi"], cones["R_center"], self.truth["R"][idx]
-        e = np.minimum(geodesic_deg(G @ Rc, Rt), geodesic_deg(G @ Rc @ np.diag([-1.0, -1.0, 1.0]), Rt))
+        e = np.minimum(geodesic_deg(G @ Rc, Rt), geodesic_deg(G @ Rc @ rotz_pi_numpy(), Rt))
         return {"errors_deg": e, "r90_deg": r90, "centre": "posterior mean pose"}

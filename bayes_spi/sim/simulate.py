@@ -30,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bayes_spi import __version__
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError, H5Writer, quaternions_to_rotations
 from bayes_spi.geometry import Geometry, get_preset
 from bayes_spi.sim.fluence import CLASSICAL_ELECTRON_RADIUS_A, fluence_from_pulse, parse_jitter, sample_jitter
@@ -163,7 +164,7 @@ def load_orientations(path: str | os.PathLike[str], n_patterns: int) -> np.ndarr
 
 def pixel_weights(geometry: Geometry) -> np.ndarray:
     """``P_k * Omega_k`` per pixel, ``(n_y, n_x)`` (sr)."""
-    return geometry.polarization_factor() * geometry.solid_angle()
+    return geometry.pixel_factor()
 
 
 def expected_photons(
@@ -385,7 +386,7 @@ def _check_int32(lam: np.ndarray, start: int, photons_per_unit: float) -> None:
         raise ValueError(
             f"counts: expected at most {INT32_MAX} photons in a pixel (the data file stores int32 counts), got an "
             f"expected {peak:.3g} photons in a pixel of pattern {start + int(np.argmax(lam.max(axis=-1)))} "
-            f"(fluence x r_e^2 = {photons_per_unit:.3g}): lower --mean-photons or --photons-per-pulse")
+            f"(fluence x r_e^2 = {photons_per_unit:.3g}): lower {flag('mean_photons')} or {flag('photons_per_pulse')}")
 
 
 #: alias kept for callers that use the longer name

@@ -17,6 +17,7 @@ from __future__ import annotations
 import finufft
 import numpy as np
 
+from bayes_spi.grid import grid_axis
 from bayes_spi.sim.structure import Structure, form_factor
 
 __all__ = [
@@ -103,21 +104,6 @@ def molecular_transform_direct(structure: Structure, q: np.ndarray) -> np.ndarra
         phase = np.exp(1j * _TWO_PI * flat @ structure.positions[el].T)  # (Q, N_e)
         out += form_factor(el, qnorm) * (phase @ structure.occupancies[el])
     return out.reshape(arr.shape[:-1])
-
-
-def grid_axis(n: int, q_max: float) -> tuple[np.ndarray, float]:
-    """1D axis of the centred odd-size cube: ``q_i = (i - n//2) * dq`` with ``dq = q_max / (n//2)``.
-
-    Returns:
-        ``(axis (n,), dq)``.
-    """
-    if isinstance(n, bool) or int(n) != n or n < 3 or n % 2 == 0:
-        raise ValueError(f"n: expected an odd integer >= 3, got {n!r}")
-    if not np.isfinite(q_max) or q_max <= 0:
-        raise ValueError(f"q_max: expected a positive number, got {q_max!r}")
-    n = int(n)
-    dq = float(q_max) / (n // 2)
-    return (np.arange(n) - n // 2) * dq, dq
 
 
 def transform_on_grid(structure: Structure, n: int, q_max: float) -> tuple[np.ndarray, float]:
