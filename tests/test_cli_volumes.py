@@ -22,7 +22,6 @@ from bayes_spi.infer.evaluate import EVALUATION_KEYS, evaluate_run_full, load_fi
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.infer.volumes import read_density, read_intensity
 from bayes_spi.models.fields import IntensityField
-from bayes_spi.sim.simulate import simulate
 
 TINY = ["--batch-size", "16", "--epochs", "1", "--field-width", "16", "--n-heads", "1",
         "--pixels-per-pattern", "64", "--grid", "17", "--no-progress"]
@@ -33,12 +32,9 @@ def _invoke(args: list[str]):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("vol")
-    data = base / "tiny.h5"
-    simulate("2CEX", "reference-32", 64, data, artifacts="FPB", mean_photons=1e4, truth_grid=17, seed=3,
-             chunk=32, progress=False)
-    run = base / "run"
+def tiny_run(simulated, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data = simulated(64, truth_grid=17, chunk=32)
+    run = tmp_path_factory.mktemp("vol") / "run"
     res = _invoke(["fit", str(data), "-o", str(run), *TINY, "--no-truth"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return run, data
@@ -248,7 +244,7 @@ def test_variational_field_fit_and_export_sd(tiny_run: tuple[Path, Path], tmp_pa
     res = _invoke(["export", str(run), "--grid", "7", "-o", str(tmp_path / "e")])
     assert res.exit_code == 0 and "intensity_sd.h5" in res.output, res.output
     field, q_max = load_field(run / "model.pt")
-    from bayes_spi.infer.outputs import grid_q
+    from bayes_spi.grid import grid_q
 
     q, _ = grid_q(7, q_max)
     with torch.no_grad():

@@ -27,7 +27,6 @@ from click.testing import CliRunner
 from bayes_spi.cli.main import cli
 from bayes_spi.dataio.h5 import DataFormatError, H5Writer, SPIDataset, write_simulation
 from bayes_spi.geometry import get_preset
-from bayes_spi.sim.simulate import simulate
 
 #: tiny fit settings (as tests/test_cli_fit.py): 48 patterns / 16 = 3 steps an epoch
 TINY = ["--batch-size", "16", "--epochs", "2", "--field-width", "16", "--n-heads", "1",
@@ -54,11 +53,8 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    simulate("2CEX", "reference-32", N_PATTERNS, path, artifacts="FPB", mean_photons=1e4, truth_grid=9,
-             seed=3, chunk=16, progress=False)
-    return path
+def data_file(simulated) -> Path:
+    return simulated(N_PATTERNS, truth_grid=9, chunk=16)
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,6 @@ from bayes_spi.report.numbers import (
     viewing_directions,
 )
 from bayes_spi.report.rundata import RunData
-from bayes_spi.sim.simulate import simulate
 
 N_PATTERNS = 48
 TINY = ["--batch-size", "16", "--epochs", "1", "--field-width", "16", "--n-heads", "1",
@@ -198,11 +197,8 @@ def test_pattern_indices_and_direction_cells() -> None:
 
 # ------------------------------------------------------------------------------------------- tiny run
 @pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    simulate("2CEX", "reference-32", N_PATTERNS, path, artifacts="FPB", mean_photons=1e4, truth_grid=17,
-             seed=3, chunk=32, progress=False)
-    return path
+def data_file(simulated) -> Path:
+    return simulated(N_PATTERNS, truth_grid=17, chunk=32)
 
 
 @pytest.fixture(scope="module")
