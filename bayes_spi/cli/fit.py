@@ -39,31 +39,18 @@ Example with priors: bayes-spi fit data.h5 -o run2 --pose-prior preferred:axis=0
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import sys
-import time
+from collections.abc import Callable
 from dataclasses import fields as dc_fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from bayes_spi.atomic import write_json
+from bayes_spi.workflows.fit import RESUME_OVERRIDABLE, RUN_FILES
 
-__all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets"]
+__all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets", "print_summary"]
 
-log = logging.getLogger("bayes_spi")
-
-#: files of a run directory that ``--force`` removes before a fresh start
-RUN_FILES: tuple[str, ...] = (
-    "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
-    "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
-    "fsc.json", "sampling.json", "verdict.json", "density.mrc", "density.json", "posterior.nc", "coverage.json", "report.png", "report.html",
-    "config.yaml", "run.log",
-)
 
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
@@ -71,9 +58,6 @@ TRAINING_OPTIONS: tuple[str, ...] = (
     "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
-
-#: settings that do not change the computation: taken from the command line even with ``--resume``
-RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every", "max_minutes")
 
 _HELP = {
     "online": "Stream the file once, each pattern seen once (--epochs ignored); --offline: shuffled epochs.",
@@ -172,417 +156,33 @@ def _spec_option(kind: str) -> Any:
                         help=_SPEC_HELP[kind])
 
 
-def _grid_of(volume: Path, default: int = 65) -> int:
-    """The cube size of a run's ``intensity.h5`` (runs from before ``config.yaml`` recorded ``outputs.grid``)."""
-    import h5py
+def _cli_errors(call: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    from bayes_spi.cli.common import click_error
+    from bayes_spi.workflows.errors import WorkflowError
 
     try:
-        with h5py.File(volume, "r") as f:
-            n = int(f["intensity"].shape[0])
-    except (OSError, KeyError, IndexError, TypeError):
-        return default
-    return n if n >= 3 and n % 2 == 1 else default
+        return call(*args, **kwargs)
+    except WorkflowError as exc:
+        raise click_error(exc) from None
 
 
-#: entries a checkpoint.pt must hold to be resumed from
-CHECKPOINT_ENTRIES = ("state", "config", "model", "guide", "optim", "scheduler", "torch_rng", "pixel_rng")
+def _echo(text: str, err: bool = False) -> None:
+    click.echo(text, err=err)
 
 
-def _check_checkpoint(path: Path) -> None:
-    """Read ``checkpoint.pt`` safely (weights only: no code in it runs) and check its entries, before anything
-    is written."""
-    from bayes_spi.torchfile import TorchFileError, load_torch_file
+def run_fit(data: Path | None, run_dir: Path, given: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """:func:`bayes_spi.workflows.fit.run_fit` for the command line (``bayes-spi fit``, ``bayes-spi demo``):
+    messages through click, a :class:`~bayes_spi.workflows.errors.WorkflowError` as click's error."""
+    from bayes_spi.workflows import fit as workflow
 
-    try:
-        ck = load_torch_file(path, what="a bayes-spi checkpoint")
-    except (FileNotFoundError, TorchFileError) as exc:
-        raise click.ClickException(str(exc)) from None
-    missing = [k for k in CHECKPOINT_ENTRIES if not isinstance(ck, dict) or k not in ck]
-    if missing:
-        raise click.ClickException(f"{os.fspath(path)}: expected a bayes-spi checkpoint with entries "
-                                   f"{', '.join(CHECKPOINT_ENTRIES)}, got {missing} missing")
+    return _cli_errors(workflow.run_fit, data, run_dir, given, echo=_echo, **kwargs)
 
 
-def _existing_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt"))
+def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """:func:`bayes_spi.workflows.fit.run_halfsets` for ``bayes-spi fit --half-sets``, each half's summary printed."""
+    from bayes_spi.workflows import fit as workflow
 
-
-def _open_dataset(path: Path) -> Any:
-    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
-
-    try:
-        return SPIDataset(path)
-    except FileNotFoundError:
-        raise click.ClickException(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
-                                   "e.g. from `bayes-spi simulate`)") from None
-    except DataFormatError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _check_values(dataset: Any, progress: bool) -> None:
-    """Read every pattern once so bad values (negative, NaN) fail before anything is written."""
-    from bayes_spi.dataio.h5 import DataFormatError
-
-    step = max(dataset.chunk_patterns, 1) * 8
-    it = dataset.iter_batches(step, shuffle=False)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, total=math.ceil(dataset.n_patterns / step), unit="block", desc="checking data",
-                  leave=False, dynamic_ncols=True)
-    try:
-        for _ in it:
-            pass
-    except DataFormatError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _build_config(given: dict[str, Any]) -> Any:
-    from bayes_spi.infer.config import FitConfig
-
-    try:
-        return FitConfig(**given)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def _json_safe(obj: Any) -> Any:
-    """Non-finite floats -> ``None`` (strict JSON), recursively."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _last_metrics(path: Path) -> dict[str, str]:
-    import csv
-
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return rows[-1] if rows else {}
-
-
-def run_fit(
-    data: Path | None,
-    run_dir: Path,
-    given: dict[str, Any],
-    *,
-    resume: bool = False,
-    force: bool = False,
-    grid: int | None = None,
-    truth: bool = True,
-    progress: bool = True,
-    check_data: bool = True,
-    argv: list[str] | None = None,
-    subset: Any = None,
-    subset_name: str = "subset",
-) -> dict[str, Any]:
-    """The body of ``bayes-spi fit`` (also used by ``bayes-spi demo``); raises ``click.ClickException``.
-
-    Args:
-        data: the data file (``None`` with ``resume``: the path recorded in ``config.yaml``).
-        run_dir: the run directory.
-        given: FitConfig settings given explicitly (others take the defaults, or with ``resume`` the
-            run's settings; only :data:`RESUME_OVERRIDABLE` ones are then honoured).
-        resume, force, grid, truth, progress, check_data: as the command-line options (``grid=None``: 65
-            for a new run, the run's recorded grid with ``resume``).
-        argv: the command line recorded in ``config.yaml`` (default ``sys.argv``).
-        subset: fit only these patterns (global indices; e.g. one half-set), re-indexed 0..n-1 in the
-            run's outputs (``posterior.h5`` rows follow the sorted indices); no truth evaluation then.
-        subset_name: a label for the subset in logs.
-
-    Returns:
-        ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs"}``.
-    """
-    import pyro
-
-    from bayes_spi.cli.common import check_device, check_writable_dir, os_error_message
-    from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, locked_message,
-                                        read_config, read_run_info, setup_logging, write_config)
-
-    if resume and force:
-        raise click.UsageError("give either --resume or --force, not both")
-    if grid is not None and (grid < 3 or grid % 2 == 0):
-        raise click.BadParameter(f"expected an odd integer >= 3, got {grid}", param_hint="--grid")
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise click.ClickException(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
-    check_writable_dir(run_dir, "the run")
-    owner = live_lock_owner(run_dir)
-    if owner is not None:  # refuse at once; the lock itself is taken below, before anything is written
-        raise click.ClickException(locked_message(run_dir, *owner))
-
-    # ---- everything below up to "touch the run directory" only reads
-    info: dict[str, Any] = {}
-    if resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise click.ClickException(f"run directory {os.fspath(run_dir)!r}: expected checkpoint.pt to resume "
-                                       "from, got none (start a new run without --resume)")
-        try:
-            info = read_run_info(run_dir)
-            config = read_config(run_dir)
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-        _check_checkpoint(run_dir / "checkpoint.pt")
-        if grid is None:  # the run's output grid, as it was started
-            outputs_info = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
-            recorded_grid = outputs_info.get("grid")
-            grid = recorded_grid if isinstance(recorded_grid, int) else _grid_of(run_dir / "intensity.h5")
-        if data is None:
-            recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
-            if not recorded:
-                raise click.UsageError("DATA is needed: the run's config.yaml records no data path")
-            data = Path(recorded)
-        ignored = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDABLE and v != getattr(config, k))
-        overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
-        if overrides:
-            from bayes_spi.infer.config import FitConfig
-
-            config = FitConfig.from_dict({**config.to_dict(), **overrides})
-    else:
-        if data is None:
-            raise click.UsageError("missing argument DATA (the data file; only --resume may omit it)")
-        if _existing_run(run_dir) and not force:
-            raise click.ClickException(
-                f"run directory {os.fspath(run_dir)!r} already holds a run (checkpoint.pt or model.pt): "
-                "expected a new or empty directory; continue it with --resume or overwrite it with --force")
-        config = _build_config(given)
-        ignored = []
-    if grid is None:
-        grid = 65
-    check_device(config.device)
-    sampling = None
-
-    dataset = _open_dataset(Path(data))
-    if subset is not None:
-        from bayes_spi.dataio.subset import SPISubset
-
-        try:
-            dataset = SPISubset(dataset, subset, subset_name)
-        except ValueError as exc:
-            dataset.close()
-            raise click.ClickException(f"{os.fspath(data)}: {subset_name}: {exc}") from None
-        truth = False
-    lock = RunLock(run_dir)
-    try:
-        if dataset.n_patterns < 2:
-            raise click.ClickException(
-                f"{os.fspath(data)}: field /data/counts: expected at least 2 patterns (one is held out to judge the "
-                f"fit), got {dataset.n_patterns}")
-        if resume:
-            rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
-            for key, found in (("n_patterns", dataset.n_patterns), ("shape", list(dataset.shape))):
-                if key in rec and rec[key] != found:
-                    raise click.ClickException(
-                        f"{os.fspath(data)}: {key}: expected {rec[key]} (the data this run was started on, "
-                        f"{rec.get('path', '?')}), got {found}")
-        if check_data:
-            _check_values(dataset, progress)
-        if not resume:
-            from bayes_spi.infer.autoset import data_settings
-
-            try:
-                config, sampling = data_settings(dataset, config, given)
-            except ValueError as exc:
-                raise click.ClickException(f"{os.fspath(data)}: {exc}") from None
-            click.echo(sampling.summary(), err=sampling.undersampled)
-
-        from bayes_spi.infer.trainer import Trainer, resolve_device
-
-        try:
-            device = resolve_device(config.device)
-        except RuntimeError as exc:
-            raise click.BadParameter(str(exc), param_hint="--device") from None
-
-        # ---- touch the run directory (first take its lock: one fit at a time)
-        try:
-            lock.acquire()
-        except RunLockedError as exc:
-            raise click.ClickException(str(exc)) from None
-        if force and not resume:
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-            if (run_dir / "report").is_dir():
-                import shutil
-
-                shutil.rmtree(run_dir / "report")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(run_dir)
-        args = list(sys.argv if argv is None else argv)
-        if resume:
-            log.info("resume: %s", " ".join(args))
-            rec_path = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
-            if rec_path and Path(rec_path) != Path(data).resolve():
-                log.warning("--resume: data file %s differs from the one the run started on (%s)", data, rec_path)
-            if ignored:
-                log.warning("--resume: ignoring %s (settings come from %s)",
-                            ", ".join("--" + k.replace("_", "-") for k in ignored), run_dir / "config.yaml")
-        else:
-            data_info = {"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
-                         "has_truth": bool(dataset.has_truth)}
-            if subset is not None:  # posterior.h5 row j is pattern members[j] of the file
-                data_info["subset"] = subset_name
-                data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
-            write_config(run_dir, config, data, args, device=str(device), data_info=data_info,
-                         outputs={"grid": grid})
-            log.info("new run: %s", " ".join(args))
-            if sampling is not None:
-                write_json(run_dir / "sampling.json", sampling.to_dict(), allow_nan=False)
-                for line in sampling.summary().splitlines():
-                    (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
-        log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
-
-        pyro.set_rng_seed(config.seed)  # the initial weights depend on the seed (Trainer builds them)
-        try:
-            trainer = Trainer(dataset, config, run_dir, progress=progress)
-        except (ValueError, FileNotFoundError) as exc:
-            raise click.ClickException(f"building the model: {exc}") from None
-        first: list[tuple[int, float]] = []
-
-        def _on_step(st: Any) -> None:
-            if not first:
-                first.append((st.images_seen, time.perf_counter()))
-
-        try:
-            state = trainer.fit(resume=resume, on_step=_on_step)
-        except DataFormatError as exc:
-            log.error("%s", exc)
-            raise click.ClickException(f"{exc} (the last checkpoint is kept: {trainer.checkpoint_path})") from None
-        except FloatingPointError as exc:
-            log.error("%s", exc)
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d; continue with: bayes-spi fit %s -o %s --resume",
-                        trainer.state.step, data, run_dir)
-            raise
-        # images/s of this session, from the end of its first step (excludes start-up)
-        rate = float("nan")
-        if first and state.images_seen > first[0][0]:
-            rate = (state.images_seen - first[0][0]) / max(time.perf_counter() - first[0][1], 1e-9)
-        log.info("training done: step %d, %d images, %.1f images/s", state.step, state.images_seen, rate)
-        from bayes_spi.infer.verdict import assess_fit
-
-        verdict = assess_fit(trainer)
-        write_json(run_dir / "verdict.json", _json_safe(verdict.to_dict()), allow_nan=False)
-        for line in verdict.summary().splitlines():
-            (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
-        outputs = trainer.save_outputs(grid=grid, verdict=verdict)
-        log.info("wrote %s", ", ".join(p.name for p in outputs.values()))
-        last = _last_metrics(trainer.metrics_path)
-        final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
-
-        evaluation = None
-        if truth and dataset.has_truth:
-            from bayes_spi.infer.evaluate import evaluate_run_full, write_fsc_json
-
-            try:
-                full = evaluate_run_full(run_dir, dataset.path)
-            except (DataFormatError, ValueError) as exc:
-                log.warning("evaluation against the truth skipped: %s", exc)
-            else:
-                evaluation = full.scalars
-                for note in full.notes:
-                    log.info("evaluation: %s", note)
-                write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
-                # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
-                write_json(run_dir / "evaluation.json", {**{k: (v if math.isfinite(v) else None)
-                                                            for k, v in evaluation.items()},
-                                                         "verdict": verdict.status}, allow_nan=False)
-                log.info("evaluation: %s", json.dumps(evaluation))
-        from bayes_spi.infer.report import write_report
-
-        outputs["report"] = write_report(run_dir, dataset.path if evaluation is not None else None)
-        log.info("wrote %s", outputs["report"].name)
-    except OSError as exc:  # a full disk, an unwritable file: one line, the last good checkpoint kept
-        msg = os_error_message(exc)
-        ck = run_dir / "checkpoint.pt"
-        if ck.is_file():
-            msg += f" (the last good checkpoint is kept: {os.fspath(ck)}; continue with --resume)"
-        log.error("%s", msg)
-        raise click.ClickException(msg) from None
-    finally:
-        dataset.close()
-        close_logging()
-        lock.release()
-    return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
-            "evaluation": evaluation, "outputs": outputs, "verdict": verdict}
-
-
-def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], *, resume: bool = False,
-                 force: bool = False, grid: int | None = None, progress: bool = True, check_data: bool = True,
-                 argv: list[str] | None = None) -> dict[str, Any]:
-    """``bayes-spi fit --half-sets``: two fits on a random split, then their FSC (see
-    :mod:`bayes_spi.infer.halfsets`). Returns ``{"halves": [run_fit results], "summary": path, "curve": FSCCurve}``."""
-    from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.evaluate import write_fsc_json
-    from bayes_spi.infer.halfsets import HALVES, halfset_fsc, read_split, write_halfset_summary, write_split
-
-    run_dir = Path(run_dir)
-    if resume:
-        try:
-            h1, h2, attrs = read_split(run_dir)
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-        if data is None:
-            from bayes_spi.infer.rundir import read_run_info
-
-            try:
-                data = Path(read_run_info(run_dir / HALVES[0])["data"]["path"])
-            except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
-                raise click.UsageError(f"DATA is needed: no data path recorded in {run_dir / HALVES[0]} ({exc})")
-    else:
-        if data is None:
-            raise click.UsageError("missing argument DATA (the data file; only --resume may omit it)")
-        if (run_dir / "halfsets.h5").exists() and not force:
-            raise click.ClickException(f"run directory {os.fspath(run_dir)!r} already holds a half-set run: expected "
-                                       "a new directory; continue it with --resume or overwrite it with --force")
-        ds = _open_dataset(Path(data))
-        n_patterns = ds.n_patterns
-        ds.close()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        seed = int(given.get("seed", 0))
-        h1, h2 = write_split(run_dir, n_patterns, seed)
-        attrs = {"seed": seed, "n_patterns": n_patterns}
-    if grid is None and resume:  # the grid the half-set run was started with
-        from bayes_spi.infer.rundir import read_run_info
-
-        try:
-            recorded = (read_run_info(run_dir / HALVES[0]).get("outputs") or {}).get("grid")
-        except (FileNotFoundError, ValueError, AttributeError):
-            recorded = None
-        grid = recorded if isinstance(recorded, int) else None
-    if grid is None:
-        grid = 65
-    results = []
-    for name, members in zip(HALVES, (h1, h2)):
-        click.echo(f"half-set {name}: {len(members)} patterns -> {os.fspath(run_dir / name)}")
-        half_resume = resume and (run_dir / name / "checkpoint.pt").is_file()
-        results.append(run_fit(data, run_dir / name, given, resume=half_resume, force=force and not half_resume,
-                               grid=grid, truth=False, progress=progress, check_data=check_data, argv=argv,
-                               subset=members, subset_name=name))
-        print_summary(results[-1])
-    try:
-        curve, info = halfset_fsc(run_dir / HALVES[0], run_dir / HALVES[1], grid=grid)
-    except (FileNotFoundError, ValueError, DataFormatError) as exc:
-        raise click.ClickException(f"half-set FSC: {exc}") from None
-    summary = write_halfset_summary(run_dir, curve, info, attrs)
-    for name in HALVES:  # each half's report shows the half-set FSC too
-        write_fsc_json(run_dir / name, {"halfset": curve})
-    click.echo("half-set FSC after aligning half2 onto half1 (sqrt I as in the papers; speckle: shell means removed):")
-    for label, c in (("sqrt I", curve), ("speckle", info.get("speckle"))):
-        for t in (0.5, 0.143):
-            if c is None:
-                continue
-            bound = "" if c.crosses(t) else " (not crossed: a bound at the last shell)"
-            click.echo(f"  {label:>7} resolution at {t}: {c.resolution_nm(t):.3f} nm{bound}")
-    click.echo(f"wrote {os.fspath(summary)}, {os.fspath(run_dir / 'fsc.json')}, {os.fspath(run_dir / 'halfsets.h5')}")
-    return {"halves": results, "summary": summary, "curve": curve}
+    return _cli_errors(workflow.run_halfsets, data, run_dir, given, echo=_echo, on_half=print_summary, **kwargs)
 
 
 def print_summary(result: dict[str, Any]) -> None:

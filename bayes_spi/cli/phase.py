@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,68 +25,17 @@ __all__ = ["command", "run_phase"]
 
 
 def run_phase(source: Path, out: Path | None = None, starts: int = 8, iterations: int | None = None,
-              q_max: float | None = None, seed: int = 0, progress: bool = False) -> dict:
-    """The body of ``bayes-spi phase``: phase, write ``out`` (MRC) and ``out.json``; returns the JSON record
-    (``errors`` per start, ``best``, ``voxel_A``, ``out``). Raises ``click.ClickException`` on bad input."""
-    import numpy as np
+              q_max: float | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """:func:`bayes_spi.workflows.phase.run_phase` for the command line (``bayes-spi phase``, ``bayes-spi demo``):
+    a :class:`~bayes_spi.workflows.errors.WorkflowError` becomes click's error."""
+    from bayes_spi.cli.common import click_error
+    from bayes_spi.workflows import phase as workflow
+    from bayes_spi.workflows.errors import WorkflowError
 
-    from bayes_spi import __version__
-    from bayes_spi.analysis.phasing import phase_retrieval
-    from bayes_spi.atomic import write_json
-    from bayes_spi.infer.volumes import read_intensity, write_density
-
-    source = Path(source)
-    if source.is_dir():
-        volume = source / "intensity.h5"
-        if out is None:
-            out = source / "density.mrc"
-        if q_max is None and (source / "model.pt").is_file():
-            from bayes_spi.infer.evaluate import load_field
-
-            try:
-                q_max = load_field(source / "model.pt")[1]
-            except (FileNotFoundError, ValueError) as exc:
-                raise click.ClickException(str(exc)) from None
-    else:
-        volume = source
-        if out is None:
-            raise click.UsageError("give -o/--out for the density when SOURCE is a volume file")
-    out = Path(out)
-    if q_max is not None and not q_max > 0:
-        raise click.BadParameter(f"expected a positive |q| in 1/A, got {q_max}", param_hint="--q-max")
-    from bayes_spi.cli.common import check_writable_dir, os_error_message
-
-    if out.is_dir():
-        raise click.ClickException(f"{os.fspath(out)}: expected an output MRC file name, got a directory")
-    check_writable_dir(out.parent, "the density")  # before the phasing, not after it
     try:
-        intensity, dq = read_intensity(volume)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    n = intensity.shape[0]
-    measured = None
-    if q_max is not None:
-        from bayes_spi.analysis.fsc import ball_mask
-
-        measured = ball_mask(n, dq, q_max)
-    kwargs = {} if iterations is None else {"n_iter": iterations}
-    res = phase_retrieval(intensity, dq, n_starts=starts, seed=seed, measured_mask=measured, progress=progress,
-                          **kwargs)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_density(res.density, res.voxel_A, out, label=f"bayes-spi {__version__} phased density; voxel A")
-    except OSError as exc:
-        raise click.ClickException(os_error_message(exc)) from None
-    errors = [float(e) for e in np.asarray(res.errors)]
-    record = {"software_version": __version__, "source": os.fspath(volume), "out": os.fspath(out), "grid": n,
-              "dq_inv_A": dq, "voxel_A": float(res.voxel_A), "q_max_inv_A": q_max, "starts": starts,
-              "seed": seed, "iterations": iterations, "errors": errors, "best": int(res.best),
-              "support_voxels": int(np.asarray(res.support).sum())}
-    try:
-        write_json(out.with_suffix(".json"), record)
-    except OSError as exc:
-        raise click.ClickException(os_error_message(exc)) from None
-    return record
+        return workflow.run_phase(source, out, starts, iterations, q_max, seed, progress)
+    except WorkflowError as exc:
+        raise click_error(exc) from None
 
 
 @click.command("phase", help=__doc__)

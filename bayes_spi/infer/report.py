@@ -1,4 +1,4 @@
-"""The report of a fit (kept importable here for :func:`bayes_spi.cli.fit.run_fit`).
+"""The report of a fit (kept importable here; the fit workflow calls :func:`bayes_spi.report.page.write_report`).
 
 The implementation lives in :mod:`bayes_spi.report`: figures in ``RUN/report/*.png``, the page
 ``RUN/report.html`` (returned) and the one-page overview ``RUN/report.png``.

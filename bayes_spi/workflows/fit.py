@@ -1,0 +1,540 @@
+"""The fit workflow: from a data file to a complete run directory (what ``bayes-spi fit`` does).
+
+:func:`run_fit` owns the policy of a run directory: a new run refuses a directory that holds one (unless
+``force``), ``resume`` continues from ``checkpoint.pt`` with the settings of ``config.yaml`` (only
+:data:`RESUME_OVERRIDABLE` ones may change) and the run's own output grid; one fit at a time holds the
+run's lock. It validates everything before it writes, then writes ``config.yaml`` and ``run.log``, trains,
+writes the verdict, the outputs, the evaluation against the truth (``evaluation.json``, ``fsc.json``) and the
+report. :func:`run_halfsets` makes two such runs on a random split and their FSC.
+
+Every failure is a :class:`~bayes_spi.workflows.errors.WorkflowError` with one line for the user; the last
+good checkpoint is kept.
+
+Example::
+
+    from bayes_spi.workflows.fit import run_fit
+    result = run_fit("data.h5", "run1", {"epochs": 2, "batch_size": 32})
+    result["verdict"].status, result["outputs"]["report"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bayes_spi.atomic import os_error_message, write_json
+from bayes_spi.config.commands import flag
+from bayes_spi.infer.config import FitConfig
+from bayes_spi.workflows.checks import check_device, check_writable_dir
+from bayes_spi.workflows.errors import WorkflowError
+
+__all__ = ["RUN_FILES", "RESUME_OVERRIDABLE", "CHECKPOINT_ENTRIES", "Echo", "given_settings", "run_fit",
+           "run_halfsets"]
+
+log = logging.getLogger("bayes_spi")
+
+#: files of a run directory that ``force`` removes before a fresh start
+RUN_FILES: tuple[str, ...] = (
+    "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
+    "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
+    "fsc.json", "sampling.json", "verdict.json", "density.mrc", "density.json", "posterior.nc", "coverage.json",
+    "report.png", "report.html", "config.yaml", "run.log",
+)
+
+#: settings that do not change the computation: taken from the caller even with ``resume``
+RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every", "max_minutes")
+
+#: entries a checkpoint.pt must hold to be resumed from
+CHECKPOINT_ENTRIES = ("state", "config", "model", "guide", "optim", "scheduler", "torch_rng", "pixel_rng")
+
+#: where a workflow's messages for the user go: ``echo(text, err)`` (``err``: a warning, for stderr)
+Echo = Callable[[str, bool], None]
+
+
+def _print(text: str, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def given_settings(config: FitConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a caller chose: a mapping as it is; a :class:`FitConfig` as its fields that differ from
+    the defaults (the others may then be set from the data, see :func:`bayes_spi.infer.autoset.data_settings`).
+
+    Raises:
+        WorkflowError: a mapping names a setting :class:`FitConfig` does not have.
+
+    Example:
+        >>> given_settings(FitConfig(batch_size=16))
+        {'batch_size': 16}
+    """
+    if config is None:
+        return {}
+    if isinstance(config, FitConfig):
+        default = FitConfig().to_dict()
+        return {k: v for k, v in config.to_dict().items() if v != default.get(k)}
+    given = dict(config)
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(str(k) for k in set(given) - known)
+    if unknown:
+        raise WorkflowError(f"settings {', '.join(unknown)}: expected FitConfig fields, got unknown names",
+                            kind="parameter")
+    return given
+
+
+def _grid_of(volume: Path, default: int = 65) -> int:
+    """The cube size of a run's ``intensity.h5`` (runs from before ``config.yaml`` recorded ``outputs.grid``)."""
+    import h5py
+
+    try:
+        with h5py.File(volume, "r") as f:
+            n = int(f["intensity"].shape[0])
+    except (OSError, KeyError, IndexError, TypeError):
+        return default
+    return n if n >= 3 and n % 2 == 1 else default
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Read ``checkpoint.pt`` safely (weights only: no code in it runs) and check its entries, before anything
+    is written."""
+    from bayes_spi.torchfile import TorchFileError, load_torch_file
+
+    try:
+        ck = load_torch_file(path, what="a bayes-spi checkpoint")
+    except (FileNotFoundError, TorchFileError) as exc:
+        raise WorkflowError(str(exc)) from None
+    missing = [k for k in CHECKPOINT_ENTRIES if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise WorkflowError(f"{os.fspath(path)}: expected a bayes-spi checkpoint with entries "
+                            f"{', '.join(CHECKPOINT_ENTRIES)}, got {missing} missing")
+
+
+def _existing_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt"))
+
+
+def _open_dataset(path: Path) -> Any:
+    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+
+    try:
+        return SPIDataset(path)
+    except FileNotFoundError:
+        raise WorkflowError(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
+                            "e.g. from `bayes-spi simulate`)") from None
+    except DataFormatError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def _check_values(dataset: Any, progress: bool) -> None:
+    """Read every pattern once so bad values (negative, NaN) fail before anything is written."""
+    from bayes_spi.dataio.h5 import DataFormatError
+
+    step = max(dataset.chunk_patterns, 1) * 8
+    it = dataset.iter_batches(step, shuffle=False)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=math.ceil(dataset.n_patterns / step), unit="block", desc="checking data",
+                  leave=False, dynamic_ncols=True)
+    try:
+        for _ in it:
+            pass
+    except DataFormatError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def _build_config(given: dict[str, Any]) -> FitConfig:
+    try:
+        return FitConfig(**given)
+    except ValueError as exc:
+        raise WorkflowError(str(exc), kind="parameter") from None
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats -> ``None`` (strict JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _last_metrics(path: Path) -> dict[str, str]:
+    import csv
+
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows[-1] if rows else {}
+
+
+def run_fit(
+    data: str | os.PathLike[str] | None,
+    run_dir: str | os.PathLike[str],
+    config: FitConfig | Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    grid: int | None = None,
+    truth: bool = True,
+    progress: bool = True,
+    check_data: bool = True,
+    argv: list[str] | None = None,
+    subset: Any = None,
+    subset_name: str = "subset",
+    echo: Echo | None = None,
+) -> dict[str, Any]:
+    """Fit ``data`` into the run directory ``run_dir`` (new, continued with ``resume``, or afresh with ``force``).
+
+    Args:
+        data: the data file (``None`` with ``resume``: the path recorded in ``config.yaml``).
+        run_dir: the run directory.
+        config: the settings chosen by the caller, a mapping of :class:`FitConfig` fields or a
+            :class:`FitConfig` (see :func:`given_settings`); the others take their defaults or values from
+            the data, or with ``resume`` the run's settings (only :data:`RESUME_OVERRIDABLE` ones are then
+            honoured).
+        resume: continue the run from its ``checkpoint.pt``.
+        force: start afresh even if ``run_dir`` holds a run (its files :data:`RUN_FILES` are removed).
+        grid: odd size of the output intensity cube (``None``: 65 for a new run, the run's own with ``resume``).
+        truth: evaluate against the data file's truth (if it holds one) and write ``evaluation.json``.
+        progress: show progress bars.
+        check_data: read every pattern once before training, to catch bad values early.
+        argv: the command line recorded in ``config.yaml`` (default ``sys.argv``).
+        subset: fit only these patterns (global indices; e.g. one half-set), re-indexed 0..n-1 in the
+            run's outputs (``posterior.h5`` rows follow the sorted indices); no truth evaluation then.
+        subset_name: a label for the subset in logs.
+        echo: where messages for the user go before the run's log exists (default: stdout, stderr for warnings).
+
+    Returns:
+        ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs", "verdict"}``.
+
+    Raises:
+        WorkflowError: a bad input or combination of inputs (before anything is written), a run that is
+            locked by another fit, or a failure while fitting or writing (the last good checkpoint is kept).
+    """
+    import pyro
+
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, locked_message,
+                                        read_config, read_run_info, setup_logging, write_config)
+
+    say = echo if echo is not None else _print
+    given = given_settings(config)
+    if resume and force:
+        raise WorkflowError(f"give either {flag('resume')} or {flag('force')}, not both", kind="usage")
+    if grid is not None and (grid < 3 or grid % 2 == 0):
+        raise WorkflowError(f"expected an odd integer >= 3, got {grid}", kind="parameter", setting="grid")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
+    check_writable_dir(run_dir, "the run")
+    owner = live_lock_owner(run_dir)
+    if owner is not None:  # refuse at once; the lock itself is taken below, before anything is written
+        raise WorkflowError(locked_message(run_dir, *owner))
+
+    # ---- everything below up to "touch the run directory" only reads
+    info: dict[str, Any] = {}
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected checkpoint.pt to resume "
+                                f"from, got none (start a new run without {flag('resume')})")
+        try:
+            info = read_run_info(run_dir)
+            fit_config = read_config(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise WorkflowError(str(exc)) from None
+        _check_checkpoint(run_dir / "checkpoint.pt")
+        if grid is None:  # the run's output grid, as it was started
+            outputs_info = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
+            recorded_grid = outputs_info.get("grid")
+            grid = recorded_grid if isinstance(recorded_grid, int) else _grid_of(run_dir / "intensity.h5")
+        if data is None:
+            recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
+            if not recorded:
+                raise WorkflowError("DATA is needed: the run's config.yaml records no data path", kind="usage")
+            data = Path(recorded)
+        ignored = sorted(k for k, v in given.items()
+                         if k not in RESUME_OVERRIDABLE and v != getattr(fit_config, k))
+        overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
+        if overrides:
+            fit_config = FitConfig.from_dict({**fit_config.to_dict(), **overrides})
+    else:
+        if data is None:
+            raise WorkflowError(f"missing argument DATA (the data file; only {flag('resume')} may omit it)",
+                                kind="usage")
+        if _existing_run(run_dir) and not force:
+            raise WorkflowError(
+                f"run directory {os.fspath(run_dir)!r} already holds a run (checkpoint.pt or model.pt): "
+                f"expected a new or empty directory; continue it with {flag('resume')} or overwrite it with "
+                f"{flag('force')}")
+        fit_config = _build_config(given)
+        ignored = []
+    if grid is None:
+        grid = 65
+    check_device(fit_config.device)
+    sampling = None
+
+    dataset = _open_dataset(Path(data))
+    if subset is not None:
+        from bayes_spi.dataio.subset import SPISubset
+
+        try:
+            dataset = SPISubset(dataset, subset, subset_name)
+        except ValueError as exc:
+            dataset.close()
+            raise WorkflowError(f"{os.fspath(data)}: {subset_name}: {exc}") from None
+        truth = False
+    lock = RunLock(run_dir)
+    try:
+        if dataset.n_patterns < 2:
+            raise WorkflowError(
+                f"{os.fspath(data)}: field /data/counts: expected at least 2 patterns (one is held out to judge the "
+                f"fit), got {dataset.n_patterns}")
+        if resume:
+            rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
+            for key, found in (("n_patterns", dataset.n_patterns), ("shape", list(dataset.shape))):
+                if key in rec and rec[key] != found:
+                    raise WorkflowError(
+                        f"{os.fspath(data)}: {key}: expected {rec[key]} (the data this run was started on, "
+                        f"{rec.get('path', '?')}), got {found}")
+        if check_data:
+            _check_values(dataset, progress)
+        if not resume:
+            from bayes_spi.infer.autoset import data_settings
+
+            try:
+                fit_config, sampling = data_settings(dataset, fit_config, given)
+            except ValueError as exc:
+                raise WorkflowError(f"{os.fspath(data)}: {exc}") from None
+            say(sampling.summary(), sampling.undersampled)
+
+        from bayes_spi.infer.trainer import Trainer, resolve_device
+
+        try:
+            device = resolve_device(fit_config.device)
+        except RuntimeError as exc:
+            raise WorkflowError(str(exc), kind="parameter", setting="device") from None
+
+        # ---- touch the run directory (first take its lock: one fit at a time)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            raise WorkflowError(str(exc)) from None
+        if force and not resume:
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+            if (run_dir / "report").is_dir():
+                import shutil
+
+                shutil.rmtree(run_dir / "report")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
+        args = list(sys.argv if argv is None else argv)
+        if resume:
+            log.info("resume: %s", " ".join(args))
+            rec_path = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
+            if rec_path and Path(rec_path) != Path(data).resolve():
+                log.warning("%s: data file %s differs from the one the run started on (%s)", flag("resume"), data,
+                            rec_path)
+            if ignored:
+                log.warning("%s: ignoring %s (settings come from %s)", flag("resume"),
+                            ", ".join(flag(k) for k in ignored), run_dir / "config.yaml")
+        else:
+            data_info = {"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
+                         "has_truth": bool(dataset.has_truth)}
+            if subset is not None:  # posterior.h5 row j is pattern members[j] of the file
+                data_info["subset"] = subset_name
+                data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
+            write_config(run_dir, fit_config, data, args, device=str(device), data_info=data_info,
+                         outputs={"grid": grid})
+            log.info("new run: %s", " ".join(args))
+            if sampling is not None:
+                write_json(run_dir / "sampling.json", sampling.to_dict(), allow_nan=False)
+                for line in sampling.summary().splitlines():
+                    (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
+        log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
+
+        pyro.set_rng_seed(fit_config.seed)  # the initial weights depend on the seed (Trainer builds them)
+        try:
+            trainer = Trainer(dataset, fit_config, run_dir, progress=progress)
+        except (ValueError, FileNotFoundError) as exc:
+            raise WorkflowError(f"building the model: {exc}") from None
+        first: list[tuple[int, float]] = []
+
+        def _on_step(st: Any) -> None:
+            if not first:
+                first.append((st.images_seen, time.perf_counter()))
+
+        try:
+            state = trainer.fit(resume=resume, on_step=_on_step)
+        except DataFormatError as exc:
+            log.error("%s", exc)
+            raise WorkflowError(f"{exc} (the last checkpoint is kept: {trainer.checkpoint_path})") from None
+        except FloatingPointError as exc:
+            log.error("%s", exc)
+            raise WorkflowError(str(exc)) from None
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d; continue with: bayes-spi fit %s -o %s %s",
+                        trainer.state.step, data, run_dir, flag("resume"))
+            raise
+        # images/s of this session, from the end of its first step (excludes start-up)
+        rate = float("nan")
+        if first and state.images_seen > first[0][0]:
+            rate = (state.images_seen - first[0][0]) / max(time.perf_counter() - first[0][1], 1e-9)
+        log.info("training done: step %d, %d images, %.1f images/s", state.step, state.images_seen, rate)
+        from bayes_spi.infer.verdict import assess_fit
+
+        verdict = assess_fit(trainer)
+        write_json(run_dir / "verdict.json", _json_safe(verdict.to_dict()), allow_nan=False)
+        for line in verdict.summary().splitlines():
+            (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
+        outputs = trainer.save_outputs(grid=grid, verdict=verdict)
+        log.info("wrote %s", ", ".join(p.name for p in outputs.values()))
+        last = _last_metrics(trainer.metrics_path)
+        final_elbo = float(last["elbo_per_image"]) if last.get("elbo_per_image") else float("nan")
+
+        evaluation = None
+        if truth and dataset.has_truth:
+            from bayes_spi.infer.evaluate import evaluate_run_full, write_fsc_json
+
+            try:
+                full = evaluate_run_full(run_dir, dataset.path)
+            except (DataFormatError, ValueError) as exc:
+                log.warning("evaluation against the truth skipped: %s", exc)
+            else:
+                evaluation = full.scalars
+                for note in full.notes:
+                    log.info("evaluation: %s", note)
+                write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
+                # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
+                write_json(run_dir / "evaluation.json", {**{k: (v if math.isfinite(v) else None)
+                                                            for k, v in evaluation.items()},
+                                                         "verdict": verdict.status}, allow_nan=False)
+                log.info("evaluation: %s", json.dumps(evaluation))
+        from bayes_spi.report.page import write_report
+
+        outputs["report"] = write_report(run_dir, dataset.path if evaluation is not None else None)
+        log.info("wrote %s", outputs["report"].name)
+    except OSError as exc:  # a full disk, an unwritable file: one line, the last good checkpoint kept
+        msg = os_error_message(exc)
+        ck = run_dir / "checkpoint.pt"
+        if ck.is_file():
+            msg += f" (the last good checkpoint is kept: {os.fspath(ck)}; continue with {flag('resume')})"
+        log.error("%s", msg)
+        raise WorkflowError(msg) from None
+    finally:
+        dataset.close()
+        close_logging()
+        lock.release()
+    return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
+            "evaluation": evaluation, "outputs": outputs, "verdict": verdict}
+
+
+def run_halfsets(
+    data: str | os.PathLike[str] | None,
+    run_dir: str | os.PathLike[str],
+    config: FitConfig | Mapping[str, Any] | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    grid: int | None = None,
+    progress: bool = True,
+    check_data: bool = True,
+    argv: list[str] | None = None,
+    echo: Echo | None = None,
+    on_half: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Two fits on a random split of the patterns, then their FSC (see :mod:`bayes_spi.infer.halfsets`).
+
+    ``run_dir/half1`` and ``run_dir/half2`` are :func:`run_fit` run directories; the split (drawn from the
+    ``seed`` setting) is kept in ``run_dir/halfsets.h5``, the FSC in ``run_dir/halfsets.json`` and
+    ``run_dir/fsc.json``. The arguments are those of :func:`run_fit`; ``on_half`` is called with each half's
+    :func:`run_fit` result as it finishes.
+
+    Returns:
+        ``{"halves": [run_fit results], "summary": path of halfsets.json, "curve": FSCCurve}``.
+
+    Raises:
+        WorkflowError: as :func:`run_fit`, or the FSC of the two halves could not be computed.
+    """
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.infer.evaluate import write_fsc_json
+    from bayes_spi.infer.halfsets import HALVES, halfset_fsc, read_split, write_halfset_summary, write_split
+
+    say = echo if echo is not None else _print
+    given = given_settings(config)
+    run_dir = Path(run_dir)
+    if resume:
+        try:
+            h1, h2, attrs = read_split(run_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise WorkflowError(str(exc)) from None
+        if data is None:
+            from bayes_spi.infer.rundir import read_run_info
+
+            try:
+                data = Path(read_run_info(run_dir / HALVES[0])["data"]["path"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+                raise WorkflowError(f"DATA is needed: no data path recorded in {run_dir / HALVES[0]} ({exc})",
+                                    kind="usage") from None
+    else:
+        if data is None:
+            raise WorkflowError(f"missing argument DATA (the data file; only {flag('resume')} may omit it)",
+                                kind="usage")
+        if (run_dir / "halfsets.h5").exists() and not force:
+            raise WorkflowError(f"run directory {os.fspath(run_dir)!r} already holds a half-set run: expected "
+                                f"a new directory; continue it with {flag('resume')} or overwrite it with "
+                                f"{flag('force')}")
+        ds = _open_dataset(Path(data))
+        n_patterns = ds.n_patterns
+        ds.close()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seed = int(given.get("seed", 0))
+        h1, h2 = write_split(run_dir, n_patterns, seed)
+        attrs = {"seed": seed, "n_patterns": n_patterns}
+    if grid is None and resume:  # the grid the half-set run was started with
+        from bayes_spi.infer.rundir import read_run_info
+
+        try:
+            recorded = (read_run_info(run_dir / HALVES[0]).get("outputs") or {}).get("grid")
+        except (FileNotFoundError, ValueError, AttributeError):
+            recorded = None
+        grid = recorded if isinstance(recorded, int) else None
+    if grid is None:
+        grid = 65
+    results = []
+    for name, members in zip(HALVES, (h1, h2)):
+        say(f"half-set {name}: {len(members)} patterns -> {os.fspath(run_dir / name)}", False)
+        half_resume = resume and (run_dir / name / "checkpoint.pt").is_file()
+        results.append(run_fit(data, run_dir / name, given, resume=half_resume, force=force and not half_resume,
+                               grid=grid, truth=False, progress=progress, check_data=check_data, argv=argv,
+                               subset=members, subset_name=name, echo=echo))
+        if on_half is not None:
+            on_half(results[-1])
+    try:
+        curve, info = halfset_fsc(run_dir / HALVES[0], run_dir / HALVES[1], grid=grid)
+    except (FileNotFoundError, ValueError, DataFormatError) as exc:
+        raise WorkflowError(f"half-set FSC: {exc}") from None
+    summary = write_halfset_summary(run_dir, curve, info, attrs)
+    for name in HALVES:  # each half's report shows the half-set FSC too
+        write_fsc_json(run_dir / name, {"halfset": curve})
+    say("half-set FSC after aligning half2 onto half1 (sqrt I as in the papers; speckle: shell means removed):",
+        False)
+    for label, c in (("sqrt I", curve), ("speckle", info.get("speckle"))):
+        for t in (0.5, 0.143):
+            if c is None:
+                continue
+            bound = "" if c.crosses(t) else " (not crossed: a bound at the last shell)"
+            say(f"  {label:>7} resolution at {t}: {c.resolution_nm(t):.3f} nm{bound}", False)
+    say(f"wrote {os.fspath(summary)}, {os.fspath(run_dir / 'fsc.json')}, {os.fspath(run_dir / 'halfsets.h5')}",
+        False)
+    return {"halves": results, "summary": summary, "curve": curve}
