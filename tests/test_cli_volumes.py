@@ -120,6 +120,8 @@ def test_evaluate_cli_json(tiny_run: tuple[Path, Path]) -> None:
     # FSC resolutions cannot be finer than the last shell (|q| <= detector q_max)
     assert d["intensity_fsc_res_nm_0.143"] >= 1 / get_preset("reference-32").q_max_pixel_centres / 10 - 1e-6
     assert json.loads((run / "evaluation.json").read_text()) == d
+    # one evaluation.json, whoever writes it: the fit's verdict is in it as in the fit's own
+    assert d["verdict"] == json.loads((run / "verdict.json").read_text())["status"]
     fsc = json.loads((run / "fsc.json").read_text())
     assert {"intensity", "density", "corner_res_nm"} <= set(fsc)
     assert len(fsc["intensity"]["q_inv_A"]) == len(fsc["intensity"]["fsc"]) > 3

@@ -12,7 +12,8 @@ posterior is reported too: the fraction of patterns whose aligned true pose lies
 credible cones (raw and modulo Rz(pi)) and whose true fluence scale (up to one global factor) lies inside
 the 50% and 90% intervals, with the median cone radii.
 
-Writes RUN/evaluation.json (the numbers) and RUN/fsc.json (the curves, read by `bayes-spi report`).
+Writes RUN/evaluation.json (the numbers and the fit's verdict, as the fit writes it) and RUN/fsc.json
+(the curves, read by `bayes-spi report`).
 With --json the numbers are printed as one JSON object; otherwise as a small table.
 
 Without true poses (an independent simulator, another program's reconstruction, an experiment), give
@@ -57,7 +58,9 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             posterior_nc: Path | None, write: bool) -> None:
     from bayes_spi.atomic import write_json
     from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.evaluate import evaluate_run_full, format_evaluation, write_fsc_json
+    from bayes_spi.infer.evaluate import (evaluate_run_full, evaluation_document, format_evaluation,
+                                          write_evaluation, write_fsc_json)
+    from bayes_spi.infer.verdict import read_verdict
 
     if density is not None and no_density:
         raise click.UsageError("give either --density or --no-density, not both")
@@ -87,7 +90,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
         ev = evaluate_run_full(run, truth, density=False if no_density else (density or True), phase_starts=starts)
     except (FileNotFoundError, ValueError, DataFormatError) as exc:
         raise click.ClickException(str(exc)) from None
-    scalars = {k: (v if math.isfinite(v) else None) for k, v in ev.scalars.items()}
+    scalars = dict(ev.scalars)
     nc = posterior_nc if posterior_nc is not None else run / "posterior.nc"
     coverage: dict = {}
     if posterior_nc is not None or nc.is_file():
@@ -99,12 +102,17 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             raise click.ClickException(str(exc)) from None
         for k, v in coverage.items():
             if k.startswith(("pose_coverage", "scale_coverage", "median_cone_radius")) and isinstance(v, float):
-                scalars[k] = v if math.isfinite(v) else None
+                scalars[k] = v
+    try:
+        verdict = read_verdict(run)
+    except ValueError:  # a damaged verdict.json does not stop the evaluation; the file then has no verdict
+        verdict = None
+    document = evaluation_document(scalars, verdict.get("status") if verdict else None)
     if write:
-        write_json(run / "evaluation.json", scalars)
+        write_evaluation(run, document)
         write_fsc_json(run, ev.curves, corner_res_nm=ev.scalars["corner_res_nm"])
     if as_json:
-        click.echo(json.dumps(scalars))
+        click.echo(json.dumps(document))
         return
     click.echo(f"evaluation of {os.fspath(run)} against {os.fspath(truth)}:")
     click.echo(format_evaluation(ev.scalars))

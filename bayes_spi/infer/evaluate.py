@@ -55,8 +55,8 @@ from bayes_spi.metrics import fluence_correlation, intensity_correlation, orient
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.spi import detector_q_max
 
-__all__ = ["EVALUATION_KEYS", "Evaluation", "evaluate_run", "evaluate_run_full", "format_evaluation", "load_field",
-           "write_fsc_json"]
+__all__ = ["EVALUATION_KEYS", "Evaluation", "evaluate_run", "evaluate_run_full", "evaluation_document",
+           "format_evaluation", "load_field", "write_evaluation", "write_fsc_json"]
 
 #: keys of :func:`evaluate_run`'s result, in display order
 EVALUATION_KEYS: tuple[str, ...] = (
@@ -275,6 +275,29 @@ def _density_fsc(I_est: np.ndarray, I_true: np.ndarray, rho_true: np.ndarray | N
     aligned, _ = align_density(rho_true, rho_est, voxel_A, rotation_search=rotation_search)
     q_last = dq * np.floor(q_max / dq)
     return density_fsc(aligned, rho_true, voxel_A, q_max=q_last)
+
+
+def evaluation_document(scalars: dict[str, Any], verdict: str | None = None) -> dict[str, Any]:
+    """The content of ``RUN/evaluation.json``: the numbers (a non-finite one, a metric that could not be
+    computed, as ``None``: strict JSON) and, when the run has one, its verdict's status under ``"verdict"``.
+
+    Example:
+        >>> evaluation_document({"fluence_corr": 0.9, "intensity_fsc_res_nm_0.5": float("nan")}, "converged")
+        {'fluence_corr': 0.9, 'intensity_fsc_res_nm_0.5': None, 'verdict': 'converged'}
+    """
+    doc: dict[str, Any] = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                           for k, v in scalars.items()}
+    if verdict is not None:
+        doc["verdict"] = verdict
+    return doc
+
+
+def write_evaluation(run_dir: str | os.PathLike[str], document: dict[str, Any]) -> Path:
+    """Write an :func:`evaluation_document` as ``RUN/evaluation.json`` (atomically, strict JSON): the one writer
+    of that file, for the fit and for ``bayes-spi evaluate``."""
+    from bayes_spi.atomic import write_json
+
+    return write_json(Path(run_dir) / "evaluation.json", document, allow_nan=False)
 
 
 def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corner_res_nm: float | None = None) -> Path:

@@ -404,7 +404,8 @@ def run_fit(
 
         evaluation = None
         if truth and dataset.has_truth:
-            from bayes_spi.infer.evaluate import evaluate_run_full, write_fsc_json
+            from bayes_spi.infer.evaluate import (evaluate_run_full, evaluation_document, write_evaluation,
+                                                  write_fsc_json)
 
             try:
                 full = evaluate_run_full(run_dir, dataset.path)
@@ -416,9 +417,7 @@ def run_fit(
                     log.info("evaluation: %s", note)
                 write_fsc_json(run_dir, full.curves, corner_res_nm=evaluation["corner_res_nm"])
                 # strict JSON: a metric that could not be computed (e.g. no truth intensity) is null
-                write_json(run_dir / "evaluation.json", {**{k: (v if math.isfinite(v) else None)
-                                                            for k, v in evaluation.items()},
-                                                         "verdict": verdict.status}, allow_nan=False)
+                write_evaluation(run_dir, evaluation_document(evaluation, verdict.status))
                 log.info("evaluation: %s", json.dumps(evaluation))
         from bayes_spi.report.page import write_report
 
