@@ -22,14 +22,14 @@ def _pyro_state():
 
 @pytest.fixture(scope="session")
 def simulated(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """``simulated(n_patterns, truth_grid, chunk, **settings) -> Path``: a small simulated data file (2CEX on
+    """``simulated(n_patterns, truth_grid, chunk=256, **settings) -> Path``: a small simulated data file (2CEX on
     reference-32, artifacts FPB, 1e4 photons, seed 3 unless ``settings`` say otherwise), simulated once per
     session for each set of arguments and shared by every test that asks for it: read it, never change it."""
     from bayes_spi.sim.simulate import simulate
 
     made: dict[tuple[Any, ...], Path] = {}
 
-    def make(n_patterns: int, truth_grid: int, chunk: int, **settings: Any) -> Path:
+    def make(n_patterns: int, truth_grid: int, chunk: int = 256, **settings: Any) -> Path:
         kwargs = {"artifacts": "FPB", "mean_photons": 1e4, "seed": 3, **settings}
         key = (n_patterns, truth_grid, chunk, *sorted(kwargs.items()))
         if key not in made:

@@ -10,15 +10,11 @@ import pytest
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.trainer import Trainer
-from bayes_spi.sim.simulate import simulate
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("kinds") / "d.h5"
-    simulate("2CEX", "reference-32", 320, path, artifacts="FP", mean_photons=1e4, truth_grid=0, seed=5,
-             progress=False)
-    return path
+def data(simulated) -> Path:
+    return simulated(320, truth_grid=0, artifacts="FP", seed=5)
 
 
 def _elbos(run: Path) -> list[float]:

@@ -241,14 +241,9 @@ TINY = ["--batch-size", "16", "--epochs", "1", "--field-width", "16", "--n-heads
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from bayes_spi.sim.simulate import simulate
-
-    root = tmp_path_factory.mktemp("post")
-    data = root / "tiny.h5"
-    simulate("2CEX", "reference-32", 32, data, artifacts="FP", mean_photons=1e4, truth_grid=9, seed=3, chunk=16,
-             progress=False)
-    run = root / "run"
+def tiny_run(simulated, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data = simulated(32, truth_grid=9, chunk=16, artifacts="FP")
+    run = tmp_path_factory.mktemp("post") / "run"
     res = CliRunner().invoke(cli, ["fit", str(data), "-o", str(run), *TINY])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return run, data
