@@ -93,7 +93,8 @@ def run_cell(size: str, photons: str, det: str, args: argparse.Namespace) -> dic
         simulate(pdb, geom, args.n_patterns, data, artifacts="FPB", mean_photons=float(photons),
                  fluence_jitter="lognormal:0.3", truth_grid=65, seed=1, progress=False)
     t0 = time.perf_counter()
-    given = {"epochs": args.epochs, "seed": 0, "log_every": 50, "checkpoint_every": 400, "device": "cpu"}
+    given = {"epochs": args.epochs, "seed": 0, "log_every": 50, "checkpoint_every": 400, "device": "cpu",
+             **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}}
     res = run_fit(data, cell / "run", given, force=True, grid=33, truth=False, progress=False, check_data=False)
     row["wall_s"] = time.perf_counter() - t0
     row["images_per_s"] = res["images_per_s"]
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--n-patterns", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--fit-undersampled", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="extra fit settings KEY=JSON, e.g. field='\"hybrid\"'")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cells = ([tuple(c.split(":")) for c in args.cells] if args.cells else

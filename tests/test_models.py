@@ -13,7 +13,7 @@ from bayes_spi.geometry import get_preset
 from bayes_spi.guides.encoder import PatternEncoder, transform_counts
 from bayes_spi.infer.build import build_model_and_guide, detector_tensors
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.models.fields import FourierNetField, SirenField, VoxelField
+from bayes_spi.models.fields import FourierNetField, SirenField, SirenVoxelField, VoxelField
 from bayes_spi.models.likelihoods import PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior
 from bayes_spi.models.spi import SPIBatch, SPIModel
@@ -22,12 +22,14 @@ from bayes_spi.so3 import random_rotmat, rotvec_to_rotmat, rotz_pi
 Q_MAX = 0.125
 
 
-@pytest.mark.parametrize("cls", [SirenField, FourierNetField, VoxelField])
+@pytest.mark.parametrize("cls", [SirenField, FourierNetField, VoxelField, SirenVoxelField])
 def test_fields_are_friedel_symmetric_and_positive(cls):
     torch.manual_seed(1)
     field = cls(Q_MAX)
     if isinstance(field, VoxelField):
         field.grid.data.normal_()
+    if isinstance(field, SirenVoxelField):
+        field.residual.data.normal_()
     q = (torch.rand(500, 3) * 2 - 1) * Q_MAX
     a, b = field(q), field(-q)
     assert torch.all(a > 0)
@@ -51,6 +53,28 @@ def test_voxel_field_interpolates_grid_values_exactly():
     qm = q[0] + torch.tensor([0.0, 0.0, -0.5 * dq])
     mid = 0.5 * (sym[0, 4, 8] + sym[0, 4, 7])
     assert torch.allclose(field.log_intensity(qm[None]), mid[None], atol=1e-5)
+
+
+def test_hybrid_field_is_the_siren_plus_the_interpolated_residual():
+    """SirenVoxelField: a zero residual gives exactly the SirenField of the same weights; a residual adds its
+    symmetrised trilinear value (the VoxelField's) to log I (below the soft clamp)."""
+    torch.manual_seed(2)
+    hybrid = SirenVoxelField(Q_MAX, width=16, n_voxel=9)
+    siren = SirenField(Q_MAX, width=16)
+    siren.load_state_dict({k: v for k, v in hybrid.state_dict().items() if k != "residual"})
+    q = (torch.rand(300, 3) * 2 - 1) * Q_MAX
+    assert torch.equal(hybrid.log_intensity(q), siren.log_intensity(q))
+    voxel = VoxelField(Q_MAX, n=9)
+    voxel.grid.data.normal_(std=0.3)
+    hybrid.residual.data.copy_(voxel.grid.data)
+    g_siren = torch.atanh((siren.log_intensity(q) - siren.log_offset) / siren.log_clamp) * siren.log_clamp
+    g_hybrid = torch.atanh((hybrid.log_intensity(q) - hybrid.log_offset) / hybrid.log_clamp) * hybrid.log_clamp
+    assert torch.allclose(g_hybrid - g_siren, voxel.log_intensity(q), atol=1e-4)
+    # every parameter gets a gradient (the residual too)
+    hybrid.log_intensity(q).sum().backward()
+    assert hybrid.residual.grad is not None and float(hybrid.residual.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="n_voxel"):
+        SirenVoxelField(Q_MAX, n_voxel=2)
 
 
 def test_field_rejects_bad_shape():

@@ -55,7 +55,7 @@ __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "ru
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
 
@@ -67,11 +67,14 @@ _HELP = {
     "max_minutes": "Training-time budget: the schedule (curriculum, learning rate, EMC hand-over) is sized from the "
                    "throughput measured in the first steps of each stage so that it completes in time; a 1.5x "
                    "overrun stops cleanly and the verdict says unconverged (honoured with --resume).",
-    "field": "Intensity field: siren, fouriernet, voxel, or variational (a posterior over |F| on a grid with a "
+    "field": "Intensity field: siren, fouriernet, voxel, hybrid (siren plus a voxel residual on --voxel-grid, "
+             "from the data: the cache grid), or variational (a posterior over |F| on a grid with a "
              "Wilson prior; writes intensity_sd.mrc).",
     "variational_grid": "Grid size (odd) of the variational field's amplitudes.",
     "variational_kl_weight": "Weight of the variational field's KL to the Wilson prior (1: the plain ELBO).",
     "field_width": "Hidden width of the neural field.",
+    "voxel_grid": "Voxels per side (odd) of the voxel field, or of the hybrid field's residual (default for hybrid: "
+                  "the cache grid, about 2.5 voxels per speckle).",
     "field_depth": "Hidden layers of the neural field.",
     "field_w0": "First-layer SIREN frequency.",
     "n_heads": "Pose proposals per pattern (2 x n_heads hypotheses with their Rz(pi) partners).",
@@ -222,10 +225,11 @@ class _RecordingCommand(click.Command):
 @_training_option("batch_size", click.IntRange(min=1))
 @_training_option("max_images", click.IntRange(min=1))
 @_training_option("max_minutes", click.FloatRange(min=0, min_open=True))
-@_training_option("field", click.Choice(["siren", "fouriernet", "voxel", "variational"]))
+@_training_option("field", click.Choice(["siren", "fouriernet", "voxel", "hybrid", "variational"]))
 @_training_option("variational_grid", click.IntRange(min=5))
 @_training_option("variational_kl_weight", click.FloatRange(min=0))
 @_training_option("field_width", click.IntRange(min=1))
+@_training_option("voxel_grid", click.IntRange(min=3))
 @_training_option("field_depth", click.IntRange(min=1))
 @_training_option("field_w0", float)
 @_training_option("n_heads", click.IntRange(min=1))

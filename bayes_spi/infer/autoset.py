@@ -47,9 +47,9 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         return config, report
     given = given or {}
     updates: dict[str, Any] = {}
-    if "field_w0" not in given and config.field in ("siren", "fouriernet", "variational"):
+    if "field_w0" not in given and config.field in ("siren", "fouriernet", "hybrid", "variational"):
         updates["field_w0"] = round(report.field_w0, 1)
-    if ("field_width" not in given and config.field in ("siren", "fouriernet", "variational")
+    if ("field_width" not in given and config.field in ("siren", "fouriernet", "hybrid", "variational")
             and report.diameter_A * report.q_max >= WIDE_FIELD_SPECKLES):
         # capacity: a 64-wide SIREN plateaued at a speckle correlation of 0.88 (outer shells 0.66) on a 195 A
         # particle, 128 wide reached 0.905 (0.80) in the same images (BENCHMARKS.md)
@@ -60,6 +60,8 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         from bayes_spi.infer.emc import cache_grid_for
 
         updates["cache_grid"] = cache_grid_for(report.q_max, report.diameter_A)
+    if "voxel_grid" not in given and config.field == "hybrid":  # the residual grid resolves the speckles
+        updates["voxel_grid"] = updates.get("cache_grid", config.cache_grid)
     if updates:
         log.info("settings from the data: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return dataclasses.replace(config, **updates), report

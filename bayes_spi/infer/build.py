@@ -21,7 +21,7 @@ from bayes_spi.geometry import Geometry
 from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.models.fields import IntensityField, SirenField, FourierNetField, VoxelField
+from bayes_spi.models.fields import FourierNetField, IntensityField, SirenField, SirenVoxelField, VoxelField
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 from bayes_spi.models.spi import SPIModel, detector_q_max
@@ -41,6 +41,9 @@ def build_field(config: FitConfig, q_max: float) -> IntensityField:
     """The intensity field named by ``config.field``."""
     if config.field == "voxel":
         return VoxelField(q_max, n=config.voxel_grid)
+    if config.field == "hybrid":
+        return SirenVoxelField(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0,
+                               n_voxel=config.voxel_grid)
     if config.field == "variational":
         from bayes_spi.models.variational_field import make_variational_field
 

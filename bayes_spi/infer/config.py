@@ -40,7 +40,8 @@ class FitConfig:
         measures (:meth:`~bayes_spi.infer.trainer.Trainer.plan_for_budget`) so that it completes in time;
         a 1.5x overrun is a clean safety stop (checkpoint, outputs, an unconverged verdict).
     Model:
-        field: ``siren``, ``fouriernet``, ``voxel`` or ``variational``; ``field_width``/``field_depth``/
+        field: ``siren``, ``fouriernet``, ``voxel``, ``hybrid`` (SIREN plus a voxel residual on ``voxel_grid``)
+            or ``variational``; ``field_width``/``field_depth``/
         ``field_w0`` its size and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
         ``variational``: a posterior over the amplitudes ``|F|`` on a ``variational_grid``^3 grid (LogNormal,
         location and scale from a SIREN) with a Wilson prior (``variational_prior``: ``{"sigma": "learned" |
@@ -166,8 +167,8 @@ class FitConfig:
             (0 <= self.radius_ramp <= 1, "radius_ramp", "in [0, 1]", self.radius_ramp),
             (0 <= self.weight_floor < 1, "weight_floor", "in [0, 1)", self.weight_floor),
             (self.pixels_per_pattern >= 0, "pixels_per_pattern", ">= 0", self.pixels_per_pattern),
-            (self.field in ("siren", "fouriernet", "voxel", "variational"), "field",
-             "siren, fouriernet, voxel or variational", self.field),
+            (self.field in ("siren", "fouriernet", "voxel", "hybrid", "variational"), "field",
+             "siren, fouriernet, voxel, hybrid or variational", self.field),
             (self.variational_grid >= 5 and self.variational_grid % 2 == 1, "variational_grid", "an odd integer >= 5",
              self.variational_grid),
             (self.variational_scale_init > 0 and self.variational_kl_weight >= 0,
