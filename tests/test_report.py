@@ -286,7 +286,8 @@ def test_predicted_patterns_equal_direct_computation(fitted_run: Path) -> None:
     with torch.no_grad():
         for j in range(len(idx)):
             I = trained.model.field(torch.as_tensor(qv @ R[j].T, dtype=torch.float32)).double().numpy()
-            np.testing.assert_allclose(lam[j].reshape(-1), s[j] * factor * I, rtol=2e-4)
+            want = s[j] * factor * I  # float32 field: relative agreement, absolute far below a photon
+            np.testing.assert_allclose(lam[j].reshape(-1), want, rtol=2e-4, atol=1e-7 * float(want.max()))
     assert lam.shape == (3, *geom.shape)
 
 

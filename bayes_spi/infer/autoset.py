@@ -4,8 +4,9 @@ The defaults of :class:`~bayes_spi.infer.config.FitConfig` were tuned on one sma
 three times larger has speckles three times finer, needs a field of three times the bandwidth and an
 orientation grid about three times finer along each axis. :func:`data_settings` estimates the particle
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
-``field_width``, ``search_rotations`` and ``cache_grid`` from it, unless the user gave them; it also reports the speckle oversampling and
-warns when the detector cannot resolve the speckles.
+``field_width``, ``search_rotations`` and ``cache_grid`` from it, and chooses the ``hybrid`` field (SIREN plus
+a voxel residual, one voxel per detector pixel step, for the final exact EMC iterations), unless the user gave
+them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 from typing import Any
 
@@ -27,7 +29,7 @@ __all__ = ["AUTO_FIELDS", "data_settings"]
 log = logging.getLogger("bayes_spi")
 
 #: settings :func:`data_settings` may set (only those not given explicitly)
-AUTO_FIELDS: tuple[str, ...] = ("field_w0", "field_width", "search_rotations", "cache_grid")
+AUTO_FIELDS: tuple[str, ...] = ("field_w0", "field_width", "search_rotations", "cache_grid", "field", "voxel_grid")
 
 #: above this many speckles across the measured ball's radius the field gets twice the width
 WIDE_FIELD_SPECKLES = 8.0
@@ -60,8 +62,14 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         from bayes_spi.infer.emc import cache_grid_for
 
         updates["cache_grid"] = cache_grid_for(report.q_max, report.diameter_A)
-    if "voxel_grid" not in given and config.field == "hybrid":  # the residual grid resolves the speckles
-        updates["voxel_grid"] = updates.get("cache_grid", config.cache_grid)
+    if "field" not in given and config.field == "siren":
+        # SIREN plus a voxel residual: the stochastic stages train it like the SIREN; the final exact EMC
+        # iterations (polish_iterations) merge all patterns into its voxels (BENCHMARKS.md: 0.92 -> 0.97)
+        updates["field"] = "hybrid"
+    if "voxel_grid" not in given and updates.get("field", config.field) in ("hybrid", "voxel"):
+        # one voxel per detector pixel step (dq = 1 / field of view), as EMC merges: a coarser grid blurs the
+        # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation)
+        updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * report.field_of_view_A)) + 1, 129)
     if updates:
         log.info("settings from the data: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return dataclasses.replace(config, **updates), report

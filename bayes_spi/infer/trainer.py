@@ -78,6 +78,7 @@ class TrainState:
     planned_steps: int = 0  # > 0: the schedule's length set by --max-minutes from measured throughput
     planned_emc_end: int = -1  # >= 0: where the EMC warm start ended (fixed once it has)
     planned_phases: int = 0  # bit 1: planned during the EMC warm start, bit 2: during SVI
+    polished: int = 0  # exact EMC iterations done at the end (config.polish_iterations)
 
 
 class Trainer:
@@ -651,6 +652,51 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save_checkpoint()
+        self.polish(on_step)
         self.model.eval()
         self.guide.eval()
         return self.state
+
+    def polish(self, on_step: Callable[[TrainState], None] | None = None) -> None:
+        """The final exact EMC iterations (:mod:`bayes_spi.infer.polish`), ``config.polish_iterations`` of them,
+        each checkpointed (a resumed run continues where it stopped; ``on_step`` is called after each).
+        Skipped for a field without voxels."""
+        from bayes_spi.infer.polish import EMCPolish
+        from bayes_spi.models.fields import SirenVoxelField, VoxelField
+
+        c, st = self.config, self.state
+        if st.polished >= c.polish_iterations or st.step < self.total_steps:
+            return
+        field = self.model.field
+        if not isinstance(field, (SirenVoxelField, VoxelField)):
+            log.info("exact EMC iterations skipped: the %s field has no voxels (field hybrid or voxel has)", c.field)
+            return
+        n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
+        self.model.eval()
+        pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=c.emc_beta,
+                        batch_size=max(c.batch_size, 128), exclude=self.holdout)
+        pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
+        while st.polished < c.polish_iterations:
+            t0 = time.perf_counter()
+            bar = None
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=self.dataset.n_patterns, unit="pattern", dynamic_ncols=True,
+                           desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
+            try:
+                stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            st.polished += 1
+            st.elapsed_s += time.perf_counter() - t0
+            log.info("exact EMC iteration %d/%d: log marginal/pattern %.6g, orientation entropy %.2f nats, best "
+                     "weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g (%.0f s)", st.polished,
+                     c.polish_iterations, stats.mean_loglik, stats.mean_entropy, stats.mean_max_weight,
+                     100 * stats.filled, stats.change, time.perf_counter() - t0)
+            if self.guide.search is not None:
+                self.guide.search.refresh()
+            self.save_checkpoint()
+            if on_step is not None:
+                on_step(st)

@@ -69,14 +69,15 @@ def main() -> int:
     (args.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     if not args.score_only:
         trainer = Trainer(ds, cfg, args.out / "run", progress=False)
-        last = [0]
+        last = [0, -1]
 
         def snap(st) -> None:
-            if st.images_seen - last[0] >= args.snapshot_every or st.step >= trainer.total_steps:
-                last[0] = st.images_seen
+            if (st.images_seen - last[0] >= args.snapshot_every or st.step >= trainer.total_steps) \
+                    and (st.images_seen, st.polished) != tuple(last):
+                last[:] = [st.images_seen, st.polished]
                 torch.save({"field": trainer.model.field.state_dict(), "wall_s": st.elapsed_s,
-                            "images": st.images_seen, "emc": trainer.in_emc(st.step - 1)},
-                           snaps / f"snap_{st.images_seen:08d}.pt")
+                            "images": st.images_seen, "emc": trainer.in_emc(st.step - 1), "polished": st.polished},
+                           snaps / f"snap_{st.images_seen:08d}_{st.polished}.pt")
 
         t0 = time.perf_counter()
         trainer.fit(on_step=snap)
@@ -104,7 +105,8 @@ def main() -> int:
         vol, _ = field_on_grid(field, n, (n // 2) * dq)
         R = align_intensity_rotation(truth, vol, n_rotations=3000, r_min=args.r_min, r_max=r_max)
         aligned = rotate_volume(vol, R)
-        row = {"images": ck["images"], "wall_s": round(ck["wall_s"], 1), "stage": "emc" if ck["emc"] else "svi",
+        stage = f"exact EMC {ck['polished']}" if ck.get("polished") else ("emc" if ck["emc"] else "svi")
+        row = {"images": ck["images"], "wall_s": round(ck["wall_s"], 1), "stage": stage,
                "speckle_corr": speckle_corr(aligned, truth, r, args.r_min, r_max),
                "speckle_corr_outer": speckle_corr(aligned, truth, r, max(args.r_min, r_max / 2), r_max),
                "speckle_corr_std": speckle_correlation(aligned, truth, dq, r_max * dq, args.r_min * dq)}

@@ -1,0 +1,205 @@
+r"""EMC polish: exact expectation-maximisation iterations over the whole data set, into the field's voxels.
+
+The stochastic stages (EMC warm start, SVI) move the field by gradient steps on mini-batches; on a ~190 A
+particle at ~1e3 photons they plateau at a speckle correlation of ~0.92 while Dragonfly's EMC, whose M-step
+is the exact weighted average of all frames, goes on to ~0.96 (BENCHMARKS.md). This module runs that exact
+iteration on the same model, starting from the fitted field:
+
+E-step, every pattern ``i`` against every rotation ``g`` of the orientation grid (all good pixels, the field
+read from its ``log I`` cube, the fluence scale profiled out)::
+
+    w_ig = softmax_g(beta * log p(y_i | R_g, s_ig)),      s_ig = N_i / sum_k lambda_gk
+
+M-step, for the intensity on the voxels ``v`` of the field's grid (trilinear splatting ``T_v(x)``)::
+
+    I(v) = sum_g T_v(R_g q_k) Y_gk / sum_g T_v(R_g q_k) S_g w_k,     Y_gk = sum_i w_ig y_ik,  S_g = sum_i w_ig s_ig
+
+(``Y`` is one matrix product per batch, so a pass costs about one E-step: ``N x G x M``). Friedel mates are
+merged (``I(v) = I(-v)``). The result is the maximiser of the expected complete-data Poisson
+log-likelihood (for nearest-voxel assignment; trilinear splatting is its usual smooth version, as in
+Dragonfly). It is written into the field: a :class:`~bayes_spi.models.fields.SirenVoxelField`'s residual
+(``log I - SIREN``) or a :class:`~bayes_spi.models.fields.VoxelField`'s grid; voxels no pixel reaches keep
+their value.
+
+Example::
+
+    polish = EMCPolish(model, rotations, cache_grid=49)
+    for it in range(3):
+        stats = polish.iterate(dataset)   # one pass over the data; the field is updated in place
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bayes_spi.models.fields import SirenVoxelField, VoxelField
+from bayes_spi.models.spi import SPIModel
+from bayes_spi.posterior.local import cache_log_intensity
+
+__all__ = ["EMCPolish", "PolishStats", "splat_trilinear"]
+
+
+def splat_trilinear(x: Tensor, values: Tensor, n: int, half_width: float) -> Tensor:
+    """Scatter ``values (P,)`` at points ``x (P, 3)`` into an ``(n, n, n)`` grid over ``[-half_width, half_width]^3``.
+
+    Trilinear weights (the adjoint of trilinear interpolation), indexed ``[ix, iy, iz]``; points outside
+    the cube are dropped.
+    """
+    if x.dim() != 2 or x.shape[-1] != 3 or values.shape != x.shape[:1]:
+        raise ValueError(f"expected x (P, 3) and values (P,), got shapes {tuple(x.shape)} and {tuple(values.shape)}")
+    u = (x / half_width + 1.0) * 0.5 * (n - 1)  # continuous voxel index
+    inside = ((u >= 0) & (u <= n - 1)).all(-1)
+    u, values = u[inside], values[inside]
+    i0 = u.floor().clamp(max=n - 2).long()
+    f = u - i0
+    out = torch.zeros(n * n * n, dtype=values.dtype, device=values.device)
+    for dx in (0, 1):
+        wx = f[:, 0] if dx else 1 - f[:, 0]
+        for dy in (0, 1):
+            wy = f[:, 1] if dy else 1 - f[:, 1]
+            for dz in (0, 1):
+                wz = f[:, 2] if dz else 1 - f[:, 2]
+                flat = ((i0[:, 0] + dx) * n + (i0[:, 1] + dy)) * n + (i0[:, 2] + dz)
+                out.index_add_(0, flat, values * wx * wy * wz)
+    return out.reshape(n, n, n)
+
+
+@dataclass
+class PolishStats:
+    """One EMC iteration: ``mean_loglik`` (E-step log marginal per pattern, profiled scale), ``mean_entropy``
+    (nats) and ``mean_max_weight`` of the orientation posteriors, ``filled`` (fraction of voxels reached),
+    ``change`` (RMS change of ``log I`` over the reached voxels)."""
+
+    mean_loglik: float
+    mean_entropy: float
+    mean_max_weight: float
+    filled: float
+    change: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class EMCPolish:
+    """Exact EMC iterations on ``model``'s field (see the module docstring).
+
+    Args:
+        model: the fitted model; its field must be a :class:`SirenVoxelField` or a :class:`VoxelField`.
+        rotations: ``(G, 3, 3)`` orientation grid.
+        cache_grid: voxels per side of the ``log I`` cube the E-step reads.
+        beta: posterior tempering (``<= 1``).
+        batch_size: patterns per E-step batch.
+        exclude: pattern indices never used (e.g. the held-out probe).
+    """
+
+    def __init__(self, model: SPIModel, rotations: Tensor, cache_grid: int = 49, beta: float = 1.0,
+                 batch_size: int = 256, exclude: np.ndarray | None = None) -> None:
+        field = model.field
+        if not isinstance(field, (SirenVoxelField, VoxelField)):
+            raise ValueError(f"expected a field with voxels (hybrid or voxel), got {type(field).__name__}")
+        if not 0 < beta <= 1:
+            raise ValueError(f"expected 0 < beta <= 1, got {beta}")
+        self.model = model
+        self.rotations = rotations.to(model.q.device, model.q.dtype)
+        self.cache_grid = int(cache_grid)
+        self.beta = float(beta)
+        self.batch_size = int(batch_size)
+        self.exclude = np.asarray([] if exclude is None else exclude, dtype=np.int64)
+
+    @torch.no_grad()
+    def iterate(self, dataset: Any, pixels: Tensor | None = None,
+                progress: Callable[[int, int], None] | None = None) -> PolishStats:
+        """One pass over ``dataset``: E-step on every pattern, exact M-step, field updated in place.
+
+        ``pixels``: flat indices of the good pixels to use (default: ``dataset.mask``)."""
+        from bayes_spi.infer.outputs import field_log_cache
+
+        model, field = self.model, self.model.field
+        if pixels is None:
+            mask = torch.as_tensor(np.asarray(dataset.mask).reshape(-1), device=model.q.device)
+            pixels = torch.nonzero(mask).squeeze(-1)
+        q = model.q[pixels]
+        log_w = model.log_pixel_factor[pixels]
+        q_max = float(model.q.norm(dim=-1).max())
+        cache = field_log_cache(field, self.cache_grid, q_max)
+        G, M = self.rotations.shape[0], q.shape[0]
+        # log lambda of every grid rotation at every pixel, once per pass (the cube is fixed during the E-step)
+        log_lam = torch.cat([
+            cache_log_intensity(cache, torch.einsum("gij,mj->gmi", self.rotations[s:s + 512], q), q_max) + log_w
+            for s in range(0, G, 512)])  # (G, M)
+        lse = torch.logsumexp(log_lam, dim=-1)  # (G,)
+        Y = torch.zeros(G, M, dtype=q.dtype, device=q.device)
+        S = torch.zeros(G, dtype=q.dtype, device=q.device)
+        ll_sum = ent_sum = wmax_sum = 0.0
+        n_used = 0
+        n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
+        for idx, counts in dataset.iter_batches(self.batch_size, shuffle=False):
+            keep = ~np.isin(idx, self.exclude)
+            if not keep.any():
+                continue
+            y = torch.as_tensor(counts[keep], device=q.device).reshape(int(keep.sum()), -1)[:, pixels].to(q.dtype)
+            n_tot = y.sum(-1, keepdim=True)
+            ll = y @ log_lam.T - n_tot * lse  # (B, G): profiled Poisson log-likelihood (up to terms in y)
+            log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
+            logw = torch.log_softmax(self.beta * ll, dim=-1)
+            w = logw.exp()
+            Y += w.T @ y
+            S += (w * log_s.exp()).sum(0)
+            ll_sum += float((torch.logsumexp(ll, -1) - math.log(G)).sum())
+            ent_sum += float(-(w * logw).sum())
+            wmax_sum += float(w.max(-1).values.sum())
+            n_used += y.shape[0]
+            if progress is not None:
+                progress(len(idx), n_total)
+        n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
+        num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
+        den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
+        pw = log_w.exp()
+        for s in range(0, G, 256):
+            x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
+            num += splat_trilinear(x, Y[s:s + 256].reshape(-1), n, field.q_max)
+            den += splat_trilinear(x, (S[s:s + 256, None] * pw[None]).reshape(-1), n, field.q_max)
+        num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
+        den = den + den.flip(0, 1, 2)
+        reached = den > 1e-6 * float(den.max())
+        log_i = torch.log(num.clamp(min=1e-30) / den.clamp(min=1e-30))
+        # a reached voxel with no photons: floor at the smallest positive merged intensity
+        pos = reached & (num > 0)
+        floor = float(log_i[pos].min()) if bool(pos.any()) else 0.0
+        log_i = torch.where(num > 0, log_i, torch.full_like(log_i, floor))
+        change = self._write(log_i, reached)
+        m = max(n_used, 1)
+        return PolishStats(ll_sum / m, ent_sum / m, wmax_sum / m, float(reached.double().mean()), change)
+
+    def _write(self, log_i: Tensor, reached: Tensor) -> float:
+        """Set the field's voxels so that ``log I`` equals ``log_i`` on the reached voxels; RMS change."""
+        from bayes_spi.grid import grid_q
+
+        field = self.model.field
+        n = log_i.shape[0]
+        q, _ = grid_q(n, field.q_max)
+        qt = torch.as_tensor(q.reshape(-1, 3), dtype=self.model.q.dtype, device=log_i.device)
+        before = torch.cat([field.log_intensity(qt[i:i + 65536]) for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
+        if isinstance(field, SirenVoxelField):
+            # log I = offset + c tanh(g / c), g = siren + radial + residual: solve for the residual
+            c = field.log_clamp
+            target = ((log_i - field.log_offset) / c).clamp(-0.999999, 0.999999)
+            g_target = c * torch.atanh(target)
+            base = torch.cat([field._raw(qt[i:i + 65536] / field.q_max)
+                              + field.radial_log_profile(qt[i:i + 65536].norm(dim=-1))
+                              for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
+            new = torch.where(reached, g_target - base, field.residual.data[0, 0].to(base.dtype))
+            field.residual.data.copy_(new.to(field.residual.dtype)[None, None])
+        else:
+            new = torch.where(reached, log_i - field.log_offset, field.grid.data[0, 0].to(log_i.dtype))
+            field.grid.data.copy_(new.to(field.grid.dtype)[None, None])
+        after = torch.cat([field.log_intensity(qt[i:i + 65536]) for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
+        d = (after - before)[reached]
+        return float(d.pow(2).mean().sqrt()) if d.numel() else 0.0
