@@ -91,3 +91,31 @@ def test_polish_iteration_recovers_and_raises_the_marginal(setup):
     assert second.mean_max_weight > 0.9
     with pytest.raises(ValueError, match="expected a field with voxels"):
         EMCPolish(SPIModel(SirenField(q_max), q, pf), rots)
+
+
+def test_fit_ends_with_checkpointed_exact_iterations(simulated, tmp_path):
+    """A fit with a hybrid field runs ``polish_iterations`` exact EMC iterations after the stochastic stages,
+    checkpointed: a resumed finished run does not repeat them, and more requested iterations continue."""
+    import dataclasses
+
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.trainer import Trainer
+
+    data = simulated(96, 17)
+    cfg = FitConfig(epochs=1, batch_size=32, field="hybrid", voxel_grid=21, field_width=16, n_heads=1,
+                    n_search=1, search_rotations=256, cache_grid=17, pixels_per_pattern=64, polish_iterations=2,
+                    device="cpu", log_every=1, checkpoint_every=1000, seed=0)
+    ds = SPIDataset(data)
+    tr = Trainer(ds, cfg, tmp_path / "run", progress=False)
+    before = []
+    tr.fit(on_step=lambda st: before.append(st.polished))
+    assert tr.state.polished == 2 and before[-2:] == [1, 2]
+    residual = tr.model.field.residual.detach().clone()
+    assert float(residual.abs().max()) > 0  # the merges were written into the voxels
+    again = Trainer(ds, cfg, tmp_path / "run", progress=False)
+    again.fit(resume=True)
+    assert again.state.polished == 2 and torch.equal(again.model.field.residual.detach(), residual)
+    more = Trainer(ds, dataclasses.replace(cfg, polish_iterations=3), tmp_path / "run", progress=False)
+    more.fit(resume=True)
+    assert more.state.polished == 3 and not torch.equal(more.model.field.residual.detach(), residual)
