@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/bayes-spi demo --out demo_run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --doctest-modules bayes_spi tests
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_fit.py --size 32 --n-patterns 50000 --epochs 3 --minutes 28 --out bench_out/s32

@@ -45,13 +45,13 @@ from torch import Tensor, nn
 from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.guides.encoder import PatternEncoder
 from bayes_spi.models.spi import SPIBatch
-from bayes_spi.so3 import sixd_to_rotmat
+from bayes_spi.so3 import rotz_pi, sixd_to_rotmat
 
 __all__ = ["AmortizedGuide", "PosePosterior", "Scorer"]
 
 Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
-_ROTZ_PI = torch.diag(torch.tensor([-1.0, -1.0, 1.0]))
+_ROTZ_PI = rotz_pi()
 
 
 @dataclass

@@ -97,7 +97,7 @@ class OrientationSearch:
         self.last_log_scale: Tensor | None = None
         self.n_keep = int(n_keep)
         self.cache_grid = int(cache_grid)
-        self.q_max = float(model.q.norm(dim=-1).max())
+        self.q_max = model.q_max
         self._cache: Tensor | None = None
 
     @property

@@ -22,8 +22,7 @@ costs one field evaluation on the cube, ``G x M`` interpolations and one ``(B, M
 Example:
     >>> import torch
     >>> from bayes_spi.models.fields import SirenField
-    >>> from bayes_spi.guides.search import cube_points, grid_profile_loglik
-from bayes_spi.models.spi import SPIModel
+    >>> from bayes_spi.models.spi import SPIModel
     >>> from bayes_spi.so3 import super_fibonacci_rotmat
     >>> model = SPIModel(SirenField(0.125), torch.randn(64, 3) * 0.03, torch.full((64,), 1e-3))
     >>> emc = GridMarginal(model, super_fibonacci_rotmat(256), cache_grid=9)
@@ -94,7 +93,7 @@ class GridMarginal:
         self.rotations = rotations
         self.n = int(cache_grid)
         self.chunk = int(chunk)
-        self.q_max = float(model.q.norm(dim=-1).max())
+        self.q_max = model.q_max
         pts = cube_points(self.n, self.q_max, model.q.device)
         dq = 2 * self.q_max / (self.n - 1)
         # only voxels an interpolation at |q| <= q_max can touch need the field

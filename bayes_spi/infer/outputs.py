@@ -28,31 +28,19 @@ import os
 from pathlib import Path
 
 import h5py
-import mrcfile
 import numpy as np
 import torch
 
 from bayes_spi import __version__
 from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.grid import grid_q
 from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.models.fields import IntensityField
+from bayes_spi.mrc import write_mrc
 from bayes_spi.so3 import rotmat_to_quat_wxyz
 
 __all__ = ["field_log_cache", "field_on_grid", "grid_q", "refine_cache_grid", "write_intensity", "write_posterior"]
-
-
-def grid_q(n: int, q_max: float) -> tuple[np.ndarray, float]:
-    """Centred cubic grid: ``q (n, n, n, 3)`` indexed ``[ix, iy, iz]`` and its spacing ``dq`` (1/A).
-
-    ``n`` odd puts a voxel at ``q = 0``; index ``i`` is ``q = (i - n // 2) * dq``, ``dq = q_max / (n // 2)``.
-    """
-    if n < 3 or n % 2 == 0:
-        raise ValueError(f"expected an odd grid size n >= 3, got {n}")
-    dq = q_max / (n // 2)
-    ax = (np.arange(n) - n // 2) * dq
-    q = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1)
-    return q, dq
 
 
 @torch.no_grad()
@@ -73,14 +61,7 @@ def write_intensity(volume: np.ndarray, dq: float, run_dir: str | os.PathLike, s
     run_dir = Path(run_dir)
     n = volume.shape[0]
     mrc_path, h5_path = run_dir / f"{stem}.mrc", run_dir / f"{stem}.h5"
-    with atomic_path(mrc_path) as tmp:
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.ascontiguousarray(volume.transpose(2, 1, 0)).astype(np.float32))
-            mrc.voxel_size = dq
-            origin = -(n // 2) * dq
-            mrc.header.origin = (origin, origin, origin)
-            mrc.header.label[0] = b"bayes-spi intensity I(q); voxel size and origin in 1/A"
-            mrc.header.nlabl = 1
+    write_mrc(mrc_path, volume, dq, "bayes-spi intensity I(q); voxel size and origin in 1/A")
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
             d = f.create_dataset("intensity", data=volume.astype(np.float32), compression="gzip")
@@ -141,7 +122,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                              "use refine=0")
         q_all = model.q[all_good]
         log_w = model.log_pixel_factor[all_good]
-        q_max = float(model.q.norm(dim=-1).max())
+        q_max = model.q_max
         cache = field_log_cache(model.field, refine_cache_grid(guide), q_max)
     how = ("local modes: the guide's best hypotheses (encoder heads and orientation search) and their Rz(pi) "
            "twins, refined by Gauss-Newton on all good pixels (profiled fluence, cached log I); Laplace "

@@ -127,7 +127,7 @@ class EMCPolish:
             pixels = torch.nonzero(mask).squeeze(-1)
         q = model.q[pixels]
         log_w = model.log_pixel_factor[pixels]
-        q_max = float(model.q.norm(dim=-1).max())
+        q_max = model.q_max
         cache = field_log_cache(field, self.cache_grid, q_max)
         G, M = self.rotations.shape[0], q.shape[0]
         # log lambda of every grid rotation at every pixel, once per pass (the cube is fixed during the E-step)

@@ -33,6 +33,7 @@ import torch
 from pyro.infer import TraceEnum_ELBO
 
 from bayes_spi.atomic import atomic_path
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
@@ -179,8 +180,8 @@ class Trainer:
             if st.planned_emc_end < 0 and not emc:
                 st.planned_emc_end = self.emc_end
             st.planned_steps = t_new
-            log.info("--max-minutes %.1f: schedule sized to %d of %d batches (%d images) from the measured %.1f "
-                     "images/s%s", c.max_minutes, t_new, self.data_steps, t_new * c.batch_size,
+            log.info("%s %.1f: schedule sized to %d of %d batches (%d images) from the measured %.1f "
+                     "images/s%s", flag("max_minutes"), c.max_minutes, t_new, self.data_steps, t_new * c.batch_size,
                      rate_batches_per_s * c.batch_size, " (EMC warm start; SVI rate assumed 1/6 of it)" if emc else "")
         st.planned_phases |= 1 if emc else 2
 
@@ -598,7 +599,7 @@ class Trainer:
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"ELBO is {loss} at step {st.step} (epoch {epoch}, batch {b}); last good checkpoint: "
-                    f"{self.checkpoint_path}. Try a smaller --lr or a larger --batch-size."
+                    f"{self.checkpoint_path}. Try a smaller {flag('lr')} or a larger {flag('batch_size')}."
                 )
             st.elbo_acc += -loss
             st.n_acc += 1

@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bayes_spi.so3 import geodesic_angle, rotz_pi
+
 __all__ = ["Verdict", "assess_fit", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
 
 STATUSES = ("converged", "unconverged", "failed")
@@ -165,13 +167,8 @@ def elbo_checks(rows: list[dict[str, float]], after_step: int = 0) -> dict[str, 
 
 def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
     """Median angle (degrees) between two pose sets ``(N, 3, 3)``, each pose allowed its Rz(pi) twin."""
-    flip = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=R_b.dtype))
-
-    def ang(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        tr = (A.transpose(-1, -2) @ B).diagonal(dim1=-2, dim2=-1).sum(-1)
-        return torch.acos(((tr - 1) / 2).clamp(-1, 1))
-
-    a = torch.minimum(ang(R_a, R_b), ang(R_a, R_b @ flip))
+    flip = rotz_pi(dtype=R_b.dtype, device=R_b.device)
+    a = torch.minimum(geodesic_angle(R_a, R_b), geodesic_angle(R_a, R_b @ flip))
     return float(torch.rad2deg(a.median()))
 
 
