@@ -119,3 +119,27 @@ def test_fit_ends_with_checkpointed_exact_iterations(simulated, tmp_path):
     more = Trainer(ds, dataclasses.replace(cfg, polish_iterations=3), tmp_path / "run", progress=False)
     more.fit(resume=True)
     assert more.state.polished == 3 and not torch.equal(more.model.field.residual.detach(), residual)
+
+
+def test_max_patterns_merges_only_the_first_patterns(setup):
+    """``max_patterns`` bounds an iteration's cost: the merge is that of the first patterns alone."""
+    geom, q, pf, q_max, truth = setup
+    rots = super_fibonacci_rotmat(30)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        lam = 1e3 * pf / pf.mean() * torch.exp(truth.log_intensity(torch.einsum("gij,mj->gmi", rots, q)) -
+                                               truth.log_intensity(torch.zeros(1, 3)))
+    counts = torch.poisson(lam.repeat(3, 1), generator=gen).reshape(90, *geom.shape).numpy()
+    mask = np.ones(geom.shape, dtype=bool)
+
+    def merged(data: np.ndarray, limit: int) -> torch.Tensor:
+        field = VoxelField(q_max * 1.0001, n=15)
+        field.grid.data.copy_(truth.grid.data.new_zeros(1, 1, 15, 15, 15) + 0.1)
+        EMCPolish(SPIModel(field, q, pf), rots, cache_grid=15, batch_size=16, max_patterns=limit).iterate(
+            _Pinned(data, mask))
+        return field.grid.detach().clone()
+
+    assert torch.equal(merged(counts, 40), merged(counts[:40], 0))
+    assert not torch.equal(merged(counts, 40), merged(counts, 0))
+    with pytest.raises(ValueError, match="max_patterns"):
+        EMCPolish(SPIModel(VoxelField(q_max, n=5), q, pf), rots, max_patterns=-1)

@@ -55,7 +55,7 @@ __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "ru
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
 )
 
@@ -89,6 +89,8 @@ _HELP = {
     "polish_iterations": "Exact EMC iterations at the end (E-step over all patterns and the whole orientation grid, "
                          "exact M-step into the field's voxels); needs --field hybrid or voxel (the default with "
                          "--auto-settings), skipped otherwise.",
+    "polish_patterns": "Patterns merged per exact EMC iteration (the first of the file; 0: all), so that its cost "
+                       "does not grow with the data set.",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",
     "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
@@ -242,6 +244,7 @@ class _RecordingCommand(click.Command):
 @_training_option("emc_fraction", click.FloatRange(min=0, max=1))
 @_training_option("emc_beta", click.FloatRange(min=0, max=1, min_open=True))
 @_training_option("polish_iterations", click.IntRange(min=0))
+@_training_option("polish_patterns", click.IntRange(min=0))
 @click.option("--auto-settings/--no-auto-settings", "auto_settings", default=None,
               help=_HELP["auto_settings"] + " [default: on]")
 @_training_option("lr", float)

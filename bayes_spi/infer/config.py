@@ -79,7 +79,8 @@ class FitConfig:
         (0 = all eligible), ``emc_beta`` (<= 1) tempers its posterior (deterministic annealing).
         polish_iterations: exact EMC iterations at the end of the fit (E-step over every pattern and the whole
         orientation grid, exact M-step into the field's voxels: :mod:`bayes_spi.infer.polish`); needs a field
-        with voxels (``hybrid`` or ``voxel``), skipped otherwise.
+        with voxels (``hybrid`` or ``voxel``), skipped otherwise. ``polish_patterns``: patterns merged per
+        iteration (the first of the file; 0 = all), so that its cost does not grow with the data set.
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
@@ -132,6 +133,7 @@ class FitConfig:
     emc_pixels: int = 1024
     emc_beta: float = 1.0
     polish_iterations: int = 3
+    polish_patterns: int = 50000
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
@@ -165,6 +167,7 @@ class FitConfig:
              (self.emc_batches, self.emc_pixels)),
             (0 < self.emc_beta <= 1, "emc_beta", "in (0, 1]", self.emc_beta),
             (self.polish_iterations >= 0, "polish_iterations", ">= 0", self.polish_iterations),
+            (self.polish_patterns >= 0, "polish_patterns", ">= 0", self.polish_patterns),
             (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),

@@ -675,7 +675,7 @@ class Trainer:
         n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         self.model.eval()
         pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=c.emc_beta,
-                        batch_size=max(c.batch_size, 128), exclude=self.holdout)
+                        batch_size=max(c.batch_size, 128), exclude=self.holdout, max_patterns=c.polish_patterns)
         pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
         while st.polished < c.polish_iterations:
             t0 = time.perf_counter()
@@ -683,7 +683,8 @@ class Trainer:
             if self.progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=self.dataset.n_patterns, unit="pattern", dynamic_ncols=True,
+                bar = tqdm(total=min(self.dataset.n_patterns, c.polish_patterns or self.dataset.n_patterns),
+                           unit="pattern", dynamic_ncols=True,
                            desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
             try:
                 stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None)
