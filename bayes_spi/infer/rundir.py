@@ -1,4 +1,5 @@
-"""Run-directory helpers: ``config.yaml`` (every setting, versions, the command line) and ``run.log``.
+"""The run directory: :class:`RunDir` (its file names, its lock, what it holds), ``config.yaml`` (every
+setting, versions, the command line) and ``run.log``.
 
 A run directory written by ``bayes-spi fit`` holds::
 
@@ -8,6 +9,11 @@ A run directory written by ``bayes-spi fit`` holds::
     metrics.csv      metric history, one row per log interval
     model.pt, intensity.mrc, intensity.h5, posterior.h5, evaluation.json   final outputs
     fit.lock         while a ``fit`` runs: the owner's pid and host (an advisory lock, see :class:`RunLock`)
+
+and, from later steps, ``verdict.json``, ``sampling.json``, ``fsc.json``, ``reference.json``,
+``density.mrc``/``.json``, ``posterior.nc``, ``coverage.json``, ``report.html``, ``report/`` and
+``report.png``. :data:`RUN_FILE_NAMES` names them all; ask :class:`RunDir` for a path instead of
+spelling a name.
 
 Example:
     >>> import tempfile
@@ -35,6 +41,10 @@ from bayes_spi.atomic import atomic_path
 from bayes_spi.infer.config import FitConfig
 
 __all__ = [
+    "RUN_FILE_NAMES",
+    "RUN_MARKERS",
+    "FRESH_START_FILES",
+    "RunDir",
     "CONFIG_NAME",
     "LOG_NAME",
     "write_config",
@@ -49,9 +59,49 @@ __all__ = [
     "locked_message",
 ]
 
-CONFIG_NAME = "config.yaml"
-LOG_NAME = "run.log"
-LOCK_NAME = "fit.lock"
+#: key -> file name (a folder for ``report_dir``) inside a run directory; the one place these names are spelled
+RUN_FILE_NAMES: dict[str, str] = {
+    "config": "config.yaml",            # settings, versions, command line (write_config)
+    "log": "run.log",                   # the INFO log (setup_logging)
+    "metrics": "metrics.csv",           # metric history, one row per log interval
+    "checkpoint": "checkpoint.pt",      # latest atomic checkpoint (resume)
+    "model": "model.pt",                # the trained model (load_trained)
+    "intensity_mrc": "intensity.mrc",   # the reconstructed intensity, MRC
+    "intensity": "intensity.h5",        # the reconstructed intensity, HDF5 (phase, report)
+    "intensity_sd_mrc": "intensity_sd.mrc",  # its posterior sd (a variational field), MRC
+    "intensity_sd": "intensity_sd.h5",  # its posterior sd, HDF5
+    "posterior": "posterior.h5",        # per-image pose and fluence posteriors
+    "posterior_nc": "posterior.nc",     # posterior draws (bayes-spi posterior)
+    "coverage": "coverage.json",        # coverage of posterior.nc against the truth
+    "evaluation": "evaluation.json",    # numbers against the truth and the verdict
+    "verdict": "verdict.json",          # the truth-free verdict of the fit
+    "sampling": "sampling.json",        # the sampling estimate of the fit's settings
+    "fsc": "fsc.json",                  # FSC curves
+    "reference": "reference.json",      # comparison with a reference volume (bayes-spi evaluate)
+    "density": "density.mrc",           # the phased density
+    "density_json": "density.json",     # the phasing record
+    "report": "report.html",            # the report page
+    "report_dir": "report",             # the report's figures (a folder)
+    "overview": "report.png",           # the one-page overview
+    "lock": "fit.lock",                 # the advisory lock of a running fit (RunLock)
+}
+
+#: keys of the files that make a directory a run (any one of them): see :meth:`RunDir.is_run`
+RUN_MARKERS: tuple[str, ...] = ("config", "log", "model", "metrics", "checkpoint")
+
+#: file names a forced fresh start removes (with the folder ``report/``), partial ``.tmp`` files included
+FRESH_START_FILES: tuple[str, ...] = tuple(
+    name
+    for key in ("checkpoint", "metrics", "model", "intensity_mrc", "intensity", "intensity_sd_mrc", "intensity_sd",
+                "posterior", "evaluation", "fsc", "sampling", "verdict", "density", "density_json", "posterior_nc",
+                "coverage", "overview", "report", "config", "log")
+    for name in ((RUN_FILE_NAMES[key], RUN_FILE_NAMES[key] + ".tmp") if key in ("checkpoint", "metrics", "model")
+                 else (RUN_FILE_NAMES[key],))
+)
+
+CONFIG_NAME = RUN_FILE_NAMES["config"]
+LOG_NAME = RUN_FILE_NAMES["log"]
+LOCK_NAME = RUN_FILE_NAMES["lock"]
 _HANDLER_TAG = "_bayes_spi_run_handler"
 
 
@@ -323,3 +373,102 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------------------------------- RunDir
+class RunDir:
+    """A run directory: the names of its files, its lock and what it holds.
+
+    Every module that reads or writes a run's files asks a :class:`RunDir` for their paths (keys of
+    :data:`RUN_FILE_NAMES`) instead of spelling the names.
+
+    Args:
+        root: the run directory (it need not exist yet).
+
+    Example:
+        >>> import tempfile
+        >>> run = RunDir(tempfile.mkdtemp())
+        >>> run.path("model").name, run.has("model"), run.is_run()
+        ('model.pt', False, False)
+        >>> _ = run.path("metrics").write_text("step\\n")
+        >>> run.has("metrics"), run.is_run(), run.holds_fit()
+        (True, True, False)
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({os.fspath(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    @staticmethod
+    def name(key: str) -> str:
+        """The file name of ``key`` (e.g. ``"posterior"`` -> ``"posterior.h5"``).
+
+        Raises:
+            KeyError: ``key`` is not a run file (the message lists the known keys).
+        """
+        try:
+            return RUN_FILE_NAMES[key]
+        except KeyError:
+            raise KeyError(f"run file {key!r}: expected one of {', '.join(RUN_FILE_NAMES)}, got an unknown "
+                           "name") from None
+
+    def path(self, key: str) -> Path:
+        """The path of the run file ``key`` (whether or not it exists).
+
+        Raises:
+            KeyError: ``key`` is not a run file.
+        """
+        return self.root / self.name(key)
+
+    def has(self, key: str) -> bool:
+        """Whether the run holds the file ``key`` (for ``report_dir``: the folder)."""
+        p = self.path(key)
+        return p.is_dir() if key == "report_dir" else p.is_file()
+
+    def is_run(self) -> bool:
+        """Whether this is a run directory: it holds any of :data:`RUN_MARKERS` (config, log, model, metrics,
+        checkpoint)."""
+        return self.root.is_dir() and any(self.has(key) for key in RUN_MARKERS)
+
+    def holds_fit(self) -> bool:
+        """Whether a fit has started here (a ``checkpoint.pt`` or ``model.pt`` exists): a new run refuses it."""
+        return any(self.path(key).exists() for key in ("checkpoint", "model"))
+
+    def sub(self, name: str) -> "RunDir":
+        """The run directory ``name`` inside this one (e.g. the half-sets ``half1``, ``half2``)."""
+        return RunDir(self.root / name)
+
+    def marker_names(self) -> tuple[str, ...]:
+        """The file names of :data:`RUN_MARKERS`, in order (for messages)."""
+        return tuple(self.name(key) for key in RUN_MARKERS)
+
+    def fresh_start_paths(self) -> list[Path]:
+        """The files a forced fresh start removes (:data:`FRESH_START_FILES`); the folder is ``path("report_dir")``."""
+        return [self.root / name for name in FRESH_START_FILES]
+
+    def lock(self) -> RunLock:
+        """The run's advisory lock (not yet taken: use ``with`` or :meth:`RunLock.acquire`)."""
+        return RunLock(self.root)
+
+    def live_lock_owner(self) -> tuple[int, str] | None:
+        """``(pid, host)`` of the live process holding the run's lock, or ``None``."""
+        return live_lock_owner(self.root)
+
+    def read_info(self) -> dict[str, Any]:
+        """The whole ``config.yaml`` (see :func:`read_run_info`)."""
+        return read_run_info(self.root)
+
+    def read_config(self) -> FitConfig:
+        """The :class:`FitConfig` of ``config.yaml`` (see :func:`read_config`)."""
+        return read_config(self.root)
