@@ -152,9 +152,10 @@ def command(out: Path, n_patterns: int | None, quick: bool, progress: bool) -> N
     # the electron density of the reconstruction, and the report again so it shows the density
     from bayes_spi.cli.phase import run_phase
     from bayes_spi.infer.report import write_report
+    from bayes_spi.infer.rundir import RunDir
 
     rec = run_phase(out, starts=s["phase_starts"], progress=False)
     page = write_report(out, data)
     click.echo(f"density: {rec['out']} (best of {rec['starts']} phasing starts); report: {page}")
     if verdict.status == "failed" and not quick:  # --quick is a smoke test: too short to converge
-        raise click.ClickException(f"the demo fit failed its truth-free verdict ({out / 'verdict.json'})")
+        raise click.ClickException(f"the demo fit failed its truth-free verdict ({RunDir(out).path('verdict')})")

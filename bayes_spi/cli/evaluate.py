@@ -60,6 +60,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
     from bayes_spi.dataio.h5 import DataFormatError
     from bayes_spi.infer.evaluate import (evaluate_run_full, evaluation_document, format_evaluation,
                                           write_evaluation, write_fsc_json)
+    from bayes_spi.infer.rundir import RunDir
     from bayes_spi.infer.verdict import read_verdict
 
     if density is not None and no_density:
@@ -75,7 +76,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             raise click.ClickException(str(exc)) from None
         clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
         if write:
-            write_json(run / "reference.json", {**clean, "reference": os.fspath(reference)})
+            write_json(RunDir(run).path("reference"), {**clean, "reference": os.fspath(reference)})
         if as_json:
             click.echo(json.dumps(clean))
             return
@@ -91,7 +92,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
     except (FileNotFoundError, ValueError, DataFormatError) as exc:
         raise click.ClickException(str(exc)) from None
     scalars = dict(ev.scalars)
-    nc = posterior_nc if posterior_nc is not None else run / "posterior.nc"
+    nc = posterior_nc if posterior_nc is not None else RunDir(run).path("posterior_nc")
     coverage: dict = {}
     if posterior_nc is not None or nc.is_file():
         from bayes_spi.posterior.coverage import coverage_from_netcdf, format_coverage

@@ -196,11 +196,13 @@ def run_halfsets(data: Path | None, run_dir: Path, given: dict[str, Any], **kwar
 def print_summary(result: dict[str, Any]) -> None:
     """The end-of-fit summary: outputs, speed, final ELBO, evaluation table."""
     from bayes_spi.infer.evaluate import format_evaluation
+    from bayes_spi.infer.rundir import RunDir
 
     st = result["state"]
     click.echo(f"run directory: {result['run_dir']}")
     click.echo("  outputs: " + ", ".join(p.name for p in result["outputs"].values())
-               + ", metrics.csv, config.yaml, run.log" + (", evaluation.json" if result["evaluation"] else ""))
+               + "".join(f", {RunDir.name(key)}" for key in ("metrics", "config", "log"))
+               + (f", {RunDir.name('evaluation')}" if result["evaluation"] else ""))
     rate = result["images_per_s"]
     rate_text = f"{rate:.1f} images/s" if math.isfinite(rate) else "no new steps"
     click.echo(f"  steps {st.step}, images seen {st.images_seen}, {rate_text}")

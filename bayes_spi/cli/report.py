@@ -19,10 +19,12 @@ from pathlib import Path
 
 import click
 
+from bayes_spi.infer.rundir import RunDir
+
 __all__ = ["command", "RUN_MARKERS"]
 
-#: files of which a run directory holds at least one (written when a fit starts or ends)
-RUN_MARKERS = ("config.yaml", "run.log", "model.pt", "metrics.csv", "checkpoint.pt")
+#: files of which a run directory holds at least one (written when a fit starts or ends): see RunDir.is_run
+RUN_MARKERS: tuple[str, ...] = RunDir.marker_names()
 
 
 @click.command(name="report", help=__doc__)
@@ -36,7 +38,7 @@ RUN_MARKERS = ("config.yaml", "run.log", "model.pt", "metrics.csv", "checkpoint.
 @click.option("--max-align", type=click.IntRange(min=10), default=5000, show_default=True,
               help="Patterns used to fit the global rotation to the truth (a random subset when more).")
 def command(run_dir: Path, truth_path: Path | None, data_path: Path | None, n_patterns: int, max_align: int) -> None:
-    from bayes_spi.report.page import REPORT_DIR, build_report
+    from bayes_spi.report.page import build_report
 
     if not run_dir.is_dir():
         raise click.ClickException(f"run directory {os.fspath(run_dir)!r} not found (expected the output of "
@@ -54,7 +56,7 @@ def command(run_dir: Path, truth_path: Path | None, data_path: Path | None, n_pa
                     raise DataFormatError(p, "/truth", "simulated data with a truth (for --truth)", "missing")
         except (FileNotFoundError, DataFormatError) as exc:
             raise click.ClickException(f"{name}: {exc}") from None
-    if not any((run_dir / name).is_file() for name in RUN_MARKERS):
+    if not RunDir(run_dir).is_run():
         raise click.ClickException(f"{os.fspath(run_dir)}: expected a run directory (the output of `bayes-spi fit "
                                    f"DATA.h5 -o RUN`, holding {', '.join(RUN_MARKERS)}), got none of these files")
     t0 = time.perf_counter()
@@ -64,7 +66,7 @@ def command(run_dir: Path, truth_path: Path | None, data_path: Path | None, n_pa
         raise click.ClickException(str(exc)) from None
     made = [n for n, p in result.figures.items() if p is not None]
     skipped = [n for n, p in result.figures.items() if p is None and n not in result.problems]
-    click.echo(f"wrote {result.html} ({len(made)} figures in {run_dir / REPORT_DIR}: "
+    click.echo(f"wrote {result.html} ({len(made)} figures in {RunDir(run_dir).path('report_dir')}: "
                f"{', '.join(made) or 'none'}) in {time.perf_counter() - t0:.1f} s")
     if result.overview is not None:
         click.echo(f"wrote {result.overview}")

@@ -167,9 +167,11 @@ def evaluate_run_full(
         DataFormatError: the data file has no truth poses/scales.
         ValueError: the posterior and the truth disagree in the number of patterns.
     """
-    run_dir = Path(run_dir)
-    post_path = Path(posterior_path) if posterior_path is not None else run_dir / "posterior.h5"
-    mdl_path = Path(model_path) if model_path is not None else run_dir / "model.pt"
+    from bayes_spi.infer.rundir import RunDir
+
+    run = RunDir(run_dir)
+    post_path = Path(posterior_path) if posterior_path is not None else run.path("posterior")
+    mdl_path = Path(model_path) if model_path is not None else run.path("model")
     if not post_path.is_file():
         raise FileNotFoundError(f"{os.fspath(post_path)}: not found (expected the run's per-image posterior)")
     try:
@@ -296,8 +298,9 @@ def write_evaluation(run_dir: str | os.PathLike[str], document: dict[str, Any]) 
     """Write an :func:`evaluation_document` as ``RUN/evaluation.json`` (atomically, strict JSON): the one writer
     of that file, for the fit and for ``bayes-spi evaluate``."""
     from bayes_spi.atomic import write_json
+    from bayes_spi.infer.rundir import RunDir
 
-    return write_json(Path(run_dir) / "evaluation.json", document, allow_nan=False)
+    return write_json(RunDir(run_dir).path("evaluation"), document, allow_nan=False)
 
 
 def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corner_res_nm: float | None = None) -> Path:
@@ -306,8 +309,9 @@ def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corn
     import json
 
     from bayes_spi.atomic import write_json
+    from bayes_spi.infer.rundir import RunDir
 
-    path = Path(run_dir) / "fsc.json"
+    path = RunDir(run_dir).path("fsc")
     data: dict[str, Any] = {}
     if path.is_file():
         try:

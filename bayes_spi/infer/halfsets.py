@@ -34,6 +34,7 @@ from bayes_spi.config.commands import flag
 from bayes_spi.dataio.subset import random_halves
 from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.outputs import field_on_grid
+from bayes_spi.infer.rundir import RunDir
 
 __all__ = ["HALVES", "halfset_fsc", "read_split", "write_halfset_summary", "write_split"]
 
@@ -44,7 +45,7 @@ HALVES: tuple[str, str] = ("half1", "half2")
 def write_split(run_dir: str | os.PathLike[str], n_patterns: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw the random split (:func:`random_halves`) and record it in ``RUN/halfsets.h5`` (atomically)."""
     h1, h2 = random_halves(n_patterns, seed)
-    path = Path(run_dir) / "halfsets.h5"
+    path = RunDir(run_dir).path("halfsets")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("half1", data=h1, compression="gzip")
@@ -56,7 +57,7 @@ def write_split(run_dir: str | os.PathLike[str], n_patterns: int, seed: int) -> 
 
 def read_split(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The recorded split: ``(half1, half2, attrs)``."""
-    path = Path(run_dir) / "halfsets.h5"
+    path = RunDir(run_dir).path("halfsets")
     if not path.is_file():
         raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the half-set split of a {flag('half_sets')} run)")
     with h5py.File(path, "r") as f:
@@ -82,8 +83,8 @@ def halfset_fsc(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str], gr
     from bayes_spi.analysis.align import align_intensity_rotation
     from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 
-    field_a, q_max = load_field(Path(run_a) / "model.pt")
-    field_b, _ = load_field(Path(run_b) / "model.pt")
+    field_a, q_max = load_field(RunDir(run_a).path("model"))
+    field_b, _ = load_field(RunDir(run_b).path("model"))
     I_a, dq = field_on_grid(field_a, grid, q_max)
     I_b, _ = field_on_grid(field_b, grid, q_max)
     kwargs = {} if n_rotations is None else {"n_rotations": n_rotations}
@@ -119,5 +120,5 @@ def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dic
             "halfset_speckle_fsc_res_nm_0.143": speckle.resolution_nm(0.143)} if speckle is not None else {}),
         **info,
     }
-    path = run_dir / "halfsets.json"
+    path = RunDir(run_dir).path("halfsets_summary")
     return write_json(path, summary)

@@ -50,8 +50,10 @@ class Trained:
 
 def model_path_of(run: str | os.PathLike[str]) -> Path:
     """``run/model.pt`` for a run directory, or ``run`` itself when it names a file (``*.pt`` or existing)."""
+    from bayes_spi.infer.rundir import RunDir
+
     p = Path(run)
-    return p if p.suffix == ".pt" or p.is_file() else p / "model.pt"
+    return p if p.suffix == ".pt" or p.is_file() else RunDir(p).path("model")
 
 
 def read_model_file(run: str | os.PathLike[str], need: tuple[str, ...] = ("config", "model")

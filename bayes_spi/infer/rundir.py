@@ -84,6 +84,8 @@ RUN_FILE_NAMES: dict[str, str] = {
     "report_dir": "report",             # the report's figures (a folder)
     "overview": "report.png",           # the one-page overview
     "lock": "fit.lock",                 # the advisory lock of a running fit (RunLock)
+    "halfsets": "halfsets.h5",          # the half-set split (fit --half-sets)
+    "halfsets_summary": "halfsets.json",  # the half-set FSC summary
 }
 
 #: keys of the files that make a directory a run (any one of them): see :meth:`RunDir.is_run`

@@ -322,7 +322,7 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
     from bayes_spi.infer.load import load_trained
 
     post = run.posterior
-    if post is None or not (run.run_dir / "model.pt").is_file() or run.data_path is None:
+    if post is None or not run.files.has("model") or run.data_path is None:
         return None
     idx = pattern_indices(len(post["R"]), n)
     read = run.read_patterns(idx)

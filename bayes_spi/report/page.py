@@ -26,6 +26,7 @@ import numpy as np
 
 from bayes_spi import __version__
 from bayes_spi.atomic import atomic_path
+from bayes_spi.infer.rundir import RunDir
 from bayes_spi.report.figures import (
     FigureFunction,
     density_figure,
@@ -47,7 +48,7 @@ __all__ = ["FigureSpec", "FIGURES", "REPORT_DIR", "ReportResult", "build_report"
 log = logging.getLogger("bayes_spi")
 
 #: folder of the PNGs inside the run directory
-REPORT_DIR = "report"
+REPORT_DIR = RunDir.name("report_dir")
 
 
 @dataclass(frozen=True)
@@ -127,23 +128,15 @@ def _available(run: RunData, key: str) -> bool:
 
 
 def _present(run: RunData, key: str) -> bool:
-    if key == "metrics":
-        return (run.run_dir / "metrics.csv").is_file()
-    if key in ("intensity", "posterior"):
-        return (run.run_dir / f"{key}.h5").is_file()
-    if key == "model":
-        return (run.run_dir / "model.pt").is_file()
+    if key in ("metrics", "intensity", "posterior", "model", "fsc", "density", "posterior_nc"):
+        return run.files.has(key)
     if key == "data":
         return run.data_path is not None
     if key == "truth":
         return run.truth_path is not None
     if key == "truth_intensity":
         return run.truth_path is not None and run.truth is not None and run.truth["intensity"] is not None
-    if key == "fsc":
-        return (run.run_dir / "fsc.json").is_file()
-    if key == "density":
-        return (run.run_dir / "density.mrc").is_file()
-    return (run.run_dir / "posterior.nc").is_file()  # "posterior_nc"
+    return False
 
 
 def missing_inputs(run: RunData, spec: FigureSpec) -> list[str]:
@@ -357,9 +350,9 @@ def build_report(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[
         FileNotFoundError: ``run_dir`` (or a given file) does not exist.
     """
     run = RunData(run_dir, truth_path=truth_path, data_path=data_path, max_align=max_align)
-    out_dir = run.run_dir / REPORT_DIR
+    out_dir = run.files.path("report_dir")
     out_dir.mkdir(exist_ok=True)
-    result = ReportResult(html=run.run_dir / "report.html", overview=None)
+    result = ReportResult(html=run.files.path("report"), overview=None)
     for spec in FIGURES:
         path: Path | None = None
         try:
@@ -375,9 +368,9 @@ def build_report(run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[
             (out_dir / f"{spec.name}.png").unlink(missing_ok=True)
     if overview:
         try:
-            result.overview = overview_figure(run, run.run_dir / "report.png")
+            result.overview = overview_figure(run, run.files.path("overview"))
         except (ValueError, OSError) as exc:
-            log.warning("report: report.png not made: %s", exc)
+            log.warning("report: %s not made: %s", RunDir.name("overview"), exc)
     text = _page(run, result)
     with atomic_path(result.html) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from bayes_spi.config.commands import command
+from bayes_spi.infer.rundir import RunDir
 from bayes_spi.report.numbers import cone_radius_deg, geodesic_deg, pose_errors
 from bayes_spi.so3 import rotz_pi_numpy
 
@@ -50,19 +51,19 @@ class Source:
 
 #: input name -> where it comes from (used by the page to say what is missing)
 SOURCES: dict[str, Source] = {
-    "metrics": Source("metrics.csv", f"written while {command('fit')} runs"),
-    "intensity": Source("intensity.h5", f"written at the end of {command('fit')}"),
-    "posterior": Source("posterior.h5", f"written at the end of {command('fit')}"),
-    "model": Source("model.pt", f"written at the end of {command('fit')}"),
+    "metrics": Source(RunDir.name("metrics"), f"written while {command('fit')} runs"),
+    "intensity": Source(RunDir.name("intensity"), f"written at the end of {command('fit')}"),
+    "posterior": Source(RunDir.name("posterior"), f"written at the end of {command('fit')}"),
+    "model": Source(RunDir.name("model"), f"written at the end of {command('fit')}"),
     "data": Source("the data file (input patterns)",
-                   f"the path recorded in config.yaml is used; else give {command('report_data')}"),
+                   f"the path recorded in {RunDir.name('config')} is used; else give {command('report_data')}"),
     "truth": Source("the truth (simulated data file)", f"give {command('report_truth')}"),
     "truth_intensity": Source("/truth/intensity of the truth file",
                               f"simulate with a truth grid ({command('simulate')})"),
-    "fsc": Source("fsc.json", f"run {command('evaluate_truth')} (writes RUN/fsc.json)"),
-    "density": Source("density.mrc", f"run {command('phase')}"),
-    "posterior_nc": Source("posterior.nc (credible-cone radii)",
-                           "run `bayes-spi posterior RUN/ DATA.h5 -o RUN/posterior.nc`"),
+    "fsc": Source(RunDir.name("fsc"), f"run {command('evaluate_truth')} (writes RUN/{RunDir.name('fsc')})"),
+    "density": Source(RunDir.name("density"), f"run {command('phase')}"),
+    "posterior_nc": Source(f"{RunDir.name('posterior_nc')} (credible-cone radii)",
+                           f"run `bayes-spi posterior RUN/ DATA.h5 -o RUN/{RunDir.name('posterior_nc')}`"),
 }
 
 #: curves of fsc.json, in display order, with their labels
@@ -112,6 +113,7 @@ class RunData:
     def __init__(self, run_dir: str | os.PathLike[str], truth_path: str | os.PathLike[str] | None = None,
                  data_path: str | os.PathLike[str] | None = None, max_align: int = 5000) -> None:
         self.run_dir = Path(run_dir)
+        self.files = RunDir(self.run_dir)
         if not self.run_dir.is_dir():
             raise FileNotFoundError(f"run directory {_fspath(self.run_dir)!r} not found")
         self.truth_path = None if truth_path is None else Path(truth_path)
@@ -126,7 +128,7 @@ class RunData:
     @cached_property
     def config_text(self) -> str | None:
         """``config.yaml`` as text."""
-        p = self.run_dir / "config.yaml"
+        p = self.files.path("config")
         return p.read_text(encoding="utf-8") if p.is_file() else None
 
     @cached_property
@@ -141,7 +143,7 @@ class RunData:
     @cached_property
     def verdict(self) -> dict[str, Any] | None:
         """``verdict.json`` (the truth-free verdict of the fit: status, reasons, checks), or None."""
-        p = self.run_dir / "verdict.json"
+        p = self.files.path("verdict")
         if not p.is_file():
             return None
         doc = _read_json_object(p)
@@ -153,7 +155,7 @@ class RunData:
     @cached_property
     def evaluation(self) -> dict[str, float | None] | None:
         """``evaluation.json`` (numbers; null for a metric that could not be computed)."""
-        p = self.run_dir / "evaluation.json"
+        p = self.files.path("evaluation")
         if not p.is_file():
             return None
         doc = _read_json_object(p)
@@ -162,7 +164,7 @@ class RunData:
     @cached_property
     def metrics(self) -> dict[str, np.ndarray] | None:
         """``metrics.csv`` columns as float arrays ``(T,)`` (empty cells NaN); None without rows."""
-        p = self.run_dir / "metrics.csv"
+        p = self.files.path("metrics")
         if not p.is_file():
             return None
         with open(p, newline="", encoding="utf-8") as fh:
@@ -193,7 +195,7 @@ class RunData:
     @cached_property
     def intensity(self) -> tuple[np.ndarray, float] | None:
         """``intensity.h5``: ``(I (n, n, n) [ix, iy, iz] float64, dq 1/A)``."""
-        p = self.run_dir / "intensity.h5"
+        p = self.files.path("intensity")
         if not p.is_file():
             return None
         with h5py.File(p, "r") as f:
@@ -213,7 +215,7 @@ class RunData:
         ``best_weight (N,)`` (weight of the most probable hypothesis), ``scale_mean (N,)``."""
         from bayes_spi.dataio.h5 import quaternions_to_rotations
 
-        p = self.run_dir / "posterior.h5"
+        p = self.files.path("posterior")
         if not p.is_file():
             return None
         out: dict[str, np.ndarray] = {}
@@ -263,7 +265,7 @@ class RunData:
     def _check_n(self, n: int, path: Path, field: str) -> None:
         if self.n_patterns is not None and n != self.n_patterns:
             raise ValueError(f"{_fspath(path)}: field {field}: expected {self.n_patterns} patterns (as "
-                             f"{_fspath(self.run_dir / 'posterior.h5')}), got {n}")
+                             f"{_fspath(self.files.path('posterior'))}), got {n}")
 
     def read_patterns(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Counts ``(B, n_y, n_x)`` of the given patterns of the data file and its good-pixel mask ``(n_y, n_x)``."""
@@ -304,7 +306,7 @@ class RunData:
     def fsc(self) -> dict[str, Any] | None:
         """``fsc.json`` validated: ``{kind: {"q": (S,), "fsc": (S,), "res_nm_0.5", "res_nm_0.143", "given_0.5",
         "given_0.143", "crosses_0.5", "crosses_0.143"}, "corner_res_nm"}`` (``crosses_*`` None when not given)."""
-        p = self.run_dir / "fsc.json"
+        p = self.files.path("fsc")
         if not p.is_file():
             return None
         doc = _read_json_object(p)
@@ -341,7 +343,7 @@ class RunData:
         """``density.mrc``: ``(rho (n_x, n_y, n_z) indexed [ix, iy, iz] float64, voxel A)``."""
         from bayes_spi.mrc import read_mrc
 
-        p = self.run_dir / "density.mrc"
+        p = self.files.path("density")
         if not p.is_file():
             return None
         return read_mrc(p)
@@ -375,7 +377,7 @@ class RunData:
                 "label": "posterior.h5 sigmas, isotropic approximation"}
 
     def _cones_from_netcdf(self) -> dict[str, Any] | None:
-        p = self.run_dir / "posterior.nc"
+        p = self.files.path("posterior_nc")
         n = self.n_patterns
         if not p.is_file() or n is None:
             return None
@@ -413,7 +415,7 @@ class RunData:
         index = np.asarray(g["pattern"][()], dtype=np.int64) if "pattern" in g else np.arange(m)
         if index.shape != (m,) or (m and (index.min() < 0 or index.max() >= n)):
             raise ValueError(f"{_fspath(p)}: field /sample_stats/pattern: expected {m} indices in [0, {n}) "
-                             f"(the patterns of {_fspath(self.run_dir / 'posterior.h5')}), got shape {index.shape}")
+                             f"(the patterns of {_fspath(self.files.path('posterior'))}), got shape {index.shape}")
         r = self._in_degrees(g["cone_radius_deg"], r)
         r_mod = None
         if "cone_radius_mod_rotz_deg" in g:
@@ -425,7 +427,7 @@ class RunData:
             q = np.asarray(g["mean_pose_quaternion"][()], dtype=np.float64)
             if q.shape == (m, 4):
                 R_center = quaternions_to_rotations(q)
-        label = "posterior.nc" + (f", {m:,} of {n:,} patterns" if m < n else "")
+        label = RunDir.name("posterior_nc") + (f", {m:,} of {n:,} patterns" if m < n else "")
         return {"r50": r[:, cols[0.5][0]], "r90": r[:, cols[0.9][0]], "r90_mod": r_mod, "index": index,
                 "R_center": R_center, "label": label,
                 "source": "posterior.nc: sample_stats/cone_radius_deg around the posterior mean pose"
@@ -452,7 +454,8 @@ class RunData:
         if "r50" not in found or "r90" not in found:
             return None
         return {"r50": found["r50"], "r90": found["r90"], "r90_mod": None, "index": np.arange(n), "R_center": None,
-                "source": f"posterior.nc: {names['r50']}, {names['r90']}", "label": "posterior.nc"}
+                "source": f"{RunDir.name('posterior_nc')}: {names['r50']}, {names['r90']}",
+                "label": RunDir.name("posterior_nc")}
 
     @cached_property
     def calibration(self) -> dict[str, Any] | None:

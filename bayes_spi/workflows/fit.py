@@ -33,6 +33,7 @@ from typing import Any
 from bayes_spi.atomic import os_error_message, write_json
 from bayes_spi.config.commands import flag
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.rundir import FRESH_START_FILES, RunDir
 from bayes_spi.workflows.checks import check_device, check_writable_dir
 from bayes_spi.workflows.errors import WorkflowError
 
@@ -41,13 +42,8 @@ __all__ = ["RUN_FILES", "RESUME_OVERRIDABLE", "CHECKPOINT_ENTRIES", "Echo", "giv
 
 log = logging.getLogger("bayes_spi")
 
-#: files of a run directory that ``force`` removes before a fresh start
-RUN_FILES: tuple[str, ...] = (
-    "checkpoint.pt", "checkpoint.pt.tmp", "metrics.csv", "metrics.csv.tmp", "model.pt", "model.pt.tmp",
-    "intensity.mrc", "intensity.h5", "intensity_sd.mrc", "intensity_sd.h5", "posterior.h5", "evaluation.json",
-    "fsc.json", "sampling.json", "verdict.json", "density.mrc", "density.json", "posterior.nc", "coverage.json",
-    "report.png", "report.html", "config.yaml", "run.log",
-)
+#: files of a run directory that ``force`` removes before a fresh start (named by :class:`RunDir`)
+RUN_FILES: tuple[str, ...] = FRESH_START_FILES
 
 #: settings that do not change the computation: taken from the caller even with ``resume``
 RESUME_OVERRIDABLE: tuple[str, ...] = ("device", "checkpoint_every", "max_minutes")
@@ -116,7 +112,7 @@ def _check_checkpoint(path: Path) -> None:
 
 
 def _existing_run(run_dir: Path) -> bool:
-    return any((run_dir / name).exists() for name in ("checkpoint.pt", "model.pt"))
+    return RunDir(run_dir).holds_fit()
 
 
 def _open_dataset(path: Path) -> Any:
@@ -224,7 +220,7 @@ def run_fit(
     import pyro
 
     from bayes_spi.dataio.h5 import DataFormatError
-    from bayes_spi.infer.rundir import (RunLock, RunLockedError, close_logging, live_lock_owner, locked_message,
+    from bayes_spi.infer.rundir import (RunLockedError, close_logging, live_lock_owner, locked_message,
                                         read_config, read_run_info, setup_logging, write_config)
 
     say = echo if echo is not None else _print
@@ -234,6 +230,7 @@ def run_fit(
     if grid is not None and (grid < 3 or grid % 2 == 0):
         raise WorkflowError(f"expected an odd integer >= 3, got {grid}", kind="parameter", setting="grid")
     run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
     check_writable_dir(run_dir, "the run")
@@ -244,23 +241,24 @@ def run_fit(
     # ---- everything below up to "touch the run directory" only reads
     info: dict[str, Any] = {}
     if resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected checkpoint.pt to resume "
+        if not run.has("checkpoint"):
+            raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected {run.name('checkpoint')} to resume "
                                 f"from, got none (start a new run without {flag('resume')})")
         try:
             info = read_run_info(run_dir)
             fit_config = read_config(run_dir)
         except (FileNotFoundError, ValueError) as exc:
             raise WorkflowError(str(exc)) from None
-        _check_checkpoint(run_dir / "checkpoint.pt")
+        _check_checkpoint(run.path("checkpoint"))
         if grid is None:  # the run's output grid, as it was started
             outputs_info = info.get("outputs") if isinstance(info.get("outputs"), dict) else {}
             recorded_grid = outputs_info.get("grid")
-            grid = recorded_grid if isinstance(recorded_grid, int) else _grid_of(run_dir / "intensity.h5")
+            grid = recorded_grid if isinstance(recorded_grid, int) else _grid_of(run.path("intensity"))
         if data is None:
             recorded = info.get("data", {}).get("path") if isinstance(info.get("data"), dict) else None
             if not recorded:
-                raise WorkflowError("DATA is needed: the run's config.yaml records no data path", kind="usage")
+                raise WorkflowError(f"DATA is needed: the run's {run.name('config')} records no data path",
+                                    kind="usage")
             data = Path(recorded)
         ignored = sorted(k for k, v in given.items()
                          if k not in RESUME_OVERRIDABLE and v != getattr(fit_config, k))
@@ -273,7 +271,8 @@ def run_fit(
                                 kind="usage")
         if _existing_run(run_dir) and not force:
             raise WorkflowError(
-                f"run directory {os.fspath(run_dir)!r} already holds a run (checkpoint.pt or model.pt): "
+                f"run directory {os.fspath(run_dir)!r} already holds a run ({run.name('checkpoint')} or "
+                f"{run.name('model')}): "
                 f"expected a new or empty directory; continue it with {flag('resume')} or overwrite it with "
                 f"{flag('force')}")
         fit_config = _build_config(given)
@@ -293,7 +292,7 @@ def run_fit(
             dataset.close()
             raise WorkflowError(f"{os.fspath(data)}: {subset_name}: {exc}") from None
         truth = False
-    lock = RunLock(run_dir)
+    lock = run.lock()
     try:
         if dataset.n_patterns < 2:
             raise WorkflowError(
@@ -330,12 +329,12 @@ def run_fit(
         except RunLockedError as exc:
             raise WorkflowError(str(exc)) from None
         if force and not resume:
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
-            if (run_dir / "report").is_dir():
+            for path in run.fresh_start_paths():
+                path.unlink(missing_ok=True)
+            if run.has("report_dir"):
                 import shutil
 
-                shutil.rmtree(run_dir / "report")
+                shutil.rmtree(run.path("report_dir"))
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir)
         args = list(sys.argv if argv is None else argv)
@@ -347,7 +346,7 @@ def run_fit(
                             rec_path)
             if ignored:
                 log.warning("%s: ignoring %s (settings come from %s)", flag("resume"),
-                            ", ".join(flag(k) for k in ignored), run_dir / "config.yaml")
+                            ", ".join(flag(k) for k in ignored), run.path("config"))
         else:
             data_info = {"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
                          "has_truth": bool(dataset.has_truth)}
@@ -358,7 +357,7 @@ def run_fit(
                          outputs={"grid": grid})
             log.info("new run: %s", " ".join(args))
             if sampling is not None:
-                write_json(run_dir / "sampling.json", sampling.to_dict(), allow_nan=False)
+                write_json(run.path("sampling"), sampling.to_dict(), allow_nan=False)
                 for line in sampling.summary().splitlines():
                     (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
@@ -394,7 +393,7 @@ def run_fit(
         from bayes_spi.infer.verdict import assess_fit
 
         verdict = assess_fit(trainer)
-        write_json(run_dir / "verdict.json", _json_safe(verdict.to_dict()), allow_nan=False)
+        write_json(run.path("verdict"), _json_safe(verdict.to_dict()), allow_nan=False)
         for line in verdict.summary().splitlines():
             (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
         outputs = trainer.save_outputs(grid=grid, verdict=verdict)
@@ -425,7 +424,7 @@ def run_fit(
         log.info("wrote %s", outputs["report"].name)
     except OSError as exc:  # a full disk, an unwritable file: one line, the last good checkpoint kept
         msg = os_error_message(exc)
-        ck = run_dir / "checkpoint.pt"
+        ck = run.path("checkpoint")
         if ck.is_file():
             msg += f" (the last good checkpoint is kept: {os.fspath(ck)}; continue with {flag('resume')})"
         log.error("%s", msg)
@@ -489,7 +488,7 @@ def run_halfsets(
         if data is None:
             raise WorkflowError(f"missing argument DATA (the data file; only {flag('resume')} may omit it)",
                                 kind="usage")
-        if (run_dir / "halfsets.h5").exists() and not force:
+        if RunDir(run_dir).path("halfsets").exists() and not force:
             raise WorkflowError(f"run directory {os.fspath(run_dir)!r} already holds a half-set run: expected "
                                 f"a new directory; continue it with {flag('resume')} or overwrite it with "
                                 f"{flag('force')}")
@@ -513,7 +512,7 @@ def run_halfsets(
     results = []
     for name, members in zip(HALVES, (h1, h2)):
         say(f"half-set {name}: {len(members)} patterns -> {os.fspath(run_dir / name)}", False)
-        half_resume = resume and (run_dir / name / "checkpoint.pt").is_file()
+        half_resume = resume and RunDir(run_dir).sub(name).has("checkpoint")
         results.append(run_fit(data, run_dir / name, given, resume=half_resume, force=force and not half_resume,
                                grid=grid, truth=False, progress=progress, check_data=check_data, argv=argv,
                                subset=members, subset_name=name, echo=echo))
@@ -534,6 +533,6 @@ def run_halfsets(
                 continue
             bound = "" if c.crosses(t) else " (not crossed: a bound at the last shell)"
             say(f"  {label:>7} resolution at {t}: {c.resolution_nm(t):.3f} nm{bound}", False)
-    say(f"wrote {os.fspath(summary)}, {os.fspath(run_dir / 'fsc.json')}, {os.fspath(run_dir / 'halfsets.h5')}",
+    say(f"wrote {os.fspath(summary)}, {os.fspath(RunDir(run_dir).path('fsc'))}, {os.fspath(RunDir(run_dir).path('halfsets'))}",
         False)
     return {"halves": results, "summary": summary, "curve": curve}

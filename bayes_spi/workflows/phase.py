@@ -51,18 +51,20 @@ def run_phase(source: str | os.PathLike[str], out: str | os.PathLike[str] | None
     from bayes_spi import __version__
     from bayes_spi.analysis.phasing import phase_retrieval
     from bayes_spi.atomic import write_json
+    from bayes_spi.infer.rundir import RunDir
     from bayes_spi.infer.volumes import read_intensity, write_density
 
     source = Path(source)
     if source.is_dir():
-        volume = source / "intensity.h5"
+        run = RunDir(source)
+        volume = run.path("intensity")
         if out is None:
-            out = source / "density.mrc"
-        if q_max is None and (source / "model.pt").is_file():
+            out = run.path("density")
+        if q_max is None and run.has("model"):
             from bayes_spi.infer.evaluate import load_field
 
             try:
-                q_max = load_field(source / "model.pt")[1]
+                q_max = load_field(run.path("model"))[1]
             except (FileNotFoundError, ValueError) as exc:
                 raise WorkflowError(str(exc)) from None
     else:
