@@ -20,7 +20,8 @@ from scipy.spatial.transform import Rotation
 
 from bayes_spi.cli.main import cli
 from bayes_spi.report import FIGURES, build_report
-from bayes_spi.report.figures import direction_cells, fsc_resolution_text, fsc_resolutions, pattern_indices
+from bayes_spi.report.figures import (direction_cells, fsc_resolution_text, fsc_resolutions, overview_size_px,
+                                      pattern_indices)
 from bayes_spi.report.numbers import (
     cone_radius_deg,
     equal_area_histogram,
@@ -268,7 +269,7 @@ def test_fit_writes_the_report(fitted_run: Path) -> None:
         _check_png(run / "report" / f"{name}.png")
         assert f'src="report/{name}.png"' in page
     img = mpimg.imread(run / "report.png")
-    assert img.shape[:2] == (765, 1260)
+    assert img.shape[:2] == overview_size_px()
     assert not list(run.rglob("*.tmp"))
 
 

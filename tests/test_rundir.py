@@ -86,3 +86,15 @@ def test_names_keys_and_lock(tmp_path: Path) -> None:
         with pytest.raises(RunLockedError):
             run.lock().acquire()
     assert not run.has("lock") and run.live_lock_owner() is None
+
+
+def test_report_command_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bayes_spi.cli.main import cli
+    from bayes_spi.cli.report import RUN_MARKERS as CLI_MARKERS
+
+    assert CLI_MARKERS == ("config.yaml", "run.log", "model.pt", "metrics.csv", "checkpoint.pt")
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code != 0 and "expected a run directory" in result.output, result.output
+    assert "config.yaml, run.log, model.pt, metrics.csv, checkpoint.pt" in result.output

@@ -451,9 +451,15 @@ class RunDir:
         """The run directory ``name`` inside this one (e.g. the half-sets ``half1``, ``half2``)."""
         return RunDir(self.root / name)
 
-    def marker_names(self) -> tuple[str, ...]:
-        """The file names of :data:`RUN_MARKERS`, in order (for messages)."""
-        return tuple(self.name(key) for key in RUN_MARKERS)
+    @staticmethod
+    def marker_names() -> tuple[str, ...]:
+        """The file names of :data:`RUN_MARKERS`, in order (for messages).
+
+        Example:
+            >>> RunDir.marker_names()[:2]
+            ('config.yaml', 'run.log')
+        """
+        return tuple(RunDir.name(key) for key in RUN_MARKERS)
 
     def fresh_start_paths(self) -> list[Path]:
         """The files a forced fresh start removes (:data:`FRESH_START_FILES`); the folder is ``path("report_dir")``."""

@@ -66,11 +66,29 @@ __all__ = [
     "errors_figure",
     "density_figure",
     "overview_figure",
+    "OVERVIEW_FIGSIZE",
+    "OVERVIEW_DPI",
+    "overview_size_px",
 ]
 
 FigureFunction = Callable[[RunData, Path], "Path | None"]
 
 _DPI = 100
+
+#: the one-page overview (``RUN/report.png``): figure size in inches (width, height) and resolution
+OVERVIEW_FIGSIZE: tuple[float, float] = (14, 8.5)
+OVERVIEW_DPI = 90
+
+
+def overview_size_px() -> tuple[int, int]:
+    """``(height, width)`` in pixels of the overview PNG (figure size x dpi), as an image array's shape.
+
+    Example:
+        >>> overview_size_px() == (round(OVERVIEW_FIGSIZE[1] * OVERVIEW_DPI), round(OVERVIEW_FIGSIZE[0] * OVERVIEW_DPI))
+        True
+    """
+    width, height = OVERVIEW_FIGSIZE
+    return round(height * OVERVIEW_DPI), round(width * OVERVIEW_DPI)
 _GREY = "#bdbdbd"
 _MAX_SCATTER = 5000
 
@@ -717,7 +735,7 @@ def overview_figure(run: RunData, out_path: Path) -> Path | None:
     m = run.metrics
     if m is None or run.intensity is None:
         return None
-    fig = Figure(figsize=(14, 8.5))
+    fig = Figure(figsize=OVERVIEW_FIGSIZE)
     axes = fig.subplots(2, 3)
     fig.subplots_adjust(left=0.06, right=0.9, top=0.9, bottom=0.07, wspace=0.3, hspace=0.35)
     x = m["images_seen"]
@@ -771,4 +789,4 @@ def overview_figure(run: RunData, out_path: Path) -> Path | None:
     cax = fig.add_axes((0.92, 0.1, 0.012, 0.3))
     fig.colorbar(im, cax=cax, label="log10 I")
     fig.suptitle(f"bayes-spi run {os.fspath(run.run_dir)}  (details: report.html)")
-    return _save(fig, out_path, dpi=90)
+    return _save(fig, out_path, dpi=OVERVIEW_DPI)
