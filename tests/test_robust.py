@@ -231,3 +231,31 @@ def test_information_gain_separates_a_true_3d_model_from_its_radial_average() ->
     model.field.grid.data.zero_()  # isotropic: nothing beyond the radial average to gain
     flat = information_gain(model, Oracle(), images, good)
     assert flat["gain_per_photon"] < 0.01, flat
+
+
+def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> None:
+    """Bright patterns of an anisotropic field have decisive refined poses; the same patterns against an
+    isotropic field (every pose equally good) have none: the verdict's 'poses not determined' check."""
+    from bayes_spi.guides.amortized import AmortizedGuide
+    from bayes_spi.guides.search import OrientationSearch
+    from bayes_spi.infer.verdict import MAX_AMBIGUOUS, pose_decisiveness
+
+    torch.manual_seed(4)
+    model = _voxel_model(n=9, n_pix=16)
+    model.field.grid.data.mul_(2.0)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    guide = AmortizedGuide(mask, n_heads=1, n_search=2, features=8, channels=4)
+    search = OrientationSearch(model, n_rotations=2048, n_keep=2, cache_grid=17)
+    guide.attach_search(search)
+    R = random_rotmat(48, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        rate = model.log_rate(R, torch.zeros(48), torch.arange(256)).exp()
+        rate = rate * 2e4 / rate.sum(-1, keepdim=True)
+    images = torch.poisson(rate).reshape(48, 16, 16)
+    good = torch.ones(16, 16, dtype=torch.bool)
+    sharp = pose_decisiveness(model, guide, images, good)
+    assert sharp["probe_ambiguous_fraction"] < 0.2, sharp
+    model.field.grid.data.zero_()
+    search.refresh()
+    flat = pose_decisiveness(model, guide, images, good)
+    assert flat["probe_ambiguous_fraction"] > MAX_AMBIGUOUS, flat
