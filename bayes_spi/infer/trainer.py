@@ -38,6 +38,7 @@ from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.rundir import RunDir
 from bayes_spi.guides.amortized import PosePosterior
 from bayes_spi.models.spi import SPIBatch
 
@@ -239,7 +240,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+        return RunDir(self.run_dir).path("checkpoint")
 
     @torch.no_grad()
     def probe_poses(self) -> torch.Tensor:
@@ -309,7 +310,7 @@ class Trainer:
     # ---------------------------------------------------------------- metrics
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.csv"
+        return RunDir(self.run_dir).path("metrics")
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows written after the checkpoint (they will be written again)."""
@@ -380,7 +381,7 @@ class Trainer:
         from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
 
         self.guide.weight_floor = 0.0
-        model_path = self.run_dir / "model.pt"
+        model_path = RunDir(self.run_dir).path("model")
         atomic_torch_save(
             {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
              "mask": self.dataset.mask, "model": self.model.state_dict(), "guide": self.guide.state_dict(),
@@ -405,14 +406,14 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.dataset.n_patterns, unit="pattern", desc="posterior.h5", dynamic_ncols=True)
+            bar = tqdm(total=self.dataset.n_patterns, unit="pattern", desc=RunDir.name("posterior"), dynamic_ncols=True)
 
         def shown(done: int, total: int) -> None:
             if bar is not None:
                 bar.update(done - bar.n)
 
         try:
-            post = write_posterior(self.guide, self.dataset, self.run_dir / "posterior.h5", device=self.device,
+            post = write_posterior(self.guide, self.dataset, RunDir(self.run_dir).path("posterior"), device=self.device,
                                    attrs=attrs, progress=shown)
         finally:
             if bar is not None:

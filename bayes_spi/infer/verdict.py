@@ -109,7 +109,9 @@ def read_verdict(run_dir: str | Path) -> dict[str, Any] | None:
     """
     import json
 
-    path = Path(run_dir) / "verdict.json"
+    from bayes_spi.infer.rundir import RunDir
+
+    path = RunDir(run_dir).path("verdict")
     if not path.is_file():
         return None
     doc = json.loads(path.read_text(encoding="utf-8"))  # json.JSONDecodeError is a ValueError
