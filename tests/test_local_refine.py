@@ -11,9 +11,10 @@ import torch
 
 from bayes_spi.geometry import get_preset
 from bayes_spi.guides.search import cube_points
-from bayes_spi.posterior.local import (_terms, cache_log_intensity, profile_loglik, refine_on_cache,
+from bayes_spi.posterior.local import (_terms, profile_loglik, refine_on_cache,
                                        refine_with_twins)
 from bayes_spi.so3 import geodesic_angle, random_rotmat, rotvec_to_rotmat, rotz_pi
+from bayes_spi.trilinear import sample_cube
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def problem():
     cache = _speckle_log_intensity(cube_points(n, q_max).double(), centres, width).reshape(1, 1, n, n, n)
     R = random_rotmat(24, generator=gen).double()
     log_w = torch.zeros(q.shape[0], dtype=torch.float64)
-    log_lt = cache_log_intensity(cache, torch.einsum("bij,mj->bmi", R, q), q_max)
+    log_lt = sample_cube(cache, torch.einsum("bij,mj->bmi", R, q), q_max)
     lam = 2e4 * torch.softmax(log_lt, dim=-1)
     y = torch.poisson(lam, generator=gen)
     return {"cache": cache, "q": q, "q_max": q_max, "R": R, "y": y, "log_w": log_w}
@@ -52,9 +53,9 @@ def test_cache_lookup_reproduces_the_grid_nodes():
     n, q_max = 9, 2.0
     cache = torch.randn(1, 1, n, n, n, dtype=torch.float64)
     pts = cube_points(n, q_max).double()
-    np.testing.assert_allclose(cache_log_intensity(cache, pts, q_max).numpy(), cache.reshape(-1).numpy(), atol=1e-12)
-    with pytest.raises(ValueError, match="expected a cache of shape"):
-        cache_log_intensity(cache[0], pts, q_max)
+    np.testing.assert_allclose(sample_cube(cache, pts, q_max).numpy(), cache.reshape(-1).numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="expected a cube of shape"):
+        sample_cube(cache[0], pts, q_max)
 
 
 def test_gradient_is_the_exact_derivative_of_the_profiled_likelihood(problem):
@@ -79,7 +80,7 @@ def test_refinement_never_decreases_and_recovers_the_true_pose(problem):
     kick = torch.randn(24, 1, 3, generator=gen, dtype=torch.float64)
     kick = kick / kick.norm(dim=-1, keepdim=True) * math.radians(5.0)
     R0 = p["R"][:, None] @ rotvec_to_rotmat(kick)
-    ll0 = profile_loglik(cache_log_intensity(p["cache"], torch.einsum("bkij,mj->bkmi", R0, p["q"]), p["q_max"]),
+    ll0 = profile_loglik(sample_cube(p["cache"], torch.einsum("bkij,mj->bkmi", R0, p["q"]), p["q_max"]),
                          p["y"][:, None])
     out = refine_on_cache(p["cache"], R0, p["q"], p["log_w"], p["y"], p["q_max"], n_iter=10)
     assert bool((out.loglik >= ll0 - 1e-9).all())

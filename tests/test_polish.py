@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bayes_spi.geometry import get_preset
-from bayes_spi.infer.polish import EMCPolish, splat_trilinear
+from bayes_spi.infer.polish import EMCPolish
 from bayes_spi.models.fields import SirenField, SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
-from bayes_spi.posterior.local import cache_log_intensity
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
+from bayes_spi.trilinear import sample_cube, splat_cube
 
 
 def test_splat_is_the_adjoint_of_trilinear_interpolation():
@@ -22,13 +22,13 @@ def test_splat_is_the_adjoint_of_trilinear_interpolation():
     x = (torch.rand(500, 3, generator=gen, dtype=torch.float64) * 2 - 1) * hw * 0.99
     v = torch.rand(500, generator=gen, dtype=torch.float64)
     grid = torch.randn(n, n, n, generator=gen, dtype=torch.float64)
-    lhs = float((splat_trilinear(x, v, n, hw) * grid).sum())
-    rhs = float((v * cache_log_intensity(grid[None, None], x, hw)).sum())
+    lhs = float((splat_cube(x, v, n, hw) * grid).sum())
+    rhs = float((v * sample_cube(grid[None, None], x, hw)).sum())
     assert lhs == pytest.approx(rhs, rel=1e-10)
     # weights of one point sum to one (photons are conserved)
-    assert float(splat_trilinear(x[:1], torch.ones(1, dtype=torch.float64), n, hw).sum()) == pytest.approx(1.0)
+    assert float(splat_cube(x[:1], torch.ones(1, dtype=torch.float64), n, hw).sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="expected x"):
-        splat_trilinear(x, v[:3], n, hw)
+        splat_cube(x, v[:3], n, hw)
 
 
 class _Pinned:
@@ -57,14 +57,22 @@ def setup():
     return geom, q, pf, q_max, truth
 
 
+def _patterns(setup, rots: torch.Tensor, level: float, repeats: int, gen: torch.Generator) -> np.ndarray:
+    """Poisson counts of the truth field at each rotation, ``repeats`` times over: ``(repeats * G, n_y, n_x)``.
+
+    ``level``: counts of a pixel at ``q = 0`` with the mean pixel factor."""
+    geom, q, pf, _, truth = setup
+    with torch.no_grad():
+        lam = level * pf / pf.mean() * torch.exp(truth.log_intensity(torch.einsum("gij,mj->gmi", rots, q)) -
+                                                 truth.log_intensity(torch.zeros(1, 3)))
+    return torch.poisson(lam.repeat(repeats, 1), generator=gen).reshape(-1, *geom.shape).numpy()
+
+
 def test_polish_iteration_recovers_and_raises_the_marginal(setup):
     geom, q, pf, q_max, truth = setup
     rots = random_rotmat(1, generator=torch.Generator().manual_seed(2))[0] @ super_fibonacci_rotmat(60)
     gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        lam = 2e3 * pf / pf.mean() * torch.exp(truth.log_intensity(torch.einsum("gij,mj->gmi", rots, q)) -
-                                               truth.log_intensity(torch.zeros(1, 3)))
-    counts = torch.poisson(lam.repeat(4, 1), generator=gen).reshape(240, *geom.shape).numpy()
+    counts = _patterns(setup, rots, 2e3, 4, gen)
     mask = np.ones(geom.shape, dtype=bool)
     # one voxel per detector pixel step, as the fit chooses (autoset): the splat/interpolate M-step is then
     # close to the exact maximiser
@@ -126,10 +134,7 @@ def test_max_patterns_merges_only_the_first_patterns(setup):
     geom, q, pf, q_max, truth = setup
     rots = super_fibonacci_rotmat(30)
     gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        lam = 1e3 * pf / pf.mean() * torch.exp(truth.log_intensity(torch.einsum("gij,mj->gmi", rots, q)) -
-                                               truth.log_intensity(torch.zeros(1, 3)))
-    counts = torch.poisson(lam.repeat(3, 1), generator=gen).reshape(90, *geom.shape).numpy()
+    counts = _patterns(setup, rots, 1e3, 3, gen)
     mask = np.ones(geom.shape, dtype=bool)
 
     def merged(data: np.ndarray, limit: int) -> torch.Tensor:

@@ -24,11 +24,11 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
+from bayes_spi.trilinear import sample_cube
 
 __all__ = ["OrientationSearch", "cube_points", "grid_profile_loglik"]
 
@@ -56,10 +56,7 @@ def grid_profile_loglik(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tens
     rots = rotations.to(q.device, q.dtype)
     lls, scales = [], []
     for s in range(0, rots.shape[0], chunk):
-        qr = torch.einsum("gij,mj->gmi", rots[s:s + chunk], q) / q_max  # (g, M, 3) in [-1, 1]
-        # grid_sample: volume (D=ix, H=iy, W=iz) wants coordinates ordered (iz, iy, ix)
-        log_i = F.grid_sample(cache, qr.flip(-1)[None, :, :, None, :], mode="bilinear", padding_mode="border",
-                              align_corners=True).reshape(qr.shape[:2])
+        log_i = sample_cube(cache, torch.einsum("gij,mj->gmi", rots[s:s + chunk], q), q_max)  # (g, M)
         log_lam = log_i + log_w  # (g, M)
         lse = torch.logsumexp(log_lam, dim=-1)[None]  # (1, g)
         lls.append(y @ log_lam.T - n_tot * lse)

@@ -41,34 +41,9 @@ from torch import Tensor
 
 from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
-from bayes_spi.posterior.local import cache_log_intensity
+from bayes_spi.trilinear import sample_cube, splat_cube
 
-__all__ = ["EMCPolish", "PolishStats", "splat_trilinear"]
-
-
-def splat_trilinear(x: Tensor, values: Tensor, n: int, half_width: float) -> Tensor:
-    """Scatter ``values (P,)`` at points ``x (P, 3)`` into an ``(n, n, n)`` grid over ``[-half_width, half_width]^3``.
-
-    Trilinear weights (the adjoint of trilinear interpolation), indexed ``[ix, iy, iz]``; points outside
-    the cube are dropped.
-    """
-    if x.dim() != 2 or x.shape[-1] != 3 or values.shape != x.shape[:1]:
-        raise ValueError(f"expected x (P, 3) and values (P,), got shapes {tuple(x.shape)} and {tuple(values.shape)}")
-    u = (x / half_width + 1.0) * 0.5 * (n - 1)  # continuous voxel index
-    inside = ((u >= 0) & (u <= n - 1)).all(-1)
-    u, values = u[inside], values[inside]
-    i0 = u.floor().clamp(max=n - 2).long()
-    f = u - i0
-    out = torch.zeros(n * n * n, dtype=values.dtype, device=values.device)
-    for dx in (0, 1):
-        wx = f[:, 0] if dx else 1 - f[:, 0]
-        for dy in (0, 1):
-            wy = f[:, 1] if dy else 1 - f[:, 1]
-            for dz in (0, 1):
-                wz = f[:, 2] if dz else 1 - f[:, 2]
-                flat = ((i0[:, 0] + dx) * n + (i0[:, 1] + dy)) * n + (i0[:, 2] + dz)
-                out.index_add_(0, flat, values * wx * wy * wz)
-    return out.reshape(n, n, n)
+__all__ = ["EMCPolish", "PolishStats"]
 
 
 @dataclass
@@ -138,7 +113,7 @@ class EMCPolish:
         G, M = self.rotations.shape[0], q.shape[0]
         # log lambda of every grid rotation at every pixel, once per pass (the cube is fixed during the E-step)
         log_lam = torch.cat([
-            cache_log_intensity(cache, torch.einsum("gij,mj->gmi", self.rotations[s:s + 512], q), q_max) + log_w
+            sample_cube(cache, torch.einsum("gij,mj->gmi", self.rotations[s:s + 512], q), q_max) + log_w
             for s in range(0, G, 512)])  # (G, M)
         lse = torch.logsumexp(log_lam, dim=-1)  # (G,)
         Y = torch.zeros(G, M, dtype=q.dtype, device=q.device)
@@ -174,8 +149,8 @@ class EMCPolish:
         pw = log_w.exp()
         for s in range(0, G, 256):
             x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
-            num += splat_trilinear(x, Y[s:s + 256].reshape(-1), n, field.q_max)
-            den += splat_trilinear(x, (S[s:s + 256, None] * pw[None]).reshape(-1), n, field.q_max)
+            num += splat_cube(x, Y[s:s + 256].reshape(-1), n, field.q_max)
+            den += splat_cube(x, (S[s:s + 256, None] * pw[None]).reshape(-1), n, field.q_max)
         num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
         den = den + den.flip(0, 1, 2)
         reached = den > 1e-6 * float(den.max())

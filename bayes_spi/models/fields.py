@@ -27,8 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bayes_spi.trilinear import sample_cube
 
 __all__ = ["IntensityField", "SirenField", "FourierNetField", "SirenVoxelField", "VoxelField", "FIELD_KINDS"]
 
@@ -216,10 +217,7 @@ class SirenVoxelField(SirenField):
     def residual_log_intensity(self, q: Tensor) -> Tensor:
         """``v(q)`` ``(...)``: the symmetrised residual grid, trilinear at ``q (..., 3)`` (edge value outside)."""
         v = self.residual
-        vol = 0.5 * (v + v.flip(2, 3, 4))
-        x = (q / self.q_max).reshape(1, -1, 1, 1, 3).flip(-1).to(vol.dtype)
-        out = F.grid_sample(vol, x, mode="bilinear", padding_mode="border", align_corners=True)
-        return out.reshape(q.shape[:-1]).to(q.dtype)
+        return sample_cube(0.5 * (v + v.flip(2, 3, 4)), q, self.q_max).to(q.dtype)
 
     def log_intensity(self, q: Tensor) -> Tensor:
         self._check(q)
@@ -248,11 +246,5 @@ class VoxelField(IntensityField):
 
     def log_intensity(self, q: Tensor) -> Tensor:
         self._check(q)
-        batch = q.shape[:-1]
-        x = (q / self.q_max).reshape(1, -1, 1, 1, 3)
-        # grid_sample wants (x, y, z) to index (W, H, D) of a (D, H, W) volume: our grid is [ix, iy, iz],
-        # so pass it as (D=ix, H=iy, W=iz) and reverse the coordinate order.
-        vol = self.symmetric_grid()[None, None]
-        out = F.grid_sample(vol, x.flip(-1), mode="bilinear", padding_mode="border", align_corners=True)
-        return self.log_offset + out.reshape(batch)
+        return self.log_offset + sample_cube(self.symmetric_grid()[None, None], q, self.q_max)
 

@@ -41,26 +41,12 @@ from dataclasses import dataclass
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat, rotz_pi
+from bayes_spi.trilinear import sample_cube
 
-__all__ = ["LocalModes", "cache_log_intensity", "profile_loglik", "refine_on_cache", "refine_with_twins"]
-
-
-def cache_log_intensity(cache: Tensor, x: Tensor, q_max: float) -> Tensor:
-    """Trilinear ``log I`` at points ``x (..., 3)`` (1/A) from a ``(1, 1, n, n, n)`` cube over ``[-q_max, q_max]^3``.
-
-    Differentiable in ``x`` (and in ``cache``). Points outside the cube take the border value.
-    """
-    if cache.dim() != 5 or cache.shape[:2] != (1, 1):
-        raise ValueError(f"expected a cache of shape (1, 1, n, n, n), got shape {tuple(cache.shape)}")
-    if x.shape[-1] != 3:
-        raise ValueError(f"expected points of shape (..., 3), got shape {tuple(x.shape)}")
-    flat = (x / q_max).reshape(1, -1, 1, 1, 3).flip(-1).to(cache.dtype)  # grid_sample wants (iz, iy, ix)
-    out = F.grid_sample(cache, flat, mode="bilinear", padding_mode="border", align_corners=True)
-    return out.reshape(x.shape[:-1])
+__all__ = ["LocalModes", "profile_loglik", "refine_on_cache", "refine_with_twins"]
 
 
 def profile_loglik(log_lt: Tensor, y: Tensor) -> Tensor:
@@ -87,6 +73,16 @@ class LocalModes:
     log_evidence: Tensor
     log_scale: Tensor
 
+    def select(self, idx: Tensor) -> "LocalModes":
+        """The hypotheses ``idx (B, K')`` of every pattern, in that order."""
+        return LocalModes(*(_take(t, idx) for t in (self.rotations, self.loglik, self.sigmas, self.log_evidence,
+                                                     self.log_scale)))
+
+
+def _take(t: Tensor, idx: Tensor) -> Tensor:
+    """``t (B, K, ...)`` at hypotheses ``idx (B, K')`` along dim 1: ``(B, K', ...)``."""
+    return t.gather(1, idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:]))
+
 
 def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float, grad: bool):
     """Profiled log-likelihood ``(B, K)``; with ``grad`` also ``g (B, K, 3)``, ``H (B, K, 3, 3)``, log scale."""
@@ -94,7 +90,7 @@ def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max:
     if grad:
         x.requires_grad_(True)
     with torch.set_grad_enabled(grad):
-        log_lt = cache_log_intensity(cache, x, q_max) + log_w
+        log_lt = sample_cube(cache, x, q_max) + log_w
         ll = profile_loglik(log_lt, y[:, None, :])
         if not grad:
             return ll, None, None, None
@@ -175,17 +171,10 @@ def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Te
     n_seed = min(n_k, max(1, (n_keep + 1) // 2))
     ll0, *_ = _terms(cache, R0.to(q.dtype), q, log_w, y, q_max, grad=False)
     order = ll0.argsort(dim=-1, descending=True)[:, :n_seed]
-    seeds = R0.to(q.dtype).gather(1, order[..., None, None].expand(-1, -1, 3, 3))
+    seeds = _take(R0.to(q.dtype), order)
     cand = torch.cat([seeds, seeds @ rz], dim=1)  # (B, 2 S, 3, 3)
     modes = refine_on_cache(cache, cand, q, log_w, y, q_max, **kwargs)
-    rank = modes.log_evidence.argsort(dim=-1, descending=True)
-
-    def take(t: Tensor) -> Tensor:
-        idx = rank.reshape(rank.shape + (1,) * (t.dim() - 2)).expand(rank.shape + t.shape[2:])
-        return t.gather(1, idx)
-
-    modes = LocalModes(*(take(t) for t in (modes.rotations, modes.loglik, modes.sigmas, modes.log_evidence,
-                                            modes.log_scale)))
+    modes = modes.select(modes.log_evidence.argsort(dim=-1, descending=True))
     keep = torch.ones(modes.loglik.shape, dtype=torch.bool, device=q.device)
     m = modes.rotations.shape[1]
     for j in range(1, m):
@@ -196,11 +185,4 @@ def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Te
     w = torch.softmax(logw, dim=-1)
     # the kept modes first (stable), then the dropped ones with weight 0
     order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :n_keep]
-
-    def take2(t: Tensor) -> Tensor:
-        idx = order.reshape(order.shape + (1,) * (t.dim() - 2)).expand(order.shape + t.shape[2:])
-        return t.gather(1, idx)
-
-    out = LocalModes(*(take2(t) for t in (modes.rotations, modes.loglik, modes.sigmas, modes.log_evidence,
-                                           modes.log_scale)))
-    return out, take2(w)
+    return modes.select(order), _take(w, order)
