@@ -219,6 +219,18 @@ def test_fit_half_sets(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     assert summary["halfset_fsc_res_nm_0.5"] >= 1 / get_preset("reference-32").q_max_pixel_centres / 10 - 1e-6
     assert np.asarray(summary["rotation"]).shape == (3, 3)
     assert "halfset" in json.loads((run / "half1" / "fsc.json").read_text())
+    # the half-set verdict: each half's status, and the agreement measured on the recorded speckle FSC
+    from bayes_spi.analysis.fsc import FSCCurve
+    from bayes_spi.infer.halfset_verdict import inner_speckle_fsc
+
+    verdict = json.loads((run / "verdict.json").read_text())
+    halves = [json.loads((run / name / "verdict.json").read_text())["status"] for name in ("half1", "half2")]
+    assert verdict["checks"]["halves"] == halves
+    sp = fsc["halfset_speckle"]
+    curve = FSCCurve(q=sp["q_inv_A"], fsc=[np.nan if v is None else v for v in sp["fsc"]], n_voxels=sp["n_voxels"])
+    agree = inner_speckle_fsc(curve, summary["q_max_inv_A"])
+    assert verdict["checks"]["inner_speckle_fsc"] == pytest.approx(agree)
+    assert (verdict["status"] == "failed") == (agree < 0.5 or "failed" in halves)
     # a second start refuses to overwrite; --resume finishes without retraining
     res = _invoke(["fit", str(data), "-o", str(run), "--half-sets", *TINY])
     assert res.exit_code != 0 and "--resume" in res.output

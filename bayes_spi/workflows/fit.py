@@ -533,6 +533,31 @@ def run_halfsets(
                 continue
             bound = "" if c.crosses(t) else " (not crossed: a bound at the last shell)"
             say(f"  {label:>7} resolution at {t}: {c.resolution_nm(t):.3f} nm{bound}", False)
-    say(f"wrote {os.fspath(summary)}, {os.fspath(RunDir(run_dir).path('fsc'))}, {os.fspath(RunDir(run_dir).path('halfsets'))}",
-        False)
-    return {"halves": results, "summary": summary, "curve": curve}
+    verdict = _halfset_verdict(run_dir, info, say)
+    say(f"wrote {os.fspath(summary)}, {os.fspath(RunDir(run_dir).path('fsc'))}, {os.fspath(RunDir(run_dir).path('halfsets'))}, "
+        f"{os.fspath(RunDir(run_dir).path('verdict'))}", False)
+    return {"halves": results, "summary": summary, "curve": curve, "verdict": verdict}
+
+
+def _halfset_verdict(run_dir: Path, info: dict[str, Any], say: Echo) -> Any:
+    """Each half's verdict and their agreement -> ``RUN/verdict.json`` (see :mod:`bayes_spi.infer.halfset_verdict`)."""
+    from bayes_spi.infer.halfset_verdict import assess_halfsets
+    from bayes_spi.infer.halfsets import HALVES
+    from bayes_spi.infer.verdict import read_verdict
+
+    halves = []
+    for name in HALVES:
+        try:
+            halves.append(read_verdict(run_dir / name))
+        except ValueError:
+            halves.append(None)
+    verdict = assess_halfsets(halves, info.get("speckle"), float(info["q_max_inv_A"]))
+    write_json(RunDir(run_dir).path("verdict"), _json_safe(verdict.to_dict()), allow_nan=False)
+    head = {"converged": "HALF-SETS AGREE", "unconverged": "HALF-SETS NOT CONVERGED",
+            "failed": "HALF-SET VALIDATION FAILED"}[verdict.status]
+    say(f"{head}: half1 {verdict.checks['halves'][0]}, half2 {verdict.checks['halves'][1]}; speckle FSC over the "
+        f"inner shells {verdict.checks['inner_speckle_fsc']:.3f} (needs >= {verdict.checks['min_inner_speckle_fsc']})",
+        verdict.status != "converged")
+    for r in verdict.reasons:
+        say(f"  - {r}", verdict.status != "converged")
+    return verdict
