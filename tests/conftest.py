@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,3 +44,48 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one torch thread is faster than two on a shared machine (restored afterwards).
+
+    Modules use it for all their tests with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fit_in_background() -> Callable[..., contextlib.AbstractContextManager[subprocess.Popen]]:
+    """``with fit_in_background(data, run, args, cwd) as proc:`` (see :func:`_fit_in_background`)."""
+    return _fit_in_background
+
+
+@contextlib.contextmanager
+def _fit_in_background(data: Path, run: Path, args: list[str], cwd: Path,
+                      timeout_s: float = 90.0) -> Iterator[subprocess.Popen]:
+    """A ``bayes-spi fit DATA -o RUN ARGS`` in another process, yielded once ``RUN/checkpoint.pt`` exists.
+
+    Fails the test if the fit ends before its first checkpoint or none appears within ``timeout_s``; the
+    process is killed on leaving the block if it is still running (its stderr is kept in ``proc.stderr``).
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "bayes_spi.cli.main", "fit", str(data), "-o", str(run),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not (run / "checkpoint.pt").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"fit ended before its first checkpoint: {proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no checkpoint.pt after {timeout_s:.0f} s")
+            time.sleep(0.02)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

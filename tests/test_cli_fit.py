@@ -161,26 +161,12 @@ def _metric_rows(path: Path) -> list[tuple[str, str, str]]:
         return [(r["step"], r["images_seen"], r["elbo_per_image"]) for r in csv.DictReader(fh)]
 
 
-def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path) -> None:
+def test_resume_after_kill_matches_uninterrupted(data_file: Path, tmp_path: Path, fit_in_background) -> None:
     args = [*TINY, "--epochs", "3", "--log-every", "1", "--checkpoint-every", "2"]  # 18 steps
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bayes_spi.cli.main", "fit", str(data_file), "-o", str(killed),
-                             *args, "--no-truth"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
-    deadline = time.monotonic() + 90
-    try:
-        while not (killed / "checkpoint.pt").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"fit ended before its first checkpoint: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint.pt after 90 s")
-            time.sleep(0.02)
+    with fit_in_background(data_file, killed, [*args, "--no-truth"], cwd=tmp_path) as proc:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "model.pt").exists(), "the run finished before it was killed: the test proves nothing"
     step_at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"]

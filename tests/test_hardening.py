@@ -153,23 +153,14 @@ def test_d2_second_fit_on_a_locked_run_refuses_at_once(data_file: Path, tmp_path
         owner.wait()
 
 
-def test_d2_concurrent_fits_on_one_run(data_file: Path, tmp_path: Path) -> None:
+def test_d2_concurrent_fits_on_one_run(data_file: Path, tmp_path: Path, fit_in_background) -> None:
     """A real fit in another process holds the lock: a second fit is refused at once, leaving the first one's
     files alone; once the first is killed (-9, its lock left behind), a new fit takes the stale lock over."""
     import signal
 
     run = tmp_path / "run"
     long_fit = [*TINY, "--epochs", "400", "--checkpoint-every", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "bayes_spi.cli.main", "fit", str(data_file), "-o", str(run),
-                             *long_fit], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 90
-        while not (run / "checkpoint.pt").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the first fit ended early: {proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint.pt after 90 s")
-            time.sleep(0.02)
+    with fit_in_background(data_file, run, long_fit, cwd=tmp_path) as proc:
         config = (run / "config.yaml").read_text()
         for extra in ([], ["--force"], ["--resume"]):
             t0 = time.perf_counter()
@@ -180,10 +171,6 @@ def test_d2_concurrent_fits_on_one_run(data_file: Path, tmp_path: Path) -> None:
         assert (run / "config.yaml").read_text() == config
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert f"pid={proc.pid}" in (run / "fit.lock").read_text(), "kill -9 leaves the lock behind"
     res = _invoke(["fit", data_file, "-o", run, *TINY, "--force"])
     assert res.exit_code == 0, res.output + repr(res.exception)

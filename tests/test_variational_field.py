@@ -30,13 +30,7 @@ from bayes_spi.models.variational_field import (
 Q_MAX = 0.12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster than two on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _field(grid=9, **kw) -> VariationalAmplitudeField:

@@ -27,13 +27,7 @@ from bayes_spi.models.intensity_priors import (
 from bayes_spi.models.spi import SPIBatch, SPIModel
 from bayes_spi.sim.structure import Structure
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster than two on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SIGMAS = torch.tensor([0.3, 1.0, 7.5], dtype=torch.float64)
