@@ -25,6 +25,25 @@ Layout (format_version 1)
     /simulation          optional; attrs: everything needed to reproduce the simulation (structure, seed,
                          artifacts, fluence settings, n_patterns, ...)
 
+Format version 2 (a per-pixel detector geometry, :mod:`bayes_spi.geometry` kinds ``"positions"`` and ``"q"``)
+--------------------------------------------------------------------------------------------------------
+The writer writes ``format_version=2`` only when the geometry is per-pixel; a flat grid geometry (kind
+``"grid"``: the presets, ``simulate``) is still written as version 1, so those files stay readable by older
+versions. Version 2 differs from version 1 only in ``/geometry``::
+
+    /geometry            attrs: kind ("positions" or "q"), name, photon_energy_ev, polarization, n_x, n_y
+                         (no pixel_size_m / distance_m)
+    /geometry/mask       as in version 1
+    /geometry/q          (n_y, n_x, 3) float64 pixel-centre q in 1/A (no 2 pi, q = k_out - k_in); always written
+    /geometry/pixel_factor (n_y, n_x) float64 solid angle x polarization (sr); always written
+    /geometry/positions_m, /geometry/fs_m, /geometry/ss_m
+                         (n_y, n_x, 3) float64, kind "positions" only: pixel centres and edge vectors along
+                         ix / iy, lab frame, metres (the geometry is rebuilt from these; q and pixel_factor are
+                         then derived copies for other readers)
+
+For kind ``"q"`` the geometry is ``/geometry/q`` with ``/geometry/pixel_factor``. Version-1 files read as
+before (a grid geometry).
+
 Reading rules: counts may be any integer dtype, or a float dtype (e.g. converted from another format)
 holding whole numbers; every value read at a good pixel must be finite, >= 0 and (for float dtypes) an
 integer (the likelihoods count photons), otherwise :class:`DataFormatError` names the file, ``/data/counts`` and the
@@ -57,7 +76,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "bayes-spi"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 QUATERNION_CONVENTION = (
     "scalar-first (w,x,y,z); R maps lab/detector q to molecule frame: pixel samples I_mol(R @ q)"
 )
@@ -149,7 +168,7 @@ class H5Writer:
         with_truth = self.with_truth
         f = self._file
         f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["format_version"] = 1 if geometry.is_grid else FORMAT_VERSION
         f.attrs["software_version"] = __version__
         self._counts = f.create_dataset(
             "data/counts",
@@ -163,7 +182,14 @@ class H5Writer:
         )
         grp = f.create_group("geometry")
         for key, value in geometry.to_dict().items():
-            grp.attrs[key] = value
+            if isinstance(value, np.ndarray):
+                grp.create_dataset(key, data=value.astype(np.float64), compression="gzip", compression_opts=4)
+            else:
+                grp.attrs[key] = value
+        if not geometry.is_grid:
+            for key, value in (("q", geometry.q_vectors()), ("pixel_factor", geometry.pixel_factor())):
+                if key not in grp:
+                    grp.create_dataset(key, data=value, compression="gzip", compression_opts=4)
         grp.create_dataset("mask", data=geometry.good_pixels().astype(np.uint8))
         if with_truth:
             truth = f.create_group("truth")
@@ -401,7 +427,10 @@ class SPIDataset:
             raise self._error("/geometry", "a group with geometry attributes", "missing")
         gattrs = f["geometry"].attrs
         values: dict[str, Any] = {}
-        for key in _GEOMETRY_ATTRS:
+        kind = _attr_str(gattrs.get("kind", "grid")) if int(version) >= 2 else "grid"
+        if kind not in ("grid", "positions", "q"):
+            raise self._error("/geometry attrs['kind']", "'grid', 'positions' or 'q'", repr(kind))
+        for key in (_GEOMETRY_ATTRS if kind == "grid" else ("photon_energy_ev", "n_x", "n_y")):
             if key not in gattrs:
                 raise self._error(f"/geometry attrs['{key}']", "a positive number", "missing")
             raw = gattrs[key]
@@ -417,6 +446,19 @@ class SPIDataset:
                               f"({values['n_y']:g}, {values['n_x']:g})")
         values["polarization"] = _attr_str(gattrs.get("polarization", "x"))
         values["name"] = _attr_str(gattrs.get("name", ""))
+        if kind != "grid":
+            values["kind"] = kind
+            shapes = {"positions_m": (n_y, n_x, 3), "fs_m": (n_y, n_x, 3), "ss_m": (n_y, n_x, 3),
+                      "q": (n_y, n_x, 3), "pixel_factor": (n_y, n_x)}
+            for key in (("positions_m", "fs_m", "ss_m") if kind == "positions" else ("q", "pixel_factor")):
+                ds = self._dataset(f"/geometry/{key}")
+                if ds.shape != shapes[key]:
+                    raise self._error(f"/geometry/{key}", f"shape {shapes[key]} (n_y, n_x from /data/counts)",
+                                      f"shape {ds.shape}")
+                arr = np.asarray(ds[()], dtype=np.float64) if np.issubdtype(ds.dtype, np.number) else None
+                if arr is None or not np.all(np.isfinite(arr)):
+                    raise self._error(f"/geometry/{key}", "finite float values", "NaN, infinity or non-numbers")
+                values[key] = arr
         mask = np.ones((n_y, n_x), dtype=bool)
         if "mask" in f["geometry"]:
             mask_ds = self._dataset("/geometry/mask")
