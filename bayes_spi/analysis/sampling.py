@@ -225,8 +225,6 @@ def estimate_sampling(dataset: Any, n_patterns: int = 2000, batch_size: int = 25
     factor = geom.pixel_factor()
     qn = geom.q_magnitudes()[mask]
     mean = total[mask] / max(n, 1)
-    det = geom.detector
-    ring_px = min(det.n_x, det.n_y) / 2.0
     # shells about one pixel wide (in q at the detector centre)
     n_shells = max(8, int(round(float(qn.max()) * geom.field_of_view_A)))
     qc, prof = radial_profile(qn, mean / factor[mask], n_shells)
@@ -235,5 +233,5 @@ def estimate_sampling(dataset: Any, n_patterns: int = 2000, batch_size: int = 25
         raise ValueError(f"{getattr(dataset, 'path', 'data')}: too few photons in the first {n} patterns to "
                          "estimate the particle size (expected at least 4 non-empty |q| shells)")
     diameter = diameter_from_profile(qc[keep], prof[keep])
-    q_edge = float(2 * math.sin(0.5 * math.atan(ring_px * det.pixel_size_m / det.distance_m)) / geom.wavelength_A)
+    q_edge = geom.q_inscribed
     return sampling_report(diameter, geom.field_of_view_A, geom.q_max, q_edge, float(mean.sum()), int(mask.sum()))

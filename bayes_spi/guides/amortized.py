@@ -85,6 +85,8 @@ class AmortizedGuide(nn.Module):
         channels: encoder base channels.
         transform: encoder input transform (``log1p``, ``sqrt``, ``root10``).
         sigma_init: initial pose spread (rad).
+        pixel_q: optional ``(n_y, n_x, 3)`` pixel ``q`` of a per-pixel geometry: the encoder assembles the
+            patterns in ``(q_x, q_y)`` (:mod:`bayes_spi.guides.encoder`).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class AmortizedGuide(nn.Module):
         transform: str = "log1p",
         sigma_init: float = 0.1,
         n_search: int = 0,
+        pixel_q: Tensor | None = None,
     ) -> None:
         super().__init__()
         if mask.dim() != 2:
@@ -111,7 +114,7 @@ class AmortizedGuide(nn.Module):
         self.n_search = int(n_search)
         self.n_encoder_hypotheses = 2 * self.n_heads
         self.n_hypotheses = self.n_encoder_hypotheses + self.n_search
-        self.encoder = PatternEncoder(mask.shape[0], mask.shape[1], features, channels, transform)
+        self.encoder = PatternEncoder(mask.shape[0], mask.shape[1], features, channels, transform, pixel_q=pixel_q)
         self.rot_head = nn.Linear(features, self.n_heads * 6)
         self.sigma_head = nn.Linear(features, self.n_hypotheses * 3)
         self.logit_head = nn.Linear(features, self.n_hypotheses)

@@ -4,6 +4,20 @@ The input transform removes the fluence from the pose evidence: counts are divid
 mean count over good pixels before ``log1p`` (or ``sqrt``), and masked pixels are set to 0 with the
 mask given as a second channel.
 
+How the encoder sees the detector: a flat grid detector (geometry kind ``"grid"``) is already an image, and the
+CNN reads the ``(n_y, n_x)`` array as it is. A per-pixel geometry (kinds ``"positions"`` and ``"q"``: several
+panels stacked along ``iy``, gaps, an off-centre beam, tilted panels) is first **assembled**: each pixel is
+dropped into the cell of a regular ``(S, S)`` grid in the plane of its projected ``(q_x, q_y)`` (rows along
+``q_y``, columns along ``q_x``, the beam ``q = 0`` at the centre cell ``S // 2``), and a cell holds the mean
+count of the good pixels that land in it (:func:`assembly_map`, :class:`PatternEncoder` ``pixel_q``). Cells
+that no good pixel reaches (panel gaps, the central hole, masked pixels, the outside) are masked: 0 in the
+image channel and 0 in the mask channel, exactly like masked pixels of a grid detector. The cell side is the
+largest ``(q_x, q_y)`` spacing of array neighbours within a panel (the pixel pitch near the beam), so a panel
+facing the beam fills its cells without holes; the grid is capped at ``max_image`` cells across (then a cell
+averages several pixels). The CNN therefore sees the multi-panel detector as one picture of reciprocal space,
+as a viewer of the assembled detector would; the likelihood and the orientation search still use every pixel's
+exact ``q`` and never the assembled image.
+
 Example:
     >>> import torch
     >>> enc = PatternEncoder(n_y=32, n_x=32, features=128)
@@ -15,10 +29,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PatternEncoder", "transform_counts", "TRANSFORMS"]
+__all__ = ["PatternEncoder", "assembly_map", "transform_counts", "TRANSFORMS"]
 
 TRANSFORMS = ("log1p", "sqrt", "root10")
 
@@ -39,18 +54,74 @@ def transform_counts(images: Tensor, mask: Tensor, kind: str = "log1p") -> Tenso
     return x * m
 
 
+def assembly_map(pixel_q: np.ndarray | Tensor, max_image: int = 256) -> tuple[Tensor, int, float]:
+    """Cell of each pixel in the assembled ``(S, S)`` image (see the module docstring).
+
+    Args:
+        pixel_q: ``(n_y, n_x, 3)`` pixel-centre ``q`` (1/A).
+        max_image: largest ``S``.
+
+    Returns:
+        ``(cell (n_y * n_x,) int64 flat cell index row * S + column, S (odd), cell side in 1/A)``.
+
+    Raises:
+        ValueError: wrong shape, non-finite ``q``, or all pixels at the same ``(q_x, q_y)``.
+    """
+    q = np.asarray(pixel_q.detach().cpu() if isinstance(pixel_q, Tensor) else pixel_q, dtype=np.float64)
+    if q.ndim != 3 or q.shape[-1] != 3:
+        raise ValueError(f"pixel_q: expected shape (n_y, n_x, 3), got shape {q.shape}")
+    if not np.all(np.isfinite(q)):
+        raise ValueError("pixel_q: expected finite values, got NaN or infinity")
+    qxy = q[..., :2]
+    steps = [np.linalg.norm(np.diff(qxy, axis=axis), axis=-1).ravel() for axis in (0, 1) if q.shape[axis] > 1]
+    step = np.concatenate(steps) if steps else np.zeros(0)
+    step = step[step > 0]
+    if step.size == 0:
+        raise ValueError("pixel_q: expected pixels at different (q_x, q_y), got all at one point")
+    step = step[step <= 2.0 * np.median(step)]  # jumps between panels are not a pixel pitch
+    cell = float(np.quantile(step, 0.99))
+    half = float(np.abs(qxy).max())
+    size = 2 * int(math.ceil(half / cell)) + 1
+    if size > max_image:  # coarser cells: a cell averages several pixels
+        size = max(max_image if max_image % 2 else max_image - 1, 3)
+        cell = half / (size // 2)
+    centre = size // 2
+    col = np.clip(np.rint(qxy[..., 0] / cell).astype(np.int64) + centre, 0, size - 1)
+    row = np.clip(np.rint(qxy[..., 1] / cell).astype(np.int64) + centre, 0, size - 1)
+    return torch.as_tensor((row * size + col).ravel()), size, cell
+
+
 class PatternEncoder(nn.Module):
     """VGG-like CNN: ``(B, n_y, n_x)`` counts -> ``(B, features)``.
 
     Stride-2 stages halve the image until it is at most 8 pixels across, then an adaptive pool to 4x4
-    and two dense layers; works for any detector size.
+    and two dense layers; works for any detector size. With ``pixel_q`` (a per-pixel geometry) the patterns
+    are first assembled onto an ``(S, S)`` grid in ``(q_x, q_y)`` (see the module docstring).
+
+    Args:
+        n_y, n_x: pattern shape.
+        features: output width.
+        channels: base channels.
+        transform: input transform (``log1p``, ``sqrt``, ``root10``).
+        pixel_q: optional ``(n_y, n_x, 3)`` pixel-centre ``q`` (1/A): assemble before the CNN.
+        max_image: largest assembled image side ``S``.
     """
 
-    def __init__(self, n_y: int, n_x: int, features: int = 256, channels: int = 32, transform: str = "log1p") -> None:
+    def __init__(self, n_y: int, n_x: int, features: int = 256, channels: int = 32, transform: str = "log1p",
+                 pixel_q: np.ndarray | Tensor | None = None, max_image: int = 256) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown input transform {transform!r}: expected one of {', '.join(TRANSFORMS)}")
         self.transform = transform
+        self.shape = (int(n_y), int(n_x))
+        self.assembled: int | None = None
+        if pixel_q is not None:
+            if tuple(np.shape(pixel_q)[:2]) != self.shape:
+                raise ValueError(f"pixel_q: expected shape ({n_y}, {n_x}, 3), got shape {tuple(np.shape(pixel_q))}")
+            cell_index, size, cell = assembly_map(pixel_q, max_image)
+            self.register_buffer("cell_index", cell_index, persistent=False)
+            self.assembled, self.cell_q = size, cell
+            n_y, n_x = size, size
         layers: list[nn.Module] = [nn.Conv2d(2, channels, 3, padding=1), nn.GELU()]
         size, ch = max(n_y, n_x), channels
         n_down = max(1, math.ceil(math.log2(max(size, 8) / 8)))
@@ -99,11 +170,26 @@ class PatternEncoder(nn.Module):
         # floor: a ring that is (almost) always empty must not amplify its rare photons
         self.pixel_std.copy_(torch.maximum(std, 0.25 * overall).clamp(min=1e-2))
 
+    def assemble(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``images (B, n_y, n_x)``, ``mask (n_y, n_x)`` -> assembled ``(B, S, S)`` mean counts per cell and the
+        ``(S, S)`` cell mask (True where a good pixel lands); identity without ``pixel_q``."""
+        if self.assembled is None:
+            return images, mask
+        size = self.assembled
+        good = mask.reshape(-1).to(images.dtype)
+        hits = torch.zeros(size * size, dtype=images.dtype, device=images.device).index_add_(0, self.cell_index, good)
+        flat = images.reshape(images.shape[0], -1) * good
+        sums = torch.zeros(images.shape[0], size * size, dtype=images.dtype, device=images.device)
+        sums = sums.index_add_(1, self.cell_index, flat)
+        out = (sums / hits.clamp(min=1.0)).reshape(-1, size, size)
+        return out, (hits > 0).reshape(size, size)
+
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
         if images.dim() != 3 or images.shape[-2:] != mask.shape:
             raise ValueError(
                 f"expected images of shape (B, {mask.shape[0]}, {mask.shape[1]}), got shape {tuple(images.shape)}"
             )
+        images, mask = self.assemble(images, mask)
         x = transform_counts(images, mask, self.transform)
         if torch.isnan(self.pixel_mean).any():
             self.set_standardisation(x, mask)

@@ -98,6 +98,7 @@ def build_model_and_guide(
         channels=config.encoder_channels,
         transform=config.transform,
         n_search=config.n_search,
+        pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3),
     )
     extra = {}
     if intensity_prior is None:

@@ -102,7 +102,10 @@ def random_quaternions(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def beamstop_mask(geometry: Geometry, radius_px: float) -> np.ndarray:
-    """Good-pixel mask ``(n_y, n_x)``: False where the pixel centre lies within ``radius_px`` pixels of the centre."""
+    """Good-pixel mask ``(n_y, n_x)``: False where the pixel centre lies within ``radius_px`` pixels of the centre
+    (a per-pixel geometry: where ``|q|`` is below ``radius_px`` pixel steps, ``radius_px / field_of_view_A``)."""
+    if not geometry.is_grid:
+        return geometry.q_magnitudes() > float(radius_px) / geometry.field_of_view_A
     n_y, n_x = geometry.shape
     iy, ix = np.meshgrid(np.arange(n_y) - (n_y - 1) / 2.0, np.arange(n_x) - (n_x - 1) / 2.0, indexing="ij")
     return np.hypot(iy, ix) > float(radius_px)
