@@ -1,6 +1,8 @@
 """Fit the Bayesian SPI model to a data file by stochastic variational inference.
 
-DATA is a bayes-spi HDF5 file (see `bayes-spi simulate`); it is validated before anything is written
+DATA is a bayes-spi HDF5 file (see `bayes-spi simulate`, `bayes-spi convert`), or a foreign file read directly
+with the options of `bayes-spi convert` (Dragonfly .emc with --detector and --photon-energy, .cxi, a .npy or
+FILE.h5:/dataset stack with --geometry; they are recorded for --resume); it is validated before anything is written
 (every pattern is read once; --no-check-data skips the value scan). RUN (-o) is the run directory:
 config.yaml (every setting, versions, the command line), run.log, checkpoint.pt (atomic, every
 --checkpoint-every steps), metrics.csv, and at the end model.pt, intensity.mrc / intensity.h5 (the 3D
@@ -47,6 +49,7 @@ from typing import Any
 
 import click
 
+from bayes_spi.cli.convert import options_from_cli, source_options
 from bayes_spi.workflows.fit import RESUME_OVERRIDABLE, RUN_FILES
 
 __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets", "print_summary"]
@@ -276,8 +279,10 @@ class _RecordingCommand(click.Command):
                    "(RUN/half1, RUN/half2; the split, drawn from --seed, is kept in RUN/halfsets.h5) and report "
                    "their FSC (RUN/halfsets.json, RUN/fsc.json).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@source_options
 def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, force: bool, truth: bool,
             check_data: bool, half_sets: bool, progress: bool, **options: Any) -> None:
+    source = options_from_cli(options)  # DATA may be a foreign file (bayes-spi convert --help)
     given = {k: v for k, v in options.items() if v is not None}
     from bayes_spi.infer.config import FitConfig
 
@@ -288,8 +293,8 @@ def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, fo
     argv = click.get_current_context().meta.get("bayes_spi.argv")
     if half_sets:
         run_halfsets(data, run_dir, given, resume=resume, force=force, grid=grid, progress=progress,
-                     check_data=check_data, argv=argv)
+                     check_data=check_data, argv=argv, source=source if source.given else None)
         return
     result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
-                     progress=progress, check_data=check_data, argv=argv)
+                     progress=progress, check_data=check_data, argv=argv, source=source if source.given else None)
     print_summary(result)

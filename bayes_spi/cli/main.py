@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "phase": "phase",
     "evaluate": "evaluate",
     "posterior": "posterior",
+    "convert": "convert",
 }
 
 

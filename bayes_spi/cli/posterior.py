@@ -1,6 +1,7 @@
 """Export per-pattern posterior draws of a fitted run as an ArviZ dataset (netCDF), optionally with coverage.
 
-RUN is a run directory (or its model.pt), DATA the data file (same detector). For every pattern (streamed:
+RUN is a run directory (or its model.pt), DATA the data file (same detector): a bayes-spi file or a foreign one
+read with the options of `bayes-spi convert` (by default those the fit recorded for the same file). For every pattern (streamed:
 any number of patterns fits in memory) the command draws --draws poses and fluence scales and writes
 OUT (-o): group `posterior` (pose_quaternion scalar-first w,x,y,z / pose_rotvec / scale / angle_to_mean_deg /
 hypothesis_index, dims chain, draw, pattern), group `sample_stats` (per pattern: chordal mean pose, radius of
@@ -31,7 +32,24 @@ from typing import Any
 import click
 import numpy as np
 
+from bayes_spi.cli.convert import options_from_cli, source_options
+
 __all__ = ["command"]
+
+
+def _recorded_source(run: Path, data: Path) -> Any:
+    """The source options the fit recorded in ``config.yaml`` when it read this same DATA, else none."""
+    from bayes_spi.config.sources import SourceOptions
+    from bayes_spi.infer.rundir import read_run_info
+
+    run_dir = run.parent if run.is_file() else run
+    try:
+        rec = read_run_info(run_dir).get("data") or {}
+    except (FileNotFoundError, ValueError, AttributeError):
+        return SourceOptions()
+    if not isinstance(rec, dict) or not rec.get("source") or rec.get("path") != os.path.abspath(data):
+        return SourceOptions()
+    return SourceOptions.from_dict(rec["source"])
 
 
 @click.command("posterior", help=__doc__)
@@ -67,11 +85,12 @@ __all__ = ["command"]
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@source_options
 def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed: int, max_patterns: int | None,
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
             calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, device: str,
-            force: bool, progress: bool) -> None:
+            force: bool, progress: bool, **source_kwargs: Any) -> None:
     from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.load import load_trained
@@ -99,12 +118,19 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
         trained = load_trained(run, device=device)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    source = options_from_cli(source_kwargs)
+    if not source.given:  # a foreign DATA: read it as the fit did (config.yaml records how)
+        source = _recorded_source(run, data)
+    from bayes_spi.dataio.sources import open_dataset, split_dataset_path
+
+    if not split_dataset_path(data)[0].exists():
+        raise click.ClickException(f"data file {os.fspath(data)!r} not found (expected a bayes-spi HDF5 file, or "
+                                   "a source of `bayes-spi convert`)")
     try:
-        dataset = SPIDataset(data)
-    except FileNotFoundError:
-        raise click.ClickException(f"data file {os.fspath(data)!r} not found (expected a bayes-spi HDF5 file)"
-                                   ) from None
-    except DataFormatError as exc:
+        dataset = open_dataset(data, **source.open_kwargs())
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (DataFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if truth and not dataset.has_truth:
         dataset.close()

@@ -269,11 +269,15 @@ class RunData:
 
     def read_patterns(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Counts ``(B, n_y, n_x)`` of the given patterns of the data file and its good-pixel mask ``(n_y, n_x)``."""
-        from bayes_spi.dataio.h5 import SPIDataset
+        from bayes_spi.config.sources import SourceOptions
+        from bayes_spi.dataio.sources import open_dataset
 
         if self.data_path is None:
             return None
-        with SPIDataset(self.data_path) as ds:
+        rec = self.config.get("data") if self.config_text is not None and isinstance(self.config, dict) else None
+        from_config = self._data_path is None and self.truth_path is None
+        recorded = rec.get("source") if isinstance(rec, dict) and from_config else None
+        with open_dataset(self.data_path, **SourceOptions.from_dict(recorded).open_kwargs()) as ds:
             self._check_n(ds.n_patterns, self.data_path, "/data/counts")
             return ds.read(np.asarray(indices, dtype=np.int64)), np.asarray(ds.mask, dtype=bool)
 

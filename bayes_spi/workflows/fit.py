@@ -115,15 +115,21 @@ def _existing_run(run_dir: Path) -> bool:
     return RunDir(run_dir).holds_fit()
 
 
-def _open_dataset(path: Path) -> Any:
-    from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+def _open_dataset(path: Path, source: Any = None) -> Any:
+    """Open DATA: a bayes-spi file, or a foreign one read with ``source`` (a SourceOptions, its dict, or None)."""
+    from bayes_spi.config.sources import SourceOptions
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.sources import open_dataset, split_dataset_path
 
-    try:
-        return SPIDataset(path)
-    except FileNotFoundError:
+    if not split_dataset_path(path)[0].exists():
         raise WorkflowError(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
-                            "e.g. from `bayes-spi simulate`)") from None
-    except DataFormatError as exc:
+                            "e.g. from `bayes-spi simulate`, or a source of `bayes-spi convert`)")
+    try:
+        options = source if isinstance(source, SourceOptions) else SourceOptions.from_dict(source)
+        return open_dataset(path, **options.open_kwargs())
+    except FileNotFoundError as exc:
+        raise WorkflowError(str(exc)) from None
+    except (DataFormatError, ValueError) as exc:
         raise WorkflowError(str(exc)) from None
 
 
@@ -188,6 +194,7 @@ def run_fit(
     subset: Any = None,
     subset_name: str = "subset",
     echo: Echo | None = None,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Fit ``data`` into the run directory ``run_dir`` (new, continued with ``resume``, or afresh with ``force``).
 
@@ -209,6 +216,9 @@ def run_fit(
             run's outputs (``posterior.h5`` rows follow the sorted indices); no truth evaluation then.
         subset_name: a label for the subset in logs.
         echo: where messages for the user go before the run's log exists (default: stdout, stderr for warnings).
+        source: how to read a foreign ``data`` file (a :class:`~bayes_spi.config.sources.SourceOptions` or its
+            dict: Dragonfly detector, geometry file, photon energy); recorded in ``config.yaml``, and with
+            ``resume`` taken from there when not given.
 
     Returns:
         ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs", "verdict"}``.
@@ -260,6 +270,8 @@ def run_fit(
                 raise WorkflowError(f"DATA is needed: the run's {run.name('config')} records no data path",
                                     kind="usage")
             data = Path(recorded)
+        if source is None and isinstance(info.get("data"), dict):
+            source = info["data"].get("source")
         ignored = sorted(k for k, v in given.items()
                          if k not in RESUME_OVERRIDABLE and v != getattr(fit_config, k))
         overrides = {k: v for k, v in given.items() if k in RESUME_OVERRIDABLE}
@@ -282,7 +294,7 @@ def run_fit(
     check_device(fit_config.device)
     sampling = None
 
-    dataset = _open_dataset(Path(data))
+    dataset = _open_dataset(Path(data), source)
     if subset is not None:
         from bayes_spi.dataio.subset import SPISubset
 
@@ -350,6 +362,11 @@ def run_fit(
         else:
             data_info = {"n_patterns": dataset.n_patterns, "shape": list(dataset.shape),
                          "has_truth": bool(dataset.has_truth)}
+            if source:  # a foreign data file: how to reopen it (resume, report)
+                from bayes_spi.config.sources import SourceOptions
+
+                opts = source if isinstance(source, SourceOptions) else SourceOptions.from_dict(source)
+                data_info["source"] = opts.to_dict()
             if subset is not None:  # posterior.h5 row j is pattern members[j] of the file
                 data_info["subset"] = subset_name
                 data_info["subset_of_n_patterns"] = int(dataset.parent.n_patterns)
@@ -450,6 +467,7 @@ def run_halfsets(
     argv: list[str] | None = None,
     echo: Echo | None = None,
     on_half: Callable[[dict[str, Any]], None] | None = None,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Two fits on a random split of the patterns, then their FSC (see :mod:`bayes_spi.infer.halfsets`).
 
@@ -492,7 +510,7 @@ def run_halfsets(
             raise WorkflowError(f"run directory {os.fspath(run_dir)!r} already holds a half-set run: expected "
                                 f"a new directory; continue it with {flag('resume')} or overwrite it with "
                                 f"{flag('force')}")
-        ds = _open_dataset(Path(data))
+        ds = _open_dataset(Path(data), source)
         n_patterns = ds.n_patterns
         ds.close()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -515,7 +533,7 @@ def run_halfsets(
         half_resume = resume and RunDir(run_dir).sub(name).has("checkpoint")
         results.append(run_fit(data, run_dir / name, given, resume=half_resume, force=force and not half_resume,
                                grid=grid, truth=False, progress=progress, check_data=check_data, argv=argv,
-                               subset=members, subset_name=name, echo=echo))
+                               subset=members, subset_name=name, echo=echo, source=source))
         if on_half is not None:
             on_half(results[-1])
     try:
