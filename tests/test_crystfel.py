@@ -1,0 +1,199 @@
+"""CrystFEL .geom: an AGIPD-like hand-written file (modules along dim1, asics, rotated modules, coffset, a z
+component, bad regions, no_index, a mask file) against hand-computed pixel positions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from bayes_spi.dataio.crystfel import parse_vector, read_crystfel_geom
+from bayes_spi.dataio.h5 import DataFormatError
+
+GEOM = """\
+; AGIPD-like test geometry: 2 modules (dim1) of 2 asics of 3 x 5 pixels
+photon_energy = 9300 ; eV
+clen = 0.12
+adu_per_eV = 0.0075
+res = 5000 ; 200 um pixels
+data = /entry_1/instrument_1/detector_1/data
+mask = /entry_1/instrument_1/detector_1/mask
+mask_file = mask.h5
+mask_good = 0x0
+mask_bad = 0xffff
+dim0 = %
+dim2 = ss
+dim3 = fs
+
+rigid_group_q0 = p0a0,p0a1
+rigid_group_collection_quadrants = q0
+
+p0a0/dim1 = 0
+p0a0/min_fs = 0
+p0a0/max_fs = 4
+p0a0/min_ss = 0
+p0a0/max_ss = 2
+p0a0/fs = +0.0021x -0.9999y
+p0a0/ss = +0.9999x +0.0021y
+p0a0/corner_x = -20.5
+p0a0/corner_y = 12.25
+p0a0/coffset = 0.0005
+
+p0a1/dim1 = 0
+p0a1/min_fs = 0
+p0a1/max_fs = 4
+p0a1/min_ss = 3
+p0a1/max_ss = 5
+p0a1/fs = +0.0021x -0.9999y
+p0a1/ss = +0.9999x +0.0021y
+p0a1/corner_x = -16.9
+p0a1/corner_y = 12.26
+p0a1/coffset = 0.0005
+
+p1a0/dim1 = 1
+p1a0/min_fs = 0
+p1a0/max_fs = 4
+p1a0/min_ss = 0
+p1a0/max_ss = 2
+p1a0/fs = -0.0021x +0.9999y
+p1a0/ss = -0.9999x -0.0021y +0.05z
+p1a0/corner_x = 19.75
+p1a0/corner_y = -11.5
+p1a0/coffset = 0.001
+
+p1a1/dim1 = 1
+p1a1/min_fs = 0
+p1a1/max_fs = 4
+p1a1/min_ss = 3
+p1a1/max_ss = 5
+p1a1/fs = -0.0021x +0.9999y
+p1a1/ss = -0.9999x -0.0021y
+p1a1/corner_x = 16.1
+p1a1/corner_y = -11.52
+p1a1/coffset = 0.001
+p1a1/no_index = 1
+
+; a lab-frame box and a panel region
+badbox/min_x = -20.0
+badbox/max_x = -18.5
+badbox/min_y = 10.0
+badbox/max_y = 13.0
+
+badasic/min_fs = 3
+badasic/max_fs = 4
+badasic/min_ss = 1
+badasic/max_ss = 1
+badasic/panel = p1a0
+"""
+
+
+def _write(tmp_path: Path, text: str = GEOM, flags: np.ndarray | None = None) -> Path:
+    path = tmp_path / "agipd.geom"
+    path.write_text(text)
+    with h5py.File(tmp_path / "mask.h5", "w") as f:
+        f["entry_1/instrument_1/detector_1/mask"] = np.zeros((2, 6, 5), np.uint16) if flags is None else flags
+    return path
+
+
+def _hand_position(corner: tuple[float, float], fs: tuple[float, ...], ss: tuple[float, ...], f: int, s: int,
+                   z0: float) -> np.ndarray:
+    """Centre of pixel (f, s) of a panel, written out: (corner + (f + 1/2) fs + (s + 1/2) ss) / res, z from clen."""
+    res = 5000.0
+    x = (corner[0] + (f + 0.5) * fs[0] + (s + 0.5) * ss[0]) / res
+    y = (corner[1] + (f + 0.5) * fs[1] + (s + 0.5) * ss[1]) / res
+    z = z0 + ((f + 0.5) * fs[2] + (s + 0.5) * ss[2]) / res
+    return np.array([x, y, z])
+
+
+def test_positions_layout_and_q_by_hand(tmp_path: Path) -> None:
+    cg = read_crystfel_geom(_write(tmp_path))
+    geom = cg.geometry
+    assert geom.kind == "positions" and geom.shape == (12, 5) and cg.data_shape == (2, 6, 5)
+    assert geom.beam.photon_energy_ev == 9300.0 and cg.adu_per_ev == 0.0075
+    assert cg.data_path == "/entry_1/instrument_1/detector_1/data" and [p.name for p in cg.panels][:2] == ["p0a0", "p0a1"]
+    pos = geom.pixel_positions()
+    # module 0, asic 1, data (ss=4, fs=3): panel pixel (f=3, s=1); layout row 0 * 6 + 4
+    np.testing.assert_allclose(pos[4, 3], _hand_position((-16.9, 12.26), (0.0021, -0.9999, 0), (0.9999, 0.0021, 0),
+                                                         3, 1, 0.12 + 0.0005), rtol=1e-13)
+    # module 1, asic 0 (a z component along ss), data (ss=2, fs=0): layout row 1 * 6 + 2
+    np.testing.assert_allclose(pos[8, 0], _hand_position((19.75, -11.5), (-0.0021, 0.9999, 0), (-0.9999, -0.0021, 0.05),
+                                                         0, 2, 0.12 + 0.001), rtol=1e-13)
+    # pixel edge vectors in metres
+    np.testing.assert_allclose(geom.detector.ss_m[8, 0], np.array([-0.9999, -0.0021, 0.05]) / 5000, rtol=1e-14)
+    lam = 12398.4198 / 9300.0
+    k = pos / np.linalg.norm(pos, axis=-1, keepdims=True) / lam
+    np.testing.assert_allclose(geom.q_vectors(), k - [0, 0, 1 / lam], rtol=1e-9)
+    # the mask: no_index panel, the lab box, the panel region
+    good = geom.good_pixels()
+    assert not good[9:12].any()
+    box = (pos[..., 0] * 5000 >= -20.0) & (pos[..., 0] * 5000 <= -18.5) & (pos[..., 1] * 5000 >= 10.0) & (
+        pos[..., 1] * 5000 <= 13.0)
+    assert box.any()
+    expected = ~box
+    expected[9:12] = False
+    expected[6 + 1, 3:5] = False
+    np.testing.assert_array_equal(good, expected)
+    # frames (B, modules, ss, fs) -> the layout
+    frames = np.arange(2 * 60).reshape(2, 2, 6, 5)
+    np.testing.assert_array_equal(cg.frame_to_pixels(frames)[1, 6 + 4, 2], frames[1, 1, 4, 2])
+    with pytest.raises(ValueError, match=r"expected shape \(B, 2, 6, 5\)"):
+        cg.frame_to_pixels(frames[:, :, :5])
+
+
+def test_mask_file_flags(tmp_path: Path) -> None:
+    flags = np.zeros((2, 6, 5), np.uint16)
+    flags[0, 1, 1] = 0x4
+    cg = read_crystfel_geom(_write(tmp_path, flags=flags))
+    assert not cg.geometry.good_pixels()[1, 1] and cg.geometry.good_pixels()[1, 2]
+    # mask_good: bits that must be set (here 0x1), mask_bad none
+    flags = np.ones((2, 6, 5), np.uint16)
+    flags[1, 0, 0] = 0
+    text = GEOM.replace("mask_good = 0x0", "mask_good = 0x1").replace("mask_bad = 0xffff", "mask_bad = 0x0")
+    cg = read_crystfel_geom(_write(tmp_path, text, flags))
+    assert not cg.geometry.good_pixels()[6, 0] and cg.geometry.good_pixels()[6, 1]
+
+
+def test_flat_2d_layout_and_global_clen_override(tmp_path: Path) -> None:
+    """A panel without a module dimension (data (ss, fs)) centred on the beam at clen: the flat grid's q."""
+    from bayes_spi.geometry import Beam, Detector, Geometry
+
+    text = ("photon_energy = 4600\nclen = /LCLS/detector_1/EncoderValue\nres = 320\n"
+            "p/min_fs = 0\np/max_fs = 31\np/min_ss = 0\np/max_ss = 31\np/fs = +1x\np/ss = +1y\n"
+            "p/corner_x = -16\np/corner_y = -16\n")
+    path = tmp_path / "flat.geom"
+    path.write_text(text)
+    with pytest.raises(DataFormatError, match="p/clen: expected a camera length"):
+        read_crystfel_geom(path)
+    cg = read_crystfel_geom(path, clen_m=0.2)
+    grid = Geometry(Beam(4600.0), Detector(32, 32, 1 / 320, 0.2))
+    np.testing.assert_allclose(cg.geometry.q_vectors(), grid.q_vectors(), rtol=1e-9, atol=1e-16)
+    np.testing.assert_allclose(cg.geometry.pixel_factor(), grid.pixel_factor(), rtol=1e-9)
+    assert cg.data_shape == (32, 32)
+
+
+def test_vectors_and_errors(tmp_path: Path) -> None:
+    assert parse_vector("+0.0012x -1.0000y") == (0.0012, -1.0, 0.0)
+    assert parse_vector("-y +0.5z") == (0.0, -1.0, 0.5)
+    assert parse_vector("1e-3x") == (0.001, 0.0, 0.0)
+    with pytest.raises(ValueError, match="expected a vector"):
+        parse_vector("+1.0q")
+    bad = _write(tmp_path, GEOM.replace("p0a0/fs = +0.0021x -0.9999y", "p0a0/fs = sideways"))
+    with pytest.raises(DataFormatError, match="agipd.geom: field p0a0/fs: expected a vector"):
+        read_crystfel_geom(bad)
+    bad = _write(tmp_path, GEOM.replace("p0a1/min_ss = 3", "p0a1/min_ss = 2"))
+    with pytest.raises(DataFormatError, match="p0a1/min_fs..max_ss: expected panels that do not overlap"):
+        read_crystfel_geom(bad)
+    bad = _write(tmp_path, GEOM.replace("photon_energy = 9300 ; eV", ""))
+    with pytest.raises(DataFormatError, match="field photon_energy: expected a photon energy"):
+        read_crystfel_geom(bad)
+    assert read_crystfel_geom(bad, photon_energy_ev=8000.0).geometry.beam.photon_energy_ev == 8000.0
+    bad = _write(tmp_path, GEOM.replace("p1a1/corner_y = -11.52\n", ""))
+    with pytest.raises(DataFormatError, match="p1a1/corner_y: expected a value"):
+        read_crystfel_geom(bad)
+    bad = _write(tmp_path, GEOM.replace("badasic/panel = p1a0", "badasic/panel = p9"))
+    with pytest.raises(DataFormatError, match="badasic/panel: expected one of the panels"):
+        read_crystfel_geom(bad)
+    with pytest.raises(FileNotFoundError):
+        read_crystfel_geom(tmp_path / "none.geom")
