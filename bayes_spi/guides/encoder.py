@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PatternEncoder", "assembly_map", "transform_counts", "TRANSFORMS"]
+__all__ = ["PatternEncoder", "assembly_map", "assemble_sums", "transform_counts", "TRANSFORMS"]
 
 TRANSFORMS = ("log1p", "sqrt", "root10")
 
@@ -89,6 +89,22 @@ def assembly_map(pixel_q: np.ndarray | Tensor, max_image: int = 256) -> tuple[Te
     col = np.clip(np.rint(qxy[..., 0] / cell).astype(np.int64) + centre, 0, size - 1)
     row = np.clip(np.rint(qxy[..., 1] / cell).astype(np.int64) + centre, 0, size - 1)
     return torch.as_tensor((row * size + col).ravel()), size, cell
+
+
+def assemble_sums(values: np.ndarray, good: np.ndarray, pixel_q: np.ndarray,
+                  max_image: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell sums of ``values (B, n_y, n_x)`` over the good pixels on the assembled grid of
+    :func:`assembly_map`: ``(sums (B, S, S), good pixels per cell (S, S))`` (for pictures of a per-pixel
+    detector, e.g. the report's pattern figure)."""
+    cell, size, _ = assembly_map(pixel_q, max_image)
+    idx = cell.numpy()
+    keep = np.asarray(good, dtype=bool).reshape(-1)
+    vals = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    sums = np.zeros((len(values), size * size))
+    for b in range(len(values)):
+        sums[b] = np.bincount(idx[keep], weights=vals[b, keep], minlength=size * size)
+    hits = np.bincount(idx[keep], minlength=size * size)
+    return sums.reshape(-1, size, size), hits.reshape(size, size)
 
 
 class PatternEncoder(nn.Module):

@@ -358,6 +358,15 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
     data = np.where(good, np.log10(1.0 + counts), np.nan)
     model = np.where(good, np.log10(1.0 + lam), np.nan)
     resid = np.where(good, (counts - lam) / np.sqrt(np.maximum(lam, 1e-12)), np.nan)
+    if not trained.geometry.is_grid:  # a per-pixel detector (panels, gaps) is drawn assembled in (q_x, q_y)
+        from bayes_spi.guides.encoder import assemble_sums
+
+        q = trained.geometry.q_vectors()
+        (sum_y, hits), (sum_lam, _) = assemble_sums(counts, good, q), assemble_sums(lam, good, q)
+        cells = np.broadcast_to(hits > 0, sum_y.shape)
+        data = np.where(cells, np.log10(1.0 + sum_y / np.maximum(hits, 1)), np.nan)
+        model = np.where(cells, np.log10(1.0 + sum_lam / np.maximum(hits, 1)), np.nan)
+        resid = np.where(cells, (sum_y - sum_lam) / np.sqrt(np.maximum(sum_lam, 1e-12)), np.nan)
     errors = None if run.alignment is None else run.alignment["errors_mod_rotz_pi_deg"][idx]
     k = len(idx)
     fig = Figure(figsize=(2.3 * k + 1.9, 7.8))
@@ -365,7 +374,7 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
     _adjust(fig, left=0.35, right=0.75, bottom=0.15, top=0.95, wspace=0.06, hspace=0.25)
     vmax = float(np.nanmax(np.concatenate([data.ravel(), model.ravel()]))) if np.isfinite(data).any() else 1.0
     rlim = max(3.0, float(np.nanpercentile(np.abs(resid), 99))) if np.isfinite(resid).any() else 3.0
-    ny, nx = counts.shape[1:]
+    ny, nx = data.shape[1:]
     ims = [None, None, None]
     for j, i in enumerate(idx):
         chi2 = float(np.nanmean(resid[j] ** 2))
