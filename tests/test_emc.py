@@ -5,6 +5,7 @@ detector file's in 1/A, and clear errors for damaged files."""
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -42,12 +43,19 @@ def test_every_frame_equals_dragonfly_reader(truth: np.ndarray) -> None:
     assert truth.max() > 1  # the multi-photon lists are exercised
 
 
-def test_photons_list_file_and_memory_map(tmp_path: Path, truth: np.ndarray) -> None:
+def test_photons_list_file_and_reads_of_one_frame(tmp_path: Path, truth: np.ndarray,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     listing = tmp_path / "photons.txt"
     listing.write_text(f"# in_photons_list\n{PHOTONS[0]}\n\n{PHOTONS[1]}\n")
     with EmcDataset(listing) as emc:
         assert np.array_equal(emc.read_pixels([3, 64, 70]), truth[[3, 64, 70]])
-        assert all(isinstance(f._map, np.memmap) for f in emc.files)  # frames are read on demand
+        reads: list[int] = []
+        pread = os.pread
+        monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or pread(fd, n, off))
+        f = emc.files[1]
+        assert np.array_equal(emc.read_pixels([64 + 17]), truth[[81]])
+        # random access reads only that frame's lists: place_ones, place_multi, count_multi
+        assert sum(reads) == 4 * (f.ones[17] + 2 * f.multi[17]) and len(reads) <= 3
 
 
 def test_dense_emc_types(tmp_path: Path, truth: np.ndarray) -> None:

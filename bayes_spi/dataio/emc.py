@@ -21,8 +21,9 @@ Dragonfly's own reader (``np.add.at``).
 
 Several files form one data set (Dragonfly's ``in_photons_list``): frame ``i`` of the set is frame
 ``i - offset[f]`` of file ``f``. Nothing is loaded whole: only the per-frame lengths (``ones``, ``multi``,
-8 bytes a frame) are read at opening; frames are read through a memory map of the file, so random access
-to any frame costs a few small reads.
+8 bytes a frame) are read at opening; a frame's lists are then read with positioned reads (``os.pread``) of
+just their bytes, so random access to any frame costs three small reads and resident memory stays flat in N
+(no memory map: a mapped file's pages would count as resident as a scan touches them).
 
 Validation names the file, the field, the value expected and the value found
 (:class:`~bayes_spi.dataio.h5.DataFormatError`): a header that is not an emc header, a file shorter or
@@ -72,7 +73,7 @@ def _index_array(indices: Any, n: int) -> np.ndarray:
 
 
 class EmcFile:
-    """One binary Dragonfly ``.emc`` file, memory-mapped; frames are read on demand.
+    """One binary Dragonfly ``.emc`` file; frames are read on demand (positioned reads, nothing mapped).
 
     Args:
         path: the ``.emc`` file.
@@ -129,22 +130,14 @@ class EmcFile:
             expected = HEADER_BYTES + 4 * (2 * n + total_ones + 2 * total_multi)
             self._check_size(size, expected, f"header + ones + multi + place_ones ({total_ones}) + "
                                              f"place_multi ({total_multi}) + count_multi ({total_multi})")
-            words = (size - HEADER_BYTES) // 4
-            self._map = (np.memmap(self.path, dtype="<i4", mode="r", offset=HEADER_BYTES, shape=(words,))
-                         if words else np.zeros(0, dtype="<i4"))
-            base = 2 * n
-            self._place_ones = self._map[base : base + total_ones]
-            base += total_ones
-            self._place_multi = self._map[base : base + total_multi]
-            base += total_multi
-            self._count_multi = self._map[base : base + total_multi]
+            self._base_ones = 2 * n
+            self._base_multi = 2 * n + total_ones
+            self._base_count = 2 * n + total_ones + total_multi
         else:
-            dtype = "<i4" if self.kind == "dense int32" else "<f8"
-            itemsize = np.dtype(dtype).itemsize
-            expected = HEADER_BYTES + itemsize * n * self.num_pix
+            self._dtype = np.dtype("<i4" if self.kind == "dense int32" else "<f8")
+            expected = HEADER_BYTES + self._dtype.itemsize * n * self.num_pix
             self._check_size(size, expected, f"header + {n} x {self.num_pix} {self.kind} values")
-            self._map = np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER_BYTES,
-                                  shape=(n, self.num_pix)) if n else np.zeros((0, self.num_pix), dtype)
+        self._fh = open(self.path, "rb")  # noqa: SIM115 (closed by close())
 
     # ------------------------------------------------------------------ helpers
     def _error(self, field: str, expected: str, found: str) -> DataFormatError:
@@ -160,53 +153,82 @@ class EmcFile:
     def __len__(self) -> int:
         return self.num_data
 
-    @property
-    def total_photons(self) -> int:
-        """Photons in the whole file (sparse files: without reading the pixel lists' places)."""
-        if self.kind == "sparse":
-            return int(self.ones_offset[-1]) + int(np.asarray(self._count_multi, dtype=np.int64).sum())
-        return int(np.asarray(self._map).sum())
+    def _read(self, offset: int, nbytes: int) -> bytes:
+        """``nbytes`` at byte ``offset`` (a positioned read: no file position shared, nothing mapped)."""
+        if self._fh is None:
+            raise ValueError(f"{os.fspath(self.path)}: read from a closed photons file")
+        if hasattr(os, "pread"):
+            data = os.pread(self._fh.fileno(), nbytes, offset)
+        else:  # pragma: no cover (Windows)
+            self._fh.seek(offset)
+            data = self._fh.read(nbytes)
+        if len(data) != nbytes:
+            raise self._error("file size", f"{offset + nbytes} bytes", f"{offset + len(data)} bytes (truncated "
+                              "since it was opened)")
+        return data
+
+    def _words(self, first_word: int, count: int) -> np.ndarray:
+        """``count`` int32 words from word ``first_word`` after the header, as int64."""
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.frombuffer(self._read(HEADER_BYTES + 4 * first_word, 4 * count), dtype="<i4").astype(np.int64)
 
     # ------------------------------------------------------------------ reading
     def read_pixels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Dense frames ``(B, num_pix)`` int32 of the given frame indices (in that order).
+
+        Consecutive frame numbers are read together (one read per list and run of frames), so a sequential
+        scan costs three reads per batch and a shuffled batch a few per frame.
 
         Raises:
             IndexError: an index outside ``[0, num_data)``.
             DataFormatError: a pixel index outside ``[0, num_pix)`` or a count below 1 (names the frame).
         """
         idx = _index_array(indices, self.num_data)
-        out = np.zeros((len(idx), self.num_pix), dtype=np.int64)
-        if self.kind != "sparse":
-            if len(idx):
-                order = np.argsort(idx, kind="stable")
-                raw = np.asarray(self._map[idx[order]])
+        unique, inverse = np.unique(idx, return_inverse=True)
+        out = np.zeros((len(unique), self.num_pix), dtype=np.int64)
+        if len(unique) == 0:
+            return out.astype(np.int32)
+        breaks = np.nonzero(np.diff(unique) != 1)[0] + 1
+        for run_rows in np.split(np.arange(len(unique)), breaks):
+            a, b = int(unique[run_rows[0]]), int(unique[run_rows[-1]]) + 1  # frames [a, b)
+            if self.kind == "sparse":
+                self._read_sparse_run(a, b, out[run_rows[0] : run_rows[-1] + 1])
+            else:
+                item = self._dtype.itemsize
+                raw = np.frombuffer(self._read(HEADER_BYTES + item * a * self.num_pix, item * (b - a) * self.num_pix),
+                                    dtype=self._dtype).reshape(b - a, self.num_pix)
                 if self.kind == "dense float64":
                     bad = ~np.isfinite(raw).all(axis=1) | (raw != np.round(raw)).any(axis=1)
                     if bad.any():
                         raise self._error("frames", "whole photon counts",
-                                          f"a non-integer or non-finite value in frame {int(idx[order][np.argmax(bad)])}")
-                out[order] = raw.astype(np.int64)
-            return self._finish(out, idx)
-        for row, frame in enumerate(idx):
-            o0, o1 = int(self.ones_offset[frame]), int(self.ones_offset[frame + 1])
-            m0, m1 = int(self.multi_offset[frame]), int(self.multi_offset[frame + 1])
-            place_ones = np.asarray(self._place_ones[o0:o1], dtype=np.int64)
-            place_multi = np.asarray(self._place_multi[m0:m1], dtype=np.int64)
-            count_multi = np.asarray(self._count_multi[m0:m1], dtype=np.int64)
-            self._check_places(place_ones, "place_ones", int(frame))
-            self._check_places(place_multi, "place_multi", int(frame))
-            if count_multi.size and count_multi.min() < 1:
-                raise self._error("count_multi", "photon counts >= 1",
-                                  f"{int(count_multi.min())} in frame {int(frame)}")
-            np.add.at(out[row], place_ones, 1)
-            np.add.at(out[row], place_multi, count_multi)
-        return self._finish(out, idx)
+                                          f"a non-integer or non-finite value in frame {a + int(np.argmax(bad))}")
+                out[run_rows[0] : run_rows[-1] + 1] = raw.astype(np.int64)
+        return self._finish(out, unique)[inverse.reshape(-1)]
 
-    def _check_places(self, places: np.ndarray, field: str, frame: int) -> None:
+    def _read_sparse_run(self, a: int, b: int, out: np.ndarray) -> None:
+        """Add frames ``[a, b)`` into ``out`` ``(b - a, num_pix)`` int64."""
+        o0, o1 = int(self.ones_offset[a]), int(self.ones_offset[b])
+        m0, m1 = int(self.multi_offset[a]), int(self.multi_offset[b])
+        place_ones = self._words(self._base_ones + o0, o1 - o0)
+        place_multi = self._words(self._base_multi + m0, m1 - m0)
+        count_multi = self._words(self._base_count + m0, m1 - m0)
+        rows_ones = np.repeat(np.arange(b - a), self.ones[a:b])
+        rows_multi = np.repeat(np.arange(b - a), self.multi[a:b])
+        self._check_places(place_ones, rows_ones, "place_ones", a)
+        self._check_places(place_multi, rows_multi, "place_multi", a)
+        if count_multi.size and count_multi.min() < 1:
+            at = int(np.argmin(count_multi))
+            raise self._error("count_multi", "photon counts >= 1",
+                              f"{int(count_multi[at])} in frame {a + int(rows_multi[at])}")
+        np.add.at(out, (rows_ones, place_ones), 1)
+        np.add.at(out, (rows_multi, place_multi), count_multi)
+
+    def _check_places(self, places: np.ndarray, rows: np.ndarray, field: str, first: int) -> None:
         if places.size and (places.min() < 0 or places.max() >= self.num_pix):
-            bad = places[(places < 0) | (places >= self.num_pix)][0]
-            raise self._error(field, f"pixel indices in [0, num_pix = {self.num_pix})", f"{int(bad)} in frame {frame}")
+            at = int(np.argmax((places < 0) | (places >= self.num_pix)))
+            raise self._error(field, f"pixel indices in [0, num_pix = {self.num_pix})",
+                              f"{int(places[at])} in frame {first + int(rows[at])}")
 
     def _finish(self, out: np.ndarray, idx: np.ndarray) -> np.ndarray:
         if out.size and (out.min() < 0 or out.max() > _INT32_MAX):
@@ -216,11 +238,10 @@ class EmcFile:
         return out.astype(np.int32)
 
     def close(self) -> None:
-        """Drop the memory map."""
-        self._map = None  # type: ignore[assignment]
-        for name in ("_place_ones", "_place_multi", "_count_multi"):
-            if hasattr(self, name):
-                setattr(self, name, None)
+        """Close the file."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None  # type: ignore[assignment]
 
 
 class EmcH5File:

@@ -15,6 +15,10 @@ Inputs (all produced by Dragonfly's own simulator, see benchmarks/peer/README.md
                           ``[x][y][z]``, centre voxel ``size // 2``), |F|^2 in electrons^2 *before* make_data's
                           rescaling to the requested mean photon count.
 
+The photons and the detector are read by bayes-spi's own readers (``bayes_spi.dataio.emc``,
+``bayes_spi.dataio.dragonfly_detector``, as ``bayes-spi convert`` does); this script adds what ``convert`` cannot
+know: the truth intensity cube and ``photons_per_unit_intensity`` of the simulation.
+
 Geometry mapping (verified numerically at conversion time, ``--q-tol``)
 ---------------------------------------------------------------------
 Dragonfly's ``make_detector.py`` builds ``(x, y) = mgrid[0:dets_x, 0:dets_y]`` and flattens it in C order,
@@ -73,13 +77,15 @@ import time
 import h5py
 import numpy as np
 
+from bayes_spi.dataio.dragonfly_detector import ewald_radius, read_dragonfly_detector
 from bayes_spi.dataio.h5 import H5Writer, SPIDataset
-from bayes_spi.geometry import HC_EV_A, Beam, Detector, Geometry
+from bayes_spi.dataio.sources import EmcSource
+from bayes_spi.geometry import HC_EV_A
 
 POL_MAP = {"x": "x", "y": "y", "none": "unpolarized"}
 
 
-# ----------------------------------------------------------------------------- Dragonfly readers
+# ----------------------------------------------------------------------------- Dragonfly config
 def read_config(path: str) -> tuple[configparser.ConfigParser, str]:
     cfg = configparser.ConfigParser()
     if not cfg.read(path):
@@ -94,57 +100,6 @@ def cfg_filename(cfg: configparser.ConfigParser, section: str, key: str) -> str:
         sec, k = val.split(":::")
         val = cfg.get(sec, k).strip()
     return val
-
-
-def read_detector(path: str) -> dict:
-    """Return dict with qx, qy, qz, corr, mask (1D, num_pix), detd, ewald_rad."""
-    if h5py.is_hdf5(path):
-        with h5py.File(path, "r") as f:
-            det = {k: f[k][()] for k in ("qx", "qy", "qz", "corr", "mask")}
-            det["detd"] = float(f["detd"][()])
-            det["ewald_rad"] = float(f["ewald_rad"][()])
-        return det
-    with open(path) as f:
-        head = f.readline().split()
-    arr = np.loadtxt(path, skiprows=1)
-    det = {"qx": arr[:, 0], "qy": arr[:, 1], "qz": arr[:, 2], "corr": arr[:, 3], "mask": arr[:, 4].astype(np.uint8)}
-    det["detd"] = float(head[1])
-    det["ewald_rad"] = float(head[2])
-    return det
-
-
-class EmcPhotons:
-    """Streaming reader of Dragonfly's sparse ``.emc`` photon file (memory-mapped)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        header = np.fromfile(path, dtype="<i4", count=256)
-        self.num_data, self.num_pix = int(header[0]), int(header[1])
-        mm = np.memmap(path, dtype="<i4", mode="r")
-        n = self.num_data
-        self.ones = np.asarray(mm[256:256 + n], dtype=np.int64)
-        self.multi = np.asarray(mm[256 + n:256 + 2 * n], dtype=np.int64)
-        self.ones_off = np.concatenate([[0], np.cumsum(self.ones)])
-        self.multi_off = np.concatenate([[0], np.cumsum(self.multi)])
-        base = 256 + 2 * n
-        self.place_ones = mm[base:base + self.ones_off[-1]]
-        base += self.ones_off[-1]
-        self.place_multi = mm[base:base + self.multi_off[-1]]
-        base += self.multi_off[-1]
-        self.count_multi = mm[base:base + self.multi_off[-1]]
-        if base + self.multi_off[-1] != mm.shape[0]:
-            raise ValueError(f"{path}: size mismatch ({mm.shape[0]} int32 words, expected {base + self.multi_off[-1]})")
-
-    def dense(self, start: int, stop: int) -> np.ndarray:
-        """Frames [start, stop) as dense (B, num_pix) int32."""
-        out = np.zeros((stop - start, self.num_pix), dtype=np.int32)
-        o0, o1 = self.ones_off[start], self.ones_off[stop]
-        rows = np.repeat(np.arange(stop - start), self.ones[start:stop])
-        out[rows, np.asarray(self.place_ones[o0:o1])] = 1
-        m0, m1 = self.multi_off[start], self.multi_off[stop]
-        rows = np.repeat(np.arange(stop - start), self.multi[start:stop])
-        out[rows, np.asarray(self.place_multi[m0:m1])] = np.asarray(self.count_multi[m0:m1])
-        return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -171,40 +126,38 @@ def mean_slice_sum(intens: np.ndarray, qvox: np.ndarray, weight: np.ndarray, n_r
     return tot / n_rot
 
 
-def build_geometry(cfg: configparser.ConfigParser, det: dict, exclude_corners: bool) -> tuple[Geometry, np.ndarray]:
+def open_source(cfg: configparser.ConfigParser, photons_f: str, det_f: str, exclude_corners: bool) -> EmcSource:
+    """The photons as a data set through bayes-spi's readers (bayes_spi.dataio.emc / dragonfly_detector), with the
+    config's wavelength and physical pixel size; checks the config's detsize against the recovered layout."""
     p = cfg["parameters"]
     lam = float(p["lambda"])
-    detd_mm = float(p["detd"])
     pix_mm = float(p["pixsize"])
     sizes = p["detsize"].split()
     dets_x = int(sizes[0])
     dets_y = int(sizes[1]) if len(sizes) > 1 else dets_x
+    src = EmcSource(photons_f, det_f, photon_energy_ev=HC_EV_A / lam, keep_mask_1=not exclude_corners,
+                    pixel_size_m=pix_mm * 1e-3)
+    if src.shape != (dets_y, dets_x):
+        raise ValueError(f"detsize {dets_x}x{dets_y} != recovered layout (n_y, n_x) = {src.shape}")
     pol = POL_MAP[p.get("polarization", "x").strip().lower()]
-    if dets_x * dets_y != det["qx"].size:
-        raise ValueError(f"detsize {dets_x}x{dets_y} != num_pix {det['qx'].size}")
-    raw_mask = det["mask"].reshape(dets_x, dets_y).T  # -> (n_y, n_x)
-    good = raw_mask < 1 if exclude_corners else raw_mask < 2
-    geom = Geometry(
-        Beam(photon_energy_ev=HC_EV_A / lam, polarization=pol),
-        Detector(n_x=dets_x, n_y=dets_y, pixel_size_m=pix_mm * 1e-3, distance_m=detd_mm * 1e-3, mask=good),
-        name=f"dragonfly-{dets_x}x{dets_y}-{detd_mm:g}mm",
-    )
-    return geom, raw_mask
+    if src.geometry.kind != "grid" or src.geometry.beam.polarization != pol:
+        raise ValueError(f"expected a flat grid with polarization {pol!r}, got kind {src.geometry.kind!r}")
+    return src
 
 
-def check_q(geom: Geometry, det: dict, tol: float) -> tuple[float, float, np.ndarray]:
-    """Return (voxel_size_inv_A, max relative error, Dragonfly q as (n_y, n_x, 3) voxel units)."""
-    n_y, n_x = geom.shape
-    qd = np.stack([det[k].reshape(n_x, n_y).T for k in ("qx", "qy", "qz")], axis=-1)  # (n_y, n_x, 3)
+def check_q(src: EmcSource, cfg: configparser.ConfigParser) -> tuple[float, float, np.ndarray]:
+    """Return (voxel_size_inv_A, max relative error vs the config's D, p, lambda, Dragonfly q as (n_y, n_x, 3))."""
+    geom = src.geometry
+    p = cfg["parameters"]
+    det = read_dragonfly_detector(src.detector_path)
+    voxel = 1.0 / (ewald_radius(det) * geom.wavelength_A)  # Dragonfly q_sep
+    qd = det.q_voxel[src.layout.index]
+    # independent: make_detector's q_sep from the config
+    pix, detd, lam = float(p["pixsize"]), float(p["detd"]), float(p["lambda"])
+    q_sep = 2.0 * math.sin(0.5 * math.atan(pix / detd)) / lam * (detd / det.ewald_rad / pix)
     qb = geom.q_vectors()
-    p = geom.detector.pixel_size_m
-    d = geom.detector.distance_m
-    voxel = 2.0 * math.sin(0.5 * math.atan(p / d)) / geom.wavelength_A  # Dragonfly q_sep
-    err = np.linalg.norm(qb - voxel * qd, axis=-1) / np.maximum(np.linalg.norm(qb, axis=-1), 1e-300)
-    max_err = float(err.max())
-    if max_err > tol:
-        raise ValueError(f"q mismatch: max relative error {max_err:.3e} > tol {tol:.1e}")
-    return voxel, max_err, qd
+    err = np.linalg.norm(qb - q_sep * qd, axis=-1) / np.maximum(np.linalg.norm(qb, axis=-1), 1e-300)
+    return voxel, float(err.max()), qd
 
 
 # ----------------------------------------------------------------------------- main
@@ -229,12 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     det_f = rel(args.detector or cfg_filename(cfg, "make_detector", "out_detector_file"))
     intens_f = rel(args.intensity or cfg_filename(cfg, "make_intensities", "out_intensity_file"))
 
-    det = read_detector(det_f)
-    geom, raw_mask = build_geometry(cfg, det, args.exclude_corners)
-    voxel, q_err, qd = check_q(geom, det, args.q_tol)
+    src = open_source(cfg, photons_f, det_f, args.exclude_corners)
+    geom = src.geometry
+    voxel, q_err, qd = check_q(src, cfg)
+    if q_err > args.q_tol:
+        raise ValueError(f"q mismatch: max relative error {q_err:.3e} > tol {args.q_tol:.1e}")
     print(f"q check: bayes q = {voxel:.9g} 1/A x Dragonfly q (axes x<-slow, y<-fast, z); max rel err {q_err:.2e}")
-    print(f"Dragonfly detd={det['detd']:.6f} px, ewald_rad={det['ewald_rad']:.6f} px, exact qscaling="
-          f"{1 / (geom.wavelength_A * voxel):.6f}")
 
     raw = np.fromfile(intens_f, dtype="<f8")
     size = round(raw.size ** (1 / 3))
@@ -245,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if qmax_vox > size // 2 - 1:
         print(f"WARNING: detector q_max {qmax_vox:.2f} voxels exceeds the truth cube half size {size // 2}")
 
-    em = EmcPhotons(photons_f)
-    if em.num_pix != geom.n_pixels:
-        raise ValueError(f"photons num_pix {em.num_pix} != detector {geom.n_pixels}")
-    n = em.num_data if args.max_frames is None else min(args.max_frames, em.num_data)
+    n = src.n_patterns if args.max_frames is None else min(args.max_frames, src.n_patterns)
     good = geom.good_pixels()
     n_y, n_x = geom.shape
     tot_photons = 0
@@ -270,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                   simulation_attrs=sim_attrs) as w:
         for s in range(0, n, args.chunk):
             e = min(n, s + args.chunk)
-            frames = em.dense(s, e).reshape(e - s, n_x, n_y).transpose(0, 2, 1)  # (B, n_y, n_x)
+            frames = src.layout.image(src.emc.read_pixels(np.arange(s, e)))  # (B, n_y, n_x), all pixels
             tot_masked += int(frames[:, ~good].sum())
             frames[:, ~good] = 0
             tot_photons += int(frames.sum())
@@ -302,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "q_check_max_rel_err": q_err,
         "seconds": round(time.time() - t0, 1),
     }
+    src.close()
     with SPIDataset(args.out) as ds:  # validate what we wrote
-        assert ds.n_patterns == n and ds.shape == (n_y, n_x)
-        summary["reader_ok"] = True
+        summary["reader_ok"] = ds.n_patterns == n and ds.shape == (n_y, n_x)
     print(json.dumps(summary, indent=1))
     return 0
 
