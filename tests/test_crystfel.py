@@ -11,6 +11,7 @@ import pytest
 
 from bayes_spi.dataio.crystfel import parse_vector, read_crystfel_geom
 from bayes_spi.dataio.h5 import DataFormatError
+from bayes_spi.geometry import get_preset
 
 GEOM = """\
 ; AGIPD-like test geometry: 2 modules (dim1) of 2 asics of 3 x 5 pixels
@@ -197,3 +198,28 @@ def test_vectors_and_errors(tmp_path: Path) -> None:
         read_crystfel_geom(bad)
     with pytest.raises(FileNotFoundError):
         read_crystfel_geom(tmp_path / "none.geom")
+
+
+def test_cxi_frames_with_a_crystfel_geometry(tmp_path: Path) -> None:
+    """AGIPD-like frames (N, modules, ss, fs) in a CXI file without geometry fields, read with the .geom's geometry:
+    the modules stacked along the rows as the .geom lays them out, the file's CXI mask combined with the .geom's."""
+    from bayes_spi.dataio.cxi import open_cxi
+
+    cg = read_crystfel_geom(_write(tmp_path))
+    frames = np.random.default_rng(5).poisson(3.0, (7, 2, 6, 5)).astype(np.int16)
+    flags = np.zeros((2, 6, 5), np.uint32)
+    flags[0, 0, 0] = 0x8  # dead
+    path = tmp_path / "agipd.cxi"
+    with h5py.File(path, "w") as f:
+        f["entry_1/instrument_1/detector_1/data"] = frames
+        f["entry_1/instrument_1/detector_1/mask"] = flags
+    with open_cxi(path, geometry=cg.geometry) as data:
+        good = cg.geometry.good_pixels()
+        good[0, 0] = False
+        np.testing.assert_array_equal(data.mask, good)
+        assert data.geometry.with_mask(None) == cg.geometry.with_mask(None)
+        np.testing.assert_array_equal(data.read(slice(None)), np.where(good, cg.frame_to_pixels(frames), 0))
+    with pytest.raises(ValueError, match=r"geometry: expected shape \(12, 5\).*got shape \(32, 32\)"):
+        open_cxi(path, geometry=get_preset("reference-32"))
+    with pytest.raises(ValueError, match="photon_energy_ev: expected none with geometry"):
+        open_cxi(path, geometry=cg.geometry, photon_energy_ev=9300.0)

@@ -80,6 +80,10 @@ class CXIDataset(PatternSource):
         data_path: the frames dataset (default: the first of :data:`DATA_PATHS` present).
         adu_per_photon: convert non-whole values to photons (see the module docstring).
         bad_bits: CXI mask bits that make a pixel bad (default :data:`DEFAULT_BAD_BITS`).
+        geometry: a geometry replacing the file's (e.g. ``read_crystfel_geom("agipd.geom").geometry`` for a file
+            whose frames are ``(N, modules, ss, fs)`` in that ``.geom``'s layout): it must have the frames' stacked
+            shape; its mask is combined with the file's CXI mask, if the file has one. Then the file needs no
+            geometry fields, and its photon energy is not read.
 
     Raises:
         FileNotFoundError: no such file.
@@ -90,7 +94,7 @@ class CXIDataset(PatternSource):
 
     def __init__(self, path: str | os.PathLike[str], *, photon_energy_ev: float | None = None,
                  polarization: str = "x", data_path: str | None = None, adu_per_photon: float | None = None,
-                 bad_bits: int = DEFAULT_BAD_BITS) -> None:
+                 bad_bits: int = DEFAULT_BAD_BITS, geometry: Geometry | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"CXI file {os.fspath(path)!r} not found")
@@ -103,7 +107,7 @@ class CXIDataset(PatternSource):
         except OSError as exc:
             raise DataFormatError(self.path, "/", "a CXI (HDF5) file", f"unreadable file ({exc})") from exc
         try:
-            self._open(photon_energy_ev, polarization, data_path)
+            self._open(photon_energy_ev, polarization, data_path, geometry)
         except Exception:
             self.close()
             raise
@@ -135,7 +139,11 @@ class CXIDataset(PatternSource):
                 return [(obj, group)]
         raise self._error(DATA_PATHS[0], f"a dataset of frames (or {DATA_PATHS[1]})", "missing")
 
-    def _open(self, photon_energy_ev: float | None, polarization: str, data_path: str | None) -> None:
+    def _open(self, photon_energy_ev: float | None, polarization: str, data_path: str | None,
+              given: Geometry | None) -> None:
+        if given is not None and photon_energy_ev is not None:
+            raise ValueError("photon_energy_ev: expected none with geometry (the geometry holds the photon energy), "
+                             f"got {photon_energy_ev!r}")
         sets = self._data_sets(data_path)
         panels: list[Panel] = []
         self._parts: list[tuple[h5py.Dataset, str, int]] = []  # (dataset, name, modules)
@@ -158,16 +166,32 @@ class CXIDataset(PatternSource):
             if n_frames is not None and frames != n_frames:
                 raise self._error(name, f"{n_frames} frames (as the first detector)", f"{frames}")
             n_frames = frames
-            panels += self._panels(group, modules, ss, fs)
             self._parts.append((data, name, modules))
-        self._n_rows = [p.n_ss for p in panels]
+            if given is None:
+                panels += self._panels(group, modules, ss, fs)
+            else:
+                m = max(modules, 1)
+                mask = self._mask(group, modules, ss, fs)
+                # placeholder panels (only their shape and mask are used): the given geometry replaces them
+                panels += [Panel((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), n_fs=fs, n_ss=ss, mask=mask[k])
+                           for k in range(m)]
         self.panels = panels
-        energy = self._photon_energy(photon_energy_ev)
-        try:
-            self.geometry = Geometry.from_panels(panels, photon_energy_ev=energy, polarization=polarization,
-                                                 name=f"cxi:{self.path.name}")
-        except ValueError as exc:
-            raise self._error(sets[0][1].name or "/", "a valid detector geometry", str(exc)) from None
+        if given is not None:
+            width = max(p.n_fs for p in panels)
+            stacked = (sum(p.n_ss for p in panels), width)
+            if tuple(given.shape) != stacked:
+                raise ValueError(f"geometry: expected shape {stacked} (the frames of {os.fspath(self.path)} with "
+                                 f"modules stacked along the rows), got shape {tuple(given.shape)}")
+            file_mask = np.concatenate([np.pad(np.ones((p.n_ss, p.n_fs), bool) if p.mask is None else p.mask,
+                                               ((0, 0), (0, width - p.n_fs))) for p in panels])
+            self.geometry = given.with_mask(given.good_pixels() & file_mask)
+        else:
+            energy = self._photon_energy(photon_energy_ev)
+            try:
+                self.geometry = Geometry.from_panels(panels, photon_energy_ev=energy, polarization=polarization,
+                                                     name=f"cxi:{self.path.name}")
+            except ValueError as exc:
+                raise self._error(sets[0][1].name or "/", "a valid detector geometry", str(exc)) from None
         self.mask = self.geometry.good_pixels()
         if not self.mask.any():
             raise self._error(f"{sets[0][1].name}/mask", "at least one good pixel", "every pixel flagged bad")
