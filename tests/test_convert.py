@@ -159,6 +159,8 @@ def test_source_errors(tmp_path: Path) -> None:
     res = _invoke(["fit", PHOTONS[0], "-o", tmp_path / "run", "--no-progress"])
     assert res.exit_code == 1 and "photons_a.emc: Dragonfly photons need their detector file" in res.output
     assert not out.exists() and not (tmp_path / "run" / "config.yaml").exists()
+    res = _invoke(["evaluate", tmp_path / "run", "--truth", PHOTONS[0]])
+    assert res.exit_code == 1 and "got Dragonfly photons (experimental data has no truth" in res.output
     np.save(tmp_path / "c.npy", np.zeros((3, 12, 16), dtype=np.int32))
     bad = tmp_path / "g.yaml"
     bad.write_text("photon_energy_ev: 6000\ndistance_m: 0.1\n")

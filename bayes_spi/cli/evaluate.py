@@ -38,6 +38,26 @@ import click
 __all__ = ["command"]
 
 
+_KINDS = {"emc": "Dragonfly photons", "cxi": "a CXI file", "stack": "a counts stack"}
+
+
+def _refuse_foreign_truth(truth: Path | None) -> None:
+    """A foreign data file (Dragonfly, CXI, a stack) holds no truth: say so plainly, not as an HDF5 error."""
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.sources import source_kind
+
+    if truth is None:
+        return
+    try:
+        kind = source_kind(truth)
+    except (FileNotFoundError, DataFormatError):
+        return  # evaluate_run_full reports it
+    if kind != "bayes-spi":
+        raise click.ClickException(f"--truth: {os.fspath(truth)}: expected a simulated bayes-spi data file with "
+                                   f"/truth, got {_KINDS.get(kind, kind)} (experimental data has no truth: use "
+                                   "`bayes-spi fit --half-sets` or `evaluate --reference VOLUME`)")
+
+
 @click.command("evaluate", help=__doc__)
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--truth", "truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -87,6 +107,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
                            ("speckle_fsc_res_nm_0.143", "speckle FSC 0.143")):
             click.echo(f"  {label:<20} {scalars[key]:.3f} nm")
         return
+    _refuse_foreign_truth(truth)
     try:
         ev = evaluate_run_full(run, truth, density=False if no_density else (density or True), phase_starts=starts)
     except (FileNotFoundError, ValueError, DataFormatError) as exc:
