@@ -483,8 +483,8 @@ class Geometry:
             photon_energy_ev: photon energy (eV).
             polarization: see :class:`Beam`.
             mask: optional ``(n_y, n_x)`` bool, True = good pixel.
-            pixel_size_m: square pixels of this side (scalar or ``(n_y, n_x)``) facing the beam (edges along lab
-                x and y); give either this or ``fs_m`` and ``ss_m``.
+            pixel_size_m: square pixels of this side (scalar or ``(n_y, n_x)``) in planes perpendicular to the beam
+                (edges along lab x and y); give either this or ``fs_m`` and ``ss_m``.
             fs_m: pixel edge vector along increasing ``ix`` (``(3,)`` or ``(n_y, n_x, 3)``, metres).
             ss_m: pixel edge vector along increasing ``iy``.
             name: optional name.
