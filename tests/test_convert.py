@@ -147,6 +147,25 @@ def test_hdf5_stack_with_an_off_centre_beam(images: np.ndarray, tmp_path: Path) 
         read_geometry_file(geometry, (12, 16))
 
 
+def test_convert_a_cxi_file(images: np.ndarray, tmp_path: Path) -> None:
+    """A single-panel CXI file (distance, pixel sizes, source energy in J) converts through the same command."""
+    cxi = tmp_path / "run.cxi"
+    with h5py.File(cxi, "w") as f:
+        det = f.create_group("entry_1/instrument_1/detector_1")
+        det["data"] = images.astype(np.int32)
+        det["distance"] = 0.075
+        det["x_pixel_size"] = det["y_pixel_size"] = 1.92e-3
+        f["entry_1/instrument_1/source_1/energy"] = ENERGY * 1.602176634e-19
+    out = tmp_path / "data.h5"
+    res = _invoke(["convert", cxi, "-o", out, "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    with SPIDataset(out) as ds, open_dataset(cxi) as src:
+        assert ds.n_patterns == 96 and np.array_equal(ds.read(np.arange(96)), src.read(np.arange(96)))
+        assert np.array_equal(src.read(np.arange(96)), images * src.mask)
+        assert ds.attrs["source_kind"] == src.kind
+        assert ds.geometry.wavelength_A == pytest.approx(2.0, rel=1e-9)
+
+
 def test_source_errors(tmp_path: Path) -> None:
     out = tmp_path / "x.h5"
     res = _invoke(["convert", PHOTONS[0], "-o", out, "--no-progress"])

@@ -58,6 +58,28 @@ def test_photons_list_file_and_reads_of_one_frame(tmp_path: Path, truth: np.ndar
         assert sum(reads) == 4 * (f.ones[17] + 2 * f.multi[17]) and len(reads) <= 3
 
 
+def test_dragonfly_hdf5_photons(truth: np.ndarray) -> None:
+    """Dragonfly's HDF5 photon file (EMCWriter's default) mixed with a binary .emc in one set."""
+    with EmcDataset([PHOTONS[0], DATA / "photons_b.h5"], num_pix=192) as emc:
+        assert emc.num_data == 96
+        assert np.array_equal(emc.read_pixels(np.arange(96)[::-1]), truth[::-1])
+
+
+def test_old_ascii_detector_without_distance(tmp_path: Path) -> None:
+    """The old ASCII format (first line num_pix only): q still converts; the layout needs the shape."""
+    lines = (DATA / "det_16x12.dat").read_text().splitlines()
+    old = tmp_path / "old.dat"
+    old.write_text("\n".join(["192", *lines[1:]]) + "\n")
+    det = read_dragonfly_detector(old)
+    assert det.detd is None and det.ewald_rad is None
+    with pytest.raises(ValueError, match="give the image shape"):
+        detector_geometry(det, photon_energy_ev=ENERGY)
+    geometry, layout = detector_geometry(det, photon_energy_ev=ENERGY, shape=(12, 16))
+    assert geometry.kind == "q"
+    expected = _expected_q(DATA / "det_16x12.dat")[layout.index]
+    assert np.allclose(geometry.q_vectors(), expected, rtol=1e-9, atol=0)
+
+
 def test_dense_emc_types(tmp_path: Path, truth: np.ndarray) -> None:
     """Dragonfly's dense int32 (type 1) and float64 (type 2) files read like the sparse one."""
     for type_word, dtype in ((1, "<i4"), (2, "<f8")):

@@ -321,18 +321,13 @@ def read_geometry_file(path: str | os.PathLike[str], shape: tuple[int, int], *,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"geometry file {os.fspath(path)!r} not found")
+    import yaml
+
     text = path.read_text()
     try:
-        if path.suffix.lower() == ".json":
-            doc = json.loads(text)
-        else:
-            import yaml
-
-            doc = yaml.safe_load(text)
-    except (ValueError, ImportError) as exc:
-        raise DataFormatError(path, "/", "YAML or JSON", str(exc).splitlines()[0][:120]) from None
-    except Exception as exc:  # yaml.YAMLError
-        raise DataFormatError(path, "/", "YAML or JSON", str(exc).splitlines()[0][:120]) from None
+        doc = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise DataFormatError(path, "/", "YAML or JSON", (str(exc).splitlines() or [""])[0][:120]) from None
     if not isinstance(doc, dict):
         raise DataFormatError(path, "/", "a mapping of geometry fields", type(doc).__name__)
     unknown = sorted(set(doc) - set(GEOMETRY_FILE_KEYS))
@@ -504,7 +499,7 @@ def source_kind(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
         with h5py.File(file, "r") as f:
             fmt = f.attrs.get("format")
             fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-            if fmt == FORMAT_NAME or "data" in f and "geometry" in f:
+            if fmt == FORMAT_NAME or ("data" in f and "geometry" in f):
                 return "bayes-spi"
             if "place_ones" in f:
                 return "emc"
