@@ -123,13 +123,13 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
         source = _recorded_source(run, data)
     from bayes_spi.dataio.sources import open_dataset, split_dataset_path
 
-    if not split_dataset_path(data)[0].exists():
-        raise click.ClickException(f"data file {os.fspath(data)!r} not found (expected a bayes-spi HDF5 file, or "
-                                   "a source of `bayes-spi convert`)")
     try:
         dataset = open_dataset(data, **source.open_kwargs())
     except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+        if split_dataset_path(data)[0].is_file():  # a file the source names (a detector, a geometry file)
+            raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"data file {os.fspath(data)!r} not found (expected a bayes-spi HDF5 file, or "
+                                   "a source of `bayes-spi convert`)") from None
     except (DataFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if truth and not dataset.has_truth:

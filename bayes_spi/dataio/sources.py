@@ -483,11 +483,18 @@ def source_kind(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     """
     if not isinstance(path, (str, os.PathLike)):
         return "emc"
+    from bayes_spi.paths import input_file_problem
+
     file, inner = split_dataset_path(path)
+    problem = input_file_problem(file)
+    if isinstance(problem, FileNotFoundError):
+        detail = "" if problem.strerror == "not found" else f" ({problem.strerror})"
+        raise FileNotFoundError(f"data file {os.fspath(file)!r} not found{detail}")
+    if problem is not None:
+        raise DataFormatError(file, "/", "a data file (bayes-spi .h5, .emc, .cxi, .npy)",
+                              (problem.strerror or "").removeprefix("got "))
     if inner is not None:
         return "stack"
-    if not file.exists():
-        raise FileNotFoundError(f"data file {os.fspath(file)!r} not found")
     suffix = file.suffix.lower()
     if suffix == ".emc" or suffix in _LIST_SUFFIXES:
         return "emc"

@@ -121,14 +121,14 @@ def _open_dataset(path: Path, source: Any = None) -> Any:
     from bayes_spi.dataio.h5 import DataFormatError
     from bayes_spi.dataio.sources import open_dataset, split_dataset_path
 
-    if not split_dataset_path(path)[0].exists():
-        raise WorkflowError(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
-                            "e.g. from `bayes-spi simulate`, or a source of `bayes-spi convert`)")
     try:
         options = source if isinstance(source, SourceOptions) else SourceOptions.from_dict(source)
         return open_dataset(path, **options.open_kwargs())
     except FileNotFoundError as exc:
-        raise WorkflowError(str(exc)) from None
+        if split_dataset_path(path)[0].is_file():  # a file the source names (a detector, a geometry file)
+            raise WorkflowError(str(exc)) from None
+        raise WorkflowError(f"data file {os.fspath(path)!r} not found (expected a bayes-spi HDF5 file, "
+                            "e.g. from `bayes-spi simulate`, or a source of `bayes-spi convert`)") from None
     except (DataFormatError, ValueError) as exc:
         raise WorkflowError(str(exc)) from None
 
