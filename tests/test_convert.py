@@ -116,6 +116,8 @@ def test_fit_and_posterior_read_a_npy_stack_directly(converted: Path, images: np
     assert res.exit_code == 0, res.output + repr(res.exception)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["data"]["source"] == {"geometry": str(geometry.resolve())}
+    res = _invoke(["fit", "-o", run, "--resume", "--no-progress"])  # DATA and --geometry from config.yaml
+    assert res.exit_code == 0, res.output + repr(res.exception)
     out = tmp_path / "post.nc"
     res = _invoke(["posterior", run, tmp_path / "counts.npy", "-o", out, "--draws", "4", "--no-progress"])
     assert res.exit_code == 0, res.output + repr(res.exception)
