@@ -216,6 +216,26 @@ def test_off_centre_beam_becomes_a_per_pixel_geometry() -> None:
     assert np.linalg.norm(geometry.q_vectors()[4, 6]) < 1e-15
 
 
+def test_panels_with_a_gap_are_laid_out_by_position(tmp_path: Path) -> None:
+    """A pixel list with a missing column (two panels with a gap) goes back on its grid: the gap is masked
+    and its q (from its position on the detector plane) is the full detector's."""
+    gapped = tmp_path / "gapped.h5"
+    keep = np.arange(192) // DETS_Y != 7  # drop Dragonfly x = 7 (image column ix = 7)
+    with h5py.File(DET_H5, "r") as src, h5py.File(gapped, "w") as dst:
+        for name in ("qx", "qy", "qz", "corr", "mask"):
+            dst[name] = src[name][()][keep]
+        dst["detd"] = src["detd"][()]
+        dst["ewald_rad"] = src["ewald_rad"][()]
+    full, _ = detector_geometry(read_dragonfly_detector(DET_H5), photon_energy_ev=ENERGY)
+    geometry, layout = detector_geometry(read_dragonfly_detector(gapped), photon_energy_ev=ENERGY)
+    assert layout.how == "positions" and layout.shape == (12, 16) and not layout.complete
+    assert (layout.index[:, 7] == -1).all() and (layout.index >= 0).sum() == 180
+    assert geometry.kind == "q" and not geometry.good_pixels()[:, 7].any()
+    assert np.array_equal(geometry.good_pixels()[:, keep.reshape(16, 12)[:, 0]],
+                          full.good_pixels()[:, keep.reshape(16, 12)[:, 0]])
+    assert np.allclose(geometry.q_vectors(), full.q_vectors(), rtol=1e-9, atol=1e-15)
+
+
 def test_detector_errors(tmp_path: Path) -> None:
     det = read_dragonfly_detector(DET_H5)
     with pytest.raises(ValueError, match="holds no wavelength: expected the photon energy \\(--photon-energy"):
