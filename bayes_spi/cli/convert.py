@@ -1,15 +1,17 @@
 """Convert experimental data into a bayes-spi HDF5 file (chunked, compressed, written while streaming).
 
-SRC is one of:
+SOURCES are one of:
 
 \b
   Dragonfly   one or more .emc photon files (one data set, in order), or a text file listing them
               (Dragonfly's in_photons_list), with --detector (Dragonfly's detector .h5 or ASCII .dat) and
               --photon-energy (or --wavelength; the detector file holds no wavelength)
-  CXI         a .cxi file (detector distance, pixel size, corner positions, mask, photon energy from it)
+  CXI         a .cxi file (detector distance, pixel size, corner positions, mask, photon energy from it;
+              or the pixel geometry of a CrystFEL --geometry FILE.geom)
   stack       counts.npy (N, n_y, n_x) or FILE.h5:/path/to/counts, with --geometry FILE (YAML or JSON:
               photon_energy_ev or wavelength_A, distance_m, pixel_size_m, optional beam_center_px [x, y],
-              polarization, mask, pixel_positions_m (n_y, n_x, 3), name)
+              polarization, mask, pixel_positions_m (n_y, n_x, 3), name), or with a CrystFEL .geom (the
+              stack then (N, *its data shape), e.g. AGIPD's (N, 16, 512, 128); modules stacked along rows)
 
 Dragonfly's q (voxel units) become 1/A through the Ewald radius the q-vectors lie on and the wavelength;
 its mask 0 and 1 are good pixels (--mask-1 bad: only 0), 2 bad. A Dragonfly detector that is a full grid

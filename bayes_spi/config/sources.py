@@ -28,7 +28,8 @@ HC_EV_A: float = 12398.4198
 SOURCE_OPTION_HELP: dict[str, str] = {
     "detector": "Dragonfly detector file (HDF5 or ASCII .dat) for .emc data.",
     "geometry": "Geometry file (YAML/JSON: photon_energy_ev, distance_m, pixel_size_m, beam_center_px, mask, "
-                "pixel_positions_m, polarization) for a .npy or FILE.h5:/dataset stack of counts.",
+                "pixel_positions_m, polarization) for a .npy or FILE.h5:/dataset stack of counts, or a CrystFEL "
+                ".geom for a stack (N, *its data shape) or a CXI file.",
     "photon_energy_ev": "Photon energy in eV (Dragonfly detector files hold no wavelength; overrides a geometry "
                         "file's).",
     "wavelength_A": "Wavelength in A (instead of --photon-energy).",

@@ -6,9 +6,12 @@
 * Dragonfly photon files: one or several ``.emc`` (or Dragonfly's HDF5 photon files), or a text file listing
   them (``.txt``/``.lst``, as Dragonfly's ``in_photons_list``), with ``detector=`` Dragonfly's detector file
   (:mod:`bayes_spi.dataio.dragonfly_detector`) and the photon energy -> :class:`EmcSource`;
-* a CXI file (``.cxi``, or HDF5 with ``/entry_1``) -> :mod:`bayes_spi.dataio.cxi` (when present);
+* a CXI file (``.cxi``, or HDF5 with ``/entry_1``) -> :mod:`bayes_spi.dataio.cxi` (its own geometry, or a
+  CrystFEL ``.geom`` given as ``geometry=``);
 * the generic route: a NumPy stack ``counts.npy`` ``(N, n_y, n_x)`` (memory-mapped) or an HDF5 dataset
-  ``file.h5:/path/to/counts`` ``(N, n_y, n_x)``, with ``geometry=`` a geometry file -> :class:`StackSource`.
+  ``file.h5:/path/to/counts`` ``(N, n_y, n_x)``, with ``geometry=`` a geometry file -> :class:`StackSource`;
+  the geometry may also be a CrystFEL ``.geom`` (AGIPD at European XFEL), the stack then ``(N, *data_shape)``
+  of that file (e.g. ``(N, 16, 512, 128)``).
 
 Generic geometry file (YAML or JSON; relative file names are relative to the geometry file)
 -----------------------------------------------------------------------------------------
@@ -399,11 +402,13 @@ def _from_positions(path: Path, pos: np.ndarray, energy: float, polarization: st
 
 
 class StackSource(PatternSource):
-    """A NumPy ``.npy`` stack (memory-mapped) or an HDF5 dataset ``(N, n_y, n_x)`` of counts plus a geometry file.
+    """A NumPy ``.npy`` stack (memory-mapped) or an HDF5 dataset of counts plus a geometry file.
 
     Args:
-        counts: ``counts.npy`` or ``file.h5:/path/to/dataset``.
-        geometry: the geometry file (YAML/JSON, see the module docstring).
+        counts: ``counts.npy`` or ``file.h5:/path/to/dataset``, ``(N, n_y, n_x)``; with a CrystFEL ``.geom``
+            ``(N, *data_shape)`` of that file (e.g. AGIPD's ``(N, 16, 512, 128)``), laid out as it says.
+        geometry: the geometry file: YAML/JSON (see the module docstring) or CrystFEL ``.geom``
+            (:mod:`bayes_spi.dataio.crystfel`; its mask file is applied, its ``data`` path is not used).
         photon_energy_ev: overrides the geometry file's photon energy.
     """
 
@@ -441,6 +446,21 @@ class StackSource(PatternSource):
             self.chunk_patterns = 64
         shape = tuple(self._counts.shape)
         dtype = np.dtype(self._counts.dtype)
+        self.crystfel = None
+        if self.geometry_path.suffix.lower() == ".geom":
+            from bayes_spi.dataio.crystfel import read_crystfel_geom
+
+            try:
+                self.crystfel = read_crystfel_geom(self.geometry_path, photon_energy_ev=photon_energy_ev,
+                                                   data_file=self.path if self.inner is not None else None)
+            except Exception:
+                self.close()
+                raise
+            if shape[1:] != self.crystfel.data_shape:
+                self.close()
+                raise DataFormatError(self.path, self.field, f"frames of shape {self.crystfel.data_shape} (the "
+                                      f"data shape of {os.fspath(self.geometry_path)})", f"shape {shape}")
+            shape = (shape[0], *self.crystfel.geometry.shape)
         if len(shape) != 3 or min(shape[1:]) < 1:
             self.close()
             raise DataFormatError(self.path, self.field, "a 3D array (N, n_y, n_x)", f"shape {shape}")
@@ -450,7 +470,8 @@ class StackSource(PatternSource):
         self.n_patterns = int(shape[0])
         self.shape = (int(shape[1]), int(shape[2]))
         try:
-            self.geometry = read_geometry_file(self.geometry_path, self.shape, photon_energy_ev=photon_energy_ev)
+            self.geometry = (self.crystfel.geometry if self.crystfel is not None else
+                             read_geometry_file(self.geometry_path, self.shape, photon_energy_ev=photon_energy_ev))
         except Exception:
             self.close()
             raise
@@ -464,8 +485,10 @@ class StackSource(PatternSource):
 
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         if len(idx) > 1 and np.all(np.diff(idx) == 1):
-            return np.asarray(self._counts[int(idx[0]) : int(idx[-1]) + 1])
-        return np.asarray(self._counts[idx])
+            raw = np.asarray(self._counts[int(idx[0]) : int(idx[-1]) + 1])
+        else:
+            raw = np.asarray(self._counts[idx])
+        return raw.reshape(len(idx), *self.shape)
 
     def close(self) -> None:
         """Close the HDF5 file / drop the memory map."""
@@ -533,7 +556,8 @@ def open_dataset(
     Args:
         path: the data file; several Dragonfly photon files as a sequence.
         detector: Dragonfly's detector file (``.emc`` sources).
-        geometry: the generic geometry file (``.npy`` and ``FILE.h5:/dataset`` sources).
+        geometry: the generic geometry file (``.npy`` and ``FILE.h5:/dataset`` sources), or a CrystFEL ``.geom``
+            (stacks and CXI files).
         photon_energy_ev: the photon energy (Dragonfly; overrides a geometry file's).
         shape: ``(n_y, n_x)`` of a Dragonfly pixel list whose layout cannot be recovered.
         keep_mask_1: Dragonfly mask value 1 is good (default) or bad.
@@ -548,8 +572,9 @@ def open_dataset(
     name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else os.fspath(path[0])
     if kind != "emc" and detector is not None:
         raise ValueError(f"{name}: --detector is for Dragonfly .emc data, got a {kind} source")
-    if kind != "stack" and geometry is not None:
-        raise ValueError(f"{name}: --geometry is for .npy / FILE.h5:/dataset stacks, got a {kind} source")
+    if kind not in ("stack", "cxi") and geometry is not None:
+        raise ValueError(f"{name}: --geometry is for .npy / FILE.h5:/dataset stacks and CXI files, got a {kind} "
+                         "source")
     if kind == "bayes-spi":
         if photon_energy_ev is not None:
             raise ValueError(f"{name}: --photon-energy is not used for a bayes-spi file (its geometry is in it)")
@@ -564,17 +589,19 @@ def open_dataset(
             raise ValueError(f"{name}: a counts stack needs a geometry file: expected --geometry FILE (YAML/JSON), "
                              "got none")
         return StackSource(path, geometry, photon_energy_ev=photon_energy_ev)  # type: ignore[arg-type]
-    return _open_cxi(Path(name), photon_energy_ev=photon_energy_ev)
+    return _open_cxi(Path(name), photon_energy_ev=photon_energy_ev, geometry=geometry)
 
 
-def _open_cxi(path: Path, *, photon_energy_ev: float | None) -> Any:
-    try:
-        from bayes_spi.dataio import cxi
-    except ImportError:
-        raise ValueError(f"{os.fspath(path)}: CXI files need bayes_spi.dataio.cxi, not in this version") from None
-    opener = getattr(cxi, "open_cxi", None) or getattr(cxi, "CXIDataset", None)
-    if opener is None:
-        raise ValueError(f"{os.fspath(path)}: bayes_spi.dataio.cxi has no open_cxi / CXIDataset")
-    if photon_energy_ev is None:
-        return opener(path)
-    return opener(path, photon_energy_ev=photon_energy_ev)
+def _open_cxi(path: Path, *, photon_energy_ev: float | None, geometry: str | os.PathLike[str] | None) -> Any:
+    """A CXI file, with its own geometry or that of a CrystFEL ``.geom`` (``geometry``)."""
+    from bayes_spi.dataio.cxi import open_cxi
+
+    if geometry is None:
+        return open_cxi(path, photon_energy_ev=photon_energy_ev)
+    if Path(geometry).suffix.lower() != ".geom":
+        raise ValueError(f"{os.fspath(path)}: --geometry for a CXI file: expected a CrystFEL .geom, got "
+                         f"{os.fspath(geometry)!r}")
+    from bayes_spi.dataio.crystfel import read_crystfel_geom
+
+    crystfel = read_crystfel_geom(geometry, photon_energy_ev=photon_energy_ev, data_file=path)
+    return open_cxi(path, geometry=crystfel.geometry)  # the photon energy: the .geom's or the one given
