@@ -58,11 +58,21 @@ def test_photons_list_file_and_reads_of_one_frame(tmp_path: Path, truth: np.ndar
         assert sum(reads) == 4 * (f.ones[17] + 2 * f.multi[17]) and len(reads) <= 3
 
 
-def test_dragonfly_hdf5_photons(truth: np.ndarray) -> None:
+def test_dragonfly_hdf5_photons(truth: np.ndarray, tmp_path: Path) -> None:
     """Dragonfly's HDF5 photon file (EMCWriter's default) mixed with a binary .emc in one set."""
     with EmcDataset([PHOTONS[0], DATA / "photons_b.h5"], num_pix=192) as emc:
         assert emc.num_data == 96
         assert np.array_equal(emc.read_pixels(np.arange(96)[::-1]), truth[::-1])
+        assert np.array_equal(emc.read_pixels([90, 70, 71, 72, 70]), truth[[90, 70, 71, 72, 70]])
+    bad = tmp_path / "bad.h5"
+    shutil.copy(DATA / "photons_b.h5", bad)
+    with h5py.File(bad, "r+") as f:
+        ones = f["place_ones"][3].copy()
+        ones[0] = 192
+        f["place_ones"][3] = ones
+    with pytest.raises(DataFormatError, match=r"bad\.h5: field /place_ones: expected pixel indices in \[0, 192\), "
+                                              r"got .*192 in frame 3"):
+        EmcDataset(bad).read_pixels([2, 3])
 
 
 def test_old_ascii_detector_without_distance(tmp_path: Path) -> None:

@@ -282,28 +282,36 @@ class EmcH5File:
         return self.num_data
 
     def read_pixels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Dense frames ``(B, num_pix)`` int32 of the given frame indices (in that order)."""
+        """Dense frames ``(B, num_pix)`` int32 of the given frame indices (in that order); runs of consecutive
+        frames are read as one slice of each list."""
         idx = _index_array(indices, self.num_data)
-        out = np.zeros((len(idx), self.num_pix), dtype=np.int64)
-        for row, frame in enumerate(idx):
-            place_ones = np.asarray(self._file["place_ones"][int(frame)], dtype=np.int64)
-            place_multi = np.asarray(self._file["place_multi"][int(frame)], dtype=np.int64)
-            count_multi = np.asarray(self._file["count_multi"][int(frame)], dtype=np.int64)
-            if place_multi.shape != count_multi.shape:
-                raise DataFormatError(self.path, "/count_multi", f"{place_multi.size} counts (as /place_multi)",
-                                      f"{count_multi.size} in frame {int(frame)}")
-            for name, places in (("place_ones", place_ones), ("place_multi", place_multi)):
-                if places.size and (places.min() < 0 or places.max() >= self.num_pix):
-                    raise DataFormatError(self.path, f"/{name}", f"pixel indices in [0, {self.num_pix})",
-                                          f"{int(places.min())}..{int(places.max())} in frame {int(frame)}")
-            if count_multi.size and count_multi.min() < 1:
-                raise DataFormatError(self.path, "/count_multi", "photon counts >= 1",
-                                      f"{int(count_multi.min())} in frame {int(frame)}")
-            np.add.at(out[row], place_ones, 1)
-            np.add.at(out[row], place_multi, count_multi)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        out = np.zeros((len(unique), self.num_pix), dtype=np.int64)
+        breaks = np.nonzero(np.diff(unique) != 1)[0] + 1
+        for run_rows in np.split(np.arange(len(unique)), breaks) if len(unique) else []:
+            a, b = int(unique[run_rows[0]]), int(unique[run_rows[-1]]) + 1
+            lists = [self._file[name][a:b] for name in ("place_ones", "place_multi", "count_multi")]
+            for k, (ones, multi, counts) in enumerate(zip(*lists)):
+                self._add_frame(out[run_rows[0] + k], a + k, np.asarray(ones, dtype=np.int64),
+                                np.asarray(multi, dtype=np.int64), np.asarray(counts, dtype=np.int64))
         if out.size and out.max() > _INT32_MAX:
             raise DataFormatError(self.path, "/count_multi", f"photon counts <= {_INT32_MAX}", "larger sums")
-        return out.astype(np.int32)
+        return out.astype(np.int32)[inverse.reshape(-1)]
+
+    def _add_frame(self, row: np.ndarray, frame: int, place_ones: np.ndarray, place_multi: np.ndarray,
+                   count_multi: np.ndarray) -> None:
+        if place_multi.shape != count_multi.shape:
+            raise DataFormatError(self.path, "/count_multi", f"{place_multi.size} counts (as /place_multi)",
+                                  f"{count_multi.size} in frame {frame}")
+        for name, places in (("place_ones", place_ones), ("place_multi", place_multi)):
+            if places.size and (places.min() < 0 or places.max() >= self.num_pix):
+                raise DataFormatError(self.path, f"/{name}", f"pixel indices in [0, {self.num_pix})",
+                                      f"{int(places.min())}..{int(places.max())} in frame {frame}")
+        if count_multi.size and count_multi.min() < 1:
+            raise DataFormatError(self.path, "/count_multi", "photon counts >= 1",
+                                  f"{int(count_multi.min())} in frame {frame}")
+        np.add.at(row, place_ones, 1)
+        np.add.at(row, place_multi, count_multi)
 
     def close(self) -> None:
         """Close the file."""
