@@ -297,4 +297,5 @@ def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, fo
         return
     result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
                      progress=progress, check_data=check_data, argv=argv, source=source if source.given else None)
-    print_summary(result)
+    if result.get("rank", 0) == 0:  # under torchrun only rank 0 reports
+        print_summary(result)

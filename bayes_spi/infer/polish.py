@@ -96,10 +96,12 @@ class EMCPolish:
 
     @torch.no_grad()
     def iterate(self, dataset: Any, pixels: Tensor | None = None,
-                progress: Callable[[int, int], None] | None = None) -> PolishStats:
+                progress: Callable[[int, int], None] | None = None, dist: Any = None) -> PolishStats:
         """One pass over ``dataset``: E-step on every pattern, exact M-step, field updated in place.
 
-        ``pixels``: flat indices of the good pixels to use (default: ``dataset.mask``)."""
+        ``pixels``: flat indices of the good pixels to use (default: ``dataset.mask``). ``dist``: a
+        :class:`~bayes_spi.infer.distributed.Dist` with more than one rank shares the E-step's batches out
+        round-robin and sums ``Y``, ``S`` and the statistics over ranks before the (identical) M-step."""
         from bayes_spi.infer.outputs import field_log_cache
 
         model, field = self.model, self.model.field
@@ -123,7 +125,11 @@ class EMCPolish:
         n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
         if self.max_patterns:
             n_total = min(n_total, self.max_patterns)
-        for idx, counts in dataset.iter_batches(self.batch_size, shuffle=False):
+        sharded = dist is not None and dist.active
+        batches = (dataset.iter_batches(self.batch_size, shuffle=False) if not sharded else
+                   ((idx, dataset.read(idx)) for b, idx in enumerate(dataset.batch_indices(self.batch_size, shuffle=False))
+                    if dist.owns_block(b)))
+        for idx, counts in batches:
             if self.max_patterns and int(idx[0]) >= self.max_patterns:
                 break
             keep = ~np.isin(idx, self.exclude) & (idx < (self.max_patterns or np.iinfo(np.int64).max))
@@ -142,7 +148,13 @@ class EMCPolish:
             wmax_sum += float(w.max(-1).values.sum())
             n_used += y.shape[0]
             if progress is not None:
-                progress(len(idx), n_total)
+                progress(len(idx) * (dist.world_size if sharded else 1), n_total)
+        if sharded:  # the sums over all ranks' patterns: every rank then makes the same M-step
+            dist.all_reduce_(Y)
+            dist.all_reduce_(S)
+            sums = dist.all_reduce_(torch.tensor([ll_sum, ent_sum, wmax_sum, float(n_used)], dtype=torch.float64,
+                                                 device=Y.device)).tolist()
+            ll_sum, ent_sum, wmax_sum, n_used = sums[0], sums[1], sums[2], int(round(sums[3]))
         n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)

@@ -38,6 +38,7 @@ from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer import distributed
 from bayes_spi.infer.rundir import RunDir
 from bayes_spi.guides.amortized import PosePosterior
 from bayes_spi.models.spi import SPIBatch
@@ -106,8 +107,9 @@ class Trainer:
         self.dataset = dataset
         self.config = config
         self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        self.dist = distributed.current()  # one process: LOCAL, every hook below a no-op
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device_for(resolve_device(config.device))
         if (model is None) != (guide is None):
             raise ValueError("expected both a model and a guide, or neither")
         if model is None:
@@ -148,6 +150,7 @@ class Trainer:
         self.batch_log_scale: float | None = None  # see recentre_level
         self._emc = None
         self.emc_terms: dict[str, float] = {}
+        self._share, self._n_global = 1.0, 0  # this rank's share of the step's batch, the batch's size
 
     # ---------------------------------------------------------------- schedules
     @property
@@ -167,6 +170,7 @@ class Trainer:
         machine's speed; the result is recorded in the checkpoint (an exact resume keeps it).
         """
         st, c = self.state, self.config
+        rate_batches_per_s = self.dist.broadcast_float(rate_batches_per_s)  # every rank plans alike
         if c.max_minutes is None or not rate_batches_per_s > 0:
             return
         remaining = max(60.0 * c.max_minutes - st.elapsed_s, 0.0)
@@ -265,6 +269,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self._record_probe()
+        rank_rng = self.dist.gather_objects(torch.get_rng_state())  # every rank's stream (a collective)
+        if not self.dist.is_main:
+            return
         atomic_torch_save(
             {
                 "state": self.state.__dict__,
@@ -280,6 +287,11 @@ class Trainer:
                 "search_cache": self.guide.search.cache if self.guide.search is not None else None,
                 "batch_log_scale": self.batch_log_scale,
                 "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": self._probe_step},
+                "world_size": self.dist.world_size,
+                "rank_rng": rank_rng,
+                # what `bayes-spi export` / `report` need to read a running fit from its checkpoint
+                "geometry": self.dataset.geometry.to_dict(),
+                "mask": self.dataset.mask,
             },
             self.checkpoint_path,
         )
@@ -303,7 +315,14 @@ class Trainer:
         probe = ck.get("probe") or {}
         self.probe_last, self.probe_previous = probe.get("last"), probe.get("previous")
         self._probe_step = int(probe.get("step", -1))
-        self._truncate_metrics(self.state.step)
+        if self.dist.active:
+            rank_rng = ck.get("rank_rng")
+            if rank_rng is not None and int(ck.get("world_size", 1)) == self.dist.world_size:
+                torch.set_rng_state(rank_rng[self.dist.rank])
+            else:  # another number of processes: fresh per-rank streams, reproducible from the step
+                self.dist.seed_rank(self.config.seed + 7919 * self.state.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.state.step)
         log.info("resumed from %s at step %d (%d images seen)", self.checkpoint_path, self.state.step,
                  self.state.images_seen)
 
@@ -333,6 +352,8 @@ class Trainer:
             w.writerows(rows)
 
     def _write_metrics(self, row: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
         new = not self.metrics_path.exists()
         with open(self.metrics_path, "a", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
@@ -347,7 +368,8 @@ class Trainer:
         """
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(self.config.seed + 7919 * self.state.step)
-            return self._elbo_terms(batch)
+            terms = self._elbo_terms(batch)
+        return self.dist.weighted_mean_dict(batch.images.shape[0], terms)
 
     def _elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
         post = self.guide.posterior(batch.images, batch.pixels)
@@ -427,11 +449,10 @@ class Trainer:
         epochs = 1 if c.online else c.epochs
         for epoch in range(self.state.epoch, epochs):
             start = self.state.batch_in_epoch if epoch == self.state.epoch else 0
-            it = self.dataset.iter_batches(c.batch_size, shuffle=not c.online, seed=c.seed, start=start, epoch=epoch)
+            # the held-out probe patterns are never trained on; under DDP each rank reads its slice of each batch
+            it = self.dist.batches(self.dataset, c.batch_size, shuffle=not c.online, seed=c.seed, start=start,
+                                   epoch=epoch, exclude=self.holdout)
             for b, (idx, counts) in enumerate(it, start=start):
-                keep = ~np.isin(idx, self.holdout)
-                if not keep.all():  # the held-out probe patterns are never trained on
-                    idx, counts = idx[keep], counts[keep]
                 if len(idx):
                     yield epoch, b, idx, counts
 
@@ -465,23 +486,33 @@ class Trainer:
         self.optim.zero_grad(set_to_none=True)
         post = self.emc(batch.images, batch.pixels, batch.pixel_weight, self.config.emc_beta)
         loss = -post.log_marginal.mean()
-        value = float(loss.detach())
+        # under DDP: means over the union batch (every rank the same values)
+        value, eff, level = self._reduce_step(batch, float(loss.detach()), float(post.effective_orientations.mean()),
+                                              float(post.log_scale.mean()))
         if not math.isfinite(value):
             return value
         self._optimizer_step(loss)
-        eff = float(post.effective_orientations.mean())
         self.emc_terms = {"loglik_per_image": -value, "kl_pose": math.log(post.weights.shape[-1]) - math.log(eff),
                           "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff}
         # the level between scales and field, as recentre_level does in SVI (the cache is rebuilt every step)
-        self._shift_level(float(post.log_scale.mean()))
+        self._shift_level(level)
         return value
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward, clip the gradient norm, one Adam step, one learning-rate schedule step."""
         loss.backward()
+        self.dist.average_gradients(self.params, self._share)  # DDP: the union batch's gradient on every rank
         torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_norm)
         self.optim.step()
         self.scheduler.step()
+
+    def _reduce_step(self, batch: SPIBatch, *values: float) -> list[float]:
+        """Per-image means of this step's ``values`` over the union batch (one process: as they are); records
+        this rank's share of the batch for :meth:`_optimizer_step` and the batch's size."""
+        n_local = int(batch.images.shape[0])
+        self._n_global, means = self.dist.weighted_mean(n_local, values)
+        self._share = n_local / max(self._n_global, 1)
+        return means
 
     @torch.no_grad()
     def _shift_level(self, level_log_scale: float) -> float:
@@ -524,6 +555,7 @@ class Trainer:
     def step(self, batch: SPIBatch) -> float:
         """One SVI step on ``batch``: returns the negative ELBO per image (hypotheses enumerated exactly)."""
         self.optim.zero_grad(set_to_none=True)
+        self.dist.prime_guide(self.guide, batch.images)  # DDP: first-batch statistics from the union batch
         search = self.guide.search
         if search is not None and (self.state.step % self.config.search_every == 0 or search.cache is None
                                    or self.state.step == self.emc_end):
@@ -531,9 +563,12 @@ class Trainer:
             search.refresh()
         loss = self.elbo.differentiable_loss(self.model, self.guide, batch, self.n_total) / self.n_total
         search = self.guide.search
+        level = None
         if search is not None and search.last_log_scale is not None:  # this batch's mean profile log scale
-            self.batch_log_scale = float(search.last_log_scale.mean())
-        value = float(loss.detach())
+            level = float(search.last_log_scale.mean())
+        value, level_mean = self._reduce_step(batch, float(loss.detach()), 0.0 if level is None else level)
+        if level is not None:
+            self.batch_log_scale = level_mean
         if self.config.distill_weight > 0 and self.guide.n_search > 0:
             loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior)
         if not math.isfinite(value):
@@ -559,9 +594,11 @@ class Trainer:
             self.load_checkpoint()
         else:
             pyro.set_rng_seed(self.config.seed)
-            if self.metrics_path.exists():
+            if self.dist.is_main and self.metrics_path.exists():
                 self.metrics_path.unlink()
             self.initialise_offset()
+            self.dist.broadcast_modules([self.model, self.guide])  # DDP: rank 0's initial weights everywhere
+            self.dist.seed_rank(self.config.seed)
         c = self.config
         bar = None
         if self.progress:
@@ -608,11 +645,14 @@ class Trainer:
             st.step += n_batches
             for _ in range(n_batches - 1):  # the scheduler follows the data batches consumed
                 self.scheduler.step()
-            st.images_seen += len(idx)
+            n_images = self._n_global if self.dist.active else len(idx)  # all ranks' patterns of this step
+            st.images_seen += n_images
             st.epoch, st.batch_in_epoch = epoch, b + 1
             if st.batch_in_epoch >= self.batches_per_epoch:
                 st.epoch, st.batch_in_epoch = epoch + 1, 0
             st.elapsed_s = time.perf_counter() - t_start
+            if c.max_minutes is not None and self.dist.active:  # the budget's clock is rank 0's
+                st.elapsed_s = self.dist.broadcast_float(st.elapsed_s)
             if c.max_minutes is not None:
                 if phase_mark is None or phase_mark[0] != emc:
                     phase_mark = (emc, time.perf_counter(), st.step)
@@ -621,7 +661,7 @@ class Trainer:
                     if bar is not None:
                         bar.total = self.total_steps * c.batch_size
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(n_images)
             if st.step // c.log_every != prev // c.log_every or st.step == self.total_steps:
                 now = time.perf_counter()
                 rate = (st.images_seen - n_last) / max(now - t_last, 1e-9)
@@ -688,7 +728,8 @@ class Trainer:
                            unit="pattern", dynamic_ncols=True,
                            desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
             try:
-                stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None)
+                stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None,
+                                    dist=self.dist)
             finally:
                 if bar is not None:
                     bar.close()

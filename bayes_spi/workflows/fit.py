@@ -133,12 +133,16 @@ def _open_dataset(path: Path, source: Any = None) -> Any:
         raise WorkflowError(str(exc)) from None
 
 
-def _check_values(dataset: Any, progress: bool) -> None:
-    """Read every pattern once so bad values (negative, NaN) fail before anything is written."""
+def _check_values(dataset: Any, progress: bool, dist: Any = None) -> None:
+    """Read every pattern once so bad values (negative, NaN) fail before anything is written (under DDP each
+    rank reads its share of the blocks; a rank that fails stops them all)."""
     from bayes_spi.dataio.h5 import DataFormatError
 
     step = max(dataset.chunk_patterns, 1) * 8
     it = dataset.iter_batches(step, shuffle=False)
+    if dist is not None and dist.active:
+        it = (dataset.read(idx) for b, idx in enumerate(dataset.batch_indices(step, shuffle=False))
+              if dist.owns_block(b))
     if progress:
         from tqdm.auto import tqdm
 
@@ -244,7 +248,10 @@ def run_fit(
     if run_dir.exists() and not run_dir.is_dir():
         raise WorkflowError(f"run directory {os.fspath(run_dir)!r}: expected a directory, got a file")
     check_writable_dir(run_dir, "the run")
-    owner = live_lock_owner(run_dir)
+    from bayes_spi.infer import distributed
+
+    main = distributed.env_rank() == 0  # under torchrun only rank 0 touches the run directory
+    owner = live_lock_owner(run_dir) if main else None
     if owner is not None:  # refuse at once; the lock itself is taken below, before anything is written
         raise WorkflowError(locked_message(run_dir, *owner))
 
@@ -292,6 +299,10 @@ def run_fit(
     if grid is None:
         grid = 65
     check_device(fit_config.device)
+    try:  # torchrun: join the process group (gloo on CPU, nccl on CUDA); one process: LOCAL
+        dist = distributed.setup_from_env(fit_config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise WorkflowError(f"torch.distributed: {exc}") from None
     sampling = None
 
     dataset = _open_dataset(Path(data), source)
@@ -318,7 +329,7 @@ def run_fit(
                         f"{os.fspath(data)}: {key}: expected {rec[key]} (the data this run was started on, "
                         f"{rec.get('path', '?')}), got {found}")
         if check_data:
-            _check_values(dataset, progress)
+            _check_values(dataset, progress and main, dist)
         if not resume:
             from bayes_spi.infer.autoset import data_settings
 
@@ -326,7 +337,9 @@ def run_fit(
                 fit_config, sampling = data_settings(dataset, fit_config, given)
             except ValueError as exc:
                 raise WorkflowError(f"{os.fspath(data)}: {exc}") from None
-            say(sampling.summary(), sampling.undersampled)
+            fit_config = dist.broadcast_object(fit_config)  # DDP: rank 0's data-derived settings everywhere
+            if main:
+                say(sampling.summary(), sampling.undersampled)
 
         from bayes_spi.infer.trainer import Trainer, resolve_device
 
@@ -335,6 +348,8 @@ def run_fit(
         except RuntimeError as exc:
             raise WorkflowError(str(exc), kind="parameter", setting="device") from None
 
+        if not main:  # DDP rank > 0: rank 0 writes the run directory; warnings go to stderr
+            return _follower_fit(dataset, fit_config, run_dir, resume, dist)
         # ---- touch the run directory (first take its lock: one fit at a time)
         try:
             lock.acquire()
@@ -378,6 +393,10 @@ def run_fit(
                 for line in sampling.summary().splitlines():
                     (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
+        if dist.active:
+            log.info("data-parallel: %d processes (torch.distributed, %s), each reads 1/%d of every batch of %d",
+                     dist.world_size, dist.backend, dist.world_size, fit_config.batch_size)
+        dist.barrier()  # the run directory is set up: the other ranks may start
 
         pyro.set_rng_seed(fit_config.seed)  # the initial weights depend on the seed (Trainer builds them)
         try:
@@ -402,6 +421,7 @@ def run_fit(
             log.warning("interrupted at step %d; continue with: bayes-spi fit %s -o %s %s",
                         trainer.state.step, data, run_dir, flag("resume"))
             raise
+        trainer.dist = distributed.LOCAL  # training is over: rank 0 alone writes the outputs (no collectives)
         # images/s of this session, from the end of its first step (excludes start-up)
         rate = float("nan")
         if first and state.images_seen > first[0][0]:
@@ -452,6 +472,30 @@ def run_fit(
         lock.release()
     return {"run_dir": run_dir, "state": state, "images_per_s": rate, "final_elbo": final_elbo,
             "evaluation": evaluation, "outputs": outputs, "verdict": verdict}
+
+
+def _follower_fit(dataset: Any, fit_config: FitConfig, run_dir: Path, resume: bool, dist: Any) -> dict[str, Any]:
+    """A DDP rank > 0: wait for rank 0 to set up the run directory, train its shards in step with the others
+    (rank 0 writes the checkpoints and metrics), and return; the outputs are rank 0's."""
+    import pyro
+
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.infer.trainer import Trainer
+
+    dist.barrier()
+    pyro.set_rng_seed(fit_config.seed)
+    try:
+        trainer = Trainer(dataset, fit_config, run_dir, progress=False)
+    except (ValueError, FileNotFoundError) as exc:
+        raise WorkflowError(f"building the model (rank {dist.rank}): {exc}") from None
+    try:
+        state = trainer.fit(resume=resume)
+    except (DataFormatError, FloatingPointError) as exc:
+        raise WorkflowError(f"rank {dist.rank}: {exc}") from None
+    finally:
+        dataset.close()
+    return {"run_dir": run_dir, "state": state, "images_per_s": float("nan"), "final_elbo": float("nan"),
+            "evaluation": None, "outputs": {}, "verdict": None, "rank": dist.rank}
 
 
 def run_halfsets(
