@@ -1,16 +1,13 @@
 """Data-parallel fitting on torch.distributed (gloo, 2 CPU processes): one step's gradients on two processes,
 each with its half of a batch, equal one process's gradients on the union batch; the exact EMC iterations'
-sums over two ranks equal one process's; a 2-process fit through ``torchrun`` writes one run directory and
-resumes after being killed."""
+sums over two ranks equal one process's; a 2-process fit through the command line (each rank with the
+environment ``torchrun`` gives it) writes one run directory and resumes after being killed."""
 
 from __future__ import annotations
 
 import csv
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,41 +175,40 @@ def test_local_slices_cover_the_batch_once() -> None:
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-# ---------------------------------------------------------------------------------------------- torchrun
+# ---------------------------------------------------------------------------------------------- the CLI
 TINY = ["--batch-size", "16", "--epochs", "2", "--field-width", "16", "--n-heads", "1", "--pixels-per-pattern",
         "64", "--grid", "9", "--no-progress", "--no-truth", "--polish-iterations", "1", "--search-rotations", "512",
         "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu"]
 
 
-def _torchrun(args: list[str], cwd: Path, **kwargs: Any) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "bayes_spi.cli.main", *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, **kwargs)
+def _cli_rank(rank: int, world: int, port: int, args: list[str]) -> None:
+    """One rank of a fit through the command line, with the environment torchrun would give it."""
+    from bayes_spi.cli.main import cli
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    cli.main(args=args, prog_name="bayes-spi", standalone_mode=False)
 
 
-def test_two_process_fit_writes_one_run_and_resumes_after_a_kill(simulated, tmp_path: Path) -> None:
+def test_two_process_fit_writes_one_run_and_resumes_after_a_kill(simulated, tmp_path: Path, capfd) -> None:
     data = simulated(N_PATTERNS, truth_grid=17, chunk=32)
     run = tmp_path / "run"
-    proc = _torchrun(["fit", str(data), "-o", str(run), *TINY], tmp_path)
+    # first leg: two ranks forked from this process (no start-up), killed at their first checkpoint
+    ctx = mp.start_processes(_cli_rank, args=(2, _free_port(), ["fit", str(data), "-o", str(run), *TINY]),
+                             nprocs=2, start_method="fork", join=False)
     deadline = time.monotonic() + 120
     try:
         while not (run / "checkpoint.pt").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"fit ended before its first checkpoint: {proc.stdout.read().decode()}")
+            if not all(p.is_alive() for p in ctx.processes):
+                pytest.fail("fit ended before its first checkpoint")
             if time.monotonic() > deadline:
                 pytest.fail("no checkpoint.pt after 120 s")
-            time.sleep(0.02)
-        # stop it as a batch system does: torchrun passes SIGTERM to both ranks (no clean-up runs in them:
-        # the lock file of the dead rank 0 is left behind and taken over on resume) and reaps them
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+            time.sleep(0.01)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for p in ctx.processes:
+            p.kill()
+            p.join()
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert not (run / "model.pt").exists(), "the run finished before it was killed: the test proves nothing"
     assert ck["world_size"] == 2 and len(ck["rank_rng"]) == 2
@@ -220,10 +216,13 @@ def test_two_process_fit_writes_one_run_and_resumes_after_a_kill(simulated, tmp_
     step_at_kill = ck["state"]["step"]
     assert 2 <= step_at_kill < 12
 
-    resumed = _torchrun(["fit", str(data), "-o", str(run), "--resume", "--no-progress", "--no-truth"], tmp_path)
-    out = resumed.communicate(timeout=300)[0].decode()
-    assert resumed.returncode == 0, out
-    assert out.count("run directory:") == 1  # rank 0 alone reports
+    # second leg: continue the run (rank 0 takes over the dead rank 0's lock)
+    capfd.readouterr()
+    mp.start_processes(_cli_rank, args=(2, _free_port(), ["fit", str(data), "-o", str(run), "--resume",
+                                                         "--no-progress", "--no-truth"]),
+                       nprocs=2, start_method="fork")
+    out = capfd.readouterr().out
+    assert out.count("run directory:") == 1, out  # rank 0 alone reports
     files = sorted(p.name for p in run.iterdir())
     assert not [f for f in files if "rank" in f or f.endswith(".tmp")], files
     final = torch.load(run / "model.pt", weights_only=True)
