@@ -278,10 +278,17 @@ class _RecordingCommand(click.Command):
               help="Validation without truth: fit two independent models on a random split of the patterns "
                    "(RUN/half1, RUN/half2; the split, drawn from --seed, is kept in RUN/halfsets.h5) and report "
                    "their FSC (RUN/halfsets.json, RUN/fsc.json).")
+@click.option("--follow", is_flag=True,
+              help="Live use: DATA is still being written (HDF5 SWMR, e.g. H5Writer(swmr=True)); fit its patterns "
+                   "as they arrive, waiting when caught up, until the writer marks it complete or "
+                   "--follow-timeout passes without a new pattern. Needs --online; one process.")
+@click.option("--follow-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="With --follow: seconds without a new pattern after which the fit stops waiting and finishes.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @source_options
 def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, force: bool, truth: bool,
-            check_data: bool, half_sets: bool, progress: bool, **options: Any) -> None:
+            check_data: bool, half_sets: bool, follow: bool, follow_timeout: float, progress: bool,
+            **options: Any) -> None:
     source = options_from_cli(options)  # DATA may be a foreign file (bayes-spi convert --help)
     given = {k: v for k, v in options.items() if v is not None}
     from bayes_spi.infer.config import FitConfig
@@ -292,10 +299,13 @@ def command(data: Path | None, run_dir: Path, grid: int | None, resume: bool, fo
         raise click.ClickException(f"options {unknown} have no FitConfig setting")
     argv = click.get_current_context().meta.get("bayes_spi.argv")
     if half_sets:
+        if follow:
+            raise click.UsageError("--follow fits one model on the file as it is written: expected no --half-sets")
         run_halfsets(data, run_dir, given, resume=resume, force=force, grid=grid, progress=progress,
                      check_data=check_data, argv=argv, source=source if source.given else None)
         return
     result = run_fit(data, run_dir, given, resume=resume, force=force, grid=grid, truth=truth,
-                     progress=progress, check_data=check_data, argv=argv, source=source if source.given else None)
+                     progress=progress, check_data=check_data, argv=argv, source=source if source.given else None,
+                     follow=follow, follow_timeout=follow_timeout)
     if result.get("rank", 0) == 0:  # under torchrun only rank 0 reports
         print_summary(result)

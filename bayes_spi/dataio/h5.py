@@ -24,6 +24,8 @@ Layout (format_version 1)
                          centre_index (= n//2; r = (i - centre) * voxel_size_A)
     /simulation          optional; attrs: everything needed to reproduce the simulation (structure, seed,
                          artifacts, fluence settings, n_patterns, ...)
+    /data/complete       optional (1,) uint8, files written live (HDF5 SWMR, ``H5Writer(swmr=True)``): 0 while the
+                         writer appends, 1 once it has closed the file (``bayes-spi fit --follow`` stops there)
 
 Format version 2 (a per-pixel detector geometry, :mod:`bayes_spi.geometry` kinds ``"positions"`` and ``"q"``)
 --------------------------------------------------------------------------------------------------------
@@ -130,6 +132,10 @@ class H5Writer:
         chunk_patterns: HDF5 chunk length along N (default 64; clipped to ``expected_patterns``).
         expected_patterns: optional hint of the final N (only used for the chunk size).
         simulation_attrs: attrs of ``/simulation`` (values: str, numbers, bool; None becomes "").
+        swmr: write live for concurrent readers (HDF5 single-writer/multiple-reader, ``libver='latest'``):
+            ``PATH`` itself is written (no temporary file), SWMR mode starts at the first :meth:`append` (set
+            attributes and truth volumes before it), every append is flushed, and ``/data/complete`` turns 1 on
+            :meth:`close`; an aborted file is left as it is, without that mark.
     """
 
     def __init__(
@@ -141,9 +147,11 @@ class H5Writer:
         chunk_patterns: int = 64,
         expected_patterns: int | None = None,
         simulation_attrs: dict[str, Any] | None = None,
+        swmr: bool = False,
     ) -> None:
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.swmr = bool(swmr)
+        self.tmp_path = self.path if self.swmr else self.path.with_name(self.path.name + ".tmp")
         self.geometry = geometry
         self.with_truth = with_truth
         self.n_patterns = 0
@@ -154,7 +162,7 @@ class H5Writer:
         from bayes_spi.atomic import WriteError
 
         try:
-            self._file = h5py.File(self.tmp_path, "w")
+            self._file = h5py.File(self.tmp_path, "w", **({"libver": "latest"} if self.swmr else {}))
         except OSError as exc:
             raise WriteError(self.path, exc) from exc
         try:
@@ -200,6 +208,15 @@ class H5Writer:
                                                 chunks=(max(chunk, 256),))
         if simulation_attrs:
             self.set_simulation_attrs(simulation_attrs)
+        if self.swmr:
+            self._complete = f.create_dataset("data/complete", data=np.zeros(1, np.uint8), maxshape=(None,),
+                                              chunks=(1,))
+
+    def flush(self) -> None:
+        """Write everything appended so far to disk (live readers see it after their next refresh)."""
+        if self.swmr and not self._file.swmr_mode:
+            self._file.swmr_mode = True  # from here on only appends: every object exists
+        self._file.flush()
 
     def set_simulation_attrs(self, attrs: dict[str, Any]) -> None:
         """Set attributes of ``/simulation`` (None -> "")."""
@@ -280,14 +297,20 @@ class H5Writer:
             self._scales.resize(stop, axis=0)
             self._scales[start:stop] = sc
         self.n_patterns = stop
+        if self.swmr:
+            self.flush()
 
     def close(self) -> None:
         """Finish: flush, close and atomically move ``PATH.tmp`` to ``PATH``."""
         if self._file.id.valid:
             try:
+                if self.swmr:  # the mark live readers stop at
+                    self.flush()
+                    self._complete[0] = 1
                 self._file.flush()
                 self._file.close()
-                os.replace(self.tmp_path, self.path)
+                if not self.swmr:
+                    os.replace(self.tmp_path, self.path)
             except OSError as exc:
                 self.abort()
                 from bayes_spi.atomic import WriteError
@@ -301,6 +324,8 @@ class H5Writer:
                 self._file.close()
         except (OSError, RuntimeError):
             pass  # closing a file on a full disk can fail: the file is removed below anyway
+        if self.swmr:
+            return  # live readers may hold it: left as it is, without the /data/complete mark
         try:
             self.tmp_path.unlink(missing_ok=True)
         except OSError:
@@ -373,8 +398,9 @@ class SPIDataset:
         DataFormatError: anything else wrong (names the file and field).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], swmr: bool = False) -> None:
         self.path = Path(path)
+        self.swmr = bool(swmr)  # a file still being written (H5Writer(swmr=True)): see refresh()
         if not self.path.is_file():
             from bayes_spi.paths import input_file_problem
 
@@ -386,7 +412,8 @@ class SPIDataset:
             found = (problem.strerror or "").removeprefix("got ")
             raise DataFormatError(self.path, "/", "a bayes-spi HDF5 file", found)
         try:
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES)
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES,
+                                   **({"libver": "latest", "swmr": True} if self.swmr else {}))
         except OSError as exc:
             raise DataFormatError(self.path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
         try:
@@ -482,11 +509,11 @@ class SPIDataset:
             truth = f["truth"]
             if "quaternions" in truth:
                 ds = self._dataset("/truth/quaternions")
-                if ds.shape != (n, 4):
+                if ds.shape != (n, 4) and not (self.swmr and ds.shape[1:] == (4,)):  # live: appended in turn
                     raise self._error("/truth/quaternions", f"shape ({n}, 4)", f"shape {ds.shape}")
             if "scales" in truth:
                 ds = self._dataset("/truth/scales")
-                if ds.shape != (n,):
+                if ds.shape != (n,) and not (self.swmr and ds.ndim == 1):
                     raise self._error("/truth/scales", f"shape ({n},)", f"shape {ds.shape}")
             if "intensity" in truth:
                 ds = self._dataset("/truth/intensity")
@@ -500,6 +527,18 @@ class SPIDataset:
                     raise self._error("/truth/density", "a cube (n, n, n)", f"shape {ds.shape}")
                 if "voxel_size_A" not in ds.attrs:
                     raise self._error("/truth/density attrs['voxel_size_A']", "a positive number", "missing")
+
+    def refresh(self) -> tuple[int, bool]:
+        """A file opened with ``swmr=True``: see the patterns appended since; returns ``(N, complete)``
+        (``complete``: the writer closed the file, ``/data/complete``; always False without that mark)."""
+        if not self.swmr:
+            return self.n_patterns, True
+        self._counts.refresh()
+        done = self._file.get("data/complete")
+        if isinstance(done, h5py.Dataset):
+            done.refresh()
+            return self.n_patterns, bool(done[0])
+        return self.n_patterns, False
 
     # ------------------------------------------------------------------ properties
     @property

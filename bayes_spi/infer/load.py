@@ -49,11 +49,21 @@ class Trained:
 
 
 def model_path_of(run: str | os.PathLike[str]) -> Path:
-    """``run/model.pt`` for a run directory, or ``run`` itself when it names a file (``*.pt`` or existing)."""
+    """``run/model.pt`` for a run directory, or ``run`` itself when it names a file (``*.pt`` or existing).
+
+    A fit that is still running has no ``model.pt`` yet: its latest ``checkpoint.pt`` (written atomically,
+    with the same entries) is read instead, without the run's lock, so that ``report`` and ``export`` show the
+    reconstruction as it forms."""
     from bayes_spi.infer.rundir import RunDir
 
     p = Path(run)
-    return p if p.suffix == ".pt" or p.is_file() else RunDir(p).path("model")
+    if p.suffix == ".pt" or p.is_file():
+        return p
+    run_dir = RunDir(p)
+    model = run_dir.path("model")
+    if not model.exists() and run_dir.path("checkpoint").is_file():
+        return run_dir.path("checkpoint")
+    return model
 
 
 def read_model_file(run: str | os.PathLike[str], need: tuple[str, ...] = ("config", "model")

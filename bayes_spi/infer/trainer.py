@@ -120,13 +120,7 @@ class Trainer:
         self._qnorm = q.norm(dim=-1)
         self._q_max = float(self._qnorm.max())
         self._good = torch.as_tensor(dataset.mask.reshape(-1), device=self.device)
-        self.n_total = dataset.n_patterns
-        batches_per_epoch = math.ceil(self.n_total / config.batch_size)
-        epochs = 1 if config.online else config.epochs
-        self.data_steps = batches_per_epoch * epochs
-        if config.max_images is not None:
-            self.data_steps = min(self.data_steps, math.ceil(config.max_images / config.batch_size))
-        self.batches_per_epoch = batches_per_epoch
+        self._set_data_size(dataset.n_patterns)  # n_total, batches_per_epoch, data_steps
         self.state = TrainState()
         self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters() if p.requires_grad]
@@ -151,6 +145,31 @@ class Trainer:
         self._emc = None
         self.emc_terms: dict[str, float] = {}
         self._share, self._n_global = 1.0, 0  # this rank's share of the step's batch, the batch's size
+
+    def _set_data_size(self, n: int) -> None:
+        """``N`` (the ELBO's plate size) and the schedule's data batches from ``n`` patterns."""
+        c = self.config
+        self.n_total = int(n)
+        self.batches_per_epoch = math.ceil(self.n_total / c.batch_size)
+        self.data_steps = self.batches_per_epoch * (1 if c.online else c.epochs)
+        if c.max_images is not None:
+            self.data_steps = min(self.data_steps, math.ceil(c.max_images / c.batch_size))
+
+    @property
+    def following(self) -> bool:
+        """The data file is still being written (``fit --follow``, :mod:`bayes_spi.dataio.follow`)."""
+        return bool(getattr(self.dataset, "following", False))
+
+    def _sync_data_size(self) -> None:
+        """A followed file grows: ``N`` and the schedule follow the patterns that have arrived (with
+        ``max_images`` the schedule's length stays fixed); the EMC warm start, once over, stays over."""
+        n = self.dataset.n_patterns
+        if n == self.n_total:
+            return
+        st = self.state
+        if st.planned_emc_end < 0 and not self.in_emc(st.step):
+            st.planned_emc_end = self.emc_end
+        self._set_data_size(n)
 
     # ---------------------------------------------------------------- schedules
     @property
@@ -452,6 +471,9 @@ class Trainer:
             # the held-out probe patterns are never trained on; under DDP each rank reads its slice of each batch
             it = self.dist.batches(self.dataset, c.batch_size, shuffle=not c.online, seed=c.seed, start=start,
                                    epoch=epoch, exclude=self.holdout)
+            if hasattr(self.dataset, "follow_batches"):  # --follow: in file order, as the patterns arrive
+                it = ((idx[~np.isin(idx, self.holdout)], counts[~np.isin(idx, self.holdout)])
+                      for idx, counts in self.dataset.follow_batches(c.batch_size, start=start))
             for b, (idx, counts) in enumerate(it, start=start):
                 if len(idx):
                     yield epoch, b, idx, counts
@@ -614,6 +636,10 @@ class Trainer:
         phase_mark: tuple[bool, float, int] | None = None  # (emc, time, step) at the start of this phase here
         for epoch, b, idx, counts in batches:
             st = self.state
+            if hasattr(self.dataset, "following"):  # --follow: the file has grown
+                self._sync_data_size()
+                if bar is not None:
+                    bar.total = self.total_steps * c.batch_size
             if st.step >= self.total_steps:
                 break
             group = [(epoch, b, idx, counts)]
@@ -648,7 +674,7 @@ class Trainer:
             n_images = self._n_global if self.dist.active else len(idx)  # all ranks' patterns of this step
             st.images_seen += n_images
             st.epoch, st.batch_in_epoch = epoch, b + 1
-            if st.batch_in_epoch >= self.batches_per_epoch:
+            if st.batch_in_epoch >= self.batches_per_epoch and not self.following:
                 st.epoch, st.batch_in_epoch = epoch + 1, 0
             st.elapsed_s = time.perf_counter() - t_start
             if c.max_minutes is not None and self.dist.active:  # the budget's clock is rank 0's
@@ -693,6 +719,10 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if hasattr(self.dataset, "following"):  # the followed file's final size (the stream has ended)
+            self._sync_data_size()
+            log.info("followed %s to its end (%s): %d patterns", self.dataset.path,
+                     getattr(self.dataset, "end_reason", "") or "stopped", self.n_total)
         self.save_checkpoint()
         self.polish(on_step)
         self.model.eval()

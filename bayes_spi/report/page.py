@@ -128,6 +128,8 @@ def _available(run: RunData, key: str) -> bool:
 
 
 def _present(run: RunData, key: str) -> bool:
+    if key == "intensity" and run.live_checkpoint is not None:  # a running fit: from its latest checkpoint
+        return True
     if key in ("metrics", "intensity", "posterior", "model", "fsc", "density", "posterior_nc"):
         return run.files.has(key)
     if key == "data":

@@ -192,12 +192,31 @@ class RunData:
             out[col] = np.asarray(vals, dtype=np.float64)
         return out
 
+    @property
+    def live_checkpoint(self) -> Path | None:
+        """A running fit's ``checkpoint.pt`` (no ``model.pt`` yet), from which the report shows the current
+        reconstruction; None otherwise."""
+        ck = self.files.path("checkpoint")
+        return ck if not self.files.has("model") and ck.is_file() else None
+
+    def _live_intensity(self, n: int = 65) -> tuple[np.ndarray, float] | None:
+        """The intensity of a running fit's field on an ``n``-cube up to the detector's ``q_max`` (read-only)."""
+        from bayes_spi.infer.evaluate import load_field
+        from bayes_spi.infer.outputs import field_on_grid
+
+        ck = self.live_checkpoint
+        if ck is None:
+            return None
+        field, q_max = load_field(ck)
+        return field_on_grid(field, n, q_max)
+
     @cached_property
     def intensity(self) -> tuple[np.ndarray, float] | None:
-        """``intensity.h5``: ``(I (n, n, n) [ix, iy, iz] float64, dq 1/A)``."""
+        """``intensity.h5``: ``(I (n, n, n) [ix, iy, iz] float64, dq 1/A)``; for a running fit, its latest
+        checkpoint's field on a 65-cube."""
         p = self.files.path("intensity")
         if not p.is_file():
-            return None
+            return self._live_intensity()
         with h5py.File(p, "r") as f:
             if "intensity" not in f:
                 raise ValueError(f"{_fspath(p)}: field /intensity: expected a dataset, got missing")

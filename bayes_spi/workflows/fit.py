@@ -133,6 +133,30 @@ def _open_dataset(path: Path, source: Any = None) -> Any:
         raise WorkflowError(str(exc)) from None
 
 
+def _open_followed(path: Path, timeout: float, batch_size: int, say: Echo) -> Any:
+    """Open a file that is still being written (``--follow``), once it holds a first batch."""
+    from bayes_spi.dataio.follow import open_following
+    from bayes_spi.dataio.h5 import DataFormatError
+
+    def waiting(consumed: int, available: int, idle_s: float, timeout_s: float) -> None:
+        msg = (f"waiting for patterns: {consumed} fitted, {available} in {path.name} (the writer is still writing); "
+               f"stopping after {timeout_s:.0f} s without new ones ({idle_s:.0f} s so far)")
+        log.info("%s", msg)
+        say(msg, True)
+
+    if not timeout > 0:
+        raise WorkflowError(f"expected a positive number of seconds, got {timeout}", kind="parameter",
+                            setting="follow_timeout")
+    try:
+        return open_following(path, timeout=timeout, min_patterns=max(2, batch_size), on_wait=waiting)
+    except FileNotFoundError:
+        raise WorkflowError(f"data file {os.fspath(path)!r} not found (waited {timeout:g} s for the writer to "
+                            "create it)") from None
+    except DataFormatError as exc:
+        raise WorkflowError(f"{exc} (a file followed with {flag('follow')} must be written in HDF5 SWMR mode, "
+                            "e.g. by H5Writer(swmr=True))") from None
+
+
 def _check_values(dataset: Any, progress: bool, dist: Any = None) -> None:
     """Read every pattern once so bad values (negative, NaN) fail before anything is written (under DDP each
     rank reads its share of the blocks; a rank that fails stops them all)."""
@@ -199,6 +223,8 @@ def run_fit(
     subset_name: str = "subset",
     echo: Echo | None = None,
     source: Any = None,
+    follow: bool = False,
+    follow_timeout: float = 60.0,
 ) -> dict[str, Any]:
     """Fit ``data`` into the run directory ``run_dir`` (new, continued with ``resume``, or afresh with ``force``).
 
@@ -223,6 +249,9 @@ def run_fit(
         source: how to read a foreign ``data`` file (a :class:`~bayes_spi.config.sources.SourceOptions` or its
             dict: Dragonfly detector, geometry file, photon energy); recorded in ``config.yaml``, and with
             ``resume`` taken from there when not given.
+        follow: ``data`` is still being written (HDF5 SWMR, :mod:`bayes_spi.dataio.follow`): fit the patterns as
+            they arrive until the writer marks the file complete or none arrived for ``follow_timeout`` seconds
+            (needs the ``online`` setting; one process).
 
     Returns:
         ``{"run_dir", "state", "images_per_s", "final_elbo", "evaluation" (dict or None), "outputs", "verdict"}``.
@@ -299,13 +328,22 @@ def run_fit(
     if grid is None:
         grid = 65
     check_device(fit_config.device)
+    if follow and not fit_config.online:
+        raise WorkflowError(f"{flag('follow')} streams a file as it is written, once: expected {flag('online')}",
+                            kind="usage")
+    if follow and subset is not None:
+        raise WorkflowError(f"{flag('follow')}: expected the whole file, got a subset ({subset_name})", kind="usage")
     try:  # torchrun: join the process group (gloo on CPU, nccl on CUDA); one process: LOCAL
         dist = distributed.setup_from_env(fit_config.device)
     except (ValueError, RuntimeError) as exc:
         raise WorkflowError(f"torch.distributed: {exc}") from None
     sampling = None
+    if follow and dist.active:
+        raise WorkflowError(f"{flag('follow')} runs in one process: expected no torchrun, got {dist.world_size} "
+                            "processes", kind="usage")
 
-    dataset = _open_dataset(Path(data), source)
+    dataset = _open_followed(Path(data), follow_timeout, fit_config.batch_size, say) if follow else \
+        _open_dataset(Path(data), source)
     if subset is not None:
         from bayes_spi.dataio.subset import SPISubset
 
@@ -324,11 +362,11 @@ def run_fit(
         if resume:
             rec = info.get("data", {}) if isinstance(info.get("data"), dict) else {}
             for key, found in (("n_patterns", dataset.n_patterns), ("shape", list(dataset.shape))):
-                if key in rec and rec[key] != found:
+                if key in rec and rec[key] != found and not (follow and key == "n_patterns"):
                     raise WorkflowError(
                         f"{os.fspath(data)}: {key}: expected {rec[key]} (the data this run was started on, "
                         f"{rec.get('path', '?')}), got {found}")
-        if check_data:
+        if check_data and not follow:  # a followed file's values are checked as they are read
             _check_values(dataset, progress and main, dist)
         if not resume:
             from bayes_spi.infer.autoset import data_settings
