@@ -12,7 +12,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
