@@ -155,3 +155,16 @@ def test_fit_follows_a_file_being_written_and_report_export_read_it_meanwhile(si
     log = (run / "run.log").read_text()
     assert "waiting for patterns: 48 fitted, 48 in live.h5" in log
     assert "live.h5 to its end (complete): 96 patterns" in log
+
+
+def test_follow_needs_online_and_a_file_that_appears(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["fit", str(tmp_path / "live.h5"), "-o", str(tmp_path / "run"), "--follow",
+                                   "--no-progress"])
+    assert res.exit_code != 0 and "--follow streams a file as it is written, once: expected --online" in res.output
+    assert not (tmp_path / "run").exists()
+    # the file never appears: a clear error once --follow-timeout has passed, nothing written
+    t0 = time.monotonic()
+    res = CliRunner().invoke(cli, ["fit", str(tmp_path / "live.h5"), "-o", str(tmp_path / "run"), "--online",
+                                   "--follow", "--follow-timeout", "0.5", "--no-progress"])
+    assert res.exit_code != 0 and "not found (waited 0.5 s for the writer to create it)" in res.output, res.output
+    assert time.monotonic() - t0 < 20 and not (tmp_path / "run" / "config.yaml").exists()
