@@ -6,12 +6,12 @@ from the end of the first step: start-up, outputs and the report excluded). Conf
 ``--repeats`` times (interleaved, so that a change of the machine's load hits all alike):
 
 * ``1 proc x T threads``: one process, ``OMP_NUM_THREADS=T`` (T = the cores given to the benchmark);
-* ``1 proc x 1 thread``;
+* ``1 proc x 1 thread`` (with ``--single-thread``);
 * ``N procs x T/N threads``: ``torchrun --nproc-per-node N``.
 
 Example::
 
-    python benchmarks/bench_ddp.py --n-patterns 1536 --out bench_out/ddp
+    python benchmarks/bench_ddp.py --n-patterns 1024 --out bench_out/ddp
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench_out/ddp"))
     p.add_argument("--data", type=Path, default=None, help="a data file (default: simulate one)")
-    p.add_argument("--n-patterns", type=int, default=1536)
+    p.add_argument("--n-patterns", type=int, default=1024)
     p.add_argument("--size", type=int, default=32, choices=(32, 64))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--cores", type=int, default=2, help="threads of the one-process run (= cores used)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--single-thread", action="store_true", help="also time 1 process x 1 thread")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.data
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = ["--epochs", "1", "--batch-size", str(args.batch_size), "--polish-iterations", "0", "--grid", "9",
                 "--no-truth", "--no-check-data", "--no-progress", "--device", "cpu", "--log-every", "10",
                 "--checkpoint-every", "1000"]
-    configs = [(1, args.cores), (1, 1), (args.procs, max(args.cores // args.procs, 1))]
+    configs = [(1, args.cores), *([(1, 1)] if args.single_thread else []),
+               (args.procs, max(args.cores // args.procs, 1))]
     rates: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     walls: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     images = 0
