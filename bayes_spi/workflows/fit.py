@@ -333,6 +333,9 @@ def run_fit(
                             kind="usage")
     if follow and subset is not None:
         raise WorkflowError(f"{flag('follow')}: expected the whole file, got a subset ({subset_name})", kind="usage")
+    if follow and source:
+        raise WorkflowError(f"{flag('follow')} reads a bayes-spi HDF5 file written in SWMR mode: expected no foreign "
+                            "source options", kind="usage")
     try:  # torchrun: join the process group (gloo on CPU, nccl on CUDA); one process: LOCAL
         dist = distributed.setup_from_env(fit_config.device)
     except (ValueError, RuntimeError) as exc:
