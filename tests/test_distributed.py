@@ -235,3 +235,14 @@ def test_two_process_fit_writes_one_run_and_resumes_after_a_kill(simulated, tmp_
     assert steps == sorted(set(steps)) and steps[-1] == 12  # no row lost or written twice across the kill
     log = (run / "run.log").read_text()
     assert "resumed from" in log and "data-parallel: 2 processes (torch.distributed, gloo)" in log
+
+
+def test_half_sets_refuse_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bayes_spi.workflows.errors import WorkflowError
+    from bayes_spi.workflows.fit import run_halfsets
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(WorkflowError, match="--half-sets runs in one process: expected no torchrun"):
+        run_halfsets(tmp_path / "data.h5", tmp_path / "run", {})
+    assert not (tmp_path / "run").exists()

@@ -41,7 +41,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -315,7 +314,7 @@ def setup_from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Dist:
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         atexit.register(shutdown)
     _current = Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local_rank, backend=backend)
-    if math.isfinite(world) and _current.world_size != world:
+    if _current.world_size != world:
         raise ValueError(f"WORLD_SIZE: expected the process group's size {_current.world_size}, got {world}")
     return _current
 

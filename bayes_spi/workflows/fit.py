@@ -571,6 +571,11 @@ def run_halfsets(
     from bayes_spi.infer.evaluate import write_fsc_json
     from bayes_spi.infer.halfsets import HALVES, halfset_fsc, read_split, write_halfset_summary, write_split
 
+    from bayes_spi.infer.distributed import env_world_size
+
+    if env_world_size() > 1:
+        raise WorkflowError(f"{flag('half_sets')} runs in one process: expected no torchrun, got WORLD_SIZE="
+                            f"{env_world_size()} (fit each half with torchrun on its own instead)", kind="usage")
     say = echo if echo is not None else _print
     given = given_settings(config)
     run_dir = Path(run_dir)
