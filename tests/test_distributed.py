@@ -85,7 +85,7 @@ def _one_step_gradients(trainer, idx: np.ndarray, emc: bool) -> dict[str, Any]:
     with _fixed_noise(), mock.patch.object(trainer.optim, "step", record):
         loss = trainer.emc_step(batch) if emc else trainer.step(batch)
     trainer.model.load_state_dict(state)  # the level shift of the step undone: the next stage starts alike
-    return {"grads": grads, "loss": loss, "log_offset": float(trainer.model.field.log_offset),
+    return {"grads": grads, "loss": loss, "log_offset": float(trainer.model.field.log_offset.detach()),
             "level": trainer.batch_log_scale}
 
 
