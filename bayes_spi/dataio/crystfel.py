@@ -45,6 +45,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError
 from bayes_spi.geometry import Geometry
 
@@ -255,7 +256,7 @@ def _panel(path: Path, name: str, keys: dict[str, str], clen_m: float | None) ->
         try:
             clen = float(raw)
         except ValueError:
-            raise DataFormatError(path, f"{name}/clen", "a camera length in metres (or give clen_m / --clen)",
+            raise DataFormatError(path, f"{name}/clen", f"a camera length in metres (or give clen_m / {flag('clen')})",
                                   f"{raw!r} (a per-frame dataset)") from None
     module = None
     for key, value in keys.items():

@@ -47,6 +47,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError
 from bayes_spi.dataio.sources import PatternSource
 from bayes_spi.geometry import Geometry, Panel
@@ -282,7 +283,7 @@ class CXIDataset(PatternSource):
             return float(given)
         obj = self._file.get(_ENERGY)
         if not isinstance(obj, h5py.Dataset) or not np.issubdtype(obj.dtype, np.number):
-            raise self._error(_ENERGY, "the photon energy in J (or give photon_energy_ev / --photon-energy)",
+            raise self._error(_ENERGY, f"the photon energy in J (or give photon_energy_ev / {flag('photon_energy')})",
                               "missing" if obj is None else type(obj).__name__)
         values = np.asarray(obj[()], dtype=np.float64).ravel()
         if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):

@@ -46,6 +46,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError
 from bayes_spi.geometry import HC_EV_A, Beam, Detector, Geometry
 
@@ -311,7 +312,7 @@ def pixel_layout(det: DragonflyDetector, shape: tuple[int, int] | None = None) -
     if side * side == n:
         return pixel_layout(det, (side, side))
     raise ValueError(f"{os.fspath(det.path)}: the {n} pixels are not on a square grid and their positions do not "
-                     "fill a grid: give the image shape (n_y, n_x) (--shape), pixel t = ix * n_y + iy")
+                     f"fill a grid: give the image shape (n_y, n_x) ({flag('shape')}), pixel t = ix * n_y + iy")
 
 
 def _polarization_of(det: DragonflyDetector, layout: PixelLayout) -> str | None:
@@ -364,7 +365,7 @@ def detector_geometry(
     """
     if photon_energy_ev is None and det.wavelength_A is None:
         raise ValueError(f"{os.fspath(det.path)}: a Dragonfly detector file holds no wavelength: expected "
-                         "the photon energy (--photon-energy EV), got none")
+                         f"the photon energy ({flag('photon_energy')} EV), got none")
     if photon_energy_ev is not None and (not math.isfinite(photon_energy_ev) or photon_energy_ev <= 0):
         raise ValueError(f"photon energy: expected a positive number of eV, got {photon_energy_ev!r}")
     energy = float(photon_energy_ev) if photon_energy_ev is not None else HC_EV_A / float(det.wavelength_A)

@@ -51,6 +51,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset
 from bayes_spi.geometry import HC_EV_A, POLARIZATIONS, Beam, Detector, Geometry
 
@@ -536,9 +537,9 @@ def source_kind(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
             if "entry_1" in f:
                 return "cxi"
         raise DataFormatError(file, "/", "a bayes-spi file (attrs format='bayes-spi'), a CXI file (/entry_1), "
-                              "Dragonfly photons (/place_ones) or FILE.h5:/dataset with --geometry", "none of these")
-    raise DataFormatError(file, "/", "a bayes-spi .h5, a CXI .cxi, Dragonfly .emc (+ --detector) or a .npy stack "
-                          "(+ --geometry)", f"an unknown file type ({suffix or 'no suffix'})")
+                              f"Dragonfly photons (/place_ones) or FILE.h5:/dataset with {flag('geometry')}", "none of these")
+    raise DataFormatError(file, "/", f"a bayes-spi .h5, a CXI .cxi, Dragonfly .emc (+ {flag('detector')}) or a .npy stack "
+                          f"(+ {flag('geometry')})", f"an unknown file type ({suffix or 'no suffix'})")
 
 
 def open_dataset(
@@ -571,22 +572,22 @@ def open_dataset(
     kind = source_kind(path)
     name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else os.fspath(path[0])
     if kind != "emc" and detector is not None:
-        raise ValueError(f"{name}: --detector is for Dragonfly .emc data, got a {kind} source")
+        raise ValueError(f"{name}: {flag('detector')} is for Dragonfly .emc data, got a {kind} source")
     if kind not in ("stack", "cxi") and geometry is not None:
-        raise ValueError(f"{name}: --geometry is for .npy / FILE.h5:/dataset stacks and CXI files, got a {kind} "
+        raise ValueError(f"{name}: {flag('geometry')} is for .npy / FILE.h5:/dataset stacks and CXI files, got a {kind} "
                          "source")
     if kind == "bayes-spi":
         if photon_energy_ev is not None:
-            raise ValueError(f"{name}: --photon-energy is not used for a bayes-spi file (its geometry is in it)")
+            raise ValueError(f"{name}: {flag('photon_energy')} is not used for a bayes-spi file (its geometry is in it)")
         return SPIDataset(path)  # type: ignore[arg-type]
     if kind == "emc":
         if detector is None:
-            raise ValueError(f"{name}: Dragonfly photons need their detector file: expected --detector FILE, got none")
+            raise ValueError(f"{name}: Dragonfly photons need their detector file: expected {flag('detector')} FILE, got none")
         return EmcSource(path, detector, photon_energy_ev=photon_energy_ev, shape=shape,  # type: ignore[arg-type]
                          keep_mask_1=keep_mask_1, pixel_size_m=pixel_size_m)
     if kind == "stack":
         if geometry is None:
-            raise ValueError(f"{name}: a counts stack needs a geometry file: expected --geometry FILE (YAML/JSON), "
+            raise ValueError(f"{name}: a counts stack needs a geometry file: expected {flag('geometry')} FILE (YAML/JSON), "
                              "got none")
         return StackSource(path, geometry, photon_energy_ev=photon_energy_ev)  # type: ignore[arg-type]
     return _open_cxi(Path(name), photon_energy_ev=photon_energy_ev, geometry=geometry)
@@ -599,7 +600,7 @@ def _open_cxi(path: Path, *, photon_energy_ev: float | None, geometry: str | os.
     if geometry is None:
         return open_cxi(path, photon_energy_ev=photon_energy_ev)
     if Path(geometry).suffix.lower() != ".geom":
-        raise ValueError(f"{os.fspath(path)}: --geometry for a CXI file: expected a CrystFEL .geom, got "
+        raise ValueError(f"{os.fspath(path)}: {flag('geometry')} for a CXI file: expected a CrystFEL .geom, got "
                          f"{os.fspath(geometry)!r}")
     from bayes_spi.dataio.crystfel import read_crystfel_geom
 

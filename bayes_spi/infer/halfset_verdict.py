@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.infer.verdict import STATUSES, Verdict
 
 __all__ = ["MIN_INNER_SPECKLE_FSC", "INNER_FRACTION", "inner_speckle_fsc", "assess_halfsets"]
@@ -97,7 +98,7 @@ def assess_halfsets(halves: list[dict[str, Any] | None], speckle: Any, q_max: fl
             f"the two half-set fits disagree: speckle FSC over |q| <= {INNER_FRACTION:g} q_max is {agree:.3f} "
             f"(< {MIN_INNER_SPECKLE_FSC}); independent fits of the same particle reproduce each other's speckles, "
             f"so at least one converged to a wrong solution (e.g. a near-symmetric frame); try more patterns, "
-            f"--symmetry if the particle has one, or a finer orientation grid")
+            f"{flag('symmetry')} if the particle has one, or a finer orientation grid")
     checks = {"halves": statuses, "inner_speckle_fsc": agree, "min_inner_speckle_fsc": MIN_INNER_SPECKLE_FSC,
               "inner_fraction": INNER_FRACTION}
     for key in ("gain_per_photon", "probe_ambiguous_fraction", "effective_hypotheses"):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from bayes_spi.config.commands import flag
 from bayes_spi.config.sources import SourceOptions
 from bayes_spi.workflows.errors import WorkflowError
 
@@ -117,7 +118,7 @@ def run_convert(
             raise WorkflowError(f"output {os.fspath(out)!r}: expected a file other than the source, got the source",
                                 kind="usage")
     if out.exists() and not force:
-        raise WorkflowError(f"output file {os.fspath(out)!r} exists: expected a new file (replace it with --force)",
+        raise WorkflowError(f"output file {os.fspath(out)!r} exists: expected a new file (replace it with {flag('force')})",
                             kind="usage")
     if out.exists() and out.is_dir():
         raise WorkflowError(f"output {os.fspath(out)!r}: expected a file, got a directory", kind="usage")
