@@ -98,3 +98,29 @@ def test_report_command_refuses_a_directory_that_is_not_a_run(tmp_path: Path) ->
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code != 0 and "expected a run directory" in result.output, result.output
     assert "config.yaml, run.log, model.pt, metrics.csv, checkpoint.pt" in result.output
+
+
+def test_a_zombie_lock_owner_is_dead(tmp_path: Path) -> None:
+    """A lock whose owner exited but was never reaped (a zombie, e.g. an orphaned torchrun rank) is stale."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from bayes_spi.infer.rundir import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    try:
+        assert not _pid_alive(child.pid)  # exited, not yet reaped: os.kill(pid, 0) alone would say alive
+        assert _pid_alive(os.getpid())
+        run = RunDir(tmp_path)
+        run.path("lock").write_text(f"pid={child.pid}\nhost={socket.gethostname()}\n")
+        assert run.live_lock_owner() is None
+        with run.lock():  # the stale lock is taken over
+            assert run.live_lock_owner()[0] == os.getpid()
+    finally:
+        child.wait()

@@ -279,7 +279,22 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited but not been reaped (Linux ``/proc/PID/stat`` state ``Z``): a dead owner.
+
+    An orphaned rank of a killed ``torchrun`` can stay a zombie in a container without an init that reaps
+    it; its lock must count as stale. Elsewhere (no ``/proc``) a process that answers signal 0 is alive.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    # the command name is in parentheses and may itself hold spaces or ')': the state follows the last ')'
+    rest = stat[stat.rfind(")") + 1:].split()
+    return bool(rest) and rest[0] == "Z"
 
 
 def _read_lock(path: Path) -> tuple[int, str] | None:
