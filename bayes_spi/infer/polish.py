@@ -14,7 +14,15 @@ M-step, for the intensity on the voxels ``v`` of the field's grid (trilinear spl
 
     I(v) = sum_g T_v(R_g q_k) Y_gk / sum_g T_v(R_g q_k) S_g w_k,     Y_gk = sum_i w_ig y_ik,  S_g = sum_i w_ig s_ig
 
-(``Y`` is one matrix product per batch, so a pass costs about one E-step: ``N x G x M``). Friedel mates are
+(``Y`` is one matrix product per batch, so a pass costs about one E-step: ``N x G x M``).
+
+With a measured background (``lambda_igk = s_ig w_k I_gk + c_ik``, ``c_ik = b_i B_k``; :mod:`bayes_spi.models.background`)
+the M-step is EM with each count split into its signal and background parts: the signal share
+``r_igk = s_ig w_k I_gk / lambda_igk`` gives ``Y_gk = sum_i w_ig r_igk y_ik``, the background share
+``Z_i = sum_g w_ig sum_k (1 - r_igk) y_ik`` gives the background scale ``b = sum_i Z_i / (N sum_k B_k)`` (global)
+or ``b_i = Z_i / sum_k B_k`` (per pattern), and ``s_ig`` is profiled numerically in the presence of the
+background (:func:`~bayes_spi.models.background.profile_with_background`); the pass then costs
+``N x G x M`` per Newton step instead of one matrix product. Friedel mates are
 merged (``I(v) = I(-v)``). The result is the maximiser of the expected complete-data Poisson
 log-likelihood (for nearest-voxel assignment; trilinear splatting is its usual smooth version, as in
 Dragonfly). It is written into the field: a :class:`~bayes_spi.models.fields.SirenVoxelField`'s residual
@@ -43,7 +51,43 @@ from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.trilinear import sample_cube, splat_cube
 
-__all__ = ["EMCPolish", "PolishStats"]
+__all__ = ["EMCPolish", "PolishStats", "background_em_step"]
+
+
+def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """E-step of a batch with an additive background, and the EM split of its counts (module docstring).
+
+    Args:
+        log_lam: ``(G, M)`` log signal per unit fluence (``log w_k + log I_gk``) at every grid rotation.
+        y: ``(B, M)`` counts; c: ``(M,)`` or ``(B, M)`` expected background counts ``b B_k``.
+        Y: ``(G, M)`` accumulator: the signal parts ``sum_i w_ig r_igk y_ik`` are added to it in place.
+        beta: posterior tempering.
+
+    Returns:
+        ``ll (B, G)`` (profiled, :func:`~bayes_spi.models.background.profile_with_background`), profile
+        ``log s (B, G)``, ``log w (B, G)`` and the background parts ``Z_i = sum_g w_ig sum_k (1 - r_igk) y_ik``
+        ``(B,)``. Rotations are taken in chunks that keep ``B x g x M`` near 4e6 numbers.
+    """
+    from bayes_spi.models.background import profile_with_background
+
+    cc = c[:, None, :] if c.dim() == 2 else c
+    n_b, m = y.shape
+    step = max(1, int(4e6 // max(n_b * m, 1)))
+    G = log_lam.shape[0]
+    parts = [profile_with_background(log_lam[s:s + step], y[:, None, :], cc) for s in range(0, G, step)]
+    ll = torch.cat([p[0] for p in parts], -1)
+    log_s = torch.cat([p[1] for p in parts], -1)
+    logw = torch.log_softmax(beta * ll, dim=-1)
+    w = logw.exp()
+    z = torch.zeros(n_b, dtype=y.dtype, device=y.device)
+    for s in range(0, G, step):
+        sig = (log_lam[s:s + step][None] + log_s[:, s:s + step, None]).exp()  # (B, g, M)
+        r = sig / (sig + cc).clamp(min=1e-30)  # the signal share of each count
+        wy = w[:, s:s + step, None] * y[:, None, :]  # (B, g, M)
+        Y[s:s + step] += (wy * r).sum(0)
+        z += (wy * (1.0 - r)).sum((1, 2))
+    return ll, log_s, logw, z
 
 
 @dataclass
@@ -120,6 +164,8 @@ class EMCPolish:
         S = torch.zeros(G, dtype=q.dtype, device=q.device)
         ll_sum = ent_sum = wmax_sum = 0.0
         n_used = 0
+        background = getattr(model, "background", None)
+        bg_sum = torch.zeros((), dtype=q.dtype, device=q.device)
         n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
         if self.max_patterns:
             n_total = min(n_total, self.max_patterns)
@@ -130,12 +176,21 @@ class EMCPolish:
             if not keep.any():
                 continue
             y = torch.as_tensor(counts[keep], device=q.device).reshape(int(keep.sum()), -1)[:, pixels].to(q.dtype)
-            n_tot = y.sum(-1, keepdim=True)
-            ll = y @ log_lam.T - n_tot * lse  # (B, G): profiled Poisson log-likelihood (up to terms in y)
-            log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
-            logw = torch.log_softmax(self.beta * ll, dim=-1)
-            w = logw.exp()
-            Y += w.T @ y
+            if background is not None:
+                kept = torch.as_tensor(idx[keep], device=q.device)
+                c = model.background_rate(pixels, kept if background.mode == "per-pattern" else None)
+                ll, log_s, logw, bg_part = background_em_step(log_lam, y, c.to(q.dtype), Y, self.beta)
+                if background.mode == "per-pattern":  # EM: b_i = Z_i / sum_k B_k
+                    background.set_scale(bg_part / background.rate[pixels].sum().clamp(min=1e-30), kept)
+                bg_sum += bg_part.sum()
+                w = logw.exp()
+            else:
+                n_tot = y.sum(-1, keepdim=True)
+                ll = y @ log_lam.T - n_tot * lse  # (B, G): profiled Poisson log-likelihood (up to terms in y)
+                log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
+                logw = torch.log_softmax(self.beta * ll, dim=-1)
+                w = logw.exp()
+                Y += w.T @ y
             S += (w * log_s.exp()).sum(0)
             ll_sum += float((torch.logsumexp(ll, -1) - math.log(G)).sum())
             ent_sum += float(-(w * logw).sum())
@@ -143,6 +198,9 @@ class EMCPolish:
             n_used += y.shape[0]
             if progress is not None:
                 progress(len(idx), n_total)
+        if background is not None and background.mode == "global" and n_used:
+            # EM: b = sum_i Z_i / (N sum_k B_k)
+            background.set_scale(bg_sum / (n_used * background.rate[pixels].sum().clamp(min=1e-30)))
         n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)

@@ -112,7 +112,11 @@ class Trainer:
             raise ValueError("expected both a model and a guide, or neither")
         if model is None:
             pyro.set_rng_seed(config.seed)
-            model, guide = build_model_and_guide(dataset.geometry, config, self.device)
+            from bayes_spi.infer.build import build_background
+
+            model, guide = build_model_and_guide(
+                dataset.geometry, config, self.device,
+                background=build_background(config, dataset.geometry, dataset.n_patterns))
         self.model, self.guide = model.to(self.device), guide.to(self.device)
         q = self.model.q
         self._qnorm = q.norm(dim=-1)
@@ -224,6 +228,10 @@ class Trainer:
         _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
         good = self._good.cpu().numpy()
         flat = counts.reshape(counts.shape[0], -1)[:, good]
+        bg = self.model.background_rate(torch.nonzero(self._good).squeeze(-1)) \
+            if getattr(self.model, "background", None) is not None else None
+        if bg is not None:  # the field starts at the signal's level: the measured background taken off
+            flat = np.maximum(flat - bg.detach().cpu().double().numpy()[None], 0.0)
         mean_count = float(flat.mean())
         factor = self.model.log_pixel_factor[self._good].exp()
         self.model.field.log_offset.fill_(math.log(max(mean_count, 1e-6) / float(factor.mean())))
@@ -361,7 +369,8 @@ class Trainer:
         s = q_scale.sample()
         p_pose = self.model.pose_prior(n_batch)
         p_scale = self.model.scale_prior(n_batch)
-        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels) * batch.pixel_weight  # (K, B)
+        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels,
+                                          batch.indices) * batch.pixel_weight  # (K, B)
         kl_pose = q_pose.log_prob(R) - p_pose.log_prob(R)  # (K, B)
         wt = w.T
         loglik = (wt * ll).sum(0).mean()
