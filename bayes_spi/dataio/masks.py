@@ -20,8 +20,8 @@ File formats (``spec`` is a path, optionally with a suffix after ``:``):
 Binning (``bin_factor = N > 1``): a data set binned ``N x N`` from the detector the mask was written for. The
 mask of shape ``(H, W)`` must satisfy ``H // N == n_y`` and ``W // N == n_x``; the ``H mod N`` rows and
 ``W mod N`` columns left over are cropped evenly from both edges (the extra one from the end), and a binned
-pixel is good only if all its ``N^2`` pixels are (as :meth:`bayes_spi.geometry.Geometry.binned`). Any other
-shape mismatch is refused (a mask is never resampled silently).
+pixel is good only if all its ``N^2`` pixels are (as :meth:`bayes_spi.geometry.Geometry.binned`). A file that
+already has the data's shape is taken as it is. Any other shape mismatch is refused (never resampled silently).
 
 Per-pixel maps (:func:`read_pixel_map`, e.g. a measured background): ``.npy`` or ``.h5:/dataset``, a 2-D
 float array of the detector's shape (or ``N`` times it with ``bin_factor``: binned pixels are the *sum* of
@@ -69,7 +69,7 @@ def _crop_bin(arr: np.ndarray, shape: tuple[int, int], factor: int, file: Path, 
     if arr.ndim != 2:
         raise DataFormatError(file, field, "a 2-D array", f"shape {arr.shape}")
     h, w = arr.shape
-    if factor == 1:
+    if factor == 1 or (h, w) == (n_y, n_x):  # a file of the data's own (binned) shape is taken as it is
         if (h, w) != (n_y, n_x):
             raise DataFormatError(file, field, f"shape (n_y, n_x) = {(n_y, n_x)} (the data's detector; a mask for "
                                   "the unbinned detector needs the binning factor)", f"shape {arr.shape}")

@@ -103,7 +103,7 @@ def _newton_scale(a: Tensor, y: Tensor, c: Tensor, n_iter: int) -> Tensor:
     return s
 
 
-def profile_with_background(log_a: Tensor, y: Tensor, c: Tensor, n_iter: int = 8) -> tuple[Tensor, Tensor]:
+def profile_with_background(log_a: Tensor, y: Tensor, c: Tensor, n_iter: int = 5) -> tuple[Tensor, Tensor]:
     """Poisson log-likelihood with the fluence profiled out, in the presence of an additive background.
 
     Args:

@@ -161,6 +161,20 @@ def _with_mask(dataset: Any, config: FitConfig) -> Any:
     return masked
 
 
+def _check_background(dataset: Any, config: FitConfig) -> None:
+    """Read ``config.background_file`` once (shape, values) before anything is written; log what it adds."""
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.masks import read_pixel_map
+
+    try:
+        bg = read_pixel_map(config.background_file, dataset.shape, config.mask_bin)
+    except (FileNotFoundError, DataFormatError, ValueError) as exc:
+        dataset.close()
+        raise WorkflowError(str(exc), kind="parameter", setting="background") from None
+    log.info("background %s: %.4g photons per pattern on the good pixels (scale %s, fitted)", config.background_file,
+             float(bg[dataset.mask].sum()), config.background_scale)
+
+
 def _check_values(dataset: Any, progress: bool) -> None:
     """Read every pattern once so bad values (negative, NaN) fail before anything is written."""
     from bayes_spi.dataio.h5 import DataFormatError
@@ -326,6 +340,8 @@ def run_fit(
     dataset = _open_dataset(Path(data), source)
     if fit_config.mask:
         dataset = _with_mask(dataset, fit_config)
+    if fit_config.background_file:
+        _check_background(dataset, fit_config)
     if subset is not None:
         from bayes_spi.dataio.subset import SPISubset
 
