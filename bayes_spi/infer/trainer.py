@@ -44,6 +44,9 @@ from bayes_spi.models.spi import SPIBatch
 
 __all__ = ["Trainer", "TrainState", "resolve_device", "atomic_torch_save", "METRIC_FIELDS"]
 
+#: learning rate of a measured background's scale, relative to ``FitConfig.lr``
+BACKGROUND_LR_FACTOR: float = 20.0
+
 log = logging.getLogger("bayes_spi")
 
 METRIC_FIELDS = [
@@ -132,7 +135,15 @@ class Trainer:
         self.state = TrainState()
         self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters() if p.requires_grad]
-        self.optim = torch.optim.Adam(self.params, lr=config.lr)
+        # a measured background's scale (bayes_spi.models.background): one number (or one a pattern, seen once an
+        # epoch) that must move by tens of percent within a short fit: its own group at BACKGROUND_LR_FACTOR x lr
+        bg_ids = {id(p) for p in getattr(self.model, "background", None).parameters()} \
+            if getattr(self.model, "background", None) is not None else set()
+        groups = [{"params": [p for p in self.params if id(p) not in bg_ids]}]
+        if bg_ids:
+            groups.append({"params": [p for p in self.params if id(p) in bg_ids],
+                           "lr": config.lr * BACKGROUND_LR_FACTOR})
+        self.optim = torch.optim.Adam(groups, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
         # a held-out probe set for the truth-free verdict (bayes_spi.infer.verdict): 1/32 of the patterns (2 to 256),
