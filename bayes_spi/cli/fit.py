@@ -258,6 +258,20 @@ class _RecordingCommand(click.Command):
 @_training_option("radius_start", float)
 @_training_option("radius_ramp", float)
 @_training_option("scale_prior_sigma", float)
+@click.option("--mask", "mask", default=None, metavar="FILE",
+              help="Extra mask, combined (AND of the good pixels) with the data file's own: FILE.byt[:ROWSxCOLUMNS] "
+                   "(pnCCD/Dragonfly, one byte a pixel, 0 = good, 1 and 2 masked), FILE.npy or FILE.h5:/dataset "
+                   "(True/1 = good). [default: none]")
+@click.option("--mask-bin", "mask_bin", type=click.IntRange(min=1), default=None,
+              help="The data's binning (N x N) relative to the detector of the --mask and --background files "
+                   "(leftover rows/columns cropped evenly; a binned pixel is good only if all its pixels are; "
+                   "background summed). [default: 1]")
+@click.option("--background", "background_file", default=None, metavar="FILE",
+              help="Measured mean background per pixel (photons per pixel per pattern, e.g. the mean of non-hit "
+                   "frames; FILE.npy or FILE.h5:/dataset), an additive rate b * B in the likelihood with a fitted "
+                   "scale b. [default: none]")
+@click.option("--background-scale", "background_scale", type=click.Choice(["global", "per-pattern"]), default=None,
+              help="The background scale b: one for all patterns (global), or one per pattern. [default: global]")
 @_spec_option("pose_prior")
 @_spec_option("scale_prior")
 @_spec_option("likelihood")

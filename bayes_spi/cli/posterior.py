@@ -199,7 +199,7 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
         from bayes_spi.posterior.selfsim import simulate_from_fit
 
         first = dataset.read(np.arange(min(1000, dataset.n_patterns)))
-        photons = float((first * dataset.mask).sum(axis=(1, 2)).mean())
+        photons = float((first * (dataset.mask & trained.guide.mask.cpu().numpy())).sum(axis=(1, 2)).mean())
         with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
             sim = simulate_from_fit(trained, self_calibrate, Path(tmpdir) / "selfsim.h5", photons, seed=seed + 1)
             cal_nc = Path(tmpdir) / "selfsim.nc"

@@ -4,8 +4,9 @@ STRUCTURE is a PDB/mmCIF file or a built-in name (default: 2CEX). Each pattern s
 molecule at a random pose R (uniform on SO(3), or --orientations), times fluence, r_e^2, polarization
 and pixel solid angle. Artifacts (--artifacts, letters in this order): F fluence jitter (--fluence-jitter
 lognormal:SIGMA | pr772 | none), P Poisson noise, G Gaussian read-out noise (--readout-sigma photons,
-clipped at 0 and rounded), B beam stop (--beamstop-radius pixels) plus an optional --mask (.npy bool,
-True = good; or Dragonfly .byt, 0 = good). The fluence comes from --mean-photons (mean total photons
+clipped at 0 and rounded), B beam stop (--beamstop-radius pixels) plus an optional --mask (.npy or .h5,
+True = good; or the pnCCD/Dragonfly .byt, 0 = good; --mask-bin for a binned detector). --background adds a
+measured mean background (photons per pixel per pattern) to the expected counts before the noise. The fluence comes from --mean-photons (mean total photons
 per pattern over good pixels, default 1e4) or from --photons-per-pulse with --beam-radius-nm. Geometry:
 a preset (--geometry) whose values --photon-energy-ev, --pixels, --pixel-size-m, --distance-m and
 --polarization override. Ground truth (poses, fluence scales, the intensity on a --truth-grid cube) is
@@ -87,7 +88,14 @@ def _build_geometry(
 @click.option("--beamstop-radius", type=float, default=2.0, show_default=True,
               help="Beam-stop radius in pixels (artifact B).")
 @click.option("--mask", "mask_file", type=click.Path(path_type=Path), default=None,
-              help="Extra mask: .npy (True = good) or .byt (0 = good); needs artifact B.")
+              help="Extra mask: FILE.byt[:ROWSxCOLUMNS] (pnCCD/Dragonfly, 0 = good), FILE.npy or FILE.h5:/dataset "
+                   "(True/1 = good); needs artifact B.")
+@click.option("--mask-bin", type=click.IntRange(min=1), default=1, show_default=True,
+              help="The detector's binning relative to the --mask and --background files (N x N pixels; the "
+                   "leftover rows/columns cropped evenly; a binned pixel is good only if all its pixels are).")
+@click.option("--background", "background_file", type=click.Path(path_type=Path), default=None,
+              help="Mean background photons per pixel per pattern (FILE.npy or FILE.h5:/dataset) added to the "
+                   "expected counts before the noise (what fit --background models, with scale 1).")
 @click.option("--orientations", type=click.Path(path_type=Path), default=None,
               help=".npy of (N, 4) scalar-first quaternions instead of uniform poses.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -115,6 +123,8 @@ def command(
     readout_sigma: float,
     beamstop_radius: float,
     mask_file: Path | None,
+    mask_bin: int,
+    background_file: Path | None,
     orientations: Path | None,
     seed: int,
     truth_grid: int,
@@ -168,6 +178,8 @@ def command(
             readout_sigma=readout_sigma,
             beamstop_radius=beamstop_radius,
             mask=mask_file,
+            mask_bin=mask_bin,
+            background=background_file,
             orientations=orientations,
             seed=seed,
             truth_grid=truth_grid,

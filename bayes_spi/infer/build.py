@@ -22,11 +22,12 @@ from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.fields import FourierNetField, IntensityField, SirenField, SirenVoxelField, VoxelField
+from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 from bayes_spi.models.spi import SPIModel, detector_q_max
 
-__all__ = ["build_field", "build_model_and_guide", "build_intensity_prior", "detector_tensors"]
+__all__ = ["build_background", "build_field", "build_model_and_guide", "build_intensity_prior", "detector_tensors"]
 
 
 def detector_tensors(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,6 +36,21 @@ def detector_tensors(geometry: Geometry) -> tuple[torch.Tensor, torch.Tensor, to
     factor = torch.as_tensor(geometry.pixel_factor(), dtype=torch.float64)
     mask = torch.as_tensor(geometry.good_pixels(), dtype=torch.bool)
     return q, factor.reshape(-1), mask
+
+
+def build_background(config: FitConfig, geometry: Geometry, n_patterns: int) -> PixelBackground | None:
+    """The measured background of ``config.background_file`` (binned by ``config.mask_bin``) with its scale
+    (``config.background_scale``), 0 on masked pixels; ``None`` without a background file.
+
+    Raises:
+        FileNotFoundError / DataFormatError: the file is missing or not a map of the detector's shape.
+    """
+    if not config.background_file:
+        return None
+    from bayes_spi.dataio.masks import read_pixel_map
+
+    rate = read_pixel_map(config.background_file, geometry.shape, config.mask_bin) * geometry.good_pixels()
+    return PixelBackground(torch.as_tensor(rate.reshape(-1)), config.background_scale, n_patterns=n_patterns)
 
 
 def build_field(config: FitConfig, q_max: float) -> IntensityField:
@@ -81,12 +97,16 @@ def build_model_and_guide(
     scale_prior: ScalePrior | None = None,
     likelihood: Likelihood | None = None,
     intensity_prior: torch.nn.Module | None = None,
+    background: PixelBackground | None = None,
+    n_patterns: int = 1,
 ) -> tuple[SPIModel, AmortizedGuide]:
     """Model (field, priors, likelihood) and guide (encoder + heads) on ``device``.
 
     The priors and the likelihood are built from the config's specs, unless objects are given (e.g. a
     custom prior from Python, see ``examples/custom_prior.py``): those are passed to
     :class:`SPIModel`'s constructor as they are (``config.yaml`` then still shows the config's specs).
+    With ``config.background_file`` and no ``background`` given, the model gets a zero background map with
+    ``n_patterns`` scales to be filled from a state dict (:func:`build_background` reads the file).
     """
     q, factor, mask = detector_tensors(geometry)
     q_max = detector_q_max(q)
@@ -105,6 +125,10 @@ def build_model_and_guide(
         intensity_prior = build_intensity_prior(config.intensity_prior, q_max)
     if intensity_prior is not None:  # passed only when set: SPIModel may predate the argument
         extra["intensity_prior"] = intensity_prior
+    if background is None and getattr(config, "background_file", ""):
+        background = PixelBackground(torch.zeros(q.shape[0]), config.background_scale, n_patterns=max(n_patterns, 1))
+    if background is not None:
+        extra["background"] = background
     model = SPIModel(
         field,
         q,

@@ -39,6 +39,15 @@ class FitConfig:
         max_minutes: a training-time budget: the trainer sizes the schedule from the throughput it
         measures (:meth:`~bayes_spi.infer.trainer.Trainer.plan_for_budget`) so that it completes in time;
         a 1.5x overrun is a clean safety stop (checkpoint, outputs, an unconverged verdict).
+        mask: an extra mask file combined (logical AND of the good pixels) with the data file's own mask:
+        ``FILE.byt[:ROWSxCOLUMNS]`` (pnCCD/Dragonfly, one byte a pixel, 0 = good), ``FILE.npy`` or
+        ``FILE.h5:/dataset`` (True/1 = good); see :mod:`bayes_spi.dataio.masks`. ``""``: none.
+        mask_bin: the data's binning (``N x N``) relative to the detector the ``mask`` and ``background_file``
+        were written for (1: the same pixels); a binned pixel is good only if all its pixels are.
+        background_file: a measured mean background per pixel (photons per pixel per pattern; ``.npy`` or
+        ``FILE.h5:/dataset``), an additive rate ``b B_k`` in the likelihood with a fitted scale ``b``
+        (:mod:`bayes_spi.models.background`); ``""``: none. background_scale: ``global`` (one ``b``) or
+        ``per-pattern``.
     Model:
         field: ``siren``, ``fouriernet``, ``voxel``, ``hybrid`` (SIREN plus a voxel residual on ``voxel_grid``)
             or ``variational``; ``field_width``/``field_depth``/
@@ -101,6 +110,10 @@ class FitConfig:
     batch_size: int = 32
     max_images: int | None = None
     max_minutes: float | None = None
+    mask: str = ""
+    mask_bin: int = 1
+    background_file: str = ""
+    background_scale: str = "global"
 
     field: str = "siren"
     field_width: int = 64
@@ -170,6 +183,9 @@ class FitConfig:
             (self.polish_patterns >= 0, "polish_patterns", ">= 0", self.polish_patterns),
             (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
+            (self.mask_bin >= 1, "mask_bin", ">= 1", self.mask_bin),
+            (self.background_scale in ("global", "per-pattern"), "background_scale", "global or per-pattern",
+             self.background_scale),
             (self.lr > 0 and self.lr_final > 0, "lr/lr_final", "> 0", (self.lr, self.lr_final)),
             (0 < self.radius_start <= 1, "radius_start", "in (0, 1]", self.radius_start),
             (0 <= self.radius_ramp <= 1, "radius_ramp", "in [0, 1]", self.radius_ramp),

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bayes_spi.guides.search import cube_points, grid_profile_loglik
+from bayes_spi.guides.search import BACKGROUND_SCREEN, cube_points, grid_profile_loglik
 from bayes_spi.models.spi import SPIModel
 
 __all__ = ["GridMarginal", "GridPosterior", "cache_grid_for"]
@@ -118,7 +118,9 @@ class GridMarginal:
         cache = self.cache() if cache is None else cache
         q = model.q[pixels]
         y = images.reshape(images.shape[0], -1)[:, pixels].to(q.dtype)
-        return grid_profile_loglik(cache, self.rotations, q, model.log_pixel_factor[pixels], y, self.q_max, self.chunk)
+        bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
+        return grid_profile_loglik(cache, self.rotations, q, model.log_pixel_factor[pixels], y, self.q_max, self.chunk,
+                                   bg=bg, screen=BACKGROUND_SCREEN)
 
     def __call__(self, images: Tensor, pixels: Tensor, pixel_weight: float = 1.0, beta: float = 1.0
                  ) -> GridPosterior:

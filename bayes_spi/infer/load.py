@@ -119,7 +119,9 @@ def load_trained(run: str | os.PathLike[str], device: torch.device | str = "cpu"
     """
     path, ck, config = read_model_file(run, ("config", "geometry", "model", "guide"))
     geometry = stored_geometry(ck, path)
-    model, guide = build_model_and_guide(geometry, config, device=device)
+    bg_scales = ck["model"].get("background.log_scale") if isinstance(ck["model"], dict) else None
+    model, guide = build_model_and_guide(geometry, config, device=device,
+                                         n_patterns=1 if bg_scales is None else max(int(bg_scales.numel()), 1))
     for name, module in (("model", model), ("guide", guide)):
         try:
             module.load_state_dict(ck[name])

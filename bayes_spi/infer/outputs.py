@@ -149,7 +149,9 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                 mu, sd = post.scale_loc, post.scale_scale
                 if cache is not None:
                     y = images.reshape(images.shape[0], -1)[:, all_good].to(q_all.dtype)
-                    modes, weights = refine_with_twins(cache, rots, q_all, log_w, y, q_max, n_keep=k)
+                    bg = model.background_rate(all_good, torch.as_tensor(idx, device=device)) \
+                        if getattr(model, "background", None) is not None else None
+                    modes, weights = refine_with_twins(cache, rots, q_all, log_w, y, q_max, n_keep=k, bg=bg)
                     rots, sigmas = modes.rotations, modes.sigmas
                     mu = modes.log_scale.gather(1, weights.argmax(-1, keepdim=True)).squeeze(1)
                     if rots.shape[1] < k:  # fewer seeds than asked: pad with zero-weight copies

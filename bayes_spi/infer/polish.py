@@ -14,7 +14,17 @@ M-step, for the intensity on the voxels ``v`` of the field's grid (trilinear spl
 
     I(v) = sum_g T_v(R_g q_k) Y_gk / sum_g T_v(R_g q_k) S_g w_k,     Y_gk = sum_i w_ig y_ik,  S_g = sum_i w_ig s_ig
 
-(``Y`` is one matrix product per batch, so a pass costs about one E-step: ``N x G x M``). Friedel mates are
+(``Y`` is one matrix product per batch, so a pass costs about one E-step: ``N x G x M``).
+
+With a measured background (``lambda_igk = s_ig w_k I_gk + c_ik``, ``c_ik = b_i B_k``; :mod:`bayes_spi.models.background`)
+the M-step is EM with each count split into its signal and background parts: the signal share
+``r_igk = s_ig w_k I_gk / lambda_igk`` gives ``Y_gk = sum_i w_ig r_igk y_ik``, the background share
+``Z_i = sum_g w_ig sum_k (1 - r_igk) y_ik`` gives the background scale ``b = sum_i Z_i / (N sum_k B_k)`` (global)
+or ``b_i = Z_i / sum_k B_k`` (per pattern), and ``s_ig`` is profiled numerically in the presence of the
+background (:func:`~bayes_spi.models.background.profile_with_background`). Exactly, that costs ``N x G x M`` per
+Newton step instead of one matrix product; each pattern's E-step is therefore evaluated exactly on its 256
+best rotations under the background-free closed form of the background-subtracted counts (the rest, whose
+weights are negligible once the poses are found, get weight 0; ``background_screen = 0``: all rotations). Friedel mates are
 merged (``I(v) = I(-v)``). The result is the maximiser of the expected complete-data Poisson
 log-likelihood (for nearest-voxel assignment; trilinear splatting is its usual smooth version, as in
 Dragonfly). It is written into the field: a :class:`~bayes_spi.models.fields.SirenVoxelField`'s residual
@@ -43,7 +53,58 @@ from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.trilinear import sample_cube, splat_cube
 
-__all__ = ["EMCPolish", "PolishStats"]
+__all__ = ["EMCPolish", "PolishStats", "background_em_step"]
+
+
+def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0, screen: int = 0
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """E-step of a batch with an additive background, and the EM split of its counts (module docstring).
+
+    Args:
+        log_lam: ``(G, M)`` log signal per unit fluence (``log w_k + log I_gk``) at every grid rotation.
+        y: ``(B, M)`` counts; c: ``(M,)`` or ``(B, M)`` expected background counts ``b B_k``.
+        Y: ``(G, M)`` accumulator: the signal parts ``sum_i w_ig r_igk y_ik`` are added to it in place.
+        beta: posterior tempering.
+        screen: ``K > 0``: only each pattern's ``K`` best rotations under the background-free closed form on
+            ``max(y - c, 0)`` are evaluated exactly (the others get weight 0); 0: all ``G``.
+
+    Returns:
+        ``ll (B, G)`` (profiled, :func:`~bayes_spi.models.background.profile_with_background`; ``-inf`` off the
+        screen), profile ``log s (B, G)``, ``log w (B, G)`` and the background parts
+        ``Z_i = sum_g w_ig sum_k (1 - r_igk) y_ik`` ``(B,)``.
+    """
+    from bayes_spi.models.background import profile_with_background
+
+    cc = c[:, None, :] if c.dim() == 2 else c
+    n_b, m = y.shape
+    G = log_lam.shape[0]
+    if 0 < screen < G:
+        y0 = (y - c).clamp(min=0)
+        lse = torch.logsumexp(log_lam, dim=-1)
+        rank = y0 @ log_lam.T - y0.sum(-1, keepdim=True) * lse  # the closed form, background subtracted
+        top = rank.topk(screen, dim=-1).indices  # (B, K)
+        log_s = y.sum(-1, keepdim=True).clamp(min=1.0).log() - lse  # closed-form scales off the screen
+    else:
+        top = torch.arange(G, device=y.device).expand(n_b, G)
+        log_s = torch.zeros(n_b, G, dtype=y.dtype, device=y.device)
+    k = top.shape[1]
+    step = max(1, int(4e6 // max(n_b * m, 1)))
+    parts = [profile_with_background(log_lam[top[:, s:s + step]], y[:, None, :], cc) for s in range(0, k, step)]
+    ll_top = torch.cat([p[0] for p in parts], -1)
+    log_s_top = torch.cat([p[1] for p in parts], -1)
+    logw_top = torch.log_softmax(beta * ll_top, dim=-1)
+    w_top = logw_top.exp()
+    z = torch.zeros(n_b, dtype=y.dtype, device=y.device)
+    for s in range(0, k, step):
+        idx = top[:, s:s + step]
+        sig = (log_lam[idx] + log_s_top[:, s:s + step, None]).exp()  # (B, g, M)
+        r = sig / (sig + cc).clamp(min=1e-30)  # the signal share of each count
+        wy = w_top[:, s:s + step, None] * y[:, None, :]  # (B, g, M)
+        Y.index_add_(0, idx.reshape(-1), (wy * r).reshape(-1, m))
+        z += (wy * (1.0 - r)).sum((1, 2))
+    ll = torch.full((n_b, G), -torch.inf, dtype=ll_top.dtype, device=y.device).scatter(1, top, ll_top)
+    logw = torch.full((n_b, G), -torch.inf, dtype=ll_top.dtype, device=y.device).scatter(1, top, logw_top)
+    return ll, log_s.scatter(1, top, log_s_top.to(log_s.dtype)), logw, z
 
 
 @dataclass
@@ -93,6 +154,9 @@ class EMCPolish:
         if max_patterns < 0:
             raise ValueError(f"expected max_patterns >= 0, got {max_patterns}")
         self.max_patterns = int(max_patterns)
+        #: with a measured background: rotations per pattern evaluated exactly (ranked first by the closed form on
+        #: background-subtracted counts; 0: all, the E-step then costs B x G x M per Newton step)
+        self.background_screen = 256
 
     @torch.no_grad()
     def iterate(self, dataset: Any, pixels: Tensor | None = None,
@@ -122,6 +186,8 @@ class EMCPolish:
         S = torch.zeros(G, dtype=q.dtype, device=q.device)
         ll_sum = ent_sum = wmax_sum = 0.0
         n_used = 0
+        background = getattr(model, "background", None)
+        bg_sum = torch.zeros((), dtype=q.dtype, device=q.device)
         n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
         if self.max_patterns:
             n_total = min(n_total, self.max_patterns)
@@ -136,15 +202,25 @@ class EMCPolish:
             if not keep.any():
                 continue
             y = torch.as_tensor(counts[keep], device=q.device).reshape(int(keep.sum()), -1)[:, pixels].to(q.dtype)
-            n_tot = y.sum(-1, keepdim=True)
-            ll = y @ log_lam.T - n_tot * lse  # (B, G): profiled Poisson log-likelihood (up to terms in y)
-            log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
-            logw = torch.log_softmax(self.beta * ll, dim=-1)
-            w = logw.exp()
-            Y += w.T @ y
+            if background is not None:
+                kept = torch.as_tensor(idx[keep], device=q.device)
+                c = model.background_rate(pixels, kept if background.mode == "per-pattern" else None)
+                ll, log_s, logw, bg_part = background_em_step(log_lam, y, c.to(q.dtype), Y, self.beta,
+                                                              self.background_screen)
+                if background.mode == "per-pattern":  # EM: b_i = Z_i / sum_k B_k
+                    background.set_scale(bg_part / background.rate[pixels].sum().clamp(min=1e-30), kept)
+                bg_sum += bg_part.sum()
+                w = logw.exp()
+            else:
+                n_tot = y.sum(-1, keepdim=True)
+                ll = y @ log_lam.T - n_tot * lse  # (B, G): profiled Poisson log-likelihood (up to terms in y)
+                log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
+                logw = torch.log_softmax(self.beta * ll, dim=-1)
+                w = logw.exp()
+                Y += w.T @ y
             S += (w * log_s.exp()).sum(0)
             ll_sum += float((torch.logsumexp(ll, -1) - math.log(G)).sum())
-            ent_sum += float(-(w * logw).sum())
+            ent_sum += float(-torch.where(w > 0, w * logw, torch.zeros_like(w)).sum())
             wmax_sum += float(w.max(-1).values.sum())
             n_used += y.shape[0]
             if progress is not None:
@@ -152,9 +228,13 @@ class EMCPolish:
         if sharded:  # the sums over all ranks' patterns: every rank then makes the same M-step
             dist.all_reduce_(Y)
             dist.all_reduce_(S)
+            dist.all_reduce_(bg_sum)
             sums = dist.all_reduce_(torch.tensor([ll_sum, ent_sum, wmax_sum, float(n_used)], dtype=torch.float64,
                                                  device=Y.device)).tolist()
             ll_sum, ent_sum, wmax_sum, n_used = sums[0], sums[1], sums[2], int(round(sums[3]))
+        if background is not None and background.mode == "global" and n_used:
+            # EM: b = sum_i Z_i / (N sum_k B_k)
+            background.set_scale(bg_sum / (n_used * background.rate[pixels].sum().clamp(min=1e-30)))
         n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)

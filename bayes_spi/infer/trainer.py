@@ -45,6 +45,9 @@ from bayes_spi.models.spi import SPIBatch
 
 __all__ = ["Trainer", "TrainState", "resolve_device", "atomic_torch_save", "METRIC_FIELDS"]
 
+#: learning rate of a measured background's scale, relative to ``FitConfig.lr``
+BACKGROUND_LR_FACTOR: float = 20.0
+
 log = logging.getLogger("bayes_spi")
 
 METRIC_FIELDS = [
@@ -114,7 +117,11 @@ class Trainer:
             raise ValueError("expected both a model and a guide, or neither")
         if model is None:
             pyro.set_rng_seed(config.seed)
-            model, guide = build_model_and_guide(dataset.geometry, config, self.device)
+            from bayes_spi.infer.build import build_background
+
+            model, guide = build_model_and_guide(
+                dataset.geometry, config, self.device,
+                background=build_background(config, dataset.geometry, dataset.n_patterns))
         self.model, self.guide = model.to(self.device), guide.to(self.device)
         q = self.model.q
         self._qnorm = q.norm(dim=-1)
@@ -124,7 +131,15 @@ class Trainer:
         self.state = TrainState()
         self.pixel_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self.params = [p for m in (self.model, self.guide) for p in m.parameters() if p.requires_grad]
-        self.optim = torch.optim.Adam(self.params, lr=config.lr)
+        # a measured background's scale (bayes_spi.models.background): one number (or one a pattern, seen once an
+        # epoch) that must move by tens of percent within a short fit: its own group at BACKGROUND_LR_FACTOR x lr
+        bg_ids = {id(p) for p in getattr(self.model, "background", None).parameters()} \
+            if getattr(self.model, "background", None) is not None else set()
+        groups = [{"params": [p for p in self.params if id(p) not in bg_ids]}]
+        if bg_ids:
+            groups.append({"params": [p for p in self.params if id(p) in bg_ids],
+                           "lr": config.lr * BACKGROUND_LR_FACTOR})
+        self.optim = torch.optim.Adam(groups, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
         self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
         # a held-out probe set for the truth-free verdict (bayes_spi.infer.verdict): 1/32 of the patterns (2 to 256),
@@ -247,6 +262,10 @@ class Trainer:
         _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
         good = self._good.cpu().numpy()
         flat = counts.reshape(counts.shape[0], -1)[:, good]
+        bg = self.model.background_rate(torch.nonzero(self._good).squeeze(-1)) \
+            if getattr(self.model, "background", None) is not None else None
+        if bg is not None:  # the field starts at the signal's level: the measured background taken off
+            flat = np.maximum(flat - bg.detach().cpu().double().numpy()[None], 0.0)
         mean_count = float(flat.mean())
         factor = self.model.log_pixel_factor[self._good].exp()
         self.model.field.log_offset.fill_(math.log(max(mean_count, 1e-6) / float(factor.mean())))
@@ -402,7 +421,8 @@ class Trainer:
         s = q_scale.sample()
         p_pose = self.model.pose_prior(n_batch)
         p_scale = self.model.scale_prior(n_batch)
-        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels) * batch.pixel_weight  # (K, B)
+        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels,
+                                          batch.indices) * batch.pixel_weight  # (K, B)
         kl_pose = q_pose.log_prob(R) - p_pose.log_prob(R)  # (K, B)
         wt = w.T
         loglik = (wt * ll).sum(0).mean()

@@ -256,7 +256,9 @@ def pose_decisiveness(model: Any, guide: Any, images: torch.Tensor, good: torch.
         guide.train(was)
     cache = field_log_cache(model.field, refine_cache_grid(guide), model.q_max)
     y = images.reshape(images.shape[0], -1)[:, pixels].to(model.q.dtype)
-    _, w = refine_with_twins(cache, post.rotations, model.q[pixels], model.log_pixel_factor[pixels], y, model.q_max)
+    bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
+    _, w = refine_with_twins(cache, post.rotations, model.q[pixels], model.log_pixel_factor[pixels], y, model.q_max,
+                             bg=bg)
     best = w.max(-1).values
     return {"probe_mean_best_weight": float(best.mean()), "probe_ambiguous_fraction": float((best < 0.9).double().mean())}
 

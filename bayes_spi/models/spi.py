@@ -6,7 +6,7 @@ detector's good pixels ``k``::
     hypothesis_i ~ Categorical(1/K)                      auxiliary: which pose hypothesis (see the guide)
     R_i          ~ pose_prior          (3, 3)            uniform on SO(3) by default
     s_i          ~ scale_prior                           fluence scale, LogNormal by default
-    y_ik         ~ likelihood( s_i * Omega_k * P_k * I_theta(R_i q_k) )   for good pixels k
+    y_ik         ~ likelihood( s_i * Omega_k * P_k * I_theta(R_i q_k) + b_i B_k )   for good pixels k
 
 Convention: pixel ``k`` of pattern ``i`` samples the molecule-frame intensity at ``R_i @ q_k``
 (``q_k`` the pixel's lab-frame scattering vector in 1/A). The ``hypothesis`` site does not enter the
@@ -16,6 +16,9 @@ enumerated exactly by ``TraceEnum_ELBO`` (the ELBO stays a bound on ``log p(y)``
 
 Model and guide take the same arguments ``(batch, n_total)`` and share the site names
 ``hypothesis``, ``pose``, ``scale`` and the plate ``patterns``; the observed site is ``counts``.
+
+An optional measured background ``B_k`` with its fitted scale ``b`` (global or per pattern:
+:class:`~bayes_spi.models.background.PixelBackground`, the module ``background``) adds ``b B_k`` to the rate.
 
 Optional global terms (outside the plate, counted once per step): an ``intensity_prior``
 (:mod:`bayes_spi.models.intensity_priors`, e.g. the Wilson prior) adds the factor site
@@ -41,6 +44,7 @@ import torch
 from pyro import poutine
 from torch import Tensor, nn
 
+from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.intensity_priors import IntensityPrior, NoIntensityPrior
 from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
@@ -97,6 +101,8 @@ class SPIModel(nn.Module):
         intensity_prior: an :class:`~bayes_spi.models.intensity_priors.IntensityPrior` whose
             ``log_factor(field)`` enters once per step as the factor site ``intensity_prior``
             (default ``None``: no prior). Not with a variational field (its prior is the ``amplitude`` site).
+        background: a :class:`~bayes_spi.models.background.PixelBackground` (``b B_k`` added to every rate;
+            its scale is a point estimate registered as the Pyro module ``background``); ``None``: none.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class SPIModel(nn.Module):
         likelihood: Likelihood | None = None,
         n_hypotheses: int = 1,
         intensity_prior: IntensityPrior | None = None,
+        background: PixelBackground | None = None,
     ) -> None:
         super().__init__()
         if q.dim() != 2 or q.shape[-1] != 3:
@@ -130,6 +137,9 @@ class SPIModel(nn.Module):
             raise ValueError("expected no intensity_prior with a variational field (its Wilson prior is the "
                              "'amplitude' site), got both")
         self.intensity_prior = intensity_prior
+        if background is not None and background.rate.shape != q.shape[:1]:
+            raise ValueError(f"expected a background of shape ({q.shape[0]},), got shape {tuple(background.rate.shape)}")
+        self.background = background
 
     @property
     def q_max(self) -> float:
@@ -142,10 +152,25 @@ class SPIModel(nn.Module):
         q_mol = torch.einsum("...ij,mj->...mi", R, q)  # (..., B, M, 3)
         return log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol)
 
-    def hypothesis_loglik(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor) -> Tensor:
-        """``log p(y_i | R_ki, s_i)`` on ``pixels`` for poses ``R (K, B, 3, 3)``: ``(K, B)``."""
+    def background_rate(self, pixels: Tensor, indices: Tensor | None = None) -> Tensor | None:
+        """Expected background counts ``b B_k`` on ``pixels``: ``(M,)`` or, per pattern at ``indices``, ``(B, M)``;
+        ``None`` without a background."""
+        return None if self.background is None else self.background(pixels, indices)
+
+    def total_log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, indices: Tensor | None = None) -> Tensor:
+        """``log(s w I(R q) + b B)`` ``(..., B, M)``: :meth:`log_rate` plus the background, if any."""
+        log_rate = self.log_rate(R, log_s, pixels)
+        bg = self.background_rate(pixels, indices)
+        if bg is None:
+            return log_rate
+        return torch.logaddexp(log_rate, bg.clamp(min=1e-30).log())
+
+    def hypothesis_loglik(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor,
+                          indices: Tensor | None = None) -> Tensor:
+        """``log p(y_i | R_ki, s_i)`` on ``pixels`` for poses ``R (K, B, 3, 3)``: ``(K, B)`` (``indices``: the
+        patterns, for a per-pattern background scale; without them its geometric mean is used)."""
         y = images.reshape(images.shape[0], -1)[:, pixels]
-        return self.likelihood(self.log_rate(R, log_s, pixels)).log_prob(y).sum(-1)
+        return self.likelihood(self.total_log_rate(R, log_s, pixels, indices)).log_prob(y).sum(-1)
 
     def hypothesis_logpost(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor) -> Tensor:
         """``log p(y_i | R_ki, s_i) + log p(R_ki)`` ``(K, B)``: what ranks pose hypotheses (the guide's scorer).
@@ -160,6 +185,8 @@ class SPIModel(nn.Module):
 
     def forward(self, batch: SPIBatch, n_total: int) -> None:
         pyro.module("field", self.field)
+        if self.background is not None:
+            pyro.module("background", self.background)
         if self.intensity_prior is not None:
             pyro.module("intensity_prior", self.intensity_prior)
             pyro.factor("intensity_prior", self.intensity_prior.log_factor(self.field))
@@ -176,7 +203,7 @@ class SPIModel(nn.Module):
                 )
                 R = pyro.sample("pose", self.pose_prior(n_batch))
                 s = pyro.sample("scale", self.scale_prior(n_batch))
-                log_rate = self.log_rate(R, s.log(), batch.pixels)
+                log_rate = self.total_log_rate(R, s.log(), batch.pixels, batch.indices)
                 with poutine.scale(scale=batch.pixel_weight):
                     pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
         finally:

@@ -84,20 +84,29 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:]))
 
 
-def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float, grad: bool):
+def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float, grad: bool,
+           bg: Tensor | None = None):
     """Profiled log-likelihood ``(B, K)``; with ``grad`` also ``g (B, K, 3)``, ``H (B, K, 3, 3)``, log scale."""
     x = torch.einsum("bkij,mj->bkmi", R, q)
     if grad:
         x.requires_grad_(True)
     with torch.set_grad_enabled(grad):
         log_lt = sample_cube(cache, x, q_max) + log_w
-        ll = profile_loglik(log_lt, y[:, None, :])
+        if bg is None:
+            ll = profile_loglik(log_lt, y[:, None, :])
+        else:
+            from bayes_spi.models.background import profile_with_background
+
+            c = bg[:, None, :] if bg.dim() == 2 else bg
+            ll, log_s_bg = profile_with_background(log_lt.detach(), y[:, None, :], c)
         if not grad:
             return ll, None, None, None
         (gx,) = torch.autograd.grad(log_lt.sum(), x)
     log_lt = log_lt.detach()
     body = torch.einsum("bkij,bkmi->bkmj", R, gx)  # R^T grad_x, (B, K, M, 3)
     jac = torch.cross(q.expand_as(body), body, dim=-1)  # (e_a x q) . v = e_a . (q x v)
+    if bg is not None:
+        return (ll,) + _background_terms(log_lt, log_s_bg, y, c, jac)
     n_tot = y.sum(-1)[:, None]  # (B, 1)
     p = torch.softmax(log_lt, dim=-1)  # (B, K, M)
     resid = y[:, None, :] - n_tot[..., None] * p
@@ -108,9 +117,27 @@ def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max:
     return ll.detach(), g, H, log_scale
 
 
+def _background_terms(log_lt: Tensor, log_s: Tensor, y: Tensor, c: Tensor, jac: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradient and profiled Fisher information with a background ``c``: rate ``mu = s lt + c``, the scale ``s``
+    at its profile value. ``g = sum_k (y_k r_k - s lt_k) J_k`` (``r = s lt / mu``, the signal share of a count;
+    envelope theorem), ``H = I_ee - I_es I_es^T / I_ss`` with ``I = sum_k (s lt_k)^2 / mu_k (J_k, 1)(J_k, 1)^T``
+    (the Schur complement that profiles ``log s`` out; with ``c = 0`` it is the background-free ``H``)."""
+    sig = (log_lt + log_s[..., None]).exp()  # s lt (B, K, M)
+    mu = sig + c
+    v = sig * sig / mu.clamp(min=1e-30)
+    resid = y[:, None, :] * sig / mu.clamp(min=1e-30) - sig
+    g = torch.einsum("bkm,bkma->bka", resid, jac)
+    jv = torch.einsum("bkm,bkma->bka", v, jac)
+    v_sum = v.sum(-1).clamp(min=1e-30)[..., None, None]
+    H = torch.einsum("bkm,bkma,bkmc->bkac", v, jac, jac) - jv[..., :, None] * jv[..., None, :] / v_sum
+    return g, H, log_s
+
+
 @torch.no_grad()
 def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
-                    n_iter: int = 6, max_step_deg: float = 4.0, damping: float = 1e-3) -> LocalModes:
+                    n_iter: int = 6, max_step_deg: float = 4.0, damping: float = 1e-3,
+                    bg: Tensor | None = None) -> LocalModes:
     """Move every hypothesis ``R0 (B, K, 3, 3)`` uphill on the profiled likelihood of its pattern.
 
     Args:
@@ -121,6 +148,8 @@ def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tens
         n_iter: Gauss-Newton iterations.
         max_step_deg: largest rotation per iteration (degrees); halved per hypothesis after a rejected step.
         damping: Levenberg damping, relative to the mean diagonal of ``H``.
+        bg: expected background counts ``b B_k`` ``(M,)`` or ``(B, M)`` (the rate is ``s lt + bg``; the scale is
+            profiled numerically, :func:`bayes_spi.models.background.profile_with_background`); ``None``: none.
 
     Returns:
         :class:`LocalModes`; ``loglik`` is never below the starting value.
@@ -133,18 +162,20 @@ def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tens
     R = R0.to(q.dtype).clone()
     cap = torch.full(R.shape[:2], math.radians(max_step_deg), dtype=q.dtype, device=q.device)
     eye = torch.eye(3, dtype=q.dtype, device=q.device)
-    ll, g, H, log_scale = _terms(cache, R, q, log_w, y, q_max, grad=True)
+    if bg is not None:
+        bg = bg.to(q.dtype)
+    ll, g, H, log_scale = _terms(cache, R, q, log_w, y, q_max, grad=True, bg=bg)
     for _ in range(n_iter):
         lam = damping * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-6)[..., None, None]
         step = torch.linalg.solve(H + lam * eye, g[..., None]).squeeze(-1)  # (B, K, 3)
         norm = step.norm(dim=-1).clamp(min=1e-12)
         step = step * (cap / norm).clamp(max=1.0)[..., None]
         R_new = R @ rotvec_to_rotmat(step)
-        ll_new, *_ = _terms(cache, R_new, q, log_w, y, q_max, grad=False)
+        ll_new, *_ = _terms(cache, R_new, q, log_w, y, q_max, grad=False, bg=bg)
         ok = ll_new > ll
         R = torch.where(ok[..., None, None], R_new, R)
         cap = torch.where(ok, cap, cap * 0.5)
-        ll, g, H, log_scale = _terms(cache, R, q, log_w, y, q_max, grad=True)
+        ll, g, H, log_scale = _terms(cache, R, q, log_w, y, q_max, grad=True, bg=bg)
     Hs = H + 1e-6 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-6)[..., None, None] * eye
     cov = torch.linalg.inv(Hs)
     sig = cov.diagonal(dim1=-2, dim2=-1).clamp(min=1e-10).sqrt().clamp(max=math.pi)
@@ -155,11 +186,13 @@ def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tens
 
 @torch.no_grad()
 def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
-                      n_keep: int = 4, merge_deg: float = 2.0, **kwargs: float) -> tuple[LocalModes, Tensor]:
+                      n_keep: int = 4, merge_deg: float = 2.0, bg: Tensor | None = None, **kwargs: float
+                      ) -> tuple[LocalModes, Tensor]:
     """Refine the candidates ``R0 (B, K, 3, 3)`` and their Rz(pi) twins; keep the best ``n_keep`` distinct modes.
 
     The candidates are first ranked (on the cache, unrefined) and the ``ceil(n_keep / 2)`` best distinct ones
     are refined together with their twins; modes closer than ``merge_deg`` to a better one are dropped.
+    ``bg``: expected background counts ``(M,)`` or ``(B, M)`` (see :func:`refine_on_cache`).
 
     Returns:
         the kept :class:`LocalModes` ``(B, n_keep, ...)``, best first, and their normalised Laplace
@@ -169,11 +202,13 @@ def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Te
     rz = rotz_pi(dtype=q.dtype, device=q.device)
     y = y.to(q.dtype)
     n_seed = min(n_k, max(1, (n_keep + 1) // 2))
-    ll0, *_ = _terms(cache, R0.to(q.dtype), q, log_w, y, q_max, grad=False)
+    if bg is not None:
+        bg = bg.to(q.dtype)
+    ll0, *_ = _terms(cache, R0.to(q.dtype), q, log_w, y, q_max, grad=False, bg=bg)
     order = ll0.argsort(dim=-1, descending=True)[:, :n_seed]
     seeds = _take(R0.to(q.dtype), order)
     cand = torch.cat([seeds, seeds @ rz], dim=1)  # (B, 2 S, 3, 3)
-    modes = refine_on_cache(cache, cand, q, log_w, y, q_max, **kwargs)
+    modes = refine_on_cache(cache, cand, q, log_w, y, q_max, bg=bg, **kwargs)
     modes = modes.select(modes.log_evidence.argsort(dim=-1, descending=True))
     keep = torch.ones(modes.loglik.shape, dtype=torch.bool, device=q.device)
     m = modes.rotations.shape[1]

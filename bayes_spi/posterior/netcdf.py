@@ -354,7 +354,7 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(settings.seed))
         score = good[pick[: settings.score_pixels].to(good.device)].sort().values
     patterns = settings.pattern_range(dataset.n_patterns)
-    mask = torch.as_tensor(dataset.mask)
+    mask = torch.as_tensor(dataset.mask) & guide.mask.cpu()  # the run's mask (e.g. fit's extra mask) too
     for first in range(0, len(patterns), settings.batch_size):
         idx = patterns[first:first + settings.batch_size]
         counts = torch.as_tensor(dataset.read(idx))

@@ -47,8 +47,10 @@ _EYE3 = torch.eye(3)
 
 
 def _evaluate(model: SPIModel, C: Tensor, log_s: Tensor, y: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Log rates ``L (J, B, M)`` at ``(C, log s)`` and ``d L / d eps`` ``(J, B, M, 3)`` (exact, by autograd
-    through the field's input)."""
+    """Log rates ``L (J, B, M)`` at ``(C, log s)`` and ``d L / d (eps, log s)`` ``(J, B, M, 4)`` (exact, by
+    autograd through the field's input). With a measured background ``b B`` (the model's ``background``; a
+    per-pattern scale enters as its geometric mean, the patterns' indices being unknown here) ``L`` is the log
+    of the total rate and both derivatives carry the signal share ``s w I / (s w I + b B)``."""
     q = model.q[pixels]  # (M, 3)
     with torch.enable_grad():
         x = torch.einsum("jbik,mk->jbmi", C, q).detach().requires_grad_(True)
@@ -58,6 +60,12 @@ def _evaluate(model: SPIModel, C: Tensor, log_s: Tensor, y: Tensor, pixels: Tens
     # d x / d eps_a = C (e_a x q) = -C hat(q) e_a  ->  J_a = grad_x . C (e_a x q) = (C^T grad_x) . (e_a x q)
     body = torch.einsum("jbik,jbmi->jbmk", C, grad_x)  # C^T grad_x, (J, B, M, 3)
     jac = torch.cross(q.expand_as(body), body, dim=-1)  # (e_a x q) . v = e_a . (q x v)
+    jac = torch.cat([jac, torch.ones_like(jac[..., :1])], dim=-1)  # (J, B, M, 4): the log s column
+    bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
+    if bg is not None:
+        L_tot = torch.logaddexp(L, bg.to(L.dtype).clamp(min=1e-30).log())
+        jac = jac * (L - L_tot).exp()[..., None]
+        L = L_tot
     return L, jac
 
 
@@ -86,7 +94,6 @@ def _newton_system(model: SPIModel, log_s: Tensor, L: Tensor, jac: Tensor, y: Te
     """Objective ``f (J, B)``, gradient ``g (J, B, 4)`` and Gauss-Newton precision ``H (J, B, 4, 4)``."""
     ll, a, c = _pixel_derivatives(model, L, y)
     lp, d1, d2 = _prior_terms(model, log_s)
-    jac = torch.cat([jac, torch.ones_like(jac[..., :1])], dim=-1)  # (J, B, M, 4)
     g = torch.einsum("jbm,jbmp->jbp", a, jac)
     g[..., 3] += d1
     H = torch.einsum("jbm,jbmp,jbmq->jbpq", (-c).clamp(min=0), jac, jac)

@@ -57,7 +57,9 @@ def simulate_from_fit(trained: Any, n_patterns: int, path: str | os.PathLike[str
         # the level: mean over random poses of the expected total at scale 1, scaled to `photons`
         R0 = model.pose_prior(256).sample().to(dev)
         tot = model.log_rate(R0, torch.zeros(256, device=dev), pixels).exp().sum(-1).mean()
-        log_level = float(np.log(photons) - torch.log(tot))
+        bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
+        bg_tot = float(bg.sum()) if bg is not None else 0.0  # a measured background: part of `photons`
+        log_level = float(np.log(max(photons - bg_tot, 0.05 * photons)) - torch.log(tot))
         n_y, n_x = geom.shape
         with H5Writer(path, geom, with_truth=True, expected_patterns=n_patterns,
                       simulation_attrs={"source": "simulated from a fitted bayes-spi model",
@@ -69,6 +71,8 @@ def simulate_from_fit(trained: Any, n_patterns: int, path: str | os.PathLike[str
                 R = model.pose_prior(b).sample().to(dev)
                 s = model.scale_prior(b).sample().to(dev)
                 rate = model.log_rate(R, s.log() + log_level, pixels).exp()
+                if bg is not None:
+                    rate = rate + bg
                 counts = torch.zeros(b, n_y * n_x, device=dev)
                 counts[:, pixels] = torch.poisson(rate)
                 writer.append(counts.reshape(b, n_y, n_x).cpu().numpy(), rotmat_to_quat_wxyz(R).cpu().double().numpy(),

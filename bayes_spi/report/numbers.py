@@ -283,7 +283,8 @@ def predicted_counts(model: Any, R: Any, scale: Any, shape: tuple[int, int]) -> 
     """Expected photon counts of the trained model at every pixel, ``(B, n_y, n_x)`` float64.
 
     ``exp(model.log_rate(R, log s, all pixels)) + background``, i.e. ``s * Omega_k * P_k * I(R q_k) + b``
-    (``b`` the likelihood's background, 0 by default). Masked pixels are included (the caller greys them out).
+    (``b`` the likelihood's background, 0 by default), plus a measured background map ``b B_k`` at its fitted
+    (global, or per-pattern geometric-mean) scale if the model has one. Masked pixels are included (the caller greys them out).
 
     Args:
         model: a :class:`bayes_spi.models.spi.SPIModel` (e.g. ``load_trained(run).model``).
@@ -311,4 +312,7 @@ def predicted_counts(model: Any, R: Any, scale: Any, shape: tuple[int, int]) -> 
                                   torch.arange(n_pix, device=dev))
     lam = log_rate.double().exp().cpu().numpy()
     lam = lam + float(getattr(model.likelihood, "background", 0.0))
+    if getattr(model, "background", None) is not None:  # a measured background map, at its fitted scale
+        with torch.no_grad():
+            lam = lam + model.background_rate(torch.arange(n_pix, device=dev)).double().cpu().numpy()[None]
     return lam.reshape(len(R), int(shape[0]), int(shape[1]))

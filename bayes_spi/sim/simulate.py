@@ -12,6 +12,8 @@ Artifacts, each switched on by its letter in ``artifacts`` and applied in this o
 * ``F``: fluence jitter ``gamma_i`` (:mod:`bayes_spi.sim.fluence`; without F, ``gamma_i = 1``);
 * ``P``: Poisson noise (without P the counts are the rounded expectation);
 * ``G``: Gaussian read-out noise of ``readout_sigma`` photons, then clipped at 0 and rounded;
+* background (not an artifact letter: given by ``background``): ``lambda_ik + B_k``, a mean background in
+  photons per pixel per pattern, before the noise;
 * ``B``: mask: a central beam stop (pixel centres within ``beamstop_radius`` pixels of the detector
   centre) plus an optional user mask; masked pixels are stored as 0 and flagged in ``/geometry/mask``.
 
@@ -111,8 +113,9 @@ def beamstop_mask(geometry: Geometry, radius_px: float) -> np.ndarray:
     return np.hypot(iy, ix) > float(radius_px)
 
 
-def load_mask_file(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.ndarray:
-    """Load a user mask: ``.npy`` (bool or 0/1, True/1 = good) or Dragonfly ``.byt`` (one byte a pixel, 0 = good).
+def load_mask_file(path: str | os.PathLike[str], shape: tuple[int, int], bin_factor: int = 1) -> np.ndarray:
+    """Load a user mask (:func:`bayes_spi.dataio.masks.read_mask`): ``.byt[:HxW]`` (pnCCD/Dragonfly, one byte a
+    pixel, 0 = good), ``.npy`` or ``.h5[:/dataset]`` (True/1 = good), binned by ``bin_factor``.
 
     Returns:
         ``(n_y, n_x)`` bool, True = good.
@@ -121,29 +124,9 @@ def load_mask_file(path: str | os.PathLike[str], shape: tuple[int, int]) -> np.n
         FileNotFoundError: missing file.
         DataFormatError: wrong shape/size/values (names the file and what was expected).
     """
-    from bayes_spi.paths import check_input_file
+    from bayes_spi.dataio.masks import read_mask
 
-    file = check_input_file(path, "a mask file (.npy or .byt)")
-    n_y, n_x = shape
-    suffix = file.suffix.lower()
-    if suffix == ".npy":
-        try:
-            arr = np.load(file, allow_pickle=False)
-        except ValueError as exc:
-            raise DataFormatError(file, "mask", "a .npy array", f"unreadable ({exc})") from exc
-        if arr.shape != (n_y, n_x):
-            raise DataFormatError(file, "mask", f"shape (n_y, n_x) = {(n_y, n_x)}", f"shape {arr.shape}")
-        if arr.dtype != np.bool_:
-            if not np.all((arr == 0) | (arr == 1)):
-                raise DataFormatError(file, "mask", "bool or 0/1 values (True/1 = good)", f"dtype {arr.dtype}")
-            arr = arr.astype(bool)
-        return arr
-    if suffix == ".byt":
-        raw = np.fromfile(file, dtype=np.uint8)
-        if raw.size != n_y * n_x:
-            raise DataFormatError(file, "mask", f"{n_y * n_x} bytes (n_y x n_x = {n_y}x{n_x})", f"{raw.size} bytes")
-        return raw.reshape(n_y, n_x) == 0
-    raise DataFormatError(file, "mask", "a .npy or .byt file", f"suffix {file.suffix!r}")
+    return read_mask(path, shape, bin_factor)
 
 
 def load_orientations(path: str | os.PathLike[str], n_patterns: int) -> np.ndarray:
@@ -220,11 +203,12 @@ def calibrate_fluence(
     return float(mean_photons / (per_unit * CLASSICAL_ELECTRON_RADIUS_A**2))
 
 
-def _resolve_mask(mask: np.ndarray | str | os.PathLike[str] | None, shape: tuple[int, int]) -> np.ndarray | None:
+def _resolve_mask(mask: np.ndarray | str | os.PathLike[str] | None, shape: tuple[int, int], bin_factor: int = 1
+                  ) -> np.ndarray | None:
     if mask is None:
         return None
     if isinstance(mask, (str, os.PathLike)):
-        return load_mask_file(mask, shape)
+        return load_mask_file(mask, shape, bin_factor)
     arr = np.asarray(mask)
     if arr.shape != shape:
         raise ValueError(f"mask: expected shape {shape}, got {arr.shape}")
@@ -245,6 +229,8 @@ def simulate(
     readout_sigma: float = 0.1,
     beamstop_radius: float = 2.0,
     mask: np.ndarray | str | os.PathLike[str] | None = None,
+    mask_bin: int = 1,
+    background: np.ndarray | str | os.PathLike[str] | None = None,
     orientations: np.ndarray | str | os.PathLike[str] | None = None,
     seed: int = 0,
     truth_grid: int = 65,
@@ -256,8 +242,11 @@ def simulate(
     At most one of ``mean_photons`` (target mean total photons per pattern over good pixels at gamma = 1,
     calibrated on 128 random orientations; default 1e4) or ``photons_per_pulse`` + ``beam_radius_nm``
     sets the fluence.
-    ``mask`` (array or ``.npy``/``.byt`` file) and ``beamstop_radius`` (pixels, 0 = none) apply only with
-    artifact ``B``. ``orientations``: ``(>= n_patterns, 4)`` scalar-first quaternions (array or ``.npy``)
+    ``mask`` (array or ``.byt``/``.npy``/``.h5`` file, binned by ``mask_bin``: :mod:`bayes_spi.dataio.masks`) and
+    ``beamstop_radius`` (pixels, 0 = none) apply only with artifact ``B``. ``background``: a mean background
+    ``B_k`` in photons per pixel per pattern (``(n_y, n_x)`` array, or ``.npy``/``.h5`` file binned (summed) by
+    ``mask_bin``) added to every pattern's expected counts before the noise, ``lambda_ik + B_k``: the meaning of
+    ``fit --background`` with scale ``b = 1``; it does not scale with the fluence jitter. ``orientations``: ``(>= n_patterns, 4)`` scalar-first quaternions (array or ``.npy``)
     instead of uniform poses. The file is written as ``path.tmp`` then renamed.
 
     Raises:
@@ -284,7 +273,7 @@ def simulate(
         raise ValueError("beam_radius_nm: expected a value with photons_per_pulse, got None")
     # ---- mask
     good = np.ones(geom.shape, dtype=bool)
-    user_mask = _resolve_mask(mask, geom.shape)
+    user_mask = _resolve_mask(mask, geom.shape, mask_bin)
     if "B" in arts:
         if geom.detector.mask is not None:
             good &= geom.detector.mask
@@ -298,6 +287,17 @@ def simulate(
     geom = geom.with_mask(good)
     if not good.any():
         raise ValueError("mask: expected at least one good pixel, got none")
+    bg_map = None
+    if background is not None:
+        if isinstance(background, (str, os.PathLike)):
+            from bayes_spi.dataio.masks import read_pixel_map
+
+            bg_map = read_pixel_map(background, geom.shape, mask_bin)
+        else:
+            bg_map = np.asarray(background, dtype=np.float64)
+            if bg_map.shape != geom.shape or not np.all(np.isfinite(bg_map)) or np.any(bg_map < 0):
+                raise ValueError(f"background: expected finite values >= 0 of shape {geom.shape}, got shape "
+                                 f"{bg_map.shape}")
     # ---- random streams
     streams = np.random.SeedSequence(int(seed)).spawn(4)
     rng_pose, rng_jitter, rng_noise, rng_calib = (np.random.default_rng(s) for s in streams)
@@ -336,6 +336,10 @@ def simulate(
         "readout_sigma": float(readout_sigma) if "G" in arts else 0.0,
         "beamstop_radius_px": float(beamstop_radius) if "B" in arts else 0.0,
         "mask_file": os.fspath(mask) if isinstance(mask, (str, os.PathLike)) else "",
+        "mask_bin": int(mask_bin),
+        "background_file": os.fspath(background) if isinstance(background, (str, os.PathLike)) else
+        ("<array>" if background is not None else ""),
+        "background_photons_per_pattern": float(bg_map[good].sum()) if bg_map is not None else 0.0,
         "orientations": orientations_label or "uniform",
         "truth_grid": int(truth_grid),
         "chunk": int(chunk),
@@ -353,6 +357,8 @@ def simulate(
                     quats = random_quaternions(batch, rng_pose)
                 scales = sample_jitter(fluence_jitter, batch, rng_jitter) if "F" in arts else np.ones(batch)
                 lam = expected_photons(mol, q, weights, quaternions_to_rotations(quats), c, scales)
+                if bg_map is not None:
+                    lam = lam + bg_map[good][None, :]
                 _check_int32(lam, start, c)
                 values = rng_noise.poisson(lam).astype(np.float64) if "P" in arts else lam
                 if "G" in arts and readout_sigma > 0:

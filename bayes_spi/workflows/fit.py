@@ -157,6 +157,48 @@ def _open_followed(path: Path, timeout: float, batch_size: int, say: Echo) -> An
                             "e.g. by H5Writer(swmr=True))") from None
 
 
+def _absolute_files(config: FitConfig) -> None:
+    """Record the ``mask`` and ``background_file`` paths absolute (a resumed run may start elsewhere)."""
+    from bayes_spi.dataio.masks import split_spec
+
+    for name in ("mask", "background_file"):
+        spec = getattr(config, name)
+        if spec:
+            file, inner = split_spec(spec)
+            setattr(config, name, os.path.abspath(file) + (f":{inner}" if inner else ""))
+
+
+def _with_mask(dataset: Any, config: FitConfig) -> Any:
+    """``dataset`` seen through ``config.mask`` (combined with its own mask; :mod:`bayes_spi.dataio.masks`)."""
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.masks import MaskedDataset, read_mask
+
+    try:
+        extra = read_mask(config.mask, dataset.shape, config.mask_bin)
+        masked = MaskedDataset(dataset, extra, source=f"mask {config.mask}")
+    except (FileNotFoundError, DataFormatError, ValueError) as exc:
+        dataset.close()
+        raise WorkflowError(str(exc), kind="parameter", setting="mask") from None
+    n_good, n_file = int(masked.mask.sum()), int(dataset.mask.sum())
+    log.info("mask %s (binned by %d) combined with the data's own mask: %d of %d good pixels (the file's own: %d)",
+             config.mask, config.mask_bin, n_good, masked.mask.size, n_file)
+    return masked
+
+
+def _check_background(dataset: Any, config: FitConfig) -> None:
+    """Read ``config.background_file`` once (shape, values) before anything is written; log what it adds."""
+    from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.masks import read_pixel_map
+
+    try:
+        bg = read_pixel_map(config.background_file, dataset.shape, config.mask_bin)
+    except (FileNotFoundError, DataFormatError, ValueError) as exc:
+        dataset.close()
+        raise WorkflowError(str(exc), kind="parameter", setting="background") from None
+    log.info("background %s: %.4g photons per pattern on the good pixels (scale %s, fitted)", config.background_file,
+             float(bg[dataset.mask].sum()), config.background_scale)
+
+
 def _check_values(dataset: Any, progress: bool, dist: Any = None) -> None:
     """Read every pattern once so bad values (negative, NaN) fail before anything is written (under DDP each
     rank reads its share of the blocks; a rank that fails stops them all)."""
@@ -324,6 +366,7 @@ def run_fit(
                 f"expected a new or empty directory; continue it with {flag('resume')} or overwrite it with "
                 f"{flag('force')}")
         fit_config = _build_config(given)
+        _absolute_files(fit_config)
         ignored = []
     if grid is None:
         grid = 65
@@ -347,6 +390,10 @@ def run_fit(
 
     dataset = _open_followed(Path(data), follow_timeout, fit_config.batch_size, say) if follow else \
         _open_dataset(Path(data), source)
+    if fit_config.mask:
+        dataset = _with_mask(dataset, fit_config)
+    if fit_config.background_file:
+        _check_background(dataset, fit_config)
     if subset is not None:
         from bayes_spi.dataio.subset import SPISubset
 
