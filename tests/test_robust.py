@@ -55,6 +55,38 @@ def test_diameter_of_a_protein_from_simulated_patterns(tmp_path: Path) -> None:
     assert rep.photons_per_pattern == pytest.approx(1e4, rel=0.1)
 
 
+@pytest.mark.parametrize("diameter", [50.0, 90.0, 140.0])
+def test_diameter_from_a_sphere_speckle_contrast(diameter: float) -> None:
+    """Closed form: the contrast of a sphere's speckle, plus a fluence-jitter constant, at whole-pixel lags."""
+    from bayes_spi.analysis.sampling import diameter_from_contrast
+
+    dq = np.arange(1, 17) / 345.0
+    c = 0.7 * _sphere(dq, diameter) + 0.12
+    assert diameter_from_contrast(dq, c, 5.0, 345.0) == pytest.approx(diameter, rel=0.02)
+    with pytest.raises(ValueError, match="expected >= 3 finite lags"):
+        diameter_from_contrast(dq[:2], c[:2], 5.0, 345.0)
+
+
+def test_a_central_hole_that_hides_the_central_speckle_switches_to_the_speckle_contrast(tmp_path: Path) -> None:
+    """A 4-pixel beam stop on reference-32 hides 2CEX's central speckle: the radial profile alone says ~28 A;
+    the speckle contrast keeps the estimate in the range of the protein (largest distance ~65 A)."""
+    from bayes_spi.analysis import sampling
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.sim.simulate import simulate
+
+    data = tmp_path / "d.h5"
+    simulate("2CEX", "reference-32", 600, data, artifacts="FPB", mean_photons=1e3, truth_grid=0, seed=2,
+             beamstop_radius=4.0, progress=False)
+    with SPIDataset(data) as ds:
+        rep = estimate_sampling(ds, n_patterns=600)
+        profile_only = pytest.MonkeyPatch.context()
+        with profile_only as mp:
+            mp.setattr(sampling, "HIDDEN_CENTRE", np.inf)
+            alone = estimate_sampling(ds, n_patterns=600)
+    assert alone.diameter_A < 40.0, alone  # the failure this guards against
+    assert 50.0 < rep.diameter_A < 95.0, rep
+
+
 def test_undersampled_setups_are_reported() -> None:
     rep = sampling_report(240.0, field_of_view_A=345.0, q_max=0.125, q_edge=0.089, photons_per_pattern=1e4,
                           n_good_pixels=4096)
