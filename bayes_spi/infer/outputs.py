@@ -177,9 +177,9 @@ class Throughput:
 
 @torch.no_grad()
 def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.PathLike,
-                    batch_size: int = 128, device: torch.device | str = "cpu", score_pixels: int = 512,
+                    batch_size: int = 512, device: torch.device | str = "cpu", score_pixels: int = 512,
                     seed: int = 0, attrs: dict[str, Any] | None = None, refine: int = 4,
-                    progress: Any = None, chunk: int = 4096) -> Path:
+                    progress: Any = None, chunk: int = 4096, max_points: int = 2**22) -> Path:
     """Stream the data set through the guide and write per-image posterior summaries (see module doc).
 
     With ``refine > 0`` (the default) the guide's hypotheses are only seeds: its ``refine // 2`` best
@@ -191,7 +191,9 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     hypotheses are written as they are: then the hypothesis weights (and the search proposals) are evaluated
     on that subset (0: all good pixels).
 
-    Memory does not grow with the data set: patterns are read ``batch_size`` at a time and the rows are
+    Memory does not grow with the data set: patterns are read ``batch_size`` at a time (fewer on a large
+    detector: at most ``max_points`` pattern x hypothesis x pixel points per batch, ~0.5 GB of work arrays at
+    the default, so 128x128 patterns go ~25 at a time and 32x32 ones 400) and the rows are
     written in ``chunk``-pattern HDF5 chunks (gzip) of datasets allocated up front; the file is written to
     ``PATH.tmp`` and renamed when complete. ``progress(done, total)`` is called after each batch, and
     ``run.log`` gets a line with patterns/s and the ETA every 30 s and the throughput at the end. The file's
@@ -207,6 +209,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
         pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(seed))[:score_pixels]
         good = good[pick.to(good.device)].sort().values
     refiner = PoseRefiner(guide, all_good) if refine > 0 else None
+    batch_size = max(1, min(int(batch_size), max_points // max(1, guide.n_hypotheses * int(all_good.numel()))))
     how = ("local modes: the guide's best hypotheses (encoder heads and orientation search) and their Rz(pi) "
            "twins, refined by Gauss-Newton on all good pixels (profiled fluence, cached log I); Laplace "
            "spreads and evidence weights" if refine > 0 else
