@@ -217,10 +217,12 @@ def main() -> None:
     tenth = args.workdir / f"fit_{args.n_fit // 10}.h5"
     result: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores, torch {torch.__version__}",
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if "make" in stages:
-        make_file(big, args.n_stream, args.photons, seed=1)
-        make_file(small, args.n_fit, args.photons, seed=2)
-        make_file(tenth, args.n_fit // 10, args.photons, seed=3)
+    if "make" in stages:  # the files the other stages ask for
+        if "stream" in stages:
+            make_file(big, args.n_stream, args.photons, seed=1)
+        if "fit" in stages:
+            make_file(small, args.n_fit, args.photons, seed=2)
+            make_file(tenth, args.n_fit // 10, args.photons, seed=3)
     if "stream" in stages and "make" in stages:  # a fresh process: the generator's memory must not count
         cmd = [sys.executable, __file__, "--workdir", str(args.workdir), "--n-stream", str(args.n_stream),
                "--batch", str(args.batch), "--stages", "stream"]
