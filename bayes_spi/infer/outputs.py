@@ -22,7 +22,7 @@ exists is complete):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import logging
 import os
@@ -41,6 +41,10 @@ from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.mrc import write_mrc
 from bayes_spi.so3 import rotmat_to_quat_wxyz
+
+if TYPE_CHECKING:  # bayes_spi.posterior imports SciPy: only where it is used
+    from bayes_spi.guides.amortized import PosePosterior
+    from bayes_spi.posterior.local import LocalModes
 
 __all__ = ["PoseRefiner", "Throughput", "field_log_cache", "field_on_grid", "grid_q", "refine_cache_grid",
            "write_intensity", "write_posterior"]
@@ -122,7 +126,7 @@ class PoseRefiner:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, search_pixels: torch.Tensor | None = None, n_keep: int = 4
-                 ) -> tuple[Any, torch.Tensor, Any]:
+                 ) -> "tuple[LocalModes, torch.Tensor, PosePosterior]":
         """Refine ``images (B, n_y, n_x)``: ``(LocalModes (B, n_keep), weights (B, n_keep), guide posterior)``.
 
         ``search_pixels``: the pixels the orientation search scores on (default: the refinement's).

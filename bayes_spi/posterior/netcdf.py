@@ -403,8 +403,14 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
 
         log_intensity = cached_log_intensity(field_log_cache(model.field, refine_cache_grid(guide), model.q_max),
                                              model.q_max)
-    for first in range(0, len(patterns), settings.batch_size):
-        idx = patterns[first:first + settings.batch_size]
+    # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
+    # the field): fewer patterns per batch on a large detector (32x32: 128; 128x128: 32 on the field)
+    budget = 2**20 if settings.refine_on == "field" else 2**22
+    step = settings.batch_size
+    if settings.refine:
+        step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
+    for first in range(0, len(patterns), step):
+        idx = patterns[first:first + step]
         counts = torch.as_tensor(dataset.read(idx))
         photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
         images = counts.to(device)
