@@ -197,7 +197,11 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     pixels = torch.nonzero(good).squeeze(-1)
     y = images.reshape(images.shape[0], -1)[:, pixels].to(torch.float64)
     n_tot = y.sum(-1)
-    post = guide.posterior(images, pixels)
+    if hasattr(guide, "evaluating"):  # the posterior as a user reads it: eval mode, no training weight floor
+        with guide.evaluating():
+            post = guide.posterior(images, pixels)
+    else:
+        post = guide.posterior(images, pixels)
     rows = torch.arange(images.shape[0], device=images.device)
     best = post.rotations[rows, post.weights.argmax(-1)]  # (B, 3, 3)
     log_lam = model.log_rate(best, torch.zeros(images.shape[0], device=images.device), pixels).to(torch.float64)
