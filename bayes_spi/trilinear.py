@@ -42,19 +42,23 @@ def sample_cube(cube: Tensor, x: Tensor, half_width: float) -> Tensor:
 
 
 def splat_cube(x: Tensor, values: Tensor, n: int, half_width: float) -> Tensor:
-    """Scatter ``values (P,)`` at points ``x (P, 3)`` into an ``(n, n, n)`` cube over ``[-half_width, half_width]^3``.
+    """Scatter ``values (P,)`` (or ``(P, C)``: ``C`` channels at once) at points ``x (P, 3)`` into an ``(n, n, n)``
+    (or ``(n, n, n, C)``) cube over ``[-half_width, half_width]^3``.
 
     Trilinear weights (the adjoint of :func:`sample_cube`), indexed ``[ix, iy, iz]``; points outside the cube
-    are dropped.
+    are dropped. The channels share the weights and indices (computed once); each channel's sums are the
+    numbers a one-channel call gives.
     """
-    if x.dim() != 2 or x.shape[-1] != 3 or values.shape != x.shape[:1]:
-        raise ValueError(f"expected x (P, 3) and values (P,), got shapes {tuple(x.shape)} and {tuple(values.shape)}")
+    if x.dim() != 2 or x.shape[-1] != 3 or values.dim() not in (1, 2) or values.shape[0] != x.shape[0]:
+        raise ValueError(f"expected x (P, 3) and values (P,) or (P, C), got shapes {tuple(x.shape)} and "
+                         f"{tuple(values.shape)}")
     u = (x / half_width + 1.0) * 0.5 * (n - 1)  # continuous voxel index
     inside = ((u >= 0) & (u <= n - 1)).all(-1)
     u, values = u[inside], values[inside]
     i0 = u.floor().clamp(max=n - 2).long()
     f = u - i0
-    out = torch.zeros(n * n * n, dtype=values.dtype, device=values.device)
+    out = torch.zeros((n * n * n,) + values.shape[1:], dtype=values.dtype, device=values.device)
+    col = (slice(None),) + (None,) * (values.dim() - 1)  # weights (P,) against values (P, ...)
     for dx in (0, 1):
         wx = f[:, 0] if dx else 1 - f[:, 0]
         for dy in (0, 1):
@@ -62,5 +66,5 @@ def splat_cube(x: Tensor, values: Tensor, n: int, half_width: float) -> Tensor:
             for dz in (0, 1):
                 wz = f[:, 2] if dz else 1 - f[:, 2]
                 flat = ((i0[:, 0] + dx) * n + (i0[:, 1] + dy)) * n + (i0[:, 2] + dz)
-                out.index_add_(0, flat, values * wx * wy * wz)
-    return out.reshape(n, n, n)
+                out.index_add_(0, flat, values * wx[col] * wy[col] * wz[col])
+    return out.reshape((n, n, n) + values.shape[1:])

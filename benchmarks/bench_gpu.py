@@ -3,7 +3,9 @@
 For a simulated data set (default: 2CEX on the 128x128 reference detector, the papers' geometry, 1e4 photons)
 it runs, for every batch size, a short fit of each stage on ``--device`` and prints one JSON line per
 (stage, batch size): the EMC warm start (``emc_fraction=1``), SVI with the amortized guide
-(``emc_fraction=0``), and one exact EMC iteration (``polish``) over ``--polish-patterns`` patterns.
+(``emc_fraction=0``), one exact EMC iteration (``polish``) over ``--polish-patterns`` patterns, and the
+``posterior.h5`` export (``export``: refined local modes of every pattern, patterns/s; the batch size is capped
+by the export's work-array budget on a large detector).
 Images/s are measured after ``--warmup`` steps; peak memory is ``torch.cuda.max_memory_allocated`` on a GPU
 and the process's peak RSS on the CPU. A batch size that runs out of memory is reported as such and ends the
 sweep for that stage. Made for one short run on a lent GPU machine (``benchmarks/gpu_check.sh``); it also runs
@@ -49,7 +51,7 @@ def _stage(data: Path, out: Path, device: str, stage: str, batch: int, steps: in
     images = (steps + warmup) * batch * (4 if stage == "emc" else 1)  # an EMC step takes 4 data batches
     base = {"device": device, "batch_size": batch, "epochs": max(1, -(-images // ds.n_patterns)),
             "checkpoint_every": 10**6, "log_every": 10**6, "max_images": images, "polish_iterations": 0,
-            "emc_fraction": 1.0 if stage in ("emc", "polish") else 0.0}
+            "emc_fraction": 1.0 if stage in ("emc", "polish", "export") else 0.0}
     cfg, _ = data_settings(ds, FitConfig(**base), given=dict(base))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -65,7 +67,17 @@ def _stage(data: Path, out: Path, device: str, stage: str, batch: int, steps: in
     row: dict = {"stage": stage, "batch_size": batch, "device": device, "detector": list(ds.shape)}
     try:
         trainer.fit(on_step=on_step)
-        if stage == "polish":
+        if stage == "export":  # posterior.h5 (refined local modes) over the whole file with the fitted guide
+            from bayes_spi.infer.outputs import write_posterior
+
+            if trainer.guide.search is not None:
+                trainer.guide.search.refresh()
+            t0 = time.perf_counter()
+            write_posterior(trainer.guide, ds, out / f"posterior_{batch}.h5", batch_size=batch, device=device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            row["patterns_per_s"] = ds.n_patterns / (time.perf_counter() - t0)
+        elif stage == "polish":
             from bayes_spi.infer.polish import EMCPolish
 
             field = trainer.model.field
@@ -94,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-patterns", type=int, default=4096)
     ap.add_argument("--photons", type=float, default=1e4)
     ap.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512, 1024])
-    ap.add_argument("--stages", nargs="+", default=["emc", "svi", "polish"], choices=["emc", "svi", "polish"])
+    ap.add_argument("--stages", nargs="+", default=["emc", "svi", "polish", "export"],
+                    choices=["emc", "svi", "polish", "export"])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per (stage, batch size)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--polish-patterns", type=int, default=4096)

@@ -30,3 +30,6 @@ $PY -m bayes_spi.cli.main fit "$OUT/tiny.h5" -o "$OUT/tiny_run" --device "$DEVIC
 # shellcheck disable=SC2086
 $PY benchmarks/bench_gpu.py --device "$DEVICE" --detector "$DETECTOR" --n-patterns "$N" --batches $BATCHES \
     --out "$OUT/bench" | tee "$OUT/gpu_throughput.jsonl"
+# 3. where the time of one training step goes at 32, 64 and 128 px (encoder, search, scores, likelihood, backward)
+$PY benchmarks/bench_profile.py --device "$DEVICE" --sizes 32,64,"$DETECTOR" --batch-size 256 --patterns 512 \
+    --steps 5 --workdir "$OUT/profile" | tee "$OUT/step_profile.txt"

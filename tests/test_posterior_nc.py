@@ -279,6 +279,19 @@ def test_cli_posterior_end_to_end(tiny_run: tuple[Path, Path], tmp_path: Path) -
         attrs = az.from_netcdf(out2).posterior.attrs
         assert attrs["pose_temperature"] == pytest.approx(pose_t)
         assert attrs["scale_temperature"] == pytest.approx(scale_t)
+    # summaries only, refined on the cached cube: no draws, the same summary variables
+    out3 = tmp_path / "summ.nc"
+    res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(out3), "--max-patterns", "8",
+                                   "--summaries-only", "--refine-on", "cache", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "8 patterns x summaries" in res.output and "patterns/s" in res.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summ = az.from_netcdf(out3)
+        assert "posterior" not in summ.groups()
+        assert summ.sample_stats["cone_radius_deg"].shape == (8, 2)
+        assert summ.sample_stats.attrs["refine_on"] == "cache"
+        assert np.all(np.isfinite(summ.sample_stats["hypothesis_sigma_deg"].values))
     # a missing run is a clean error
     res = CliRunner().invoke(cli, ["posterior", str(tmp_path / "nope"), str(data), "-o", str(out)])
     assert res.exit_code != 0 and "not found" in res.output

@@ -51,7 +51,7 @@ class _SpecialOrthogonal(Constraint):
 
     def check(self, value: Tensor) -> Tensor:
         if value.dim() < 2 or tuple(value.shape[-2:]) != (3, 3):
-            return torch.zeros(value.shape[:-2] if value.dim() >= 2 else (), dtype=torch.bool)
+            return torch.zeros(value.shape[:-2] if value.dim() >= 2 else (), dtype=torch.bool, device=value.device)
         eye = torch.eye(3, dtype=value.dtype, device=value.device)
         orth = (value.transpose(-1, -2) @ value - eye).abs().amax(dim=(-1, -2)) < self.tol
         det = (torch.linalg.det(value) - 1.0).abs() < self.tol

@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -167,12 +169,25 @@ class AmortizedGuide(nn.Module):
             self.log_n_ref.fill_(float(log_n.mean()))
         return log_n - self.log_n_ref
 
-    def posterior(self, images: Tensor, pixels: Tensor | None = None) -> PosePosterior:
+    @contextmanager
+    def evaluating(self) -> Iterator["AmortizedGuide"]:
+        """Eval mode and no weight floor inside the block (the posterior as a user reads it), restored after."""
+        was, floor = self.training, self.weight_floor
+        self.eval()
+        self.weight_floor = 0.0
+        try:
+            yield self
+        finally:
+            self.weight_floor = floor
+            self.train(was)
+
+    def posterior(self, images: Tensor, pixels: Tensor | None = None, score: bool = True) -> PosePosterior:
         """Posterior parameters for ``images (B, n_y, n_x)``.
 
         With a scorer attached, the hypothesis weights are ``softmax(logit_head + log p(y | R_k, s))``
         with the likelihood evaluated at each hypothesis' centre on ``pixels`` (default: all good
-        pixels); without one, ``softmax(logit_head)``.
+        pixels); without one, or with ``score=False`` (a caller that re-weighs the hypotheses itself and
+        skips the field evaluations), ``softmax(logit_head)``.
         """
         h = self.encoder(images, self.mask)
         n_batch = images.shape[0]
@@ -202,7 +217,7 @@ class AmortizedGuide(nn.Module):
         scale = 2.0 * torch.sigmoid(sc[:, 1]) + 1e-3
         sig = (F.softplus(self.sigma_head(h)).reshape(n_batch, self.n_hypotheses, 3) + 1e-3).clamp(max=3.0)
         logits = self.logit_head(h)
-        if self._scorer:
+        if self._scorer and score:
             if pixels is None:
                 pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
             with torch.no_grad():

@@ -241,8 +241,10 @@ class EMCPolish:
         pw = log_w.exp()
         for s in range(0, G, 256):
             x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
-            num += splat_cube(x, Y[s:s + 256].reshape(-1), n, field.q_max)
-            den += splat_cube(x, (S[s:s + 256, None] * pw[None]).reshape(-1), n, field.q_max)
+            both = splat_cube(x, torch.stack([Y[s:s + 256].reshape(-1), (S[s:s + 256, None] * pw[None]).reshape(-1)], -1),
+                              n, field.q_max)  # one pass of weights for the photons and the exposure
+            num += both[..., 0]
+            den += both[..., 1]
         num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
         den = den + den.flip(0, 1, 2)
         reached = den > 1e-6 * float(den.max())

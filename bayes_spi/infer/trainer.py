@@ -287,14 +287,8 @@ class Trainer:
     @torch.no_grad()
     def probe_poses(self) -> torch.Tensor:
         """Most probable pose ``(n_probe, 3, 3)`` of each probe pattern under the current guide."""
-        was = self.guide.training
-        self.guide.eval()
-        floor, self.guide.weight_floor = self.guide.weight_floor, 0.0
-        try:
+        with self.guide.evaluating():
             post = self.guide.posterior(self.probe_images, self.probe_pixels)
-        finally:
-            self.guide.weight_floor = floor
-            self.guide.train(was)
         rows = torch.arange(post.weights.shape[0], device=post.weights.device)
         return post.rotations[rows, post.weights.argmax(-1)].detach().cpu()
 

@@ -197,7 +197,11 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     pixels = torch.nonzero(good).squeeze(-1)
     y = images.reshape(images.shape[0], -1)[:, pixels].to(torch.float64)
     n_tot = y.sum(-1)
-    post = guide.posterior(images, pixels)
+    if hasattr(guide, "evaluating"):  # the posterior as a user reads it: eval mode, no training weight floor
+        with guide.evaluating():
+            post = guide.posterior(images, pixels)
+    else:
+        post = guide.posterior(images, pixels)
     rows = torch.arange(images.shape[0], device=images.device)
     best = post.rotations[rows, post.weights.argmax(-1)]  # (B, 3, 3)
     log_lam = model.log_rate(best, torch.zeros(images.shape[0], device=images.device), pixels).to(torch.float64)
@@ -238,27 +242,15 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
 @torch.no_grad()
 def pose_decisiveness(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
     """How decisive the poses of ``images (B, n_y, n_x)`` are: the guide's proposals and their Rz(pi) twins
-    refined on all good pixels (:func:`bayes_spi.posterior.local.refine_with_twins`, as ``posterior.h5``);
-    ``probe_mean_best_weight`` and ``probe_ambiguous_fraction`` (best weight < 0.9). Empty without a search."""
-    from bayes_spi.infer.outputs import field_log_cache, refine_cache_grid
-    from bayes_spi.posterior.local import refine_with_twins
+    refined on all good pixels (:class:`bayes_spi.infer.outputs.PoseRefiner`, the step of ``posterior.h5``);
+    ``probe_mean_best_weight`` and ``probe_ambiguous_fraction`` (best weight < 0.9). Empty without a search.
+    ``model`` is the guide's search's model (kept for the callers' signature)."""
+    from bayes_spi.infer.outputs import PoseRefiner
 
     if getattr(guide, "search", None) is None:
         return {}
     pixels = torch.nonzero(good.reshape(-1)).squeeze(-1)
-    was = guide.training
-    guide.eval()
-    floor, guide.weight_floor = guide.weight_floor, 0.0
-    try:
-        post = guide.posterior(images, pixels)
-    finally:
-        guide.weight_floor = floor
-        guide.train(was)
-    cache = field_log_cache(model.field, refine_cache_grid(guide), model.q_max)
-    y = images.reshape(images.shape[0], -1)[:, pixels].to(model.q.dtype)
-    bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
-    _, w = refine_with_twins(cache, post.rotations, model.q[pixels], model.log_pixel_factor[pixels], y, model.q_max,
-                             bg=bg)
+    _, w, _ = PoseRefiner(guide, pixels)(images)
     best = w.max(-1).values
     return {"probe_mean_best_weight": float(best.mean()), "probe_ambiguous_fraction": float((best < 0.9).double().mean())}
 

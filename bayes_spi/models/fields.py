@@ -76,7 +76,8 @@ class _SineLayer(nn.Module):
         nn.init.uniform_(self.linear.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sin(self.w0 * self.linear(x))
+        z = self.linear(x)
+        return torch.sin(z if self.w0 == 1.0 else self.w0 * z)  # w0 = 1 (hidden layers): no multiply, same numbers
 
 
 class _EvenSiren(nn.Module):

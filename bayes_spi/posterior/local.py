@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat, rotz_pi
-from bayes_spi.trilinear import sample_cube
 
 __all__ = ["LocalModes", "profile_loglik", "refine_on_cache", "refine_with_twins"]
 
@@ -84,37 +84,61 @@ def _take(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, idx.reshape(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:]))
 
 
+def _read(cache: Tensor, x: Tensor) -> Tensor:
+    """Trilinear values of ``cache (1, 1, n, n, n)`` at ``x (..., 3)`` in units of the half-width (border outside)."""
+    cube = cache.permute(0, 1, 4, 3, 2)  # [iz, iy, ix]: grid_sample's (D, H, W) for (x, y, z) coordinates
+    out = F.grid_sample(cube, x.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border", align_corners=True)
+    return out.reshape(x.shape[:-1])
+
+
 def _terms(cache: Tensor, R: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float, grad: bool,
            bg: Tensor | None = None):
-    """Profiled log-likelihood ``(B, K)``; with ``grad`` also ``g (B, K, 3)``, ``H (B, K, 3, 3)``, log scale."""
-    x = torch.einsum("bkij,mj->bkmi", R, q)
+    """Profiled log-likelihood ``(B, K)``; with ``grad`` also ``g (B, K, 3)``, ``H (B, K, 3, 3)``, log scale.
+
+    The Jacobian is formed in the lab frame of the points ``x = R q``: ``q x (R^T grad_x) = R^T (x x grad_x)``,
+    so ``g`` and ``H`` are sums over pixels of ``x x grad_x`` and are rotated back once per hypothesis. With a
+    background ``bg`` (expected counts ``(M,)`` or ``(B, M)``) the scale is profiled numerically
+    (:func:`bayes_spi.models.background.profile_with_background`) and ``g``, ``H`` come from
+    :func:`_background_terms`.
+    """
+    # points in units of q_max and the cube's axes reversed to grid_sample's (x, y, z) = (W, H, D) order: the
+    # same trilinear read as bayes_spi.trilinear.sample_cube without its per-call rescale and flip copies
+    x = torch.einsum("bkij,mj->bkmi", R.to(cache.dtype), (q / q_max).to(cache.dtype))
     if grad:
         x.requires_grad_(True)
+    c = None
     with torch.set_grad_enabled(grad):
-        log_lt = sample_cube(cache, x, q_max) + log_w
-        if bg is None:
-            ll = profile_loglik(log_lt, y[:, None, :])
-        else:
+        log_lt = _read(cache, x).to(q.dtype) + log_w
+        if bg is not None:
             from bayes_spi.models.background import profile_with_background
 
             c = bg[:, None, :] if bg.dim() == 2 else bg
-            ll, log_s_bg = profile_with_background(log_lt.detach(), y[:, None, :], c)
-        if not grad:
-            return ll, None, None, None
+            ll_bg, log_s_bg = profile_with_background(log_lt.detach(), y[:, None, :], c)
+            if not grad:
+                return ll_bg, None, None, None
+        elif not grad:
+            return profile_loglik(log_lt, y[:, None, :]), None, None, None
         (gx,) = torch.autograd.grad(log_lt.sum(), x)
     log_lt = log_lt.detach()
-    body = torch.einsum("bkij,bkmi->bkmj", R, gx)  # R^T grad_x, (B, K, M, 3)
-    jac = torch.cross(q.expand_as(body), body, dim=-1)  # (e_a x q) . v = e_a . (q x v)
-    if bg is not None:
-        return (ll,) + _background_terms(log_lt, log_s_bg, y, c, jac)
+    # (B, K, M, 3): R jac, jac = q x (R^T grad_x) (the q_max of x and of grad_x cancel)
+    jac_lab = torch.cross(x.detach(), gx, dim=-1).to(q.dtype)
+    Rt = R.transpose(-1, -2)
+    if c is not None:  # g and H are linear and quadratic in the Jacobian: formed in the lab frame, rotated back
+        g_lab, H_lab, log_s = _background_terms(log_lt, log_s_bg, y, c, jac_lab)
+        return ll_bg, (Rt @ g_lab[..., None]).squeeze(-1), Rt @ H_lab @ R, log_s
+    ll = profile_loglik(log_lt, y[:, None, :])
     n_tot = y.sum(-1)[:, None]  # (B, 1)
-    p = torch.softmax(log_lt, dim=-1)  # (B, K, M)
+    lse = torch.logsumexp(log_lt, dim=-1)  # (B, K)
+    p = torch.exp(log_lt - lse[..., None])  # softmax over pixels, (B, K, M)
     resid = y[:, None, :] - n_tot[..., None] * p
-    g = torch.einsum("bkm,bkma->bka", resid, jac)
-    jp = torch.einsum("bkm,bkma->bka", p, jac)
-    H = n_tot[..., None, None] * (torch.einsum("bkm,bkma,bkmc->bkac", p, jac, jac) - jp[..., :, None] * jp[..., None, :])
-    log_scale = n_tot.clamp(min=1.0).log() - torch.logsumexp(log_lt, dim=-1)
-    return ll.detach(), g, H, log_scale
+    g_lab = (resid[..., None, :] @ jac_lab).squeeze(-2)  # (B, K, 3)
+    jp = (p[..., None, :] @ jac_lab).squeeze(-2)
+    H_lab = n_tot[..., None, None] * ((jac_lab * p[..., None]).transpose(-1, -2) @ jac_lab
+                                      - jp[..., :, None] * jp[..., None, :])
+    g = (Rt @ g_lab[..., None]).squeeze(-1)
+    H = Rt @ H_lab @ R
+    log_scale = n_tot.clamp(min=1.0).log() - lse
+    return ll, g, H, log_scale
 
 
 def _background_terms(log_lt: Tensor, log_s: Tensor, y: Tensor, c: Tensor, jac: Tensor
@@ -171,11 +195,16 @@ def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tens
         norm = step.norm(dim=-1).clamp(min=1e-12)
         step = step * (cap / norm).clamp(max=1.0)[..., None]
         R_new = R @ rotvec_to_rotmat(step)
-        ll_new, *_ = _terms(cache, R_new, q, log_w, y, q_max, grad=False, bg=bg)
+        # one pass at the trial point gives its value and, if accepted, its g and H (a rejected step keeps
+        # the terms of R: the same numbers as re-evaluating there)
+        ll_new, g_new, H_new, ls_new = _terms(cache, R_new, q, log_w, y, q_max, grad=True, bg=bg)
         ok = ll_new > ll
         R = torch.where(ok[..., None, None], R_new, R)
         cap = torch.where(ok, cap, cap * 0.5)
-        ll, g, H, log_scale = _terms(cache, R, q, log_w, y, q_max, grad=True, bg=bg)
+        ll = torch.where(ok, ll_new, ll)
+        g = torch.where(ok[..., None], g_new, g)
+        H = torch.where(ok[..., None, None], H_new, H)
+        log_scale = torch.where(ok, ls_new, log_scale)
     Hs = H + 1e-6 * H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-6)[..., None, None] * eye
     cov = torch.linalg.inv(Hs)
     sig = cov.diagonal(dim1=-2, dim2=-1).clamp(min=1e-10).sqrt().clamp(max=math.pi)

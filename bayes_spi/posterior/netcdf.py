@@ -22,6 +22,9 @@ the number of patterns) to ``PATH.tmp`` and renamed when complete. Groups:
     ``photons (pattern)`` total counts on good pixels.
 
 Size: about ``N * D * 40`` bytes before compression (e.g. 50,000 patterns x 200 draws: ~400 MB).
+``ExportSettings(summaries_only=True)`` (``bayes-spi posterior --summaries-only``) leaves the ``posterior`` group
+out: the file holds ``sample_stats`` and ``observed_data`` only (~300 bytes per pattern), still an ArviZ
+dataset (``arviz.from_netcdf``, ``xarray.open_datatree``); the summaries are the same numbers.
 Coordinates ``pattern`` are the patterns' indices in the data file. Attributes (root and every group)
 follow ArviZ (``created_at``, ``arviz_version``, ``inference_library``, ``inference_library_version``) and
 record the conventions, the source data file, the run and every setting.
@@ -101,6 +104,11 @@ class ExportSettings:
         max_patterns: export at most this many patterns (``None``: all).
         first_pattern: index of the first pattern exported (patterns ``first_pattern, first_pattern + 1, ...``).
         extra_attrs: more attributes for the file.
+        refine_on: ``"field"`` (the trained field itself, exact; the calibrated default) or ``"cache"`` (a
+            trilinear ``log I`` cube twice as fine as the search's, as ``posterior.h5``: ~10x faster).
+        summaries_only: write only the per-pattern summaries (groups ``sample_stats`` and ``observed_data``),
+            not the ``posterior`` group of ``n_draws`` draws per pattern (~40 bytes per draw: 8 kB per pattern
+            at 200 draws); the summaries (cone radii, HDIs) are still computed from ``n_draws`` draws.
     """
 
     n_draws: int = 200
@@ -116,8 +124,12 @@ class ExportSettings:
     max_patterns: int | None = None
     first_pattern: int = 0
     extra_attrs: dict[str, Any] = field(default_factory=dict)
+    summaries_only: bool = False
+    refine_on: str = "field"
 
     def __post_init__(self) -> None:
+        if self.refine_on not in ("field", "cache"):
+            raise ValueError(f"expected refine_on 'field' or 'cache', got {self.refine_on!r}")
         for name in ("n_draws", "batch_size", "n_refine"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
@@ -154,6 +166,7 @@ class ExportSettings:
             "refine": int(self.refine), "n_refine": int(self.n_refine), "n_iter": int(self.n_iter),
             "pose_temperature": float(self.pose_temperature), "scale_temperature": float(self.scale_temperature),
             "credible_masses": np.asarray(self.levels, dtype=np.float64),
+            "summaries_only": int(self.summaries_only), "refine_on": str(self.refine_on),
         }
         out.update(self.extra_attrs)
         return out
@@ -187,17 +200,22 @@ class PosteriorNetCDFWriter:
         levels: credible masses.
         attrs: extra attributes for the root and every group.
         chunk: patterns per HDF5 chunk.
+        summaries_only: no ``posterior`` group (no draws): only ``sample_stats`` and ``observed_data``.
+
+    Batches are written in the file's pattern order (a cursor, no per-pattern index in memory).
     """
 
     def __init__(self, path: str | os.PathLike[str], patterns: np.ndarray, n_draws: int, n_hypotheses: int,
-                 levels: Sequence[float] = LEVELS, attrs: dict[str, Any] | None = None, chunk: int = 128) -> None:
+                 levels: Sequence[float] = LEVELS, attrs: dict[str, Any] | None = None, chunk: int = 128,
+                 summaries_only: bool = False) -> None:
         self.patterns = np.asarray(patterns, dtype=np.int64)
         n = len(self.patterns)
         if n < 1:
             raise ValueError("expected at least one pattern, got 0")
         self.n_draws, self.n_hypotheses, self.levels = int(n_draws), int(n_hypotheses), tuple(levels)
         self._file = h5netcdf.File(path, "w")
-        self._pos: dict[int, int] = {int(p): i for i, p in enumerate(self.patterns)}
+        self._next = 0  # the position the next batch must start at
+        self.summaries_only = bool(summaries_only)
         base = {**_arviz_attrs(), **(attrs or {})}
         self._file.attrs.update(base)
         chunk = max(1, min(int(chunk), n))
@@ -223,17 +241,20 @@ class PosteriorNetCDFWriter:
             v.attrs.update(attrs)
             return v
 
-        post = self._file.create_group("posterior")
-        post.attrs.update(base)
-        coords(post, ["chain", "draw", "pattern", "quaternion", "rotvec"])
-        cdp = ("chain", "draw", "pattern")
-        self.post = {
-            "pose_quaternion": var(post, "pose_quaternion", cdp + ("quaternion",), convention=QUATERNION_CONVENTION),
-            "pose_rotvec": var(post, "pose_rotvec", cdp + ("rotvec",), units="rad", convention=ROTVEC_CONVENTION),
-            "scale": var(post, "scale", cdp, note="relative fluence scale, defined up to one global factor"),
-            "angle_to_mean_deg": var(post, "angle_to_mean_deg", cdp, units="deg"),
-            "hypothesis_index": var(post, "hypothesis_index", cdp, dtype="i2"),
-        }
+        self.post: dict[str, Any] = {}
+        if not self.summaries_only:
+            post = self._file.create_group("posterior")
+            post.attrs.update(base)
+            coords(post, ["chain", "draw", "pattern", "quaternion", "rotvec"])
+            cdp = ("chain", "draw", "pattern")
+            self.post = {
+                "pose_quaternion": var(post, "pose_quaternion", cdp + ("quaternion",),
+                                       convention=QUATERNION_CONVENTION),
+                "pose_rotvec": var(post, "pose_rotvec", cdp + ("rotvec",), units="rad", convention=ROTVEC_CONVENTION),
+                "scale": var(post, "scale", cdp, note="relative fluence scale, defined up to one global factor"),
+                "angle_to_mean_deg": var(post, "angle_to_mean_deg", cdp, units="deg"),
+                "hypothesis_index": var(post, "hypothesis_index", cdp, dtype="i2"),
+            }
         stats = self._file.create_group("sample_stats")
         stats.attrs.update(base)
         stats.attrs["note"] = "per-pattern posterior summaries (no chain/draw dimensions)"
@@ -271,19 +292,23 @@ class PosteriorNetCDFWriter:
         if post.n_hypotheses != self.n_hypotheses or draws.rotations.shape[0] != self.n_draws:
             raise ValueError(f"expected {self.n_hypotheses} hypotheses and {self.n_draws} draws, got "
                              f"{post.n_hypotheses} and {draws.rotations.shape[0]}")
-        try:
-            s = self._pos[int(idx[0])]
-        except KeyError:
-            raise ValueError(f"pattern {int(idx[0])} is not among the file's patterns") from None
+        s = self._next
+        if s >= len(self.patterns) or int(self.patterns[s]) != int(idx[0]):
+            hit = np.flatnonzero(self.patterns == int(idx[0]))  # out of order (rare): look it up
+            if not len(hit):
+                raise ValueError(f"pattern {int(idx[0])} is not among the file's patterns")
+            s = int(hit[0])
         e = s + len(idx)
         if e > len(self.patterns) or not np.array_equal(self.patterns[s:e], idx):
             raise ValueError("expected consecutive patterns in the file's pattern order")
-        rot = draws.rotations.double()
-        self.post["pose_quaternion"][:, :, s:e] = _np(rotmat_to_quat_wxyz(rot))[None]
-        self.post["pose_rotvec"][:, :, s:e] = _np(rotmat_to_rotvec(rot))[None]
-        self.post["scale"][:, :, s:e] = _np(draws.log_scale.double().exp())[None]
-        self.post["angle_to_mean_deg"][:, :, s:e] = np.degrees(_np(summary.angle_to_mean))[None]
-        self.post["hypothesis_index"][:, :, s:e] = _np(draws.hypothesis).astype(np.int16)[None]
+        self._next = e
+        if self.post:
+            rot = draws.rotations.double()
+            self.post["pose_quaternion"][:, :, s:e] = _np(rotmat_to_quat_wxyz(rot))[None]
+            self.post["pose_rotvec"][:, :, s:e] = _np(rotmat_to_rotvec(rot))[None]
+            self.post["scale"][:, :, s:e] = _np(draws.log_scale.double().exp())[None]
+            self.post["angle_to_mean_deg"][:, :, s:e] = np.degrees(_np(summary.angle_to_mean))[None]
+            self.post["hypothesis_index"][:, :, s:e] = _np(draws.hypothesis).astype(np.int16)[None]
         st = self.stats
         st["mean_pose_quaternion"][s:e] = _np(rotmat_to_quat_wxyz(summary.mean_rotation))
         st["mean_pose_rotvec"][s:e] = _np(rotmat_to_rotvec(summary.mean_rotation))
@@ -327,7 +352,7 @@ def export_batches(
                  **settings.attrs(), **(attrs or {})}
     with atomic_path(path) as tmp:
         with PosteriorNetCDFWriter(tmp, patterns, settings.n_draws, n_hypotheses, settings.levels, all_attrs,
-                                   chunk=settings.batch_size) as writer:
+                                   chunk=settings.batch_size, summaries_only=settings.summaries_only) as writer:
             for idx, photons, post in batches:
                 post = post.tempered(settings.pose_temperature, settings.scale_temperature)
                 draws = draw(post, settings.n_draws, idx, seed=settings.seed)
@@ -336,6 +361,23 @@ def export_batches(
                 if progress is not None:
                     progress(len(idx))
     return path
+
+
+def _cache_scores(model: Any, log_intensity: Callable[[Tensor], Tensor], gp: Any, images: Tensor, pixels: Tensor
+                  ) -> Tensor:
+    """The guide's semi-amortized weights ``softmax(logit + log p(y | R_k, s) + log p(R_k))`` ``(B, K)`` with
+    ``log I`` from ``log_intensity`` instead of the field (``gp``: the guide's posterior without its scores)."""
+    from bayes_spi.models.priors import UniformPosePrior
+
+    R = gp.rotations.transpose(0, 1)  # (K, B, 3, 3)
+    q = model.q[pixels]
+    log_rate = (gp.scale_loc[:, None] + model.log_pixel_factor[pixels]
+                + log_intensity(torch.einsum("kbij,mj->kbmi", R, q)))  # (K, B, M)
+    y = images.reshape(images.shape[0], -1)[:, pixels].to(log_rate.dtype)
+    ll = model.likelihood(log_rate).log_prob(y).sum(-1)  # (K, B)
+    if not isinstance(model.pose_prior, UniformPosePrior):
+        ll = ll + model.pose_prior(R.shape[-3]).log_prob(R)
+    return torch.softmax(gp.weights.clamp(min=1e-30).log() + ll.T, dim=-1)
 
 
 def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
@@ -347,7 +389,6 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     the refinement uses every good pixel.
     """
     guide, model = trained.guide, trained.model
-    guide.eval()
     good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
     score = good
     if 0 < settings.score_pixels < good.numel():
@@ -355,16 +396,35 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         score = good[pick[: settings.score_pixels].to(good.device)].sort().values
     patterns = settings.pattern_range(dataset.n_patterns)
     mask = torch.as_tensor(dataset.mask) & guide.mask.cpu()  # the run's mask (e.g. fit's extra mask) too
-    for first in range(0, len(patterns), settings.batch_size):
-        idx = patterns[first:first + settings.batch_size]
+    log_intensity = None
+    if settings.refine and settings.refine_on == "cache":
+        from bayes_spi.infer.outputs import field_log_cache, refine_cache_grid
+        from bayes_spi.posterior.refine import cached_log_intensity
+
+        log_intensity = cached_log_intensity(field_log_cache(model.field, refine_cache_grid(guide), model.q_max),
+                                             model.q_max)
+    # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
+    # the field): fewer patterns per batch on a large detector (32x32: 128; 128x128: 32 on the field)
+    budget = 2**20 if settings.refine_on == "field" else 2**22
+    step = settings.batch_size
+    if settings.refine:
+        step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
+    for first in range(0, len(patterns), step):
+        idx = patterns[first:first + step]
         counts = torch.as_tensor(dataset.read(idx))
         photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
         images = counts.to(device)
-        with torch.no_grad():
-            post = MixturePosterior.from_guide(guide.posterior(images, score))
+        with torch.no_grad(), guide.evaluating():
+            if log_intensity is None:
+                gp = guide.posterior(images, score)
+            else:  # the guide's hypothesis scores on the same cube as the refinement
+                gp = guide.posterior(images, score, score=False)
+                if getattr(guide, "_scorer", None):
+                    gp.weights = _cache_scores(model, log_intensity, gp, images, score)
+            post = MixturePosterior.from_guide(gp)
         if settings.refine:
             post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
-                                    n_iter=settings.n_iter, pixels=good)
+                                    n_iter=settings.n_iter, pixels=good, log_intensity=log_intensity)
         yield idx, photons, post
 
 
