@@ -72,13 +72,21 @@ def _procrustes(R_est: np.ndarray, R_true: np.ndarray) -> np.ndarray:
     return V @ D @ U.T
 
 
-def _errors(G: np.ndarray, R_est: np.ndarray, R_est_flip: np.ndarray | None, R_true: np.ndarray):
-    e0 = _angles_deg(G @ R_est, R_true)
-    if R_est_flip is None:
-        return e0, np.zeros(len(e0), dtype=bool)
-    e1 = _angles_deg(G @ R_est_flip, R_true)
-    flipped = e1 < e0
-    return np.where(flipped, e1, e0), flipped
+def _candidates(R_est: np.ndarray, modulo_rotz_pi: bool, group: np.ndarray | None) -> np.ndarray:
+    """Equivalent estimates of each pose ``(N, C, 3, 3)``: ``g R_est [Rz(pi)]`` for ``g`` in ``group`` (identity first),
+    the ``Rz(pi)`` twins after all the group's images."""
+    rots = np.eye(3)[None] if group is None else np.asarray(group, dtype=np.float64)
+    c = np.einsum("gij,njk->ngik", rots, R_est)
+    return np.concatenate([c, c @ _ROTZ_PI], axis=1) if modulo_rotz_pi else c
+
+
+def _errors(G: np.ndarray, cands: np.ndarray, R_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image the smallest geodesic angle (deg) between ``G @ cands[i, c]`` and ``R_true[i]`` over ``c``, and
+    that ``c`` (the first on ties)."""
+    tr = np.einsum("njk,ncjk->nc", G.T @ R_true, cands)  # tr(R_true^T G C)
+    choice = tr.argmax(-1)
+    chosen = cands[np.arange(len(cands)), choice]
+    return _angles_deg(G @ chosen, R_true), choice
 
 
 def align_rotations(
@@ -88,8 +96,10 @@ def align_rotations(
     n_starts: int = 8,
     max_iter: int = 30,
     seed: int = 0,
+    group: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Best global left rotation ``G`` with ``R_true_i ~= G @ R_est_i`` (optionally ``@ Rz(pi)``).
+    r"""Best global left rotation ``G`` with ``R_true_i ~= G @ R_est_i`` (optionally ``@ Rz(pi)``, and modulo a
+    point group: ``G @ g_i @ R_est_i`` with a per-image ``g_i`` of ``group``).
 
     Robust: starting from several candidate ``G`` (the full-set Procrustes solution and, for
     ``n_starts`` single images ``j``, ``R_true_j R_est_j^T`` and with ``modulo_rotz_pi`` also
@@ -102,6 +112,9 @@ def align_rotations(
         R_true: true rotations, shape ``(N, 3, 3)``.
         modulo_rotz_pi: if True, image ``i`` may be matched by ``R_est_i @ Rz(pi)`` instead, chosen
             jointly with ``G``.
+        group: ``(K, 3, 3)`` rotations of the fitted intensity's point group (identity first; e.g.
+            :attr:`bayes_spi.symmetry.PointGroup.rotations`), or ``None``. A pose is then defined only modulo
+            ``R ~ g R`` and the errors are ``min_g`` over the group (composed with the ``Rz(pi)`` twin).
         n_starts: number of single-image seeds for the candidate ``G``.
         max_iter: maximum alternations per candidate.
         seed: seed for picking the single-image seeds.
@@ -129,6 +142,12 @@ def align_rotations(
     if n == 0:
         raise ValueError("expected at least one rotation, got shape (0, 3, 3)")
     R_flip = R_est @ _ROTZ_PI if modulo_rotz_pi else None
+    if group is not None:
+        group = _to_numpy(group)
+        _check_rotmats(group, "group")
+    cands = _candidates(R_est, modulo_rotz_pi, group)
+    n_group = 1 if group is None else group.shape[0]
+    rows = np.arange(n)
 
     rng = np.random.default_rng(seed)
     seeds = rng.choice(n, size=min(n_starts, n), replace=False)
@@ -142,17 +161,17 @@ def align_rotations(
     for G in candidates:
         inliers = None
         for _ in range(max_iter):
-            err, flipped = _errors(G, R_est, R_flip, R_true)
+            err, choice = _errors(G, cands, R_true)
             new_inliers = err <= 2.0 * np.median(err)
             if inliers is not None and np.array_equal(new_inliers, inliers):
                 break
             inliers = new_inliers
-            R_used = np.where(flipped[:, None, None], R_flip, R_est) if R_flip is not None else R_est
+            R_used = cands[rows, choice]
             G = _procrustes(R_used[inliers], R_true[inliers])
-        err, flipped = _errors(G, R_est, R_flip, R_true)
+        err, choice = _errors(G, cands, R_true)
         score = float(np.median(err))
         if score < best[0] or best[2].size == 0:
-            best = (score, G, err, flipped)
+            best = (score, G, err, choice >= n_group)
     return best[1], best[2], best[3]
 
 
@@ -162,7 +181,8 @@ def orientation_error_summary(R_est: Any, R_true: Any, **align_kwargs: Any) -> d
     Args:
         R_est: estimated rotations, shape ``(N, 3, 3)``.
         R_true: true rotations, shape ``(N, 3, 3)``.
-        **align_kwargs: passed to :func:`align_rotations` (``n_starts``, ``max_iter``, ``seed``).
+        **align_kwargs: passed to :func:`align_rotations` (``n_starts``, ``max_iter``, ``seed``, ``group``: with a
+            point group every error, "raw" included, is taken modulo it).
 
     Returns:
         A dict with ``median_error_deg``, ``mean_error_deg`` (raw SO(3) alignment),

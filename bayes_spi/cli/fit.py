@@ -59,7 +59,7 @@ __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "ru
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
-    "pose_prior", "scale_prior", "likelihood", "intensity_prior", "seed", "device", "checkpoint_every", "log_every",
+    "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
 )
 
 _HELP = {
@@ -100,6 +100,10 @@ _HELP = {
     "radius_start": "Coarse-to-fine: start radius as a fraction of q_max.",
     "radius_ramp": "Fraction of the steps over which the radius widens to 1.",
     "scale_prior_sigma": "Sigma of the LogNormal fluence-scale prior.",
+    "symmetry": "Point group of the particle: C1, Cn, Dn, T, O or I (standard orientations: n-fold axis along z, "
+                "Dn's 2-fold along x, T/O/I with 2-fold (O: 4-fold) axes along x, y, z; README). The field is "
+                "invariant under it by construction, the orientation grid covers the fundamental zone (same "
+                "spacing, |G| times fewer rotations), pose errors are taken modulo the group.",
     "seed": "Random seed (initial weights, data order, pixel subsets, samples).",
     "device": "auto (CUDA when present), cpu, cuda, cuda:N.",
     "checkpoint_every": "Steps between atomic checkpoints.",
@@ -160,6 +164,18 @@ def _check_spec(ctx: click.Context, param: click.Parameter, value: str | None) -
     except (ValueError, FileNotFoundError) as exc:
         raise bad(exc) from None
     return spec
+
+
+def _check_symmetry(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--symmetry``: its canonical spelling (``i`` -> ``I``), or a usage error naming the option."""
+    if value is None:
+        return None
+    from bayes_spi.symmetry import parse_symmetry
+
+    try:
+        return parse_symmetry(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--symmetry") from None
 
 
 def _spec_option(kind: str) -> Any:
@@ -276,6 +292,8 @@ class _RecordingCommand(click.Command):
 @_spec_option("scale_prior")
 @_spec_option("likelihood")
 @_spec_option("intensity_prior")
+@click.option("--symmetry", "symmetry", default=None, metavar="GROUP", callback=_check_symmetry,
+              help=_HELP["symmetry"] + " [default: C1]")
 @_training_option("seed", int)
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))

@@ -98,6 +98,14 @@ def _build_geometry(
                    "expected counts before the noise (what fit --background models, with scale 1).")
 @click.option("--orientations", type=click.Path(path_type=Path), default=None,
               help=".npy of (N, 4) scalar-first quaternions instead of uniform poses.")
+@click.option("--symmetry", default=None, metavar="GROUP",
+              help="Make a symmetric particle: |G| copies of STRUCTURE (cropped to --subunit-radius) under the "
+                   "rotations of the point group C1, Cn, Dn, T, O or I (standard orientations, README), centred "
+                   "at --shell-radius from the origin. Fit it with the same --symmetry.")
+@click.option("--shell-radius", type=click.FloatRange(min=0), default=None,
+              help="With --symmetry: distance of each copy's centre from the origin (A).")
+@click.option("--subunit-radius", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --symmetry: keep only the atoms within this distance of STRUCTURE's centre (A) [default: all].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--truth-grid", type=int, default=65, show_default=True,
               help="Odd size of the ground-truth intensity cube (0 = none).")
@@ -126,6 +134,9 @@ def command(
     mask_bin: int,
     background_file: Path | None,
     orientations: Path | None,
+    symmetry: str | None,
+    shell_radius: float | None,
+    subunit_radius: float | None,
     seed: int,
     truth_grid: int,
     chunk: int,
@@ -164,6 +175,22 @@ def command(
         molecule = load_structure(structure)
     except (FileNotFoundError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="STRUCTURE") from None
+    if symmetry is None and (shell_radius is not None or subunit_radius is not None):
+        raise click.UsageError("--shell-radius and --subunit-radius need --symmetry")
+    if symmetry is not None:
+        from bayes_spi.sim.symmetric import symmetric_assembly
+        from bayes_spi.symmetry import parse_symmetry
+
+        try:
+            symmetry = parse_symmetry(symmetry)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--symmetry") from None
+        if shell_radius is None:
+            raise click.UsageError(f"--symmetry {symmetry} needs --shell-radius (A)")
+        try:
+            molecule = symmetric_assembly(molecule, symmetry, shell_radius, subunit_radius)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--subunit-radius") from None
     try:
         summary = simulate(
             molecule,

@@ -30,11 +30,37 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 from bayes_spi.trilinear import sample_cube
 
-__all__ = ["BACKGROUND_SCREEN", "OrientationSearch", "cube_points", "grid_profile_loglik"]
+__all__ = ["BACKGROUND_SCREEN", "OrientationSearch", "cube_points", "grid_profile_loglik", "orientation_grid"]
 
 #: with a measured background, rotations per pattern evaluated exactly by the search and the EMC stages
 #: (the others are ranked by the closed form on background-subtracted counts; see :func:`grid_profile_loglik`)
 BACKGROUND_SCREEN: int = 64
+
+
+def orientation_grid(n_rotations: int, grid: str = "fibonacci", seed: int = 12345, symmetry: str | None = None
+                     ) -> Tensor:
+    """The search's rotation grid ``(G, 3, 3)`` (float32).
+
+    Without a point group: ``n_rotations`` rotations of SO(3). With ``symmetry`` (a
+    :func:`bayes_spi.symmetry.point_group` name), poses are defined modulo ``R ~ g R``, so the grid covers only
+    the pose fundamental zone at the spacing of a full grid of ``n_rotations * |G|``: ``grid="fibonacci"``
+    keeps the rotations of that Super-Fibonacci spiral inside the zone (about ``n_rotations``),
+    ``grid="random"`` maps ``n_rotations`` Haar-random rotations into it.
+    """
+    from bayes_spi.symmetry import point_group
+
+    group = point_group(symmetry)
+    gen = torch.Generator().manual_seed(seed)
+    if grid == "fibonacci":
+        if group.is_trivial:
+            return random_rotmat(1, generator=gen)[0] @ super_fibonacci_rotmat(n_rotations)
+        return torch.as_tensor(group.fundamental_zone_grid(n_rotations * group.order, seed), dtype=torch.float32)
+    if grid == "random":
+        rots = random_rotmat(n_rotations, generator=gen)
+        if group.is_trivial:
+            return rots
+        return torch.as_tensor(group.canonical_pose(rots.double().numpy())[0], dtype=torch.float32)
+    raise ValueError(f"expected grid 'fibonacci' or 'random', got {grid!r}")
 
 
 def cube_points(n: int, q_max: float, device: torch.device | str | None = None) -> Tensor:
@@ -124,22 +150,21 @@ class OrientationSearch:
         n_keep: proposals per pattern.
         cache_grid: voxels per side of the cached ``log I`` cube over ``[-q_max, q_max]^3``.
         seed: seed of the rotation grid.
+        symmetry: the field's point group: the grid covers the pose fundamental zone only, ``n_rotations``
+            rotations at the spacing of a full grid ``|G|`` times larger (:func:`orientation_grid`).
     """
 
     def __init__(self, model: SPIModel, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
-                 seed: int = 12345, grid: str = "fibonacci") -> None:
+                 seed: int = 12345, grid: str = "fibonacci", symmetry: str | None = None) -> None:
         if n_rotations < n_keep or n_keep < 1:
             raise ValueError(f"expected 1 <= n_keep <= n_rotations, got n_keep={n_keep}, n_rotations={n_rotations}")
         if cache_grid < 3:
             raise ValueError(f"expected cache_grid >= 3, got {cache_grid}")
         self._model = [model]  # a list: not a submodule of whoever holds the search
-        gen = torch.Generator().manual_seed(seed)
-        if grid == "fibonacci":
-            self.rotations = random_rotmat(1, generator=gen)[0] @ super_fibonacci_rotmat(n_rotations)
-        elif grid == "random":
-            self.rotations = random_rotmat(n_rotations, generator=gen)
-        else:
-            raise ValueError(f"expected grid 'fibonacci' or 'random', got {grid!r}")
+        self.rotations = orientation_grid(n_rotations, grid, seed, symmetry)
+        if self.rotations.shape[0] < n_keep:
+            raise ValueError(f"expected at least n_keep={n_keep} rotations in the fundamental zone of {symmetry}, got "
+                             f"{self.rotations.shape[0]} (raise n_rotations)")
         self.last_log_scale: Tensor | None = None
         self.n_keep = int(n_keep)
         self.cache_grid = int(cache_grid)

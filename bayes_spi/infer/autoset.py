@@ -57,7 +57,12 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # particle, 128 wide reached 0.905 (0.80) in the same images (BENCHMARKS.md)
         updates["field_width"] = max(config.field_width, 128)
     if "search_rotations" not in given and config.n_search > 0:
-        updates["search_rotations"] = int(report.grid_rotations)
+        # with a point group the grid covers the pose fundamental zone only: the same spacing, |G| times fewer
+        from bayes_spi.symmetry import point_group
+
+        order = point_group(config.symmetry).order
+        updates["search_rotations"] = int(report.grid_rotations) if order == 1 else max(
+            int(math.ceil(report.grid_rotations / order)), 32)
     if "cache_grid" not in given:
         from bayes_spi.infer.emc import cache_grid_for
 

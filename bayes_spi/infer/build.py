@@ -54,7 +54,13 @@ def build_background(config: FitConfig, geometry: Geometry, n_patterns: int) -> 
 
 
 def build_field(config: FitConfig, q_max: float) -> IntensityField:
-    """The intensity field named by ``config.field``."""
+    """The intensity field named by ``config.field``, invariant under ``config.symmetry``."""
+    field = _build_field(config, q_max)
+    field.set_symmetry(config.symmetry)
+    return field
+
+
+def _build_field(config: FitConfig, q_max: float) -> IntensityField:
     if config.field == "voxel":
         return VoxelField(q_max, n=config.voxel_grid)
     if config.field == "hybrid":
@@ -145,5 +151,6 @@ def build_model_and_guide(
         guide.attach_field_guide(model.field.guide_sample)
     if config.n_search:
         guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
-                                               cache_grid=config.cache_grid, grid=config.search_grid))
+                                               cache_grid=config.cache_grid, grid=config.search_grid,
+                                               symmetry=config.symmetry))
     return model, guide

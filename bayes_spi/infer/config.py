@@ -64,6 +64,10 @@ class FitConfig:
         likelihood: likelihood spec (``poisson``; ``poisson-gaussian`` with ``sigma``; both with
         ``background``); ``None``: ``poisson`` with ``background``.
         intensity_prior: intensity prior spec (``none``; ``wilson`` with its parameters).
+        symmetry: the particle's point group, ``C1`` (none), ``Cn``, ``Dn``, ``T``, ``O`` or ``I`` in the standard
+        orientations of :mod:`bayes_spi.symmetry`: the field is invariant under it by construction, the
+        orientation grid covers the pose fundamental zone only (the same spacing, ``|G|`` times fewer
+        rotations) and pose errors are taken modulo the group.
         scale_prior_sigma, background: the older settings (config.yaml files written before the specs
         existed still load): kept equal to the lognormal spec's ``sigma`` and the likelihood spec's
         ``background``; when one of a pair is left at its default the other wins, two different
@@ -130,6 +134,7 @@ class FitConfig:
     scale_prior: dict[str, Any] | str | None = None
     likelihood: dict[str, Any] | str | None = None
     intensity_prior: dict[str, Any] | str = dc_field(default_factory=lambda: {"name": "none"})
+    symmetry: str = "C1"
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -206,9 +211,22 @@ class FitConfig:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
         self._normalize_specs()
+        self._check_symmetry()
         if self.field == "variational" and self.intensity_prior.get("name") != "none":
             raise ValueError("fit setting intensity_prior: expected none with field variational (the variational "
                              f"field carries its own Wilson prior), got {self.intensity_prior.get('name')!r}")
+
+    def _check_symmetry(self) -> None:
+        """Canonical spelling of ``symmetry``; the variational field takes only the mirror-generated groups."""
+        from bayes_spi.symmetry import parse_symmetry, point_group
+
+        try:
+            self.symmetry = parse_symmetry(self.symmetry)
+        except ValueError as exc:
+            raise ValueError(f"fit setting {exc}") from None
+        if self.field == "variational" and point_group(self.symmetry).fold_cosets().shape[0] != 1:
+            raise ValueError(f"fit setting symmetry: expected C1, I, O or Dn with n even with field variational, "
+                             f"got {self.symmetry!r}")
 
     def _normalize_specs(self) -> None:
         """Check the prior/likelihood specs, fill in defaults, keep the older scalar settings in step."""

@@ -54,6 +54,7 @@ from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.metrics import fluence_correlation, intensity_correlation, orientation_error_summary
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.spi import detector_q_max
+from bayes_spi.symmetry import PointGroup
 
 __all__ = ["EVALUATION_KEYS", "Evaluation", "evaluate_run", "evaluate_run_full", "evaluation_document",
            "format_evaluation", "load_field", "write_evaluation", "write_fsc_json"]
@@ -106,6 +107,16 @@ def load_field(model_path: str | os.PathLike[str], geometry: Geometry | None = N
         raise ValueError(f"{os.fspath(path)}: field model: weights do not match the config ({exc})") from None
     field.eval()
     return field, q_max
+
+
+def _fit_symmetry(model_path: Path) -> PointGroup:
+    """The point group the run was fitted with (``C1`` when ``model.pt`` is absent or predates the setting)."""
+    from bayes_spi.symmetry import point_group
+
+    if not Path(model_path).is_file():
+        return point_group("C1")
+    _, _, config = read_model_file(model_path)
+    return point_group(config.symmetry)
 
 
 @dataclass
@@ -210,7 +221,10 @@ def evaluate_run_full(
         R_est = quaternions_to_rotations(quat)
     except ValueError as exc:
         raise ValueError(f"{os.fspath(post_path)}: field /pose_quaternion: {exc}") from None
-    summ = orientation_error_summary(R_est, R_true)
+    group = _fit_symmetry(mdl_path)
+    summ = orientation_error_summary(R_est, R_true, group=None if group.is_trivial else group.rotations)
+    if not group.is_trivial:
+        notes.append(f"point group {group.name}: orientation errors are taken modulo its {group.order} rotations")
     out: dict[str, float] = {k: float("nan") for k in EVALUATION_KEYS}
     out.update({
         "median_pose_error_deg": summ["median_error_deg"],

@@ -25,7 +25,9 @@ background (:func:`~bayes_spi.models.background.profile_with_background`). Exact
 Newton step instead of one matrix product; each pattern's E-step is therefore evaluated exactly on its 256
 best rotations under the background-free closed form of the background-subtracted counts (the rest, whose
 weights are negligible once the poses are found, get weight 0; ``background_screen = 0``: all rotations). Friedel mates are
-merged (``I(v) = I(-v)``). The result is the maximiser of the expected complete-data Poisson
+merged (``I(v) = I(-v)``); with a point group (the field's ``symmetry_fold``) every rotated pixel is splatted at
+each folded image the field reads (:class:`~bayes_spi.symmetry.QFold`: one for ``I``), so the merge and the
+symmetric field's read are adjoint and each voxel of the fundamental wedge averages ``|G|`` times the data. The result is the maximiser of the expected complete-data Poisson
 log-likelihood (for nearest-voxel assignment; trilinear splatting is its usual smooth version, as in
 Dragonfly). It is written into the field: a :class:`~bayes_spi.models.fields.SirenVoxelField`'s residual
 (``log I - SIREN``) or a :class:`~bayes_spi.models.fields.VoxelField`'s grid; voxels no pixel reaches keep
@@ -239,12 +241,14 @@ class EMCPolish:
         num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         pw = log_w.exp()
+        fold = field.symmetry_fold  # point group: merge at every folded image the field reads (fields.py)
         for s in range(0, G, 256):
             x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
-            both = splat_cube(x, torch.stack([Y[s:s + 256].reshape(-1), (S[s:s + 256, None] * pw[None]).reshape(-1)], -1),
-                              n, field.q_max)  # one pass of weights for the photons and the exposure
-            num += both[..., 0]
-            den += both[..., 1]
+            vals = torch.stack([Y[s:s + 256].reshape(-1), (S[s:s + 256, None] * pw[None]).reshape(-1)], -1)
+            for xi in (x[None] if fold is None else fold(x)):
+                both = splat_cube(xi, vals, n, field.q_max)  # one pass of weights for the photons and the exposure
+                num += both[..., 0]
+                den += both[..., 1]
         num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
         den = den + den.flip(0, 1, 2)
         reached = den > 1e-6 * float(den.max())

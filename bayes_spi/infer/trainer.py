@@ -508,10 +508,12 @@ class Trainer:
         """The grid marginal likelihood (built on first use, on the search's grid when there is one)."""
         if self._emc is None:
             from bayes_spi.infer.emc import GridMarginal
+            from bayes_spi.guides.search import orientation_grid
             from bayes_spi.so3 import super_fibonacci_rotmat
 
-            search = self.guide.search
-            rots = search.rotations if search is not None else super_fibonacci_rotmat(self.config.search_rotations)
+            search, c = self.guide.search, self.config
+            rots = (search.rotations if search is not None else super_fibonacci_rotmat(c.search_rotations)
+                    if c.symmetry == "C1" else orientation_grid(c.search_rotations, symmetry=c.symmetry))
             self._emc = GridMarginal(self.model, rots.to(self.device), cache_grid=self.config.cache_grid)
         return self._emc
 

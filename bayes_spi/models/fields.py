@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bayes_spi.symmetry import QFold, point_group
 from bayes_spi.trilinear import sample_cube
 
 __all__ = ["IntensityField", "SirenField", "FourierNetField", "SirenVoxelField", "VoxelField", "FIELD_KINDS"]
@@ -37,7 +38,8 @@ FIELD_KINDS = ("siren", "fouriernet", "voxel", "hybrid")
 
 
 class IntensityField(nn.Module):
-    """Base class: subclasses implement :meth:`log_intensity`.
+    """Base class: subclasses implement :meth:`_log_intensity` (the base's :meth:`log_intensity` adds the
+    point-group symmetry, :meth:`set_symmetry`).
 
     Args:
         q_max: the largest ``|q|`` the field must represent (1/A); inputs are scaled by ``1/q_max``.
@@ -50,10 +52,37 @@ class IntensityField(nn.Module):
             raise ValueError(f"expected a positive finite q_max, got {q_max}")
         self.q_max = float(q_max)
         self.log_offset = nn.Parameter(torch.tensor(float(log_offset)))
+        #: the point group's fold (``None``: Friedel symmetry only); see :meth:`set_symmetry`
+        self.symmetry_fold: QFold | None = None
+
+    def set_symmetry(self, name: str | None) -> None:
+        """Make the field invariant under the point group ``name`` (``C1``, ``Cn``, ``Dn``, ``T``, ``O``, ``I``
+        in the standard orientations of :mod:`bayes_spi.symmetry`; ``None``/``C1``: no group).
+
+        By construction: :meth:`log_intensity` averages :meth:`_log_intensity` over the folded images of ``q``
+        (:class:`~bayes_spi.symmetry.QFold`: one image for ``I``, ``O`` and even ``Dn``), so ``I(g q) = I(q)``
+        holds to float precision for every ``g``, whatever the parameters. Nothing is added to the state dict.
+        """
+        group = point_group(name)
+        self.symmetry_fold = None if group.is_trivial else QFold(group).to(self.log_offset.device)
+
+    @property
+    def symmetry(self) -> str:
+        """The field's point group name (``"C1"`` without one)."""
+        return "C1" if self.symmetry_fold is None else self.symmetry_fold.group.name
+
+    def _log_intensity(self, q: Tensor) -> Tensor:
+        """``log I(q)`` before the point-group symmetrisation: ``q`` (..., 3) in 1/A -> (...)."""
+        raise NotImplementedError
 
     def log_intensity(self, q: Tensor) -> Tensor:
-        """``log I(q)``: ``q`` (..., 3) in 1/A -> (...)."""
-        raise NotImplementedError
+        """``log I(q)``: ``q`` (..., 3) in 1/A -> (...), invariant under the field's point group."""
+        self._check(q)
+        if self.symmetry_fold is None:
+            return self._log_intensity(q)
+        images = self.symmetry_fold(q)  # (C, ..., 3)
+        out = self._log_intensity(images)
+        return out[0] if images.shape[0] == 1 else out.mean(0)
 
     def forward(self, q: Tensor) -> Tensor:
         """``I(q)``: ``q`` (..., 3) in 1/A -> (...) non-negative."""
@@ -162,8 +191,7 @@ class SirenField(IntensityField):
         """Network output ``(...)`` for scaled coordinates ``x = q / q_max`` ``(..., 3)``."""
         return self.net(x)
 
-    def log_intensity(self, q: Tensor) -> Tensor:
-        self._check(q)
+    def _log_intensity(self, q: Tensor) -> Tensor:
         g = self._raw(q / self.q_max) + self.radial_log_profile(q.norm(dim=-1))
         return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
 
@@ -220,8 +248,7 @@ class SirenVoxelField(SirenField):
         v = self.residual
         return sample_cube(0.5 * (v + v.flip(2, 3, 4)), q, self.q_max).to(q.dtype)
 
-    def log_intensity(self, q: Tensor) -> Tensor:
-        self._check(q)
+    def _log_intensity(self, q: Tensor) -> Tensor:
         g = self._raw(q / self.q_max) + self.radial_log_profile(q.norm(dim=-1)) + self.residual_log_intensity(q)
         return self.log_offset + self.log_clamp * torch.tanh(g / self.log_clamp)
 
@@ -245,7 +272,6 @@ class VoxelField(IntensityField):
         v = self.grid[0, 0]
         return 0.5 * (v + v.flip(0, 1, 2))
 
-    def log_intensity(self, q: Tensor) -> Tensor:
-        self._check(q)
+    def _log_intensity(self, q: Tensor) -> Tensor:
         return self.log_offset + sample_cube(self.symmetric_grid()[None, None], q, self.q_max)
 

@@ -161,7 +161,8 @@ def geodesic_deg(A: Any, B: Any) -> np.ndarray:
     return np.degrees(geodesic_angle_numpy(A, B))
 
 
-def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0) -> dict[str, Any]:
+def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0, symmetry: str | None = None
+                ) -> dict[str, Any]:
     """Per-pattern orientation errors after the best global alignment (``R_true ~= G R_est``).
 
     ``G`` (raw) and ``G_mod_rotz_pi`` come from :func:`bayes_spi.metrics.orientation_error_summary` on at most
@@ -173,6 +174,8 @@ def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0) -
         R_est, R_true: ``(N, 3, 3)`` rotations.
         max_align: patterns used to fit ``G``.
         seed: seed of the subset choice.
+        symmetry: the fit's point group (:mod:`bayes_spi.symmetry`): every error is taken modulo it
+            (``min_g angle(G g R_est_i [Rz(pi)], R_true_i)``).
 
     Returns:
         ``{"errors_deg" (N,), "errors_mod_rotz_pi_deg" (N,), "flipped" (N,) bool, "G" (3, 3),
@@ -193,11 +196,20 @@ def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0) -
     sub = np.arange(n)
     if n > max_align:
         sub = np.sort(np.random.default_rng(seed).choice(n, size=max_align, replace=False))
-    summ = orientation_error_summary(R_est[sub], R_true[sub])
+    from bayes_spi.symmetry import point_group
+
+    group = point_group(symmetry)
+    rots = None if group.is_trivial else group.rotations
+    summ = orientation_error_summary(R_est[sub], R_true[sub], group=rots)
     G, G_mod = summ["G"], summ["G_mod_rotz_pi"]
-    raw = geodesic_deg(G @ R_est, R_true)
-    e0 = geodesic_deg(G_mod @ R_est, R_true)
-    e1 = geodesic_deg(G_mod @ R_est @ _ROTZ_PI, R_true)
+    if rots is None:
+        raw = geodesic_deg(G @ R_est, R_true)
+        e0 = geodesic_deg(G_mod @ R_est, R_true)
+        e1 = geodesic_deg(G_mod @ R_est @ _ROTZ_PI, R_true)
+    else:  # modulo the group: R_true ~ G g R_est, i.e. min_g angle(g R_est, G^T R_true)
+        raw = group.pose_distance_deg(R_est, np.swapaxes(G, -1, -2) @ R_true)[0]
+        e0 = group.pose_distance_deg(R_est, np.swapaxes(G_mod, -1, -2) @ R_true)[0]
+        e1 = group.pose_distance_deg(R_est @ _ROTZ_PI, np.swapaxes(G_mod, -1, -2) @ R_true)[0]
     flipped = e1 < e0
     return {"errors_deg": raw, "errors_mod_rotz_pi_deg": np.where(flipped, e1, e0), "flipped": flipped,
             "G": G, "G_mod_rotz_pi": G_mod, "n_aligned": int(len(sub))}

@@ -322,7 +322,9 @@ class RunData:
         """Pose errors against the truth (:func:`pose_errors`); None without truth or posterior."""
         if self.truth is None or self.posterior is None:
             return None
-        return pose_errors(self.posterior["R"], self.truth["R"], max_align=self.max_align)
+        settings = (self.config or {}).get("settings", {}) if self.config_text is not None else {}
+        return pose_errors(self.posterior["R"], self.truth["R"], max_align=self.max_align,
+                           symmetry=settings.get("symmetry") if isinstance(settings, dict) else None)
 
     # ------------------------------------------------------------------ later products
     @cached_property
