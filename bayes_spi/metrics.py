@@ -72,21 +72,14 @@ def _procrustes(R_est: np.ndarray, R_true: np.ndarray) -> np.ndarray:
     return V @ D @ U.T
 
 
-def _candidates(R_est: np.ndarray, modulo_rotz_pi: bool, group: np.ndarray | None) -> np.ndarray:
-    """Equivalent estimates of each pose ``(N, C, 3, 3)``: ``g R_est [Rz(pi)]`` for ``g`` in ``group`` (identity first),
-    the ``Rz(pi)`` twins after all the group's images."""
-    rots = np.eye(3)[None] if group is None else np.asarray(group, dtype=np.float64)
-    c = np.einsum("gij,njk->ngik", rots, R_est)
-    return np.concatenate([c, c @ _ROTZ_PI], axis=1) if modulo_rotz_pi else c
-
-
-def _errors(G: np.ndarray, cands: np.ndarray, R_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per image the smallest geodesic angle (deg) between ``G @ cands[i, c]`` and ``R_true[i]`` over ``c``, and
-    that ``c`` (the first on ties)."""
-    tr = np.einsum("njk,ncjk->nc", G.T @ R_true, cands)  # tr(R_true^T G C)
-    choice = tr.argmax(-1)
-    chosen = cands[np.arange(len(cands)), choice]
-    return _angles_deg(G @ chosen, R_true), choice
+def _errors(G: np.ndarray, est: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image the smallest geodesic angle (deg) between ``G @ est[i, e]`` and ``true[i, t]`` over ``(e, t)``,
+    and those ``e`` and ``t`` (the first on ties). ``est (N, E, 3, 3)``, ``true (N, T, 3, 3)``."""
+    tr = np.einsum("ntik,neik->net", true, np.einsum("ij,nejk->neik", G, est))  # tr(true^T G est)
+    flat = tr.reshape(len(tr), -1).argmax(-1)
+    e, t = np.divmod(flat, true.shape[1])
+    rows = np.arange(len(tr))
+    return _angles_deg(G @ est[rows, e], true[rows, t]), e, t
 
 
 def align_rotations(
@@ -99,7 +92,7 @@ def align_rotations(
     group: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Best global left rotation ``G`` with ``R_true_i ~= G @ R_est_i`` (optionally ``@ Rz(pi)``, and modulo a
-    point group: ``G @ g_i @ R_est_i`` with a per-image ``g_i`` of ``group``).
+    point group: ``g_i @ R_true_i ~= G @ R_est_i`` with a per-image ``g_i`` of ``group``).
 
     Robust: starting from several candidate ``G`` (the full-set Procrustes solution and, for
     ``n_starts`` single images ``j``, ``R_true_j R_est_j^T`` and with ``modulo_rotz_pi`` also
@@ -112,9 +105,12 @@ def align_rotations(
         R_true: true rotations, shape ``(N, 3, 3)``.
         modulo_rotz_pi: if True, image ``i`` may be matched by ``R_est_i @ Rz(pi)`` instead, chosen
             jointly with ``G``.
-        group: ``(K, 3, 3)`` rotations of the fitted intensity's point group (identity first; e.g.
-            :attr:`bayes_spi.symmetry.PointGroup.rotations`), or ``None``. A pose is then defined only modulo
-            ``R ~ g R`` and the errors are ``min_g`` over the group (composed with the ``Rz(pi)`` twin).
+        group: ``(K, 3, 3)`` rotations of the particle's point group in the truth's frame (identity first; e.g.
+            :attr:`bayes_spi.symmetry.PointGroup.rotations` for a particle simulated in the standard orientation),
+            or ``None``. A true pose is then defined only modulo ``R ~ g R`` and the errors are
+            ``min_g angle(G R_est_i [Rz(pi)], g R_true_i)`` (composed with the ``Rz(pi)`` twin). This also holds
+            for a fit with the same ``--symmetry`` (its poses are defined modulo the same group, and ``G``
+            normalises it) and for a fit without it (its field then has the group in some rotated frame).
         n_starts: number of single-image seeds for the candidate ``G``.
         max_iter: maximum alternations per candidate.
         seed: seed for picking the single-image seeds.
@@ -145,8 +141,8 @@ def align_rotations(
     if group is not None:
         group = _to_numpy(group)
         _check_rotmats(group, "group")
-    cands = _candidates(R_est, modulo_rotz_pi, group)
-    n_group = 1 if group is None else group.shape[0]
+    est = np.stack([R_est, R_flip], axis=1) if modulo_rotz_pi else R_est[:, None]
+    true = R_true[:, None] if group is None else np.einsum("gij,njk->ngik", group, R_true)
     rows = np.arange(n)
 
     rng = np.random.default_rng(seed)
@@ -161,17 +157,16 @@ def align_rotations(
     for G in candidates:
         inliers = None
         for _ in range(max_iter):
-            err, choice = _errors(G, cands, R_true)
+            err, e, t = _errors(G, est, true)
             new_inliers = err <= 2.0 * np.median(err)
             if inliers is not None and np.array_equal(new_inliers, inliers):
                 break
             inliers = new_inliers
-            R_used = cands[rows, choice]
-            G = _procrustes(R_used[inliers], R_true[inliers])
-        err, choice = _errors(G, cands, R_true)
+            G = _procrustes(est[rows, e][inliers], true[rows, t][inliers])
+        err, e, t = _errors(G, est, true)
         score = float(np.median(err))
         if score < best[0] or best[2].size == 0:
-            best = (score, G, err, choice >= n_group)
+            best = (score, G, err, e == 1)
     return best[1], best[2], best[3]
 
 

@@ -175,7 +175,7 @@ def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0, s
         max_align: patterns used to fit ``G``.
         seed: seed of the subset choice.
         symmetry: the fit's point group (:mod:`bayes_spi.symmetry`): every error is taken modulo it
-            (``min_g angle(G g R_est_i [Rz(pi)], R_true_i)``).
+            (``min_g angle(G R_est_i [Rz(pi)], g R_true_i)``).
 
     Returns:
         ``{"errors_deg" (N,), "errors_mod_rotz_pi_deg" (N,), "flipped" (N,) bool, "G" (3, 3),
@@ -206,10 +206,10 @@ def pose_errors(R_est: Any, R_true: Any, max_align: int = 5000, seed: int = 0, s
         raw = geodesic_deg(G @ R_est, R_true)
         e0 = geodesic_deg(G_mod @ R_est, R_true)
         e1 = geodesic_deg(G_mod @ R_est @ _ROTZ_PI, R_true)
-    else:  # modulo the group: R_true ~ G g R_est, i.e. min_g angle(g R_est, G^T R_true)
-        raw = group.pose_distance_deg(R_est, np.swapaxes(G, -1, -2) @ R_true)[0]
-        e0 = group.pose_distance_deg(R_est, np.swapaxes(G_mod, -1, -2) @ R_true)[0]
-        e1 = group.pose_distance_deg(R_est @ _ROTZ_PI, np.swapaxes(G_mod, -1, -2) @ R_true)[0]
+    else:  # modulo the group: min_g angle(G R_est, g R_true) = min_g angle(g^T G R_est, R_true)
+        raw = group.pose_distance_deg(G @ R_est, R_true)[0]
+        e0 = group.pose_distance_deg(G_mod @ R_est, R_true)[0]
+        e1 = group.pose_distance_deg(G_mod @ R_est @ _ROTZ_PI, R_true)[0]
     flipped = e1 < e0
     return {"errors_deg": raw, "errors_mod_rotz_pi_deg": np.where(flipped, e1, e0), "flipped": flipped,
             "G": G, "G_mod_rotz_pi": G_mod, "n_aligned": int(len(sub))}
