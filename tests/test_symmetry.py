@@ -299,3 +299,18 @@ def test_cli_simulate_fit_evaluate_with_symmetry(tmp_path) -> None:
                        (["fit", str(data), "-o", str(tmp_path / "r2"), "--symmetry", "D1"], "--symmetry")):
         res = CliRunner().invoke(cli, bad)
         assert res.exit_code != 0 and where in res.output, res.output
+
+
+def test_distill_target_modulo_the_group() -> None:
+    """The amortization loss pulls the encoder towards the nearest group image of the best hypothesis."""
+    from bayes_spi.guides.amortized import PosePosterior
+    from bayes_spi.infer.trainer import Trainer
+
+    g = point_group("O")
+    best = torch.as_tensor(Rotation.random(4, random_state=7).as_matrix())
+    enc = torch.einsum("ij,bjk->bik", torch.as_tensor(g.rotations[5]), best)  # a group image of the best
+    rots = torch.stack([enc, best], dim=1)  # hypothesis 0: encoder, 1: search (the most probable)
+    post = PosePosterior(rots, torch.full((4, 2, 3), 0.1), torch.tensor([[0.2, 0.8]] * 4), torch.zeros(4),
+                         torch.ones(4), n_encoder=1)
+    assert float(Trainer.distill_loss(post)) > 1.0
+    assert float(Trainer.distill_loss(post, torch.as_tensor(g.rotations))) < 1e-12

@@ -608,20 +608,33 @@ class Trainer:
         if level is not None:
             self.batch_log_scale = level_mean
         if self.config.distill_weight > 0 and self.guide.n_search > 0:
-            loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior)
+            loss = loss + self.config.distill_weight * self.distill_loss(self.guide.last_posterior, self._group)
         if not math.isfinite(value):
             return value
         self._optimizer_step(loss)
         return value
 
+    @property
+    def _group(self) -> torch.Tensor | None:
+        """The fit's point-group rotations ``(K, 3, 3)`` on the device (``None`` for ``C1``)."""
+        from bayes_spi.symmetry import point_group
+
+        g = point_group(self.config.symmetry)
+        return None if g.is_trivial else torch.as_tensor(g.rotations, dtype=self.model.q.dtype, device=self.device)
+
     @staticmethod
-    def distill_loss(post: PosePosterior) -> torch.Tensor:
+    def distill_loss(post: PosePosterior, group: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over patterns of ``min_h ||R_h - R_best||_F^2`` over the encoder's hypotheses ``R_h``, with
-        ``R_best`` the most probable hypothesis (detached): the amortization target."""
+        ``R_best`` the most probable hypothesis (detached): the amortization target. With a point group
+        ``(K, 3, 3)`` the target is the nearest of ``g R_best`` (poses are defined modulo ``R ~ g R``)."""
         rows = torch.arange(post.weights.shape[0], device=post.weights.device)
         best = post.rotations[rows, post.weights.argmax(-1)].detach()  # (B, 3, 3)
         enc = post.rotations[:, : post.n_encoder]  # (B, 2H, 3, 3)
-        d = (enc - best[:, None]).pow(2).sum((-2, -1))  # (B, 2H)
+        if group is None:
+            d = (enc - best[:, None]).pow(2).sum((-2, -1))  # (B, 2H)
+        else:
+            targets = torch.einsum("gij,bjk->bgik", group.to(best.dtype), best)  # (B, K, 3, 3)
+            d = (enc[:, :, None] - targets[:, None]).pow(2).sum((-2, -1)).min(-1).values  # (B, 2H)
         return d.min(-1).values.mean()
 
     def fit(self, resume: bool = False, on_step: Callable[[TrainState], None] | None = None) -> TrainState:
