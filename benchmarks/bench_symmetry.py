@@ -70,16 +70,36 @@ def _score(trainer: Any, truth: dict[str, Any], final: bool = False) -> dict[str
     if final:
         with torch.no_grad():
             I_raw, _ = field_on_grid(trainer.model.field, n, (n // 2) * dq)
-        cmp = compare_to_reference(I_raw, truth["I"], dq, truth["q_max"], q_min=truth["q_min"])
-        out.update({"speckle_corr_volume_aligned": float(cmp.speckle_corr),
-                    "speckle_fsc_0.5_nm": cmp.speckle_fsc.resolution_nm(0.5),
-                    "speckle_fsc_0.143_nm": cmp.speckle_fsc.resolution_nm(0.143)})
+        out.update(_volume_scores(I_raw, truth))
     return out
 
 
-def fit_with_trace(data: Path, out: Path, symmetry: str, args: argparse.Namespace, truth: dict[str, Any]
-                   ) -> dict[str, Any]:
-    """One fit (default pipeline) with the score traced every ``args.eval_every`` steps (clock paused)."""
+def _volume_scores(I_est: np.ndarray, truth: dict[str, Any]) -> dict[str, Any]:
+    """Speckle correlation and speckle FSC after a volume alignment that ignores the poses. The FSC resolutions
+    skip the shells below 4 voxels: an icosahedral intensity has no spherical harmonics of degree 1-5, so its
+    innermost shells are nearly isotropic and their speckle FSC is noise (the first crossing would be there)."""
+    from bayes_spi.analysis.compare import compare_to_reference
+    from bayes_spi.analysis.fsc import FSCCurve
+
+    dq = truth["dq"]
+    cmp = compare_to_reference(I_est, truth["I"], dq, truth["q_max"], q_min=truth["q_min"])
+    c = cmp.speckle_fsc
+    keep = c.q >= 4 * dq * (1 - 1e-9)
+    outer = FSCCurve(c.q[keep], c.fsc[keep], c.n_voxels[keep])
+    return {"speckle_corr_volume_aligned": float(cmp.speckle_corr),
+            "speckle_fsc_0.5_nm": outer.resolution_nm(0.5), "speckle_fsc_0.143_nm": outer.resolution_nm(0.143),
+            "speckle_fsc_0.5_crosses": bool(outer.crosses(0.5)),
+            "mean_outer_speckle_fsc": float(np.nanmean(outer.fsc)), "speckle_fsc": c.to_dict()}
+
+
+def fit_with_trace(data: Path, out: Path, variant: str, args: argparse.Namespace, truth: dict[str, Any],
+                   rotations: int | None = None) -> dict[str, Any]:
+    """One fit (default pipeline) with the score traced every ``args.eval_every`` steps (clock paused).
+
+    ``variant``: ``C1``, ``I`` (the fundamental zone at the spacing of the C1 grid: |G| times fewer rotations) or
+    ``I-fine`` (``rotations`` in the fundamental zone: the C1 grid's count, so a |G|^(1/3) times finer spacing at
+    the same E-step cost)."""
+    symmetry = variant.split("-")[0]
     import torch
 
     from bayes_spi.dataio.h5 import SPIDataset
@@ -90,6 +110,8 @@ def fit_with_trace(data: Path, out: Path, symmetry: str, args: argparse.Namespac
     torch.set_num_threads(1)
     given = {"epochs": args.epochs, "batch_size": 32, "seed": 0, "device": "cpu", "symmetry": symmetry,
              "log_every": 50, "checkpoint_every": 100000}
+    if variant == "I-fine":
+        given["search_rotations"] = int(rotations)
     trace: list[dict[str, float]] = []
     with SPIDataset(data) as ds:
         config, _ = data_settings(ds, FitConfig(**given), given)
@@ -105,7 +127,7 @@ def fit_with_trace(data: Path, out: Path, symmetry: str, args: argparse.Namespac
             row = {"step": st.step, "images": st.images_seen, "polished": st.polished,
                    "wall_s": t_in - t0 - paused[0], **_score(trainer, truth)}
             trace.append(row)
-            print(f"  [{symmetry}] step {st.step:5d} images {st.images_seen:6d} EMC-iter {st.polished} "
+            print(f"  [{variant}] step {st.step:5d} images {st.images_seen:6d} EMC-iter {st.polished} "
                   f"t {row['wall_s']:6.1f} s  speckle corr {row['speckle_corr']:.3f}  median error mod group "
                   f"{row['median_error_deg']:.1f} (mod Rz(pi) {row['median_error_mod_rotz_deg']:.1f}) deg", flush=True)
             last[0], last[1] = st.step, st.polished
@@ -115,8 +137,30 @@ def fit_with_trace(data: Path, out: Path, symmetry: str, args: argparse.Namespac
         wall = time.perf_counter() - t0 - paused[0]
         final = _score(trainer, truth, final=True)
     rotations = int(trainer.emc.rotations.shape[0])
-    return {"symmetry": symmetry, "wall_s": wall, "images": trace[-1]["images"] if trace else 0,
+    return {"symmetry": variant, "wall_s": wall, "images": trace[-1]["images"] if trace else 0,
             "grid_rotations": rotations, "trace": trace, "final": final}
+
+
+def _checkpoint_volume(run: Path, data: Path, truth: dict[str, Any]) -> np.ndarray:
+    """The intensity on the truth's grid from a run's ``checkpoint.pt``."""
+    import torch
+
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.build import build_field, detector_tensors
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.outputs import field_on_grid
+    from bayes_spi.models.spi import detector_q_max
+    from bayes_spi.torchfile import load_torch_file
+
+    ck = load_torch_file(run / "checkpoint.pt", map_location="cpu", what="a checkpoint")
+    with SPIDataset(data) as ds:
+        q, _, _ = detector_tensors(ds.geometry)
+    field = build_field(FitConfig.from_dict(ck["config"]), detector_q_max(q))
+    field.load_state_dict({k[len("field."):]: v for k, v in ck["model"].items() if k.startswith("field.")})
+    field.eval()
+    n, dq = truth["I"].shape[0], truth["dq"]
+    with torch.no_grad():
+        return field_on_grid(field, n, (n // 2) * dq)[0]
 
 
 def _time_to(trace: list[dict[str, float]], threshold: float) -> tuple[float, int] | None:
@@ -137,7 +181,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
-    p.add_argument("--only", choices=["C1", "I"], default=None)
+    p.add_argument("--variants", nargs="+", choices=["C1", "I", "I-fine"], default=["C1", "I"],
+                   help="I-fine: --symmetry I with as many rotations in the fundamental zone as C1 has in SO(3)")
+    p.add_argument("--rescore", action="store_true",
+                   help="recompute the final volume scores of OUT/results.json from the runs' checkpoints")
     args = p.parse_args()
 
     from bayes_spi.dataio.h5 import SPIDataset
@@ -155,23 +202,30 @@ def main() -> None:
         truth = {"R": ds.truth_rotations(), "I": np.asarray(I_true, dtype=np.float64), "dq": dq,
                  "q_max": min(float(qn.max()), (I_true.shape[0] // 2) * dq), "q_min": float(qn.min()),
                  "group": point_group("I").rotations}
-    results = []
-    for sym in ([args.only] if args.only else ["C1", "I"]):
-        print(f"fit --symmetry {sym}", flush=True)
-        results.append(fit_with_trace(data, args.out / f"run_{sym}", sym, args, truth))
-        with open(args.out / "results.json", "w") as fh:
-            json.dump(results, fh, indent=1, default=float)
+    if args.rescore:
+        results = json.loads((args.out / "results.json").read_text())
+        for r in results:
+            r["final"].update(_volume_scores(_checkpoint_volume(args.out / f"run_{r['symmetry']}", data, truth), truth))
+    else:
+        results = []
+        for variant in args.variants:
+            print(f"fit {variant}", flush=True)
+            c1 = [r["grid_rotations"] for r in results if r["symmetry"] == "C1"]
+            results.append(fit_with_trace(data, args.out / f"run_{variant}", variant, args, truth,
+                                          rotations=c1[0] if c1 else 6015))
+    with open(args.out / "results.json", "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
     print("\n| --symmetry | grid rotations | fit wall (s) | images | "
           + " | ".join(f"time to {t:g} (s / images)" for t in args.thresholds)
-          + " | final speckle corr (pose / volume aligned) | speckle FSC 0.5 / 0.143 (nm) | median error mod I "
-          "(mod Rz(pi)) deg |")
-    print("| --- " * (7 + len(args.thresholds)) + "|")
+          + " | final speckle corr (pose / volume aligned) | speckle FSC 0.5 / 0.143 (nm, shells >= 4) | mean speckle "
+          "FSC (shells >= 4) | median error mod I (mod Rz(pi)) deg |")
+    print("| --- " * (8 + len(args.thresholds)) + "|")
     for r in results:
         f = r["final"]
         hits = [_time_to(r["trace"], t) for t in args.thresholds]
         cells = " | ".join("-" if h is None else f"{h[0]:.0f} / {h[1]}" for h in hits)
         print(f"| {r['symmetry']} | {r['grid_rotations']} | {r['wall_s']:.0f} | {r['images']} | {cells} | "
-              f"{f['speckle_corr']:.3f} / {f['speckle_corr_volume_aligned']:.3f} | {f['speckle_fsc_0.5_nm']:.2f} / {f['speckle_fsc_0.143_nm']:.2f} | "
+              f"{f['speckle_corr']:.3f} / {f['speckle_corr_volume_aligned']:.3f} | {f['speckle_fsc_0.5_nm']:.2f} / {f['speckle_fsc_0.143_nm']:.2f} | {f['mean_outer_speckle_fsc']:.3f} | "
               f"{f['median_error_deg']:.1f} ({f['median_error_mod_rotz_deg']:.1f}) |")
 
 
