@@ -202,7 +202,11 @@ class PointGroup:
         gen = torch.Generator().manual_seed(seed)
         full = (random_rotmat(1, generator=gen, dtype=torch.float64)[0]
                 @ super_fibonacci_rotmat(n_full, dtype=torch.float64)).numpy()
-        return full[self.in_fundamental_zone(full, tol=0.0)] if not self.is_trivial else full
+        if self.is_trivial:
+            return full
+        step = max(1, 2_000_000 // self.order)  # bounded memory for the (chunk, |G|) overlaps
+        keep = np.concatenate([self.in_fundamental_zone(full[i:i + step], tol=0.0) for i in range(0, n_full, step)])
+        return full[keep]
 
     # ------------------------------------------------------------------ the Laue group acting on q
     def laue(self) -> np.ndarray:

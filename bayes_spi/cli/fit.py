@@ -102,8 +102,9 @@ _HELP = {
     "scale_prior_sigma": "Sigma of the LogNormal fluence-scale prior.",
     "symmetry": "Point group of the particle: C1, Cn, Dn, T, O or I (standard orientations: n-fold axis along z, "
                 "Dn's 2-fold along x, T/O/I with 2-fold (O: 4-fold) axes along x, y, z; README). The field is "
-                "invariant under it by construction, the orientation grid covers the fundamental zone (same "
-                "spacing, |G| times fewer rotations), pose errors are taken modulo the group.",
+                "invariant under it by construction, the orientation grid covers the fundamental zone "
+                "(--search-rotations there: |G|^(1/3) times finer at the same cost), pose errors are taken modulo "
+                "the group.",
     "seed": "Random seed (initial weights, data order, pixel subsets, samples).",
     "device": "auto (CUDA when present), cpu, cuda, cuda:N.",
     "checkpoint_every": "Steps between atomic checkpoints.",

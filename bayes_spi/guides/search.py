@@ -151,7 +151,7 @@ class OrientationSearch:
         cache_grid: voxels per side of the cached ``log I`` cube over ``[-q_max, q_max]^3``.
         seed: seed of the rotation grid.
         symmetry: the field's point group: the grid covers the pose fundamental zone only, ``n_rotations``
-            rotations at the spacing of a full grid ``|G|`` times larger (:func:`orientation_grid`).
+            rotations there, at the spacing of a full grid ``|G|`` times larger (:func:`orientation_grid`).
     """
 
     def __init__(self, model: SPIModel, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,

@@ -66,8 +66,8 @@ class FitConfig:
         intensity_prior: intensity prior spec (``none``; ``wilson`` with its parameters).
         symmetry: the particle's point group, ``C1`` (none), ``Cn``, ``Dn``, ``T``, ``O`` or ``I`` in the standard
         orientations of :mod:`bayes_spi.symmetry`: the field is invariant under it by construction, the
-        orientation grid covers the pose fundamental zone only (the same spacing, ``|G|`` times fewer
-        rotations) and pose errors are taken modulo the group.
+        orientation grid covers the pose fundamental zone only (``search_rotations`` rotations there: a
+        ``|G|^(1/3)`` times finer spacing at the same cost) and pose errors are taken modulo the group.
         scale_prior_sigma, background: the older settings (config.yaml files written before the specs
         existed still load): kept equal to the lognormal spec's ``sigma`` and the likelihood spec's
         ``background``; when one of a pair is left at its default the other wins, two different
