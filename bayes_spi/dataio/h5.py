@@ -22,6 +22,10 @@ Layout (format_version 1)
                          real-space grid matching /truth/intensity (bayes_spi.sim.transform.density_on_grid),
                          attrs: voxel_size_A (= 1 / (n * voxel_size_inv_A)), axis_order="x,y,z",
                          centre_index (= n//2; r = (i - centre) * voxel_size_A)
+    /truth/latent        optional (N, d) float64 per-pattern true latent parameter of a heterogeneous ensemble
+                         (e.g. the superellipsoid exponent p), attrs: names (comma-separated, d of them)
+    /truth/class         optional (N,) int64 per-pattern true class / state of a discrete ensemble
+                         (bayes_spi.sim.ensemble)
     /simulation          optional; attrs: everything needed to reproduce the simulation (structure, seed,
                          artifacts, fluence settings, n_patterns, ...)
     /data/complete       optional (1,) uint8, files written live (HDF5 SWMR, ``H5Writer(swmr=True)``): 0 while the
@@ -258,6 +262,21 @@ class H5Writer:
         ds.attrs["voxel_size_A"] = float(voxel_A)
         ds.attrs["axis_order"] = "x,y,z"
         ds.attrs["centre_index"] = arr.shape[0] // 2
+
+    def write_truth_labels(self, latent: np.ndarray | None = None, classes: np.ndarray | None = None,
+                           latent_names: Sequence[str] = ()) -> None:
+        """Store ``/truth/latent`` ``(N, d)`` and/or ``/truth/class`` ``(N,)`` for the ``N`` patterns appended."""
+        grp = self._file.require_group("truth")
+        if latent is not None:
+            arr = np.asarray(latent, dtype=np.float64)
+            if arr.ndim != 2 or arr.shape[0] != self.n_patterns:
+                raise ValueError(f"latent: expected shape ({self.n_patterns}, d), got {arr.shape}")
+            grp.create_dataset("latent", data=arr).attrs["names"] = ",".join(latent_names)
+        if classes is not None:
+            cls = np.asarray(classes)
+            if cls.shape != (self.n_patterns,) or not np.issubdtype(cls.dtype, np.integer) or (cls.size and cls.min() < 0):
+                raise ValueError(f"classes: expected ({self.n_patterns},) non-negative integers, got {cls.dtype} {cls.shape}")
+            grp.create_dataset("class", data=cls.astype(np.int64))
 
     def append(
         self,
