@@ -190,6 +190,7 @@ class AmortizedGuide(nn.Module):
         skips the field evaluations), ``softmax(logit_head)``.
         """
         h = self.encoder(images, self.mask)
+        self.last_features = h  # (B, features): subclasses' extra heads (bayes_spi.guides.latent) read it
         n_batch = images.shape[0]
         r6 = self.rot_head(h).reshape(n_batch, self.n_heads, 6)
         rots = sixd_to_rotmat(r6)  # (B, H, 3, 3)

@@ -1,0 +1,347 @@
+"""Heterogeneous samples: the conditional field, the enumerated class ELBO, latent posteriors, the ensemble simulator."""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import TraceEnum_ELBO
+from scipy.special import logsumexp
+from scipy.stats import poisson
+
+from bayes_spi.dataio.h5 import SPIDataset, quaternions_to_rotations
+from bayes_spi.geometry import get_preset
+from bayes_spi.guides.latent import LatentGuide
+from bayes_spi.infer.build import detector_tensors
+from bayes_spi.models.conditional_field import ConditionalField, LatentFields
+from bayes_spi.models.fields import FourierNetField, SirenField, SirenVoxelField, VoxelField
+from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
+from bayes_spi.models.latent import LearnedClassPrior, make_class_prior, make_latent_prior
+from bayes_spi.models.spi import SPIBatch, SPIModel
+from bayes_spi.sim.ensemble import (
+    parse_ensemble,
+    read_truth_labels,
+    simulate_ensemble,
+    sphere_transform,
+    superellipsoid_half_width,
+    superellipsoid_transform,
+    superellipsoid_voxels,
+    superellipsoid_volume,
+)
+from bayes_spi.so3 import random_rotmat as random_rotations
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+Q_MAX = 0.125
+
+
+def _randomise_film(field: ConditionalField, std: float = 0.3) -> None:
+    """Give the FiLM MLP a non-zero output layer (a 'trained' conditional field)."""
+    with torch.no_grad():
+        field.film.mlp[-1].weight.normal_(0.0, std)
+        field.film.mlp[-1].bias.normal_(0.0, std / 3)
+
+
+@pytest.fixture(scope="module")
+def detector() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return detector_tensors(get_preset("reference-32"))
+
+
+# ---------------------------------------------------------------------- conditional field
+@pytest.mark.parametrize("kind", [SirenField, FourierNetField, SirenVoxelField])
+def test_conditional_field_reduces_to_todays_field(kind: type) -> None:
+    torch.manual_seed(1)
+    base = kind(q_max=Q_MAX)
+    if isinstance(base, SirenVoxelField):
+        with torch.no_grad():
+            base.residual.normal_(0.0, 0.3)
+    q = torch.randn(4, 50, 3) * 0.05
+    z = torch.randn(4, 2) * 3.0
+    cond = ConditionalField(base, latent_dim=2)
+    # FiLM starts at zero: for every z (constant or not) the field is exactly the wrapped field
+    assert torch.equal(cond.log_intensity(q, z), base.log_intensity(q))
+    assert torch.equal(cond.log_intensity(q), base.log_intensity(q))
+    assert torch.equal(ConditionalField(base, latent_dim=0).log_intensity(q, None), base.log_intensity(q))
+    # a trained FiLM: a constant z gives one homogeneous field (the same for every pattern), z matters,
+    # and Friedel symmetry holds for every z
+    _randomise_film(cond)
+    z0 = torch.randn(2)
+    per_pattern = cond.log_intensity(q, z0.expand(4, 2))
+    lone = cond.log_intensity(q, z0)
+    torch.testing.assert_close(per_pattern, lone, rtol=0, atol=1e-6)
+    spread = base.net(q / Q_MAX).std()  # the wrapped field's anisotropic part
+    assert (cond.log_intensity(q, z) - base.log_intensity(q)).abs().max() > 0.5 * spread
+    torch.testing.assert_close(cond.log_intensity(-q, z), cond.log_intensity(q, z), rtol=0, atol=1e-5)
+
+
+def test_conditional_field_rejects_non_siren_and_bad_z() -> None:
+    with pytest.raises(ValueError, match="SIREN-family"):
+        ConditionalField(VoxelField(q_max=Q_MAX), latent_dim=1)  # type: ignore[arg-type]
+    cond = ConditionalField(SirenField(q_max=Q_MAX), latent_dim=2)
+    with pytest.raises(ValueError, match=r"expected z of shape \(\.\.\., B, 2\)"):
+        cond.log_intensity(torch.zeros(3, 4, 3), torch.zeros(3, 5))
+
+
+def test_homogeneous_special_case_has_todays_log_density(detector) -> None:
+    """latent_dim = 0 and one class: the heterogeneous model's joint log density is SPIModel's."""
+    q, factor, _ = detector
+    torch.manual_seed(2)
+    field = SirenField(q_max=float(q.norm(dim=-1).max()))
+    het = HeterogeneousSPIModel(field, q, factor, n_hypotheses=2)
+    hom = SPIModel(field, q, factor, n_hypotheses=2)
+    images = torch.poisson(torch.full((3, 32, 32), 2.0))
+    batch = SPIBatch(images, torch.arange(3), torch.arange(0, 1024, 3))
+    values = {"hypothesis": torch.tensor([0, 1, 1]), "pose": random_rotations(3), "scale": torch.tensor([0.5, 1.0, 2.0])}
+    log_p = [pyro.poutine.trace(pyro.poutine.condition(m, data=values)).get_trace(batch, 10).log_prob_sum()
+             for m in (het, hom)]
+    torch.testing.assert_close(log_p[0], log_p[1], rtol=1e-6, atol=1e-3)
+    assert "class" not in pyro.poutine.trace(het).get_trace(batch, 10).nodes
+
+
+# ---------------------------------------------------------------------- enumerated class ELBO
+def test_enumerated_class_elbo_equals_hand_computation(detector) -> None:
+    """Classes and (class-dependent) pose hypotheses enumerated by TraceEnum_ELBO against the explicit sum.
+
+    Poses and scales are fixed (Delta guides), so the ELBO has no Monte-Carlo part:
+    ``sum_i sum_c q_c sum_k q_k|c [ll_ick + log pi_c + log(1/K) + log p(s_i) - log q_c - log q_k|c]``, and with
+    ``q`` the exact posterior (one hypothesis) it is ``sum_i [logsumexp_c(ll_ic + log pi_c) + log p(s_i)]``.
+    """
+    q, factor, _ = detector
+    torch.manual_seed(3)
+    n_classes, n_hyp, n_batch = 3, 2, 4
+    pixels = torch.arange(0, 1024, 7)
+    class_prior = LearnedClassPrior(n_classes)
+    with torch.no_grad():
+        class_prior.logits.copy_(torch.tensor([0.3, -0.5, 0.1]))
+    fields = LatentFields(SirenField(q_max=float(q.norm(dim=-1).max()), out_scale=1.0), 0, n_classes)
+    model = HeterogeneousSPIModel(fields, q, factor, n_hypotheses=n_hyp, n_classes=n_classes, class_prior=class_prior)
+    with torch.no_grad():
+        model.field.fields[0].base.log_offset.fill_(math.log(3.0) - float(factor.log().mean()))
+        for k in (1, 2):
+            model.field.fields[k].base.log_offset.copy_(model.field.fields[0].base.log_offset)
+    rots = random_rotations(n_batch * n_hyp).reshape(n_batch, n_hyp, 3, 3)
+    scales = torch.tensor([0.8, 1.0, 1.3, 0.9])
+    with torch.no_grad():
+        log_rate = model.latent_log_rate(rots[:, 0], scales.log(), torch.arange(1024), None, torch.tensor([0, 1, 2, 1]))
+    images = torch.poisson(log_rate.exp()).reshape(n_batch, 32, 32)
+    batch = SPIBatch(images, torch.arange(n_batch), pixels)
+    q_class = torch.softmax(torch.randn(n_batch, n_classes), -1)
+    q_hyp = torch.softmax(torch.randn(n_batch, n_classes, n_hyp), -1)
+
+    def guide(batch: SPIBatch, n_total: int, q_class: torch.Tensor = q_class.log(), q_hyp: torch.Tensor = q_hyp,
+              poses: torch.Tensor = rots) -> None:
+        rows = torch.arange(n_batch)
+        with pyro.plate("patterns", n_total, subsample=batch.indices):
+            # logits, not probs: a near-certain class keeps the exact log q of the others (probs would be clamped)
+            c = pyro.sample("class", dist.Categorical(logits=q_class), infer={"enumerate": "parallel"})
+            k = pyro.sample("hypothesis", dist.Categorical(logits=q_hyp[rows, c].log()), infer={"enumerate": "parallel"})
+            pyro.sample("pose", dist.Delta(poses[rows, k], event_dim=2))
+            pyro.sample("scale", dist.Delta(scales))
+
+    elbo = -TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, batch, n_batch).detach()
+    # by hand: Poisson log pmf (SciPy) of every pattern under every class field and pose hypothesis
+    y = images.reshape(n_batch, -1)[:, pixels].numpy()
+    ll = np.zeros((n_batch, n_classes, n_hyp))
+    with torch.no_grad():
+        for c in range(n_classes):
+            for k in range(n_hyp):
+                qm = torch.einsum("bij,mj->bmi", rots[:, k], model.q[pixels])
+                rate = scales[:, None] * factor[pixels].float() * model.field.fields[c](qm)
+                ll[:, c, k] = poisson.logpmf(y, rate.double().numpy()).sum(-1)
+    log_pi = class_prior.log_probs().detach().double().numpy()
+    log_ps = dist.LogNormal(-0.125, 0.5).log_prob(scales).double().numpy()  # the default prior: mean 1, sigma 0.5
+    qc, qk = q_class.double().numpy(), q_hyp.double().numpy()
+    hand = (qc[:, :, None] * qk * (ll + log_pi[None, :, None] - math.log(n_hyp) - np.log(qc)[:, :, None]
+                                   - np.log(qk))).sum() + log_ps.sum()
+    assert float(elbo) == pytest.approx(hand, abs=1e-2)
+    # both hypotheses at the true pose (uniform q_k|c) and q(c) the exact class posterior: the bound is tight,
+    # log p(y, s) = sum_i [logsumexp_c(ll_ic + log pi_c) + log p(s_i)]
+    ll_true = ll[:, :, 0]
+    post = torch.as_tensor(ll_true + log_pi, dtype=torch.float32)  # unnormalised log posterior over classes
+    same = rots[:, :1].expand(n_batch, n_hyp, 3, 3)
+    tight = -TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        model, lambda b, n: guide(b, n, post, torch.full((n_batch, n_classes, n_hyp), 1.0 / n_hyp), same), batch,
+        n_batch).detach()
+    exact = logsumexp(ll_true + log_pi, axis=1).sum() + log_ps.sum()
+    assert float(tight) == pytest.approx(exact, abs=1e-2)
+    assert float(tight) > float(elbo)
+
+
+def test_latent_guide_enumerates_classes_and_latents(detector) -> None:
+    """The amortized guide: class and hypothesis weights normalised, the class-aware scorer ranks the classes
+    (a pattern simulated from class c's field is given to class c), and TraceEnum_ELBO differentiates through
+    the latent's rsample into the FiLM parameters."""
+    q, factor, mask = detector
+    torch.manual_seed(4)
+    model = HeterogeneousSPIModel(SirenField(q_max=float(q.norm(dim=-1).max()), out_scale=1.0), q, factor,
+                                  n_hypotheses=3, latent_dim=2, n_classes=2)
+    for f in model.field.fields:
+        _randomise_film(f, 0.1)
+        with torch.no_grad():
+            f.base.log_offset.fill_(math.log(30.0) - float(factor.log().mean()))
+    rots = random_rotations(6)
+    truth = torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        rate = model.latent_log_rate(rots, torch.zeros(6), torch.arange(1024), torch.zeros(6, 2), truth).exp()
+    images = torch.poisson(rate).reshape(6, 32, 32)
+    # one encoder hypothesis (and its Rz(pi) partner) plus one 'search' proposal at the true pose
+    guide = LatentGuide(mask, latent_dim=2, n_classes=2, n_heads=1, n_search=1, features=32, channels=4)
+    guide.attach_search(lambda images, pixels: rots[:, None])
+    guide.attach_latent_scorer(model.class_hypothesis_logpost)
+    post = guide.latent_posterior(images)
+    torch.testing.assert_close(post.class_probs.sum(-1), torch.ones(6))
+    torch.testing.assert_close(post.hypothesis_weights.sum(-1), torch.ones(6, 2))
+    assert torch.equal(post.class_probs.argmax(-1), truth)
+    assert bool(torch.all(post.hypothesis_weights[torch.arange(6), truth].argmax(-1) == 2))  # the true pose wins
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        model, guide, SPIBatch(images, torch.arange(6), torch.arange(1024)), 6)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.field.fields[1].film.mlp[0].weight.grad.abs().sum() > 0
+    assert guide.latent_head.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------- latent posteriors shrink with photons
+def _grid_posterior(model: HeterogeneousSPIModel, rots: torch.Tensor, shift: float, y: torch.Tensor,
+                    grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd ``(n,)`` of ``p(z | y) ∝ N(z; 0, 1) p(y | R, s, z)`` on a 1D grid ``(G, n)`` per pattern."""
+    n, g = rots.shape[0], grid.shape[0]
+    rates = model.latent_log_rate(rots[None].expand(g, n, 3, 3), torch.full((g, n), shift), torch.arange(0, 1024, 2),
+                                  grid[:, :, None], None)  # (G, n, M)
+    log_post = torch.distributions.Poisson(rates.exp()).log_prob(y).sum(-1) - 0.5 * grid**2
+    w = torch.softmax(log_post.double(), 0)  # (G, n): a uniform grid per pattern
+    mean = (w * grid).sum(0)
+    return mean, (w * (grid - mean) ** 2).sum(0).sqrt()
+
+
+def test_exact_latent_posterior_shrinks_with_photons(detector) -> None:
+    """The exact posterior of a 1D latent (grid integration, known pose and scale) narrows as 1/sqrt(photons)
+    and covers the true value."""
+    q, factor, _ = detector
+    torch.manual_seed(5)
+    model = HeterogeneousSPIModel(SirenField(q_max=float(q.norm(dim=-1).max()), out_scale=1.0), q, factor,
+                                  latent_dim=1)
+    _randomise_film(model.field.fields[0], 0.3)
+    n = 4
+    rots = random_rotations(n)
+    z_true = torch.randn(n, 1)
+    sds, errs = {}, {}
+    with torch.no_grad():
+        base = model.latent_log_rate(rots, torch.zeros(n), torch.arange(0, 1024, 2), z_true, None)
+        level = math.log(1e3) - float(torch.logsumexp(base, -1).mean())  # ~1e3 photons a pattern
+        for photons in (1.0, 16.0):
+            shift = level + math.log(photons)
+            y = torch.poisson((base + shift).exp())
+            # locate on a coarse grid, then zoom twice: the last grid spans +-8 sd with 60 intervals
+            mean, sd = _grid_posterior(model, rots, shift, y, torch.linspace(-4, 4, 81)[:, None].expand(81, n))
+            half = torch.full((n,), 0.3)
+            for _ in range(2):
+                mean, sd = _grid_posterior(model, rots, shift, y, mean.float() + half * torch.linspace(-1, 1, 61)[:, None])
+                half = (8 * sd).float()
+            assert bool(torch.all(sd > 0.25 * (2 * half / 60)))  # ... so the grid resolves the posterior
+            sds[photons], errs[photons] = sd, (mean - z_true[:, 0]).abs()
+    ratio = sds[16.0] / sds[1.0]
+    assert float(ratio.median()) < 0.4  # 1/sqrt(16) = 0.25 in the Gaussian limit
+    for photons in (1.0, 16.0):
+        assert bool(torch.all(errs[photons] < 4 * sds[photons]))
+
+
+# ---------------------------------------------------------------------- priors
+def test_latent_priors_and_specs() -> None:
+    prior = make_latent_prior("normal:scale=2", 3)
+    x = torch.zeros(4, 3)
+    torch.testing.assert_close(prior(4).log_prob(x), torch.full((4,), 3 * (-math.log(2) - 0.5 * math.log(2 * math.pi))))
+    t = make_latent_prior("studentt:df=3", 1)
+    assert float(t(1).log_prob(torch.tensor([[10.0]]))) > float(make_latent_prior("normal", 1)(1).log_prob(torch.tensor([[10.0]])))
+    assert make_class_prior("learned", 2).log_probs().exp().tolist() == [0.5, 0.5]
+    for bad, match in [("gauss", "expected one of normal"), ("normal:scale", "key=number"), ("normal:width=1", "unknown option")]:
+        with pytest.raises(ValueError, match=match):
+            make_latent_prior(bad, 2)
+    with pytest.raises(ValueError, match="n_classes"):
+        make_class_prior("uniform", 1)
+
+
+# ---------------------------------------------------------------------- ensemble simulator
+def test_superellipsoid_p2_is_the_closed_form_sphere() -> None:
+    geom = get_preset("reference-32")
+    q = geom.q_vectors().reshape(-1, 3)
+    exact = sphere_transform(np.linalg.norm(q, axis=1), 30.0, rho_e=0.5)
+    errors = []
+    for n in (24, 64):
+        F = superellipsoid_transform(q, 30.0, 2.0, rho_e=0.5, n_voxels=n)
+        errors.append(np.abs(F - exact).max() / exact[0 if exact.ndim == 0 else ...].max())
+    assert errors[1] < 5e-4 and errors[1] < errors[0] / 4  # converges as h^2
+    F = superellipsoid_transform(q, 30.0, 2.0, rho_e=0.5, n_voxels=40)
+    intensity, closed = np.abs(F) ** 2, exact**2  # 3 (sin x - x cos x) / x^3, squared
+    bright = closed > 1e-2 * closed.max()
+    np.testing.assert_allclose(intensity[bright], closed[bright], rtol=0.03)
+    assert abs(F.imag).max() < 1e-6 * abs(F).max()  # a centrosymmetric body: real transform
+
+
+def test_superellipsoid_volumes_and_family() -> None:
+    assert superellipsoid_volume(1.0, 2.0) == pytest.approx(4 / 3 * math.pi)
+    assert superellipsoid_volume(1.0, 1.0) == pytest.approx(4 / 3)  # the octahedron |x|+|y|+|z| <= 1
+    assert superellipsoid_volume(1.0, 400.0) == pytest.approx(8.0, rel=1e-2)  # the cube limit
+    for p in (2.0, 4.0, 10.0):
+        a = superellipsoid_half_width(1000.0, p)
+        centres, occ, h = superellipsoid_voxels(a, p, 40)
+        assert occ.sum() * h**3 == pytest.approx(1000.0, rel=2e-3)
+        assert np.abs(centres).max() < a
+    with pytest.raises(ValueError, match="exponent p"):
+        superellipsoid_volume(1.0, 0.5)
+
+
+def test_parse_ensemble() -> None:
+    spec = parse_ensemble("shapes:p=2..12;radius=25;levels=8")
+    assert spec.continuous and spec.exponents == (2.0, 12.0) and spec.radius == 25.0 and spec.n_classes == 0
+    spec = parse_ensemble("structures:2CEX,1EI7;fractions=1,3")
+    assert spec.structures == ("2CEX", "1EI7") and spec.class_probs().tolist() == [0.25, 0.75]
+    for bad in ("blobs:p=2", "shapes:p=2;size=3", "shapes:p=5..2", "structures:2CEX;fractions=1,1"):
+        with pytest.raises(ValueError, match="expected"):
+            parse_ensemble(bad)
+
+
+def test_simulated_ensemble_stores_truth_that_explains_the_patterns(tmp_path) -> None:
+    """Cube vs sphere at ~1e3 photons: /truth/class and /truth/latent are stored, the photon level is as asked,
+    and each pattern is better explained by its own class's transform (at its true pose) than by the other's."""
+    path = tmp_path / "ens.h5"
+    summary = simulate_ensemble("shapes:p=2,20;radius=30;voxels=24", "reference-32", 48, path, mean_photons=1e3,
+                                seed=1, progress=False)
+    latent, classes = read_truth_labels(path)
+    assert latent.shape == (48, 1) and classes.shape == (48,)
+    np.testing.assert_array_equal(latent[:, 0], np.array([2.0, 20.0])[classes])
+    assert 10 < np.bincount(classes).min()
+    assert 700 < summary.mean_photons < 1400
+    with h5py.File(path) as f:
+        assert f["truth/latent"].attrs["names"] == "exponent"
+    with SPIDataset(path) as data:
+        counts = data.read(np.arange(48)).reshape(48, -1)[:, data.mask.reshape(-1)]
+        rots, scales, c = quaternions_to_rotations(data.truth_quaternions()), data.truth_scales(), data.photons_per_unit_intensity
+        geom = data.geometry
+    q = geom.q_vectors()[geom.good_pixels()]
+    weights = geom.pixel_factor()[geom.good_pixels()]
+    ll = np.zeros((48, 2))
+    rotated = np.einsum("bij,kj->bki", rots, q)
+    for k, p in enumerate((2.0, 20.0)):
+        a = superellipsoid_half_width(4 / 3 * math.pi * 30.0**3, p)
+        lam = c * scales[:, None] * weights * np.abs(superellipsoid_transform(rotated, a, p, n_voxels=24)) ** 2
+        ll[:, k] = poisson.logpmf(counts, lam).sum(-1)
+    assert (ll.argmax(1) == classes).mean() >= 0.9
+
+
+def test_simulated_continuous_and_structure_ensembles(tmp_path) -> None:
+    latent, classes = None, None
+    simulate_ensemble("shapes:p=2..16;levels=4;voxels=16", "reference-32", 20, tmp_path / "c.h5", seed=2, progress=False)
+    latent, classes = read_truth_labels(tmp_path / "c.h5")
+    assert classes is None and latent.shape == (20, 1)
+    assert set(np.round(latent[:, 0], 6)) <= set(np.round(np.exp(np.linspace(np.log(2), np.log(16), 4)), 6))
+    simulate_ensemble("structures:2CEX,1EI7", "reference-32", 12, tmp_path / "s.h5", seed=2, progress=False)
+    latent, classes = read_truth_labels(tmp_path / "s.h5")
+    np.testing.assert_array_equal(latent[:, 0], classes)
+    with SPIDataset(tmp_path / "s.h5") as data:
+        assert data.n_patterns == 12
