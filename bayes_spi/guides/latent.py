@@ -16,7 +16,8 @@ With a latent scorer attached (:meth:`LatentGuide.attach_latent_scorer`,
     ``w_ck ∝ w_k exp(log p(y_i | R_k, s_i, mu_c, c) + log pi_c)``,
     ``rho_c ∝ exp(a_c(h_i) + logsumexp_k(log w_k + log p(y_i | R_k, s_i, mu_c, c) + log pi_c))``,
 
-so the class and the pose are inferred jointly: the pose hypotheses of class ``c`` are weighted by how
+so the class and the pose are inferred jointly (``weight_floor`` mixes ``floor / C`` into ``rho`` as it does
+into the hypothesis weights: a constraint on the guide family, so the ELBO stays a bound): the pose hypotheses of class ``c`` are weighted by how
 well class ``c``'s field at the pattern's latent explains the pattern at each pose (``w_k`` the encoder's
 hypothesis weights, ``a_c`` a learned correction). The latent ``z`` is conditioned on the class but not on
 the pose hypothesis: the guide family is ``q(c) q(k | c) q(R | k) q(z | c)``, a valid family, so the ELBO is
@@ -165,7 +166,10 @@ class LatentGuide(AmortizedGuide):
                 class_logits = class_logits + torch.logsumexp(joint, dim=-1)
         else:
             hyp = post.weights[:, None, :].expand(n_batch, self.n_classes, n_hyp)
-        result = LatentPosterior(post, torch.softmax(class_logits, dim=-1), hyp, loc, scale)
+        class_probs = torch.softmax(class_logits, dim=-1)
+        if self.weight_floor > 0 and self.n_classes > 1:  # early in a fit every class field keeps learning
+            class_probs = (1.0 - self.weight_floor) * class_probs + self.weight_floor / self.n_classes
+        result = LatentPosterior(post, class_probs, hyp, loc, scale)
         self.last_latent_posterior = result
         return result
 

@@ -176,12 +176,40 @@ class LatentFields(nn.Module):
 
     def log_intensity(self, q: Tensor, z: Tensor | None = None, c: Tensor | None = None) -> Tensor:
         """``log I(q; z, c)`` ``(..., B, M)``; ``c`` ``(..., B)`` int (``None``: class 0)."""
-        out = self.fields[0].log_intensity(q, z)
         if c is None or self.n_classes == 1:
-            return out
+            return self.fields[0].log_intensity(q, z)
+        enumerated = self._enumerated_log_intensity(q, z, c)
+        if enumerated is not None:
+            return enumerated
+        out = self.fields[0].log_intensity(q, z)
         for k in range(1, self.n_classes):
             out = torch.where((c == k).unsqueeze(-1), self.fields[k].log_intensity(q, z), out)
         return out
+
+    def _enumerated_log_intensity(self, q: Tensor, z: Tensor | None, c: Tensor) -> Tensor | None:
+        """The fast path for an enumerated class ``c = arange(K)`` along one dimension ``(K, 1, ..., 1)`` (as
+        ``TraceEnum_ELBO`` passes it): class ``k``'s field is evaluated at its own slice of ``z`` (and ``q``)
+        only, instead of every field at every class's latent. ``None`` when ``c`` is not of that form."""
+        k_cls = self.n_classes
+        if c.dim() == 0 or c.shape[0] != k_cls or c.numel() != k_cls:
+            return None
+        if not torch.equal(c.reshape(-1), torch.arange(k_cls, device=c.device, dtype=c.dtype)):
+            return None
+        e = c.dim()  # c's first dim is the batch dim -e (B the last batch dim)
+        z_dim, q_dim = -1 - e, -2 - e  # that dim in z (..., B, d) and in q (..., B, M, 3)
+        z_split = z is not None and z.dim() >= 1 + e and z.shape[z_dim] == k_cls
+        q_split = q.dim() >= 2 + e and q.shape[q_dim] == k_cls
+        outs = []
+        for k, field in enumerate(self.fields):
+            zk = z.narrow(z_dim, k, 1) if z_split else z
+            qk = q.narrow(q_dim, k, 1) if q_split else q
+            outs.append(field.log_intensity(qk, zk))
+        out_dim = -1 - e
+        if any(o.dim() < e + 1 for o in outs):
+            return None
+        if not all(o.shape[out_dim] == 1 for o in outs):
+            return None  # a slice still spans all classes (nothing class-specific to split): use the general path
+        return torch.cat(outs, dim=out_dim)
 
     def forward(self, q: Tensor, z: Tensor | None = None, c: Tensor | None = None) -> Tensor:
         return self.log_intensity(q, z, c).exp()
