@@ -345,3 +345,104 @@ def test_simulated_continuous_and_structure_ensembles(tmp_path) -> None:
     np.testing.assert_array_equal(latent[:, 0], classes)
     with SPIDataset(tmp_path / "s.h5") as data:
         assert data.n_patterns == 12
+
+
+# ---------------------------------------------------------------------- enumeration fast path, training start, outputs
+def test_enumerated_class_fast_path_equals_general_selection() -> None:
+    """c = arange(K) along an enumeration dim (as TraceEnum_ELBO passes it): each class's field at its own latent."""
+    torch.manual_seed(6)
+    fields = LatentFields(SirenField(q_max=Q_MAX, out_scale=1.0), latent_dim=2, n_classes=3)
+    for f in fields.fields:
+        _randomise_film(f)
+    q = torch.randn(4, 1, 5, 7, 3) * 0.05  # (K_h, 1, B, M, 3): poses enumerated at dim -3 of the batch
+    z = torch.randn(3, 5, 2)  # (K_c, B, d): a latent per class
+    c = torch.arange(3).reshape(3, 1)
+    fast = fields.log_intensity(q, z, c)
+    assert fast.shape == (4, 3, 5, 7)
+    for k in range(3):
+        torch.testing.assert_close(fast[:, k], fields.fields[k].log_intensity(q[:, 0], z[k]))
+    general = fields.log_intensity(q, z, c.expand(3, 5))  # the same classes, not of the (K, 1) form: torch.where
+    torch.testing.assert_close(fast, general)
+
+
+def test_kmeans_start_separates_two_radial_populations() -> None:
+    from bayes_spi.infer.heterogeneous import class_radial_profiles
+
+    rng = np.random.default_rng(0)
+    q_norm = rng.uniform(0.0, 0.1, 600)
+    factor = np.full(600, 1e-3)
+    truth = rng.integers(0, 2, 200)
+    widths = np.array([0.02, 0.05])[truth]
+    lam = 2.0 * np.exp(-(q_norm[None, :] / widths[:, None]) ** 2) + 0.02
+    labels, profiles = class_radial_profiles(rng.poisson(lam), q_norm, factor, 2, seed=1)
+    assert max((labels == truth).mean(), (labels != truth).mean()) > 0.97
+    inner = [float(prof[0] - prof[len(prof) // 2]) for _, prof in profiles]  # drop of log I to mid-q
+    narrow = int(np.argmax(inner))
+    assert np.mean(labels[truth == 0] == narrow) > 0.97  # the narrow population's cluster has the steep profile
+
+
+def test_latent_outputs_roundtrip_and_volumes(tmp_path) -> None:
+    from bayes_spi.grid import grid_q
+    from bayes_spi.posterior.latent import (LatentSummary, intensity_at_latents, principal_latent_path,
+                                            read_latent_posterior, write_latent_posterior)
+
+    rng = np.random.default_rng(1)
+    summary = LatentSummary(rng.dirichlet([1, 1], 10).astype(np.float32), rng.normal(size=(10, 2)).astype(np.float32),
+                            rng.uniform(0.1, 1, (10, 2)).astype(np.float32), rng.normal(size=(10, 2, 2)).astype(np.float32),
+                            rng.uniform(0.1, 1, (10, 2, 2)).astype(np.float32))
+    back = read_latent_posterior(write_latent_posterior(tmp_path / "l.h5", summary))
+    for name in ("class_probs", "z_mean", "z_sd", "z_loc", "z_scale"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(summary, name))
+    torch.manual_seed(7)
+    fields = LatentFields(SirenField(q_max=Q_MAX, out_scale=1.0), latent_dim=2, n_classes=2)
+    _randomise_film(fields.fields[1])
+    z = np.array([[0.5, -1.0], [2.0, 0.0]])
+    vol = intensity_at_latents(fields, z, 7, Q_MAX, cls=1)
+    q, _ = grid_q(7, Q_MAX)
+    with torch.no_grad():
+        direct = fields.fields[1](torch.as_tensor(q[2, 5, 1], dtype=torch.float32), torch.tensor([2.0, 0.0]))
+    assert vol.shape == (2, 7, 7, 7) and float(vol[1, 2, 5, 1]) == pytest.approx(float(direct), rel=1e-5)
+    assert not np.allclose(vol[0], vol[1])  # the FiLM'd field changes with z
+    line = principal_latent_path(np.c_[np.arange(10.0), 2 * np.arange(10.0)], 3)
+    np.testing.assert_allclose(line, [[0, 0], [4.5, 9], [9, 18]], atol=1e-9)
+
+
+def test_fit_config_heterogeneous_settings() -> None:
+    from bayes_spi.infer.config import FitConfig
+
+    config = FitConfig(latent_dim=2, n_classes=3)
+    assert config.heterogeneous and (config.n_search, config.emc_fraction, config.polish_iterations) == (0, 0.0, 0)
+    assert not FitConfig().heterogeneous and FitConfig().n_search == 2
+    with pytest.raises(ValueError, match="expected siren, fouriernet or hybrid"):
+        FitConfig(latent_dim=1, field="voxel")
+    with pytest.raises(ValueError, match="n_classes"):
+        FitConfig(n_classes=0)
+
+
+def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
+    """`fit --latent-dim 1 --classes 2` on a tiny cube/sphere ensemble: the settings reach config.yaml, and the run
+    writes the per-pattern latent posteriors (class probabilities summing to 1) and per-class intensity volumes along
+    the latent path."""
+    from click.testing import CliRunner
+
+    from bayes_spi.cli.main import cli
+
+    data = tmp_path / "ens.h5"
+    simulate_ensemble("shapes:p=2,20;voxels=16", "reference-32", 32, data, seed=1, progress=False)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["fit", str(data), "-o", str(run), "--latent-dim", "1", "--classes", "2",
+                                      "--max-images", "32", "--batch-size", "16", "--grid", "9", "--no-progress",
+                                      "--n-heads", "1", "--pixels-per-pattern", "128", "--no-truth"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(run / "latent_posterior.h5") as f:
+        probs, z_mean, z_sd = f["latent/class_probs"][()], f["latent/z_mean"][()], f["latent/z_sd"][()]
+    assert probs.shape == (32, 2) and z_mean.shape == (32, 1) and np.all(z_sd > 0)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    with h5py.File(run / "intensity_latent.h5") as f:
+        for cls in (0, 1):
+            vol = f[f"class_{cls}/intensity"][()]
+            assert vol.shape[1:] == (9, 9, 9) and np.all(np.isfinite(vol)) and np.all(vol > 0)
+    import yaml
+
+    settings = yaml.safe_load((run / "config.yaml").read_text())["settings"]
+    assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 0)

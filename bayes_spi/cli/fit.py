@@ -60,6 +60,7 @@ TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
+    "latent_dim", "n_classes", "latent_prior", "class_prior",
 )
 
 _HELP = {
@@ -109,6 +110,12 @@ _HELP = {
     "device": "auto (CUDA when present), cpu, cuda, cuda:N.",
     "checkpoint_every": "Steps between atomic checkpoints.",
     "log_every": "Steps between metrics.csv rows / log lines.",
+    "latent_dim": "Heterogeneous samples: a per-pattern structure latent z ~ --latent-prior of this dimension, the "
+                  "field conditioned on it (FiLM); writes latent_posterior.h5 and intensity_latent.h5. 0: "
+                  "homogeneous. Turns the EMC warm start, search and polish off.",
+    "n_classes": "Heterogeneous samples: discrete classes (one field each, enumerated exactly); 1: none.",
+    "latent_prior": "Prior of the structure latent: normal[:scale=S] or studentt:df=D[;scale=S].",
+    "class_prior": "Prior of the classes: uniform (fixed 1/K) or learned (fractions fitted).",
 }
 
 
@@ -295,6 +302,11 @@ class _RecordingCommand(click.Command):
 @_spec_option("intensity_prior")
 @click.option("--symmetry", "symmetry", default=None, metavar="GROUP", callback=_check_symmetry,
               help=_HELP["symmetry"] + " [default: C1]")
+@_training_option("latent_dim", click.IntRange(min=0))
+@click.option("--classes", "n_classes", type=click.IntRange(min=1), default=None,
+              help=_HELP["n_classes"] + " [default: 1]")
+@_training_option("latent_prior", str)
+@_training_option("class_prior", click.Choice(["uniform", "learned"]))
 @_training_option("seed", int)
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))

@@ -117,6 +117,11 @@ def build_model_and_guide(
     q, factor, mask = detector_tensors(geometry)
     q_max = detector_q_max(q)
     field = build_field(config, q_max)
+    if config.heterogeneous:
+        from bayes_spi.infer.heterogeneous import build_heterogeneous
+
+        return build_heterogeneous(field, q, factor, mask, config, device, pose_prior=pose_prior,
+                                   scale_prior=scale_prior, likelihood=likelihood)
     guide = AmortizedGuide(
         mask,
         n_heads=config.n_heads,

@@ -73,6 +73,13 @@ class FitConfig:
         ``background``; when one of a pair is left at its default the other wins, two different
         non-default values are an error.
         See :mod:`bayes_spi.config.specs` for every name and parameter.
+    Heterogeneity (:mod:`bayes_spi.models.heterogeneous`):
+        latent_dim: per-pattern continuous structure latent ``z_i ~ latent_prior`` of this dimension, the field
+        FiLM-conditioned on it (0: the homogeneous model). n_classes: discrete classes ``c_i ~ class_prior``, one
+        field each, enumerated exactly (1: none). latent_prior: ``normal[:scale=S]`` or ``studentt:df=D``;
+        class_prior: ``uniform`` or ``learned``. With either on, the EMC warm start, the orientation search and
+        the exact EMC polish are off (they use one homogeneous field): ``n_search``, ``emc_fraction`` and
+        ``polish_iterations`` are set to 0.
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -135,6 +142,11 @@ class FitConfig:
     likelihood: dict[str, Any] | str | None = None
     intensity_prior: dict[str, Any] | str = dc_field(default_factory=lambda: {"name": "none"})
     symmetry: str = "C1"
+
+    latent_dim: int = 0
+    n_classes: int = 1
+    latent_prior: str = "normal"
+    class_prior: str = "uniform"
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -207,9 +219,16 @@ class FitConfig:
             (self.log_every >= 1 and self.checkpoint_every >= 1, "log_every/checkpoint_every", ">= 1",
              (self.log_every, self.checkpoint_every)),
         ]
+        checks += [(self.latent_dim >= 0, "latent_dim", ">= 0", self.latent_dim),
+                   (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes)]
         for ok, name, expected, got in checks:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
+        if self.heterogeneous:
+            if self.field not in ("siren", "fouriernet", "hybrid"):
+                raise ValueError(f"fit setting field: expected siren, fouriernet or hybrid with latent_dim > 0 or "
+                                 f"n_classes > 1 (a SIREN to condition), got {self.field!r}")
+            self.n_search, self.emc_fraction, self.polish_iterations = 0, 0.0, 0
         self._normalize_specs()
         self._check_symmetry()
         if self.field == "variational" and self.intensity_prior.get("name") != "none":
@@ -227,6 +246,11 @@ class FitConfig:
         if self.field == "variational" and point_group(self.symmetry).fold_cosets().shape[0] != 1:
             raise ValueError(f"fit setting symmetry: expected C1, I, O or Dn with n even with field variational, "
                              f"got {self.symmetry!r}")
+
+    @property
+    def heterogeneous(self) -> bool:
+        """A per-pattern structure latent or class is on (``latent_dim > 0`` or ``n_classes > 1``)."""
+        return self.latent_dim > 0 or self.n_classes > 1
 
     def _normalize_specs(self) -> None:
         """Check the prior/likelihood specs, fill in defaults, keep the older scalar settings in step."""

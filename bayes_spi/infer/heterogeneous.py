@@ -22,14 +22,24 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 from bayes_spi.analysis.sampling import radial_profile
+from bayes_spi.atomic import atomic_path
+from bayes_spi.guides.latent import LatentGuide
+from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.trainer import Trainer
+from bayes_spi.models.fields import IntensityField
+from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
+from bayes_spi.models.latent import make_class_prior, make_latent_prior
+from bayes_spi.models.likelihoods import Likelihood, make_likelihood
+from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 
-__all__ = ["HeterogeneousTrainer", "class_radial_profiles", "kmeans"]
+__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "kmeans"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -110,3 +120,83 @@ class HeterogeneousTrainer(Trainer):
             field.base.set_radial_profile(torch.as_tensor(qc), torch.as_tensor(log_i))
         log.info("class fields start from k-means clusters of the radial profiles of %d patterns: %s", len(flat),
                  ", ".join(str(int(n)) for n in np.bincount(labels, minlength=n_classes)))
+
+    def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:
+        """``model.pt``, ``intensity.*`` (class 0 at the prior mean ``z = 0``), ``posterior.h5`` (the guide's pose
+        hypotheses as they are: no orientation search, so no local refinement), plus
+        ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`) and
+        ``intensity_latent.h5``: ``/class_<c>/intensity`` ``(J, n, n, n)`` for every class at ``J = 5`` points
+        ``/class_<c>/z`` ``(J, d)`` along the first principal axis of the posterior means (5% to 95%), or at
+        ``z = 0`` without a continuous latent."""
+        from bayes_spi.posterior.latent import (
+            intensity_at_latents,
+            latent_posteriors,
+            principal_latent_path,
+            write_latent_posterior,
+        )
+
+        from bayes_spi import __version__
+        from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
+        from bayes_spi.infer.rundir import RunDir
+        from bayes_spi.infer.trainer import atomic_torch_save
+
+        self.guide.weight_floor = 0.0
+        run = RunDir(self.run_dir)
+        atomic_torch_save(
+            {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
+             "mask": self.dataset.mask, "model": self.model.state_dict(), "guide": self.guide.state_dict(),
+             "state": self.state.__dict__}, run.path("model"))
+        vol, dq = field_on_grid(self.model.field, grid, self._q_max)
+        mrc, h5 = write_intensity(vol, dq, self.run_dir)
+        attrs = {}
+        if verdict is not None:
+            attrs = {"fit_verdict": verdict.status, "fit_verdict_reasons": "; ".join(verdict.reasons) or "none"}
+        # the guide's own pose hypotheses (no search, so no local refinement on its cube), weights before class
+        # conditioning: the class-conditioned ones are in latent_posterior.h5's model, per class
+        post = write_posterior(self.guide, self.dataset, run.path("posterior"), device=self.device, attrs=attrs,
+                               refine=0)
+        out: dict[str, Path] = {"model": run.path("model"), "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
+        summary = latent_posteriors(self.guide, self.dataset)
+        out["latent_posterior"] = write_latent_posterior(self.run_dir / "latent_posterior.h5", summary)
+        fields = self.model.field
+        path = self.run_dir / "intensity_latent.h5"
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            for cls in range(fields.n_classes):
+                members = summary.map_class == cls
+                if fields.latent_dim and members.sum() >= 2:
+                    z = principal_latent_path(summary.z_mean[members], 5, (0.05, 0.95))
+                else:
+                    z = np.zeros((1, fields.latent_dim))
+                grp = f.create_group(f"class_{cls}")
+                vol = intensity_at_latents(fields, z, grid, self._q_max, cls)
+                ds = grp.create_dataset("intensity", data=vol, compression="gzip", compression_opts=4)
+                ds.attrs["voxel_size_inv_A"] = float(self._q_max / (grid // 2))
+                ds.attrs["axis_order"] = "j,x,y,z"
+                grp.create_dataset("z", data=z.astype(np.float32))
+                grp.attrs["n_patterns"] = int(members.sum())
+        out["intensity_latent"] = path
+        return out
+
+
+def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
+                        config: FitConfig, device: torch.device | str = "cpu", *, pose_prior: PosePrior | None = None,
+                        scale_prior: ScalePrior | None = None, likelihood: Likelihood | None = None
+                        ) -> tuple[HeterogeneousSPIModel, LatentGuide]:
+    """The heterogeneous model and guide of ``config`` (``latent_dim``, ``n_classes``, their priors) on ``device``,
+    the guide's class-aware scorer attached (see :func:`bayes_spi.infer.build.build_model_and_guide`)."""
+    if config.intensity_prior.get("name", "none") != "none":
+        raise ValueError("fit setting intensity_prior: expected none with latent_dim > 0 or n_classes > 1, got "
+                         f"{config.intensity_prior.get('name')!r}")
+    guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
+                        features=config.encoder_features, channels=config.encoder_channels, transform=config.transform)
+    model = HeterogeneousSPIModel(
+        field, q, factor,
+        pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
+        scale_prior=scale_prior if scale_prior is not None else make_scale_prior(config.scale_prior),
+        likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
+        n_hypotheses=guide.n_hypotheses, latent_dim=config.latent_dim, n_classes=config.n_classes,
+        latent_prior=make_latent_prior(config.latent_prior, config.latent_dim) if config.latent_dim else None,
+        class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None)
+    model, guide = model.to(device), guide.to(device)
+    guide.attach_latent_scorer(model.class_hypothesis_logpost)
+    return model, guide

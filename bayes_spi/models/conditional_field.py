@@ -121,6 +121,16 @@ class ConditionalField(nn.Module):
         base._check(q)
         if z is not None and self.latent_dim and z.shape[-1] != self.latent_dim:
             raise ValueError(f"expected z of shape (..., B, {self.latent_dim}), got shape {tuple(z.shape)}")
+        fold = getattr(base, "symmetry_fold", None)
+        if fold is None:
+            return self._log_intensity(q, z)
+        images = fold(q)  # (G, ..., 3): the point group's images of q, as the wrapped field folds them
+        out = self._log_intensity(images, z)
+        return out[0] if images.shape[0] == 1 else out.mean(0)
+
+    def _log_intensity(self, q: Tensor, z: Tensor | None) -> Tensor:
+        """``log I(q; z)`` before the point-group symmetrisation."""
+        base = self.base
         if z is None and self.film is not None:
             z = q.new_zeros(self.latent_dim)  # a lone z (d,): its FiLM parameters (1, W) broadcast over q
         x = q / base.q_max

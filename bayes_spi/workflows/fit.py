@@ -488,7 +488,12 @@ def run_fit(
 
         pyro.set_rng_seed(fit_config.seed)  # the initial weights depend on the seed (Trainer builds them)
         try:
-            trainer = Trainer(dataset, fit_config, run_dir, progress=progress)
+            trainer_cls = Trainer
+            if fit_config.heterogeneous:  # per-pattern structure latents / classes (bayes_spi.infer.heterogeneous)
+                from bayes_spi.infer.heterogeneous import HeterogeneousTrainer
+
+                trainer_cls = HeterogeneousTrainer
+            trainer = trainer_cls(dataset, fit_config, run_dir, progress=progress)
         except (ValueError, FileNotFoundError) as exc:
             raise WorkflowError(f"building the model: {exc}") from None
         first: list[tuple[int, float]] = []
