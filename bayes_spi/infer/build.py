@@ -121,7 +121,8 @@ def build_model_and_guide(
         from bayes_spi.infer.heterogeneous import build_heterogeneous
 
         return build_heterogeneous(field, q, factor, mask, config, device, pose_prior=pose_prior,
-                                   scale_prior=scale_prior, likelihood=likelihood)
+                                   scale_prior=scale_prior, likelihood=likelihood,
+                                   pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3))
     guide = AmortizedGuide(
         mask,
         n_heads=config.n_heads,

@@ -180,15 +180,17 @@ class HeterogeneousTrainer(Trainer):
 
 def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
                         config: FitConfig, device: torch.device | str = "cpu", *, pose_prior: PosePrior | None = None,
-                        scale_prior: ScalePrior | None = None, likelihood: Likelihood | None = None
-                        ) -> tuple[HeterogeneousSPIModel, LatentGuide]:
+                        scale_prior: ScalePrior | None = None, likelihood: Likelihood | None = None,
+                        pixel_q: torch.Tensor | None = None) -> tuple[HeterogeneousSPIModel, LatentGuide]:
     """The heterogeneous model and guide of ``config`` (``latent_dim``, ``n_classes``, their priors) on ``device``,
-    the guide's class-aware scorer attached (see :func:`bayes_spi.infer.build.build_model_and_guide`)."""
+    the guide's class-aware scorer attached (see :func:`bayes_spi.infer.build.build_model_and_guide`; ``pixel_q``
+    ``(n_y, n_x, 3)`` for a detector given by pixel positions, as there)."""
     if config.intensity_prior.get("name", "none") != "none":
         raise ValueError("fit setting intensity_prior: expected none with latent_dim > 0 or n_classes > 1, got "
                          f"{config.intensity_prior.get('name')!r}")
     guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
-                        features=config.encoder_features, channels=config.encoder_channels, transform=config.transform)
+                        features=config.encoder_features, channels=config.encoder_channels, transform=config.transform,
+                        pixel_q=pixel_q)
     model = HeterogeneousSPIModel(
         field, q, factor,
         pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
