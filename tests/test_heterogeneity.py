@@ -444,5 +444,6 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
             assert vol.shape[1:] == (9, 9, 9) and np.all(np.isfinite(vol)) and np.all(vol > 0)
     import yaml
 
+    assert (run / "report" / "latent.png").stat().st_size > 1000
     settings = yaml.safe_load((run / "config.yaml").read_text())["settings"]
     assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 0)

@@ -127,7 +127,8 @@ class HeterogeneousTrainer(Trainer):
         ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`) and
         ``intensity_latent.h5``: ``/class_<c>/intensity`` ``(J, n, n, n)`` for every class at ``J = 5`` points
         ``/class_<c>/z`` ``(J, d)`` along the first principal axis of the posterior means (5% to 95%), or at
-        ``z = 0`` without a continuous latent."""
+        ``z = 0`` without a continuous latent; and ``report/latent.png``, the latent space coloured by the data
+        file's ``/truth/latent`` or ``/truth/class`` when it has them (:mod:`bayes_spi.report.latent`)."""
         from bayes_spi.posterior.latent import (
             intensity_at_latents,
             latent_posteriors,
@@ -175,6 +176,11 @@ class HeterogeneousTrainer(Trainer):
                 grp.create_dataset("z", data=z.astype(np.float32))
                 grp.attrs["n_patterns"] = int(members.sum())
         out["intensity_latent"] = path
+        from bayes_spi.report.latent import latent_figure
+        from bayes_spi.sim.ensemble import read_truth_labels
+
+        truth_latent, truth_class = read_truth_labels(self.dataset.path)
+        out["latent_figure"] = latent_figure(summary, self.run_dir / "report" / "latent.png", truth_latent, truth_class)
         return out
 
 
