@@ -36,14 +36,14 @@ from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.infer.build import detector_tensors
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.infer.heterogeneous import HeterogeneousTrainer
+from bayes_spi.infer.heterogeneous import HeterogeneousTrainer, gaussian_mixture_labels
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.spi import detector_q_max
 from bayes_spi.posterior.latent import latent_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels, simulate_ensemble
 
-__all__ = ["baseline_features", "gaussian_mixture_labels", "class_accuracy", "fit_heterogeneous", "main"]
+__all__ = ["baseline_features", "class_accuracy", "fit_heterogeneous", "main"]
 
 
 def baseline_features(images: np.ndarray, mask: np.ndarray, n_shells: int = 12, n_rings: int = 6,
@@ -75,37 +75,6 @@ def baseline_features(images: np.ndarray, mask: np.ndarray, n_shells: int = 12, 
 def _pca(feats: np.ndarray, k: int) -> np.ndarray:
     u, s, _ = np.linalg.svd(feats - feats.mean(0), full_matrices=False)
     return u[:, :k] * s[:k]
-
-
-def gaussian_mixture_labels(x: np.ndarray, seed: int = 0, iters: int = 200) -> np.ndarray:
-    """Two-component Gaussian mixture (full covariances) by EM, best of 10 starts by log likelihood: ``(N,)``."""
-    rng = np.random.default_rng(seed)
-    n, d = x.shape
-    best, best_ll = np.zeros(n, dtype=np.int64), -np.inf
-    for _ in range(10):
-        resp = np.zeros((n, 2))
-        resp[np.arange(n), rng.integers(0, 2, n)] = 1.0
-        ll = -np.inf
-        for _ in range(iters):
-            w = resp.sum(0) + 1e-9
-            mu = (resp.T @ x) / w[:, None]
-            logp = np.empty((n, 2))
-            for k in range(2):
-                diff = x - mu[k]
-                cov = (resp[:, k, None] * diff).T @ diff / w[k] + 1e-6 * np.eye(d)
-                sign, logdet = np.linalg.slogdet(cov)
-                logp[:, k] = (np.log(w[k] / n) - 0.5 * logdet
-                              - 0.5 * np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff))
-            top = logp.max(1, keepdims=True)
-            total = top[:, 0] + np.log(np.exp(logp - top).sum(1))
-            resp = np.exp(logp - total[:, None])
-            new_ll = float(total.sum())
-            if new_ll - ll < 1e-8 * abs(new_ll):
-                break
-            ll = new_ll
-        if ll > best_ll:
-            best, best_ll = resp.argmax(1), ll
-    return best
 
 
 def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:

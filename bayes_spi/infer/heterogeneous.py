@@ -5,7 +5,8 @@ start: every class explains every pattern equally, the class posteriors stay at 
 receive the same gradients (or one class takes every pattern and the others starve). The usual cure for
 mixture models is a data-driven start: :func:`class_radial_profiles` clusters the first patterns by a
 rotation-invariant statistic -- the shape of their radial profile (counts per ``|q|`` shell over the
-pixel factor, normalised by the pattern's total, in logs) -- by k-means (k-means++ seeding), and each
+pixel factor inside the detector's inscribed circle, normalised by the pattern's total, in logs, standardised) -- by a Gaussian mixture (full
+covariances, EM) on its first 3 principal components (k-means when there are too few patterns), and each
 class field starts from its cluster's spherically averaged intensity. Nothing else is fixed: the classes
 then move freely with the data (their anisotropic parts, latents and the class posteriors are learned).
 
@@ -39,7 +40,7 @@ from bayes_spi.models.latent import make_class_prior, make_latent_prior
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 
-__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "kmeans"]
+__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "gaussian_mixture_labels", "kmeans"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -69,8 +70,42 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 100, restarts: int
     return best
 
 
+def gaussian_mixture_labels(x: np.ndarray, k: int = 2, seed: int = 0, iters: int = 200) -> np.ndarray:
+    """Labels ``(N,)`` of a ``k``-component Gaussian mixture (full covariances) fitted to ``x (N, F)`` by EM, best of
+    10 random starts by log likelihood."""
+    rng = np.random.default_rng(seed)
+    n, d = x.shape
+    if n < k * (d + 1):
+        raise ValueError(f"expected at least {k * (d + 1)} points of shape (N, {d}) for {k} components, got {n}")
+    best, best_ll = np.zeros(n, dtype=np.int64), -np.inf
+    for _ in range(10):
+        resp = np.zeros((n, k))
+        resp[np.arange(n), rng.integers(0, k, n)] = 1.0
+        ll = -np.inf
+        for _ in range(iters):
+            w = resp.sum(0) + 1e-9
+            mu = (resp.T @ x) / w[:, None]
+            logp = np.empty((n, k))
+            for j in range(k):
+                diff = x - mu[j]
+                cov = (resp[:, j, None] * diff).T @ diff / w[j] + 1e-6 * np.eye(d)
+                _, logdet = np.linalg.slogdet(cov)
+                logp[:, j] = (np.log(w[j] / n) - 0.5 * logdet
+                              - 0.5 * np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff))
+            top = logp.max(1, keepdims=True)
+            total = top[:, 0] + np.log(np.exp(logp - top).sum(1))
+            resp = np.exp(logp - total[:, None])
+            new_ll = float(total.sum())
+            if new_ll - ll < 1e-8 * abs(new_ll):
+                break
+            ll = new_ll
+        if ll > best_ll:
+            best, best_ll = resp.argmax(1), ll
+    return best
+
+
 def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.ndarray, k: int, seed: int = 0,
-                          n_cluster_shells: int = 12) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+                          n_cluster_shells: int = 12, n_components: int = 3, q_limit: float | None = None) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
     """Cluster patterns by their radial profile shape; the mean profile of each cluster.
 
     Args:
@@ -78,18 +113,29 @@ def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.nda
         q_norm: ``(P,)`` their ``|q|`` (1/A).
         factor: ``(P,)`` their pixel factor (solid angle x polarization).
         k: clusters.
+        q_limit: only pixels with ``|q| <= q_limit`` enter the clustering (the detector's inscribed circle:
+            complete shells, whose means do not depend on which corner pixels a shell happens to hold).
 
     Returns:
         ``(labels (N,), [(q_centres (S,), log I (S,)) per cluster])``: the profiles as the fields'
         ``set_radial_profile`` takes them (shell means of counts / factor over the cluster's patterns).
     """
     flat = counts.astype(np.float64) / factor[None, :]
-    edges = np.linspace(0.0, float(q_norm.max()) * (1 + 1e-9), n_cluster_shells + 1)
-    shell = np.clip(np.digitize(q_norm, edges) - 1, 0, n_cluster_shells - 1)
-    per_shell = np.stack([flat[:, shell == s].mean(1) for s in range(n_cluster_shells) if np.any(shell == s)], 1)
+    inner = q_norm <= (q_limit if q_limit is not None else np.inf)
+    if inner.sum() < n_cluster_shells:
+        inner = np.ones_like(q_norm, dtype=bool)
+    qi, fi = q_norm[inner], flat[:, inner]
+    edges = np.linspace(float(qi.min()), float(qi.max()) * (1 + 1e-9), n_cluster_shells + 1)
+    shell = np.clip(np.digitize(qi, edges) - 1, 0, n_cluster_shells - 1)
+    per_shell = np.stack([fi[:, shell == s].mean(1) for s in range(n_cluster_shells) if np.any(shell == s)], 1)
     shape = np.log(per_shell / per_shell.sum(1, keepdims=True) + 1e-3 / per_shell.shape[1])
     shape = (shape - shape.mean(0)) / np.maximum(shape.std(0), 1e-9)
-    labels = kmeans(shape, k, seed=seed)
+    u, sv, _ = np.linalg.svd(shape - shape.mean(0), full_matrices=False)
+    pcs = u[:, :n_components] * sv[:n_components]
+    try:
+        labels = gaussian_mixture_labels(pcs, k, seed=seed)
+    except (ValueError, np.linalg.LinAlgError):  # too few patterns for a full-covariance mixture
+        labels = kmeans(shape, k, seed=seed)
     n_shells = max(8, int(math.sqrt(len(q_norm))))
     profiles = []
     for j in range(k):
@@ -101,7 +147,7 @@ def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.nda
 
 
 class HeterogeneousTrainer(Trainer):
-    """:class:`Trainer` whose class fields start from the radial profiles of k-means clusters of the data."""
+    """:class:`Trainer` whose class fields start from the radial profiles of clusters of the data."""
 
     @torch.no_grad()
     def initialise_offset(self, n_images: int = 1024) -> None:
@@ -115,10 +161,13 @@ class HeterogeneousTrainer(Trainer):
         flat = counts.reshape(counts.shape[0], -1)[:, good]
         factor = self.model.log_pixel_factor[self._good].exp().cpu().double().numpy()
         qn = self._qnorm[self._good].cpu().double().numpy()
-        labels, profiles = class_radial_profiles(flat, qn, factor, n_classes, seed=self.config.seed)
+        q_grid = self._qnorm.reshape(self.dataset.mask.shape).cpu().double().numpy()
+        border = np.r_[q_grid[0], q_grid[-1], q_grid[:, 0], q_grid[:, -1]]  # the inscribed circle's radius
+        labels, profiles = class_radial_profiles(flat, qn, factor, n_classes, seed=self.config.seed,
+                                                 q_limit=float(border.min()))
         for field, (qc, log_i) in zip(fields.fields, profiles):
             field.base.set_radial_profile(torch.as_tensor(qc), torch.as_tensor(log_i))
-        log.info("class fields start from k-means clusters of the radial profiles of %d patterns: %s", len(flat),
+        log.info("class fields start from clusters of the radial profiles of %d patterns: %s", len(flat),
                  ", ".join(str(int(n)) for n in np.bincount(labels, minlength=n_classes)))
 
     def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:

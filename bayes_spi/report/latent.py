@@ -55,7 +55,7 @@ def latent_figure(summary: LatentSummary, path: Path, truth_latent: np.ndarray |
     colour = tl[:, 0] if tl is not None else (tc if tc is not None else None)
     if sub.z_mean.shape[1] == 1:
         ax.errorbar(x, y, yerr=sub.z_sd[:, 0], fmt="none", ecolor="0.8", lw=0.5, zorder=1)
-    sc = ax.scatter(x, y, c=colour, s=6, cmap="viridis", zorder=2)
+    sc = ax.scatter(x, y, c=colour, s=6, zorder=2, **({"cmap": "viridis"} if colour is not None else {}))
     if colour is not None:
         fig.colorbar(sc, ax=ax, label="true latent" if tl is not None else "true class")
     ax.set_xlabel(xl)
