@@ -365,7 +365,7 @@ def test_enumerated_class_fast_path_equals_general_selection() -> None:
     torch.testing.assert_close(fast, general)
 
 
-def test_kmeans_start_separates_two_radial_populations() -> None:
+def test_class_start_separates_two_radial_populations() -> None:
     from bayes_spi.infer.heterogeneous import class_radial_profiles
 
     rng = np.random.default_rng(0)
