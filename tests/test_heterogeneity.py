@@ -87,13 +87,18 @@ def test_conditional_field_rejects_non_siren_and_bad_z() -> None:
         cond.log_intensity(torch.zeros(3, 4, 3), torch.zeros(3, 5))
 
 
-def test_homogeneous_special_case_has_todays_log_density(detector) -> None:
-    """latent_dim = 0 and one class: the heterogeneous model's joint log density is SPIModel's."""
+@pytest.mark.parametrize("with_background", [False, True])
+def test_homogeneous_special_case_has_todays_log_density(detector, with_background: bool) -> None:
+    """latent_dim = 0 and one class: the heterogeneous model's joint log density is SPIModel's (with a measured
+    background too)."""
+    from bayes_spi.models.background import PixelBackground
+
     q, factor, _ = detector
     torch.manual_seed(2)
     field = SirenField(q_max=float(q.norm(dim=-1).max()))
-    het = HeterogeneousSPIModel(field, q, factor, n_hypotheses=2)
-    hom = SPIModel(field, q, factor, n_hypotheses=2)
+    bg = PixelBackground(torch.rand(q.shape[0]) * 0.5, "per-pattern", n_patterns=10) if with_background else None
+    het = HeterogeneousSPIModel(field, q, factor, n_hypotheses=2, background=bg)
+    hom = SPIModel(field, q, factor, n_hypotheses=2, background=bg)
     images = torch.poisson(torch.full((3, 32, 32), 2.0))
     batch = SPIBatch(images, torch.arange(3), torch.arange(0, 1024, 3))
     values = {"hypothesis": torch.tensor([0, 1, 1]), "pose": random_rotations(3), "scale": torch.tensor([0.5, 1.0, 2.0])}

@@ -34,6 +34,7 @@ from bayes_spi.atomic import atomic_path
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.trainer import Trainer
+from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.latent import make_class_prior, make_latent_prior
@@ -236,7 +237,8 @@ class HeterogeneousTrainer(Trainer):
 def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Tensor, mask: torch.Tensor,
                         config: FitConfig, device: torch.device | str = "cpu", *, pose_prior: PosePrior | None = None,
                         scale_prior: ScalePrior | None = None, likelihood: Likelihood | None = None,
-                        pixel_q: torch.Tensor | None = None) -> tuple[HeterogeneousSPIModel, LatentGuide]:
+                        background: PixelBackground | None = None, pixel_q: torch.Tensor | None = None
+                        ) -> tuple[HeterogeneousSPIModel, LatentGuide]:
     """The heterogeneous model and guide of ``config`` (``latent_dim``, ``n_classes``, their priors) on ``device``,
     the guide's class-aware scorer attached (see :func:`bayes_spi.infer.build.build_model_and_guide`; ``pixel_q``
     ``(n_y, n_x, 3)`` for a detector given by pixel positions, as there)."""
@@ -253,7 +255,8 @@ def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Te
         likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
         n_hypotheses=guide.n_hypotheses, latent_dim=config.latent_dim, n_classes=config.n_classes,
         latent_prior=make_latent_prior(config.latent_prior, config.latent_dim) if config.latent_dim else None,
-        class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None)
+        class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None,
+        background=background)
     model, guide = model.to(device), guide.to(device)
     guide.attach_latent_scorer(model.class_hypothesis_logpost)
     return model, guide

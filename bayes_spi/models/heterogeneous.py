@@ -34,6 +34,7 @@ import torch
 from pyro import poutine
 from torch import Tensor
 
+from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.conditional_field import LatentFields
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.intensity_priors import IntensityPrior
@@ -56,6 +57,7 @@ class HeterogeneousSPIModel(SPIModel):
         n_classes: ``K >= 1`` (1: no class site).
         latent_prior: a :class:`~bayes_spi.models.latent.LatentPrior` (default ``Normal(0, I_d)``).
         class_prior: a :class:`~bayes_spi.models.latent.ClassPrior` (default uniform).
+        background: as :class:`SPIModel` (``b B_k`` added to every rate).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class HeterogeneousSPIModel(SPIModel):
         n_classes: int = 1,
         latent_prior: LatentPrior | None = None,
         class_prior: ClassPrior | None = None,
+        background: PixelBackground | None = None,
     ) -> None:
         fields = field if isinstance(field, LatentFields) else LatentFields(field, latent_dim, n_classes)
         if fields.latent_dim != latent_dim or fields.n_classes != n_classes:
@@ -80,7 +83,8 @@ class HeterogeneousSPIModel(SPIModel):
         if intensity_prior is not None:
             raise ValueError("expected no intensity_prior with a heterogeneous model (one prior per class field is "
                              "not implemented), got one")
-        super().__init__(fields, q, pixel_factor, pose_prior, scale_prior, likelihood, n_hypotheses)  # type: ignore[arg-type]
+        super().__init__(fields, q, pixel_factor, pose_prior, scale_prior, likelihood, n_hypotheses,  # type: ignore[arg-type]
+                         background=background)
         self.latent_dim = int(latent_dim)
         self.n_classes = int(n_classes)
         if self.latent_dim:
@@ -97,11 +101,18 @@ class HeterogeneousSPIModel(SPIModel):
         elif class_prior is not None:
             raise ValueError("expected no class_prior with n_classes=1, got one")
 
-    def latent_log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, z: Tensor | None, c: Tensor | None) -> Tensor:
+    def latent_log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, z: Tensor | None, c: Tensor | None,
+                        indices: Tensor | None = None) -> Tensor:
         """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)``, ``log_s (..., B)``,
-        latents ``z (..., B, d)`` and classes ``c (..., B)`` (broadcastable)."""
+        latents ``z (..., B, d)`` and classes ``c (..., B)`` (broadcastable), plus the background ``b B_k`` if
+        any (``indices``: the patterns, for a per-pattern background scale)."""
         q_mol = torch.einsum("...ij,mj->...mi", R, self.q[pixels])  # (..., B, M, 3)
-        return log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol, z, c)
+        log_rate = log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol, z, c)
+        return self._with_background(log_rate, pixels, indices)
+
+    def _with_background(self, log_rate: Tensor, pixels: Tensor, indices: Tensor | None) -> Tensor:
+        bg = self.background_rate(pixels, indices)
+        return log_rate if bg is None else torch.logaddexp(log_rate, bg.clamp(min=1e-30).log())
 
     def class_hypothesis_logpost(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor,
                                  z: Tensor | None) -> Tensor:
@@ -113,7 +124,8 @@ class HeterogeneousSPIModel(SPIModel):
         out = []
         for k, field in enumerate(self.field.fields):
             zk = None if z is None else z[k]
-            out.append(self.likelihood(base + field.log_intensity(q_mol, zk)).log_prob(y).sum(-1))
+            log_rate = self._with_background(base + field.log_intensity(q_mol, zk), pixels, None)
+            out.append(self.likelihood(log_rate).log_prob(y).sum(-1))
         lp = torch.stack(out)  # (C, K, B)
         if not isinstance(self.pose_prior, UniformPosePrior):
             lp = lp + self.pose_prior(R.shape[-3]).log_prob(R)
@@ -123,6 +135,8 @@ class HeterogeneousSPIModel(SPIModel):
 
     def forward(self, batch: SPIBatch, n_total: int) -> None:
         pyro.module("field", self.field)
+        if self.background is not None:
+            pyro.module("background", self.background)
         if self.n_classes > 1:
             pyro.module("class_prior", self.class_prior)
         n_batch = batch.images.shape[0]
@@ -133,6 +147,6 @@ class HeterogeneousSPIModel(SPIModel):
             z = pyro.sample("latent", self.latent_prior(n_batch)) if self.latent_dim else None
             R = pyro.sample("pose", self.pose_prior(n_batch))
             s = pyro.sample("scale", self.scale_prior(n_batch))
-            log_rate = self.latent_log_rate(R, s.log(), batch.pixels, z, c)
+            log_rate = self.latent_log_rate(R, s.log(), batch.pixels, z, c, batch.indices)
             with poutine.scale(scale=batch.pixel_weight):
                 pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
