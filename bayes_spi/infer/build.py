@@ -117,11 +117,12 @@ def build_model_and_guide(
     q, factor, mask = detector_tensors(geometry)
     q_max = detector_q_max(q)
     field = build_field(config, q_max)
-    if background is None and getattr(config, "background_file", ""):
-        background = PixelBackground(torch.zeros(q.shape[0]), config.background_scale, n_patterns=max(n_patterns, 1))
     if config.heterogeneous:
         from bayes_spi.infer.heterogeneous import build_heterogeneous
 
+        if background is None and getattr(config, "background_file", ""):
+            background = PixelBackground(torch.zeros(q.shape[0]), config.background_scale,
+                                         n_patterns=max(n_patterns, 1))
         return build_heterogeneous(field, q, factor, mask, config, device, pose_prior=pose_prior,
                                    scale_prior=scale_prior, likelihood=likelihood, background=background,
                                    pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3))
@@ -139,6 +140,8 @@ def build_model_and_guide(
         intensity_prior = build_intensity_prior(config.intensity_prior, q_max)
     if intensity_prior is not None:  # passed only when set: SPIModel may predate the argument
         extra["intensity_prior"] = intensity_prior
+    if background is None and getattr(config, "background_file", ""):
+        background = PixelBackground(torch.zeros(q.shape[0]), config.background_scale, n_patterns=max(n_patterns, 1))
     if background is not None:
         extra["background"] = background
     model = SPIModel(
