@@ -79,6 +79,22 @@ def test_conditional_field_reduces_to_todays_field(kind: type) -> None:
     torch.testing.assert_close(cond.log_intensity(-q, z), cond.log_intensity(q, z), rtol=0, atol=1e-5)
 
 
+def test_conditional_field_keeps_the_point_group() -> None:
+    """A field with --symmetry O: the conditional field equals it at the start and stays invariant under the
+    group (a 90 degree turn about z) for every z once the FiLM is trained."""
+    torch.manual_seed(8)
+    base = SirenField(q_max=Q_MAX, out_scale=1.0)
+    base.set_symmetry("O")
+    cond = ConditionalField(base, latent_dim=2)
+    q = torch.randn(3, 20, 3) * 0.05
+    z = torch.randn(3, 2)
+    torch.testing.assert_close(cond.log_intensity(q, z), base.log_intensity(q), rtol=0, atol=1e-6)
+    _randomise_film(cond)
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(cond.log_intensity(q @ turn.T, z), cond.log_intensity(q, z), rtol=0, atol=1e-5)
+    assert (cond.log_intensity(q, z) - base.log_intensity(q)).abs().max() > 1e-3
+
+
 def test_conditional_field_rejects_non_siren_and_bad_z() -> None:
     with pytest.raises(ValueError, match="SIREN-family"):
         ConditionalField(VoxelField(q_max=Q_MAX), latent_dim=1)  # type: ignore[arg-type]
