@@ -230,7 +230,9 @@ def test_fit_half_sets(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
     curve = FSCCurve(q=sp["q_inv_A"], fsc=[np.nan if v is None else v for v in sp["fsc"]], n_voxels=sp["n_voxels"])
     agree = inner_speckle_fsc(curve, summary["q_max_inv_A"])
     assert verdict["checks"]["inner_speckle_fsc"] == pytest.approx(agree)
-    assert (verdict["status"] == "failed") == (agree < 0.5 or "failed" in halves)
+    from bayes_spi.infer.halfset_verdict import MIN_INNER_SPECKLE_FSC
+
+    assert (verdict["status"] == "failed") == (agree < MIN_INNER_SPECKLE_FSC or "failed" in halves)
     # a second start refuses to overwrite; --resume finishes without retraining
     res = _invoke(["fit", str(data), "-o", str(run), "--half-sets", *TINY])
     assert res.exit_code != 0 and "--resume" in res.output
