@@ -119,11 +119,17 @@ def test_fit_ends_with_checkpointed_exact_iterations(simulated, tmp_path):
     before = []
     tr.fit(on_step=lambda st: before.append(st.polished))
     assert tr.state.polished == 2 and before[-2:] == [1, 2]
+    # the verdict's stability check compares the probe poses of the last two exact iterations, not those from
+    # before the polish (recorded per checkpoint: step and iterations done)
+    assert tr._probe_step == (tr.state.step, 2)
+    with torch.no_grad():
+        assert torch.equal(tr.probe_last, tr.probe_poses())
     residual = tr.model.field.residual.detach().clone()
     assert float(residual.abs().max()) > 0  # the merges were written into the voxels
     again = Trainer(ds, cfg, tmp_path / "run", progress=False)
     again.fit(resume=True)
     assert again.state.polished == 2 and torch.equal(again.model.field.residual.detach(), residual)
+    assert again._probe_step == tr._probe_step  # the record survives the checkpoint
     more = Trainer(ds, dataclasses.replace(cfg, polish_iterations=3), tmp_path / "run", progress=False)
     more.fit(resume=True)
     assert more.state.polished == 3 and not torch.equal(more.model.field.residual.detach(), residual)

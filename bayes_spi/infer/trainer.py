@@ -155,7 +155,7 @@ class Trainer:
         self.probe_pixels = good_idx[pick.to(good_idx.device)].sort().values  # fixed: comparable between checkpoints
         self.probe_last: torch.Tensor | None = None
         self.probe_previous: torch.Tensor | None = None
-        self._probe_step = -1
+        self._probe_step: tuple[int, int] = (-1, -1)  # (step, exact EMC iterations done) of the last record
         self.batch_log_scale: float | None = None  # see recentre_level
         self._emc = None
         self.emc_terms: dict[str, float] = {}
@@ -293,11 +293,14 @@ class Trainer:
         return post.rotations[rows, post.weights.argmax(-1)].detach().cpu()
 
     def _record_probe(self) -> None:
-        if self.state.step == self._probe_step:
+        # keyed on the step *and* the exact EMC iterations: the polish changes the field without a step, and
+        # the verdict's stability check must compare the last two polished states, not the poses before the
+        # polish with those after it (the polish moves them: that is its job)
+        if (self.state.step, self.state.polished) == self._probe_step:
             return
         self.probe_previous = self.probe_last
         self.probe_last = self.probe_poses()
-        self._probe_step = self.state.step
+        self._probe_step = (self.state.step, self.state.polished)
 
     def save_checkpoint(self) -> None:
         self._record_probe()
@@ -318,7 +321,7 @@ class Trainer:
                 # the search's field cache is refreshed every search_every steps: keep it for an exact resume
                 "search_cache": self.guide.search.cache if self.guide.search is not None else None,
                 "batch_log_scale": self.batch_log_scale,
-                "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": self._probe_step},
+                "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": list(self._probe_step)},
                 "world_size": self.dist.world_size,
                 "rank_rng": rank_rng,
                 # what `bayes-spi export` / `report` need to read a running fit from its checkpoint
@@ -346,7 +349,8 @@ class Trainer:
         self.batch_log_scale = ck.get("batch_log_scale")
         probe = ck.get("probe") or {}
         self.probe_last, self.probe_previous = probe.get("last"), probe.get("previous")
-        self._probe_step = int(probe.get("step", -1))
+        key = probe.get("step", -1)
+        self._probe_step = (int(key), 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
         if self.dist.active:
             rank_rng = ck.get("rank_rng")
             if rank_rng is not None and int(ck.get("world_size", 1)) == self.dist.world_size:
