@@ -11,7 +11,8 @@ that use only the data and the run itself:
 - **spikes**: no ELBO drop of more than 5 robust standard deviations after the curriculum (the signature
   of the collapses seen on Dragonfly data);
 - **stability**: the most probable poses of a fixed probe set of patterns barely moved between the last
-  two checkpoints (median angle, allowing the Rz(pi) twin);
+  two checkpoints (median angle, allowing the Rz(pi) twin); after the exact EMC iterations these are the last
+  two iterations (each is checkpointed), not the poses before and after the polish, which it is meant to move;
 - **information gain**: the fitted 3D model must explain the probe patterns better than the best
   orientation-free model, the spherically averaged intensity ``I(|q|)`` of the same patterns (both
   with each pattern's maximum-likelihood fluence scale). The gain is reported in nats per photon; a
