@@ -76,6 +76,7 @@ __all__ = [
     "QUATERNION_CONVENTION",
     "DataFormatError",
     "H5Writer",
+    "normalise_indices",
     "SPIDataset",
     "write_simulation",
     "quaternions_to_rotations",
@@ -88,6 +89,27 @@ QUATERNION_CONVENTION = (
 )
 _GEOMETRY_ATTRS = ("photon_energy_ev", "pixel_size_m", "distance_m", "n_x", "n_y")
 _CACHE_BYTES = 64 * 1024 * 1024
+
+
+def normalise_indices(indices: int | slice | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+    """Pattern ``indices`` (an int, a slice, or a 1D integer sequence; negatives count from the end) of a data
+    set of ``n`` patterns as ``(B,)`` int64 in ``[0, n)``.
+
+    Raises:
+        ValueError: not integers, or not 1D.
+        IndexError: out of range.
+    """
+    if isinstance(indices, slice):
+        return np.arange(n)[indices]
+    idx = np.asarray(indices)
+    if idx.ndim == 0:
+        idx = idx.reshape(1)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError(f"indices: expected integers (1D), got dtype {idx.dtype} shape {idx.shape}")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
+    return np.where(idx < 0, idx + n, idx)
 
 
 class DataFormatError(ValueError):
@@ -594,27 +616,13 @@ class SPIDataset:
         return float(self._file["truth"].attrs["photons_per_unit_intensity"])
 
     # ------------------------------------------------------------------ reading
-    def _normalise_indices(self, indices: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        n = self.n_patterns
-        if isinstance(indices, slice):
-            return np.arange(n)[indices]
-        idx = np.asarray(indices)
-        if idx.ndim == 0:
-            idx = idx.reshape(1)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise ValueError(f"indices: expected integers (1D), got dtype {idx.dtype} shape {idx.shape}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
-        return np.where(idx < 0, idx + n, idx)
-
     def read(self, indices: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Counts of the given patterns, ``(B, n_y, n_x)`` float32, masked pixels set to 0.
 
         Raises:
             DataFormatError: a good-pixel value is negative or non-finite (names the pattern index).
         """
-        idx = self._normalise_indices(indices)
+        idx = normalise_indices(indices, self.n_patterns)
         if idx.size == 0:
             return np.zeros((0, *self.shape), dtype=np.float32)
         order = np.argsort(idx, kind="stable")

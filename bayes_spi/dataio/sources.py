@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 from bayes_spi.config.commands import flag
-from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset
+from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset, normalise_indices
 from bayes_spi.geometry import HC_EV_A, POLARIZATIONS, Beam, Detector, Geometry
 
 __all__ = [
@@ -110,27 +110,13 @@ class PatternSource:
     def __len__(self) -> int:
         return self.n_patterns
 
-    def _normalise_indices(self, indices: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
-        n = self.n_patterns
-        if isinstance(indices, slice):
-            return np.arange(n)[indices]
-        idx = np.asarray(indices)
-        if idx.ndim == 0:
-            idx = idx.reshape(1)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise ValueError(f"indices: expected integers (1D), got dtype {idx.dtype} shape {idx.shape}")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
-        return np.where(idx < 0, idx + n, idx)
-
     def read(self, indices: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         """Counts of the given patterns, ``(B, n_y, n_x)`` float32, masked pixels set to 0.
 
         Raises:
             DataFormatError: a good-pixel value is negative, non-finite or not a whole number (names the pattern).
         """
-        idx = self._normalise_indices(indices)
+        idx = normalise_indices(indices, self.n_patterns)
         if idx.size == 0:
             return np.zeros((0, *self.shape), dtype=np.float32)
         unique, inverse = np.unique(idx, return_inverse=True)
@@ -172,12 +158,8 @@ class PatternSource:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream one epoch in batches: ``(indices (B,) int64, counts (B, n_y, n_x) float32)``; see
         :meth:`SPIDataset.iter_batches` (``start`` skips batches without reading them)."""
-        if isinstance(start, bool) or int(start) != start or start < 0:
-            raise ValueError(f"start: expected a non-negative integer, got {start!r}")
-        for number, idx in enumerate(self.batch_indices(batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                                                        buffer_chunks=buffer_chunks)):
-            if number >= start:
-                yield idx, self.read(idx)
+        return SPIDataset.iter_batches(self, batch_size, shuffle=shuffle, seed=seed,  # type: ignore[arg-type]
+                                       start=start, epoch=epoch, buffer_chunks=buffer_chunks)
 
     # ------------------------------------------------------------------ truth: none
     def _no_truth(self, name: str) -> DataFormatError:
