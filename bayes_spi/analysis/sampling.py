@@ -157,11 +157,6 @@ def diameter_from_profile(q: np.ndarray, intensity: np.ndarray, level: float = G
     return float(np.interp(edge, edges[:stop], diameters[:stop]))
 
 
-def _sphere_amplitude2(x: np.ndarray) -> np.ndarray:
-    x = np.where(x < 1e-6, 1e-6, x)
-    return (3 * (np.sin(x) - x * np.cos(x)) / x**3) ** 2
-
-
 def diameter_from_contrast(lag_q: np.ndarray, contrast: np.ndarray, d_min: float, d_max: float) -> float:
     """Particle diameter (A) from a speckle-contrast curve: least squares of ``a |Phi(pi dq D)|^2 + c``.
 
@@ -172,7 +167,7 @@ def diameter_from_contrast(lag_q: np.ndarray, contrast: np.ndarray, d_min: float
 
     Example:
         >>> dq = np.arange(1, 16) / 170.0
-        >>> c = 0.8 * _sphere_amplitude2(np.pi * dq * 60.0) + 0.1
+        >>> c = 0.8 * _sphere_profile(dq, 60.0) + 0.1
         >>> round(diameter_from_contrast(dq, c, 10.0, 170.0))
         60
     """
@@ -186,7 +181,7 @@ def diameter_from_contrast(lag_q: np.ndarray, contrast: np.ndarray, d_min: float
     dq, c = lag_q[ok], contrast[ok]
     best, best_d = np.inf, float("nan")
     for d in np.geomspace(d_min, d_max, 200):
-        X = np.stack([_sphere_amplitude2(np.pi * dq * d), np.ones_like(dq)], axis=1)
+        X = np.stack([_sphere_profile(dq, d), np.ones_like(dq)], axis=1)
         coef = np.linalg.lstsq(X, c, rcond=None)[0]
         r = float(np.sum((X @ coef - c) ** 2))
         if coef[0] > 0 and r < best:
