@@ -79,8 +79,7 @@ def test_a_central_hole_that_hides_the_central_speckle_switches_to_the_speckle_c
              beamstop_radius=4.0, progress=False)
     with SPIDataset(data) as ds:
         rep = estimate_sampling(ds, n_patterns=600)
-        profile_only = pytest.MonkeyPatch.context()
-        with profile_only as mp:
+        with pytest.MonkeyPatch.context() as mp:  # the radial profile alone
             mp.setattr(sampling, "HIDDEN_CENTRE", np.inf)
             alone = estimate_sampling(ds, n_patterns=600)
     assert alone.diameter_A < 40.0, alone  # the failure this guards against
