@@ -50,7 +50,7 @@ import torch
 
 from bayes_spi.so3 import geodesic_angle, rotz_pi
 
-__all__ = ["Verdict", "assess_fit", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
+__all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
 
 STATUSES = ("converged", "unconverged", "failed")
 
@@ -90,6 +90,10 @@ class Verdict:
             parts.append(f"probe poses moved {c['pose_change_deg']:.1f} deg since the previous checkpoint")
         if c.get("elbo_rel_change") is not None:
             parts.append(f"ELBO trend {100 * c['elbo_rel_change']:+.2f}% per tenth of the images")
+        if c.get("invariant_agreement") is not None:
+            parts.append(f"rotation-invariant agreement with the data {c['invariant_agreement']:.2f}")
+        if c.get("probe_pose_spread") is not None:
+            parts.append(f"pose posterior spread {c['probe_pose_spread']:.1f} grid orientations (median)")
         if c.get("effective_hypotheses") is not None:
             parts.append(f"effective hypotheses per pattern {c['effective_hypotheses']:.1f}")
         head = {"converged": "FIT CONVERGED", "unconverged": "FIT NOT CONVERGED",
@@ -168,8 +172,15 @@ def elbo_checks(rows: list[dict[str, float]], after_step: int = 0) -> dict[str, 
     return out
 
 
-#: above this fraction of held-out patterns without a decisive pose (best refined weight < 0.9) the fit is unconverged
+#: a held-out pattern whose pose posterior spreads over more than this many grid orientations (``exp`` of its
+#: entropy on the search grid) is ambiguous; a pose and its Rz(pi) twin, each over a couple of grid points, is ~4
+MAX_POSE_SPREAD = 8.0
+#: above this fraction of ambiguous held-out patterns the fit is unconverged (the poses are not determined)
 MAX_AMBIGUOUS = 0.5
+#: below this rotation-invariant agreement (:func:`bayes_spi.analysis.invariants.invariant_agreement`) the fit failed
+MIN_INVARIANT_AGREEMENT = 0.88
+#: patterns read for the rotation-invariant check (streamed from the start of the data)
+INVARIANT_PATTERNS = 16384
 
 
 def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
@@ -242,18 +253,58 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
 
 @torch.no_grad()
 def pose_decisiveness(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
-    """How decisive the poses of ``images (B, n_y, n_x)`` are: the guide's proposals and their Rz(pi) twins
-    refined on all good pixels (:class:`bayes_spi.infer.outputs.PoseRefiner`, the step of ``posterior.h5``);
-    ``probe_mean_best_weight`` and ``probe_ambiguous_fraction`` (best weight < 0.9). Empty without a search.
-    ``model`` is the guide's search's model (kept for the callers' signature)."""
-    from bayes_spi.infer.outputs import PoseRefiner
+    """How far the data determine the poses of ``images (B, n_y, n_x)``: the spread of each pattern's pose
+    posterior over the orientation search's grid (likelihood weights against the fitted field, uniform prior),
+    as an effective number of grid orientations ``exp(H)``.
 
-    if getattr(guide, "search", None) is None:
+    A pattern whose pose is pinned up to a few discrete modes (its Rz(pi) twin, the mates of a nearly symmetric
+    particle) spreads over a handful of orientations; one the data do not pin spreads over tens or hundreds.
+    Returns ``probe_pose_spread`` (the median ``exp(H)``), ``probe_ambiguous_fraction`` (the fraction above
+    :data:`MAX_POSE_SPREAD`) and, for the record, ``probe_mean_best_weight`` (the guide's mean best weight in
+    eval mode). Empty without a search. ``model`` is kept for the callers' signature."""
+    search = getattr(guide, "search", None)
+    if search is None:
         return {}
     pixels = torch.nonzero(good.reshape(-1)).squeeze(-1)
-    _, w, _ = PoseRefiner(guide, pixels)(images)
-    best = w.max(-1).values
-    return {"probe_mean_best_weight": float(best.mean()), "probe_ambiguous_fraction": float((best < 0.9).double().mean())}
+    search.refresh()
+    ll = search.grid_loglik(images, pixels).to(torch.float64)  # (B, G)
+    p = torch.softmax(ll, -1)
+    spread = (-(p * p.clamp(min=1e-300).log()).sum(-1)).exp()  # (B,)
+    out = {"probe_pose_spread": float(spread.median()),
+           "probe_ambiguous_fraction": float((spread > MAX_POSE_SPREAD).double().mean())}
+    if hasattr(guide, "evaluating"):
+        with guide.evaluating():
+            post = guide.posterior(images, pixels)
+    else:
+        post = guide.posterior(images, pixels)
+    out["probe_mean_best_weight"] = float(post.weights.max(-1).values.mean())
+    return out
+
+
+def invariant_check(trainer: Any) -> dict[str, Any]:
+    """The rotation-invariant posterior predictive check (:func:`bayes_spi.analysis.invariants.invariant_agreement`)
+    of a trainer's model on the first :data:`INVARIANT_PATTERNS` patterns of its data, streamed. Empty for a model
+    it does not apply to (non-uniform pose prior, a heterogeneous model, no data)."""
+    from bayes_spi.analysis.invariants import invariant_agreement
+    from bayes_spi.models.priors import UniformPosePrior
+
+    model, dataset = trainer.model, getattr(trainer, "dataset", None)
+    if (dataset is None or not hasattr(model, "total_log_rate")
+            or not isinstance(getattr(model, "pose_prior", None), UniformPosePrior)):
+        return {}
+    n = min(int(dataset.n_patterns), INVARIANT_PATTERNS)
+
+    def batches() -> Any:
+        seen = 0
+        for _, counts in dataset.iter_batches(512, shuffle=False):
+            if seen >= n:
+                return
+            counts = torch.as_tensor(counts[: n - seen])
+            seen += counts.shape[0]
+            yield counts
+
+    pixels = torch.nonzero(trainer._good.reshape(-1)).squeeze(-1)
+    return invariant_agreement(model, pixels, batches(), n_rotations=1024)
 
 
 def assess_fit(trainer: Any) -> Verdict:
@@ -298,8 +349,16 @@ def assess_fit(trainer: Any) -> Verdict:
         checks.update(dec)
         if dec and dec["probe_ambiguous_fraction"] > MAX_AMBIGUOUS:
             reasons_unc.append(f"the poses are not determined: {100 * dec['probe_ambiguous_fraction']:.0f}% of the "
-                               "held-out patterns have no pose hypothesis of weight >= 0.9 after refinement (> "
-                               f"{100 * MAX_AMBIGUOUS:.0f}%; 7-29% on fits that found the truth, 84% on one that did "
-                               "not): too few photons for this particle, or a wrong structure")
+                               f"held-out patterns spread their pose posterior over more than {MAX_POSE_SPREAD:.0f} "
+                               f"grid orientations (> {100 * MAX_AMBIGUOUS:.0f}%; median spread "
+                               f"{dec['probe_pose_spread']:.1f}; 1-3 on fits that found the truth, 22 on a 1e2-photon fit "
+                               "that did not): too few photons for this particle, or a wrong structure")
+    inv = invariant_check(trainer)
+    checks.update(inv)
+    if inv.get("invariant_agreement") is not None and inv["invariant_agreement"] < MIN_INVARIANT_AGREEMENT:
+        reasons_fail.append(f"the fitted intensity does not reproduce the data's rotation-invariant angular "
+                            f"correlations (agreement {inv['invariant_agreement']:.2f} < {MIN_INVARIANT_AGREEMENT}; "
+                            "0.92-0.99 on fits that found the truth, 0.82-0.84 on a self-consistent wrong one): "
+                            "a wrong or incomplete structure; try `--half-sets`, `--symmetry` or more patterns")
     status = "failed" if reasons_fail else ("unconverged" if reasons_unc else "converged")
     return Verdict(status, reasons_fail + reasons_unc, checks)
