@@ -17,18 +17,27 @@ that use only the data and the run itself:
   orientation-free model, the spherically averaged intensity ``I(|q|)`` of the same patterns (both
   with each pattern's maximum-likelihood fluence scale). The gain is reported in nats per photon; a
   model that learned no 3D structure (a collapsed field, random poses) gains ~0 or less;
+- **pose spread**: each held-out pattern's pose posterior over the search grid (likelihood weights against the
+  fitted field) spreads over ``exp(H)`` grid orientations; a few (a pose, its Rz(pi) twin, the mates of a
+  nearly symmetric particle) is a determined pose, honestly multimodal; more than :data:`MAX_POSE_SPREAD` for
+  more than half of the patterns means the data do not determine the poses (*unconverged*);
+- **rotation-invariant agreement** (:mod:`bayes_spi.analysis.invariants`): the fitted intensity, at uniformly
+  random poses, must reproduce the angular correlations between detector rings measured from the counts,
+  which no pose assignment can change; a self-consistent wrong structure (decisive, stable poses of a nearly
+  symmetric particle in a wrong frame) fails it (*failed* below :data:`MIN_INVARIANT_AGREEMENT`);
 - **hypothesis weights**: the mean effective number of hypotheses ``exp(H(w))`` (reported; a broad
   posterior is honest at low photon counts and is not by itself a failure).
 
 Statuses: ``converged`` (all checks pass), ``unconverged`` (schedule incomplete or ELBO still rising:
-run longer), ``failed`` (no information gain, unstable poses or spikes).
+run longer, or poses not determined), ``failed`` (no information gain, unstable poses, spikes, or no
+rotation-invariant agreement).
 
 The probe patterns are held out of training (:class:`~bayes_spi.infer.trainer.Trainer` keeps 1/32 of the
 data, 2 to 256 patterns, for this), so a field fitted to noise cannot earn information on them. Limits:
 "converged" means the fit finished, is stable and learned 3D structure that predicts unseen patterns; it
-does not mean the structure is right. A fit stuck in a wrong but self-consistent solution (e.g. a twin-mixed
-field, or a nearly symmetric particle fitted in another symmetry-related frame) can pass. Two independent
-fits that agree (``bayes-spi fit --half-sets``) are the truth-free test of that. The verdict goes to stdout/stderr,
+does not mean the structure is right. The rotation-invariant check catches the one self-consistent wrong
+solution measured (a near-octahedral 6-mer, BENCHMARKS.md), by a modest margin; two independent fits that
+agree (``bayes-spi fit --half-sets``) remain the stronger truth-free test. The verdict goes to stdout/stderr,
 ``run.log``, ``verdict.json``, ``evaluation.json`` and the report.
 
 Example::
