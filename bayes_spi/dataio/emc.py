@@ -42,12 +42,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
-from bayes_spi.dataio.h5 import DataFormatError
+from bayes_spi.dataio.h5 import DataFormatError, normalise_indices
 
 __all__ = ["HEADER_BYTES", "EMC_TYPES", "EmcFile", "EmcH5File", "EmcDataset", "read_photons_list"]
 
@@ -58,18 +57,6 @@ HEADER_BYTES: int = 1024
 EMC_TYPES: dict[int, str] = {0: "sparse", 1: "dense int32", 2: "dense float64"}
 
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def _index_array(indices: Any, n: int) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.ndim == 0:
-        idx = idx.reshape(1)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ValueError(f"indices: expected integers (1D), got dtype {idx.dtype} shape {idx.shape}")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
-    return idx
 
 
 class EmcFile:
@@ -184,7 +171,7 @@ class EmcFile:
             IndexError: an index outside ``[0, num_data)``.
             DataFormatError: a pixel index outside ``[0, num_pix)`` or a count below 1 (names the frame).
         """
-        idx = _index_array(indices, self.num_data)
+        idx = normalise_indices(indices, self.num_data, negative=False)
         unique, inverse = np.unique(idx, return_inverse=True)
         out = np.zeros((len(unique), self.num_pix), dtype=np.int64)
         if len(unique) == 0:
@@ -284,7 +271,7 @@ class EmcH5File:
     def read_pixels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Dense frames ``(B, num_pix)`` int32 of the given frame indices (in that order); runs of consecutive
         frames are read as one slice of each list."""
-        idx = _index_array(indices, self.num_data)
+        idx = normalise_indices(indices, self.num_data, negative=False)
         unique, inverse = np.unique(idx, return_inverse=True)
         out = np.zeros((len(unique), self.num_pix), dtype=np.int64)
         breaks = np.nonzero(np.diff(unique) != 1)[0] + 1
@@ -402,7 +389,7 @@ class EmcDataset:
 
     def read_pixels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Dense frames ``(B, num_pix)`` int32 of global frame indices (in that order)."""
-        idx = _index_array(indices, self.num_data)
+        idx = normalise_indices(indices, self.num_data, negative=False)
         out = np.empty((len(idx), self.num_pix), dtype=np.int32)
         which = np.searchsorted(self.offsets, idx, side="right") - 1
         for f in np.unique(which):

@@ -91,9 +91,9 @@ _GEOMETRY_ATTRS = ("photon_energy_ev", "pixel_size_m", "distance_m", "n_x", "n_y
 _CACHE_BYTES = 64 * 1024 * 1024
 
 
-def normalise_indices(indices: int | slice | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
-    """Pattern ``indices`` (an int, a slice, or a 1D integer sequence; negatives count from the end) of a data
-    set of ``n`` patterns as ``(B,)`` int64 in ``[0, n)``.
+def normalise_indices(indices: int | slice | Sequence[int] | np.ndarray, n: int, negative: bool = True) -> np.ndarray:
+    """Pattern ``indices`` (an int, a slice, or a 1D integer sequence; negatives count from the end unless
+    ``negative=False``, which refuses them) of a data set of ``n`` patterns as ``(B,)`` int64 in ``[0, n)``.
 
     Raises:
         ValueError: not integers, or not 1D.
@@ -107,7 +107,7 @@ def normalise_indices(indices: int | slice | Sequence[int] | np.ndarray, n: int)
     if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
         raise ValueError(f"indices: expected integers (1D), got dtype {idx.dtype} shape {idx.shape}")
     idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < -n or idx.max() >= n):
+    if idx.size and (idx.min() < (-n if negative else 0) or idx.max() >= n):
         raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
     return np.where(idx < 0, idx + n, idx)
 
