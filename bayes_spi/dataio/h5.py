@@ -71,6 +71,7 @@ from bayes_spi import __version__
 from bayes_spi.geometry import Geometry
 
 __all__ = [
+    "check_counts",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "QUATERNION_CONVENTION",
@@ -110,6 +111,28 @@ def normalise_indices(indices: int | slice | Sequence[int] | np.ndarray, n: int,
     if idx.size and (idx.min() < (-n if negative else 0) or idx.max() >= n):
         raise IndexError(f"indices: expected values in [0, {n}), got min {idx.min()} max {idx.max()}")
     return np.where(idx < 0, idx + n, idx)
+
+
+def check_counts(good: np.ndarray, idx: np.ndarray, path: str | os.PathLike[str], field: str) -> None:
+    """Refuse counts that are not photon counts: ``good (B, M)`` (the good pixels of patterns ``idx (B,)``) must be
+    finite, whole numbers (float dtypes allowed) and non-negative.
+
+    Raises:
+        DataFormatError: naming ``path``, ``field``, the first offending pattern index and value.
+    """
+    if np.issubdtype(good.dtype, np.floating):
+        bad = ~np.isfinite(good).all(axis=1)
+        if bad.any():
+            raise DataFormatError(path, field, "finite values", f"NaN or infinity in pattern index {int(idx[np.argmax(bad)])}")
+        frac = (good != np.round(good)).any(axis=1)
+        if frac.any():
+            i = int(np.argmax(frac))
+            value = float(good[i][good[i] != np.round(good[i])][0])
+            raise DataFormatError(path, field, "whole photon counts (float dtype allowed, integer values)",
+                                  f"non-integer value {value:g} in pattern index {int(idx[i])}")
+    neg = (good < 0).any(axis=1)
+    if neg.any():
+        raise DataFormatError(path, field, "non-negative counts", f"negative value in pattern index {int(idx[np.argmax(neg)])}")
 
 
 class DataFormatError(ValueError):
@@ -639,22 +662,7 @@ class SPIDataset:
         return data
 
     def _check_values(self, data: np.ndarray, idx: np.ndarray) -> None:
-        good = data[:, self.mask]
-        if self._float_counts:
-            bad = ~np.isfinite(good).all(axis=1)
-            if bad.any():
-                raise self._error("/data/counts", "finite values",
-                                  f"NaN or infinity in pattern index {int(idx[np.argmax(bad)])}")
-            frac = (good != np.round(good)).any(axis=1)
-            if frac.any():
-                i = int(np.argmax(frac))
-                value = float(good[i][good[i] != np.round(good[i])][0])
-                raise self._error("/data/counts", "whole photon counts (float dtype allowed, integer values)",
-                                  f"non-integer value {value:g} in pattern index {int(idx[i])}")
-        neg = (good < 0).any(axis=1)
-        if neg.any():
-            raise self._error("/data/counts", "non-negative counts",
-                              f"negative value in pattern index {int(idx[np.argmax(neg)])}")
+        check_counts(data[:, self.mask], idx, self.path, "/data/counts")
 
     def batch_indices(
         self, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, buffer_chunks: int = 8

@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 from bayes_spi.config.commands import flag
-from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset, normalise_indices
+from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset, check_counts, normalise_indices
 from bayes_spi.geometry import HC_EV_A, POLARIZATIONS, Beam, Detector, Geometry
 
 __all__ = [
@@ -121,20 +121,7 @@ class PatternSource:
             return np.zeros((0, *self.shape), dtype=np.float32)
         unique, inverse = np.unique(idx, return_inverse=True)
         raw = np.asarray(self._read_sorted(unique))
-        good = raw[:, self.mask]
-        if np.issubdtype(good.dtype, np.floating):
-            bad = ~np.isfinite(good).all(axis=1)
-            if bad.any():
-                raise DataFormatError(self.path, self.field, "finite values",
-                                      f"NaN or infinity in pattern index {int(unique[np.argmax(bad)])}")
-            frac = (good != np.round(good)).any(axis=1)
-            if frac.any():
-                raise DataFormatError(self.path, self.field, "whole photon counts",
-                                      f"a non-integer value in pattern index {int(unique[np.argmax(frac)])}")
-        neg = (good < 0).any(axis=1)
-        if neg.any():
-            raise DataFormatError(self.path, self.field, "non-negative counts",
-                                  f"negative value in pattern index {int(unique[np.argmax(neg)])}")
+        check_counts(raw[:, self.mask], unique, self.path, self.field)
         data = raw.astype(np.float32)[inverse.reshape(-1)]
         data[:, ~self.mask] = 0.0
         return data

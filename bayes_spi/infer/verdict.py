@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bayes_spi.config.commands import flag
 from bayes_spi.so3 import geodesic_angle, rotz_pi
 
 __all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
@@ -368,6 +369,6 @@ def assess_fit(trainer: Any) -> Verdict:
         reasons_fail.append(f"the fitted intensity does not reproduce the data's rotation-invariant angular "
                             f"correlations (agreement {inv['invariant_agreement']:.2f} < {MIN_INVARIANT_AGREEMENT}; "
                             "0.92-0.99 on fits that found the truth, 0.82-0.84 on a self-consistent wrong one): "
-                            "a wrong or incomplete structure; try `--half-sets`, `--symmetry` or more patterns")
+                            f"a wrong or incomplete structure; try `{flag('half_sets')}`, `{flag('symmetry')}` or more patterns")
     status = "failed" if reasons_fail else ("unconverged" if reasons_unc else "converged")
     return Verdict(status, reasons_fail + reasons_unc, checks)
