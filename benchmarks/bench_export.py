@@ -7,8 +7,9 @@ one thread, on the first ``--patterns`` patterns:
   scores on the field, then the two-pass Gauss-Newton of ``--reference``: a copy of the old
   ``bayes_spi/posterior/local.py``, e.g. ``git show 89a8557:bayes_spi/posterior/local.py > /tmp/local_ref.py``),
   batches of 128, and the current :func:`bayes_spi.infer.outputs.write_posterior`;
-- ``bayes-spi posterior`` (netCDF, 200 draws): refined on the field (default), on the cached cube
-  (``--refine-on cache``), summaries only;
+- ``bayes-spi posterior`` (netCDF, 200 draws): refined on the field itself (``--refine-on field``), on the
+  default cube (four times as fine as the search's), on ``posterior.h5``'s cube (twice as fine: the default
+  before 2026-11-30), summaries only;
 - the fit's training throughput on the same data and detector: ``--steps`` SVI steps of the run's settings
   (batch ``--batch-size``), as ``benchmarks/bench_profile.py`` times them.
 
@@ -131,10 +132,15 @@ def main() -> None:
                 zip(("cpu", "wall"), timed(lambda: reference_export(trained.guide, head, ref))), n=head.n_patterns)
         rows["posterior.h5, now"] = dict(zip(("cpu", "wall"), timed(
             lambda: write_posterior(trained.guide, head, Path(tmp) / "p.h5"))), n=head.n_patterns)
-        for name, kw, n in [("bayes-spi posterior, refined on the field", {}, args.nc_patterns),
-                            ("bayes-spi posterior --refine-on cache", {"refine_on": "cache"}, args.patterns),
-                            ("bayes-spi posterior --refine-on cache --summaries-only",
-                             {"refine_on": "cache", "summaries_only": True}, args.patterns)]:
+        from bayes_spi.infer.outputs import refine_cache_grid
+        from bayes_spi.posterior.netcdf import export_cache_grid
+
+        g4, g2 = export_cache_grid(trained.guide), refine_cache_grid(trained.guide)
+        for name, kw, n in [("bayes-spi posterior --refine-on field", {"refine_on": "field"}, args.nc_patterns),
+                            (f"bayes-spi posterior (default: cube {g4}^3)", {}, args.patterns),
+                            (f"bayes-spi posterior --cache-grid {g2} (posterior.h5's)", {"cache_grid": g2},
+                             args.patterns),
+                            ("bayes-spi posterior --summaries-only", {"summaries_only": True}, args.patterns)]:
             st = ExportSettings(max_patterns=n, **kw)
             rows[name] = dict(zip(("cpu", "wall"), timed(
                 lambda: write_posterior_netcdf(trained, ds, Path(tmp) / "p.nc", st))), n=n)

@@ -10,7 +10,9 @@ pattern). Open it with `arviz.from_netcdf(OUT)`. --summaries-only leaves the dra
 the summaries alone, ~300 bytes per pattern instead of ~8 kB at 200 draws.
 
 By default the guide's two most probable hypotheses per pattern are refined on all pixels (Gauss-Newton on
-the model's likelihood; Laplace covariances and evidence weights), and the pose and log-scale spreads are
+the model's likelihood; Laplace covariances and evidence weights), reading log I from a cube filled from the
+trained field once, four times as fine as the orientation search's (--refine-on field: the field itself at
+every step, 7-10x slower, the same calibration), and the pose and log-scale spreads are
 multiplied by temperatures (--pose-temperature, --scale-temperature, or --calibration FILE; defaults
 calibrated on the foundation benchmark). --no-refine exports the amortized guide as trained: faster, but
 its spreads ignore the encoder's pose errors and are far too narrow.
@@ -83,9 +85,13 @@ def _recorded_source(run: Path, data: Path) -> Any:
                    "from the priors, counts through the same detector, DATA's mean photons), fit the temperatures "
                    "on them and use them; writes calibration.json (source: self-simulation) beside OUT. They "
                    "exclude the field's own error (see BENCHMARKS.md).")
-@click.option("--refine-on", "refine_on", type=click.Choice(["field", "cache"]), default="field", show_default=True,
-              help="What the refinement evaluates: the trained field itself (exact; the temperatures are calibrated "
-                   "for it) or a cached log I cube twice as fine as the search's (as posterior.h5; ~10x faster).")
+@click.option("--refine-on", "refine_on", type=click.Choice(["field", "cache"]), default="cache", show_default=True,
+              help="What the refinement evaluates: a cached log I cube four times as fine as the search's (7-10x "
+                   "faster) or the trained field itself at every step (exact); the default temperatures hold for "
+                   "both (BENCHMARKS.md).")
+@click.option("--cache-grid", "cache_grid", type=click.IntRange(min=3), default=None,
+              help="Voxels per side (odd) of the cube of --refine-on cache [default: four times as fine as the "
+                   "fit's orientation search cube, at most 321].")
 @click.option("--summaries-only", "summaries_only", is_flag=True,
               help="Write only the per-pattern summaries (sample_stats: mean pose, credible-cone radii, fluence "
                    "mean/sd/HDI, hypothesis weights and spreads; observed_data), not the --draws draws per pattern "
@@ -98,7 +104,8 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
             calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, refine_on: str,
-            summaries_only: bool, device: str, force: bool, progress: bool, **source_kwargs: Any) -> None:
+            cache_grid: int | None, summaries_only: bool, device: str, force: bool, progress: bool,
+            **source_kwargs: Any) -> None:
     from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.load import load_trained
@@ -118,11 +125,13 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
             pose_temperature, scale_temperature = load_calibration(calibration)
         except (FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
+    if cache_grid is not None and cache_grid % 2 == 0:
+        raise click.BadParameter(f"expected an odd number of voxels, got {cache_grid}", param_hint="--cache-grid")
     check_device(device)
     settings = ExportSettings(n_draws=draws, batch_size=batch_size, seed=seed, score_pixels=score_pixels,
                               refine=refine, n_refine=n_refine, pose_temperature=pose_temperature,
                               scale_temperature=scale_temperature, max_patterns=max_patterns,
-                              summaries_only=summaries_only, refine_on=refine_on)
+                              summaries_only=summaries_only, refine_on=refine_on, cache_grid=cache_grid)
     try:
         trained = load_trained(run, device=device)
     except (FileNotFoundError, ValueError) as exc:
@@ -242,7 +251,7 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
     what = "summaries" if settings.summaries_only else f"{draws} draws"
     click.echo(f"wrote {os.fspath(out)}: {n} patterns x {what} in {wall:.1f} s ({n / wall:.1f} patterns/s); "
                f"temperatures pose {settings.pose_temperature:g} scale {settings.scale_temperature:g}, "
-               f"refine {'on' if refine else 'off'}")
+               f"refine {'on ' + settings.refine_on if refine else 'off'}")
     if truth:
         try:
             cov = coverage_from_netcdf(out, data)

@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -63,11 +64,15 @@ from bayes_spi.so3 import rotmat_to_quat_wxyz, rotmat_to_rotvec
 __all__ = [
     "DEFAULT_POSE_TEMPERATURE",
     "DEFAULT_SCALE_TEMPERATURE",
+    "EXPORT_CACHE_FACTOR",
+    "MAX_EXPORT_CACHE_GRID",
     "QUATERNION_CONVENTION",
     "ExportSettings",
     "PosteriorNetCDFWriter",
+    "export_cache_grid",
     "guide_batches",
     "export_batches",
+    "export_log_cube",
     "write_posterior_netcdf",
 ]
 
@@ -80,6 +85,15 @@ ROTVEC_CONVENTION = "axis * angle (rad), angle in [0, pi]; the same rotation R a
 DEFAULT_POSE_TEMPERATURE = 1.2
 #: log-scale temperature of the refined posterior, calibrated the same way (patterns 0-2047 of that benchmark)
 DEFAULT_SCALE_TEMPERATURE = 1.1
+#: the default refinement (``refine_on="cache"``) reads ``log I`` from a cube this many times finer than the
+#: orientation search's: fine enough that its trilinear interpolation adds no measurable error to the
+#: posterior, so the temperatures above (calibrated on the field) hold for it. Measured on 1024 patterns
+#: simulated from the demo's fitted model (its field is then exact; BENCHMARKS.md, issue 10): temperatures
+#: that make the cones nominal 1.18 / 1.06 (pose / scale) refined on the field, 1.16 / 1.07 on this cube
+#: (129^3), but 1.36 / 1.17 on the twice-as-fine cube of ``posterior.h5`` (65^3)
+EXPORT_CACHE_FACTOR = 4
+#: the largest export cube (voxels per side; 321^3 float32: 132 MB), reached for the largest search cube (81)
+MAX_EXPORT_CACHE_GRID = 321
 
 MEAN_POSE_DEFINITION = ("chordal L2 mean: E[R] over the draws projected onto SO(3) (SVD); cones are geodesic "
                         "balls around it whose radius is the quantile of the draws' angles to it")
@@ -104,8 +118,12 @@ class ExportSettings:
         max_patterns: export at most this many patterns (``None``: all).
         first_pattern: index of the first pattern exported (patterns ``first_pattern, first_pattern + 1, ...``).
         extra_attrs: more attributes for the file.
-        refine_on: ``"field"`` (the trained field itself, exact; the calibrated default) or ``"cache"`` (a
-            trilinear ``log I`` cube twice as fine as the search's, as ``posterior.h5``: ~10x faster).
+        refine_on: ``"cache"`` (the default: ``log I`` read trilinearly from a cube of ``cache_grid^3`` voxels
+            filled from the trained field once, 7-10x faster than the field) or ``"field"`` (the trained field
+            itself at every Gauss-Newton iteration, exact). The default temperatures hold for both (see
+            :data:`EXPORT_CACHE_FACTOR`).
+        cache_grid: voxels per side of that cube (odd; ``None``: :func:`export_cache_grid`, four times as fine
+            as the orientation search's cube).
         summaries_only: write only the per-pattern summaries (groups ``sample_stats`` and ``observed_data``),
             not the ``posterior`` group of ``n_draws`` draws per pattern (~40 bytes per draw: 8 kB per pattern
             at 200 draws); the summaries (cone radii, HDIs) are still computed from ``n_draws`` draws.
@@ -125,11 +143,15 @@ class ExportSettings:
     first_pattern: int = 0
     extra_attrs: dict[str, Any] = field(default_factory=dict)
     summaries_only: bool = False
-    refine_on: str = "field"
+    refine_on: str = "cache"
+    cache_grid: int | None = None
 
     def __post_init__(self) -> None:
         if self.refine_on not in ("field", "cache"):
             raise ValueError(f"expected refine_on 'field' or 'cache', got {self.refine_on!r}")
+        if self.cache_grid is not None and (isinstance(self.cache_grid, bool) or int(self.cache_grid) != self.cache_grid
+                                            or self.cache_grid < 3 or self.cache_grid % 2 == 0):
+            raise ValueError(f"expected cache_grid an odd integer >= 3 or None, got {self.cache_grid!r}")
         for name in ("n_draws", "batch_size", "n_refine"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
@@ -168,8 +190,43 @@ class ExportSettings:
             "credible_masses": np.asarray(self.levels, dtype=np.float64),
             "summaries_only": int(self.summaries_only), "refine_on": str(self.refine_on),
         }
+        if self.refine and self.refine_on == "cache" and self.cache_grid is not None:
+            out["cache_grid"] = int(self.cache_grid)
         out.update(self.extra_attrs)
         return out
+
+
+def export_cache_grid(guide: Any) -> int:
+    """Voxels per side of the ``log I`` cube the default export refines on: :data:`EXPORT_CACHE_FACTOR` times
+    as fine as the guide's orientation search cube (``n`` voxels: ``4 (n - 1) + 1``; 41 without a search),
+    at most :data:`MAX_EXPORT_CACHE_GRID`."""
+    search = getattr(guide, "search", None)
+    base = int(search.cache_grid) if search is not None else 41
+    return int(min(EXPORT_CACHE_FACTOR * (base - 1) + 1, MAX_EXPORT_CACHE_GRID))
+
+
+@torch.no_grad()
+def export_log_cube(field: Any, n: int, q_max: float, chunk: int = 65536) -> Tensor:
+    """``log I`` on the ``n^3`` cube over ``[-q_max, q_max]^3`` for the export's refinement, ``(1, 1, n, n, n)``.
+
+    The values of :func:`bayes_spi.infer.outputs.field_log_cache` (indexed ``[ix, iy, iz]``) wherever a trilinear
+    read at ``|x| <= q_max`` can look: the field is evaluated only at voxels within ``q_max + sqrt(3) h`` of the
+    origin (``h`` the voxel spacing: ~57% of the cube), one ``x`` plane at a time (no ``n^3 x 3`` array of
+    points: 321^3 would be 400 MB); the corners beyond hold the smallest value computed. The export reads at
+    rotated detector ``q`` (``|q| <= q_max``, the model's ``q_max`` being the largest pixel ``|q|``).
+    """
+    dev = next(field.parameters()).device
+    ax = torch.linspace(-q_max, q_max, n, device=dev)
+    yz = torch.stack(torch.meshgrid(ax, ax, indexing="ij"), dim=-1).reshape(-1, 2)  # (n^2, 2): [iy, iz]
+    reach = q_max + 3.0**0.5 * 2.0 * q_max / max(n - 1, 1) + 1e-6 * q_max
+    out = torch.full((n, n * n), float("inf"), device=dev)
+    for ix in range(n):
+        inside = torch.nonzero(ax[ix] ** 2 + (yz**2).sum(-1) <= reach**2).squeeze(-1)
+        pts = torch.cat([ax[ix].expand(inside.numel(), 1), yz[inside]], dim=-1)
+        for i in range(0, inside.numel(), chunk):
+            out[ix, inside[i:i + chunk]] = field.log_intensity(pts[i:i + chunk]).to(out.dtype)
+    out[torch.isinf(out)] = out[torch.isfinite(out)].min()
+    return out.reshape(1, 1, n, n, n)
 
 
 def _arviz_attrs() -> dict[str, str]:
@@ -398,11 +455,10 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     mask = torch.as_tensor(dataset.mask) & guide.mask.cpu()  # the run's mask (e.g. fit's extra mask) too
     log_intensity = None
     if settings.refine and settings.refine_on == "cache":
-        from bayes_spi.infer.outputs import field_log_cache, refine_cache_grid
         from bayes_spi.posterior.refine import cached_log_intensity
 
-        log_intensity = cached_log_intensity(field_log_cache(model.field, refine_cache_grid(guide), model.q_max),
-                                             model.q_max)
+        grid = settings.cache_grid if settings.cache_grid is not None else export_cache_grid(guide)
+        log_intensity = cached_log_intensity(export_log_cube(model.field, grid, model.q_max), model.q_max)
     # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
     # the field): fewer patterns per batch on a large detector (32x32: 128; 128x128: 32 on the field)
     budget = 2**20 if settings.refine_on == "field" else 2**22
@@ -450,6 +506,8 @@ def write_posterior_netcdf(
         ValueError: the data file's pattern shape differs from the run's detector.
     """
     settings = settings or ExportSettings()
+    if settings.refine and settings.refine_on == "cache" and settings.cache_grid is None:  # recorded in the file
+        settings = dataclasses.replace(settings, cache_grid=export_cache_grid(trained.guide))
     shape = tuple(trained.guide.mask.shape)
     if dataset.shape != shape:
         raise ValueError(f"{os.fspath(dataset.path)}: field /data/counts: expected patterns of shape {shape} "

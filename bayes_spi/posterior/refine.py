@@ -25,8 +25,9 @@ pose from 4.8 to 1.0 degrees and the 90% cone coverage from 5% to 77%. The rest 
 trained field's own error, which this posterior (conditional on the field) does not see: see the
 temperatures of :mod:`bayes_spi.posterior.calibration`. Cost: about 3 field evaluations with gradient per
 iteration at ``n_refine x M`` points per pattern (~10 patterns/s at 32x32 on 2 CPU cores); with
-``log_intensity=cached_log_intensity(cube, q_max)`` the field is read from a cached ``log I`` cube instead
-(the cube ``posterior.h5`` refines on), about ten times faster (``bayes-spi posterior --refine-on cache``).
+``log_intensity=cached_log_intensity(cube, q_max)`` the field is read from a cached ``log I`` cube instead,
+7-10x faster: ``bayes-spi posterior``'s default, on a cube four times as fine as the orientation search's
+(:func:`bayes_spi.posterior.netcdf.export_cache_grid`), fine enough that the same temperatures hold.
 
 Example::
 
