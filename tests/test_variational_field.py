@@ -13,7 +13,7 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 
 from bayes_spi.geometry import get_preset
-from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.guides.amortized import AmortizedGuide, count_hypotheses
 from bayes_spi.infer.build import detector_tensors
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import SirenField
@@ -161,10 +161,9 @@ def _tiny(n_total=18, kl_weight=1.0):
     field = make_variational_field(q_max, grid=9, width=16, depth=2, w0=6.0, kl_weight=kl_weight)
     with torch.no_grad():
         field.log_offset.fill_(5.0)
-    guide = AmortizedGuide(mask, n_heads=1, features=16, channels=4)
-    model = SPIModel(field, q, factor, n_hypotheses=guide.n_hypotheses)
-    guide.attach_scorer(model.hypothesis_loglik)
-    guide.attach_field_guide(field.guide_sample)
+    model = SPIModel(field, q, factor, n_hypotheses=count_hypotheses(n_heads=1))
+    guide = AmortizedGuide(mask, n_heads=1, features=16, channels=4, scorer=model.hypothesis_loglik,
+                           field_guide=field.guide_sample)
     images = torch.poisson(torch.full((6, 32, 32), 3.0))
     batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 7.0)
     return model, guide, batch

@@ -23,7 +23,7 @@ An optional measured background ``B_k`` with its fitted scale ``b`` (global or p
 Optional global terms (outside the plate, counted once per step): an ``intensity_prior``
 (:mod:`bayes_spi.models.intensity_priors`, e.g. the Wilson prior) adds the factor site
 ``intensity_prior``; a variational field (:mod:`bayes_spi.models.variational_field`) adds the latent
-site ``amplitude``, which the guide must sample too (``AmortizedGuide.attach_field_guide``).
+site ``amplitude``, which the guide must sample too (``AmortizedGuide(..., field_guide=...)``).
 
 Example:
     >>> import torch

@@ -22,8 +22,8 @@ surrogate posterior, adapted to a 3D continuum):
 
 The model draws ``amplitude`` (:meth:`VariationalAmplitudeField.model_sample`, called by
 :class:`~bayes_spi.models.spi.SPIModel`) and the guide draws it first thing in its ``forward``
-(:meth:`VariationalAmplitudeField.guide_sample`, attached with
-:meth:`~bayes_spi.guides.amortized.AmortizedGuide.attach_field_guide`). Both store the draw in the field,
+(:meth:`VariationalAmplitudeField.guide_sample`, the ``field_guide`` of
+:class:`~bayes_spi.guides.amortized.AmortizedGuide`). Both store the draw in the field,
 and :meth:`log_intensity` uses it while it is set; the model clears it when it returns. With no draw set,
 :meth:`log_intensity` is the log of the posterior **mean** intensity ``E[I(q)]`` (hypothesis scoring
 outside training, the orientation search, export).
