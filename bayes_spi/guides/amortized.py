@@ -52,13 +52,15 @@ from bayes_spi.so3 import rotz_pi, sixd_to_rotmat
 __all__ = ["AmortizedGuide", "FieldGuide", "PosePosterior", "Scorer", "Search", "count_hypotheses"]
 
 #: ``(R (K, B, 3, 3), log_s (B,), images (B, n_y, n_x), pixels (M,)) -> (K, B)`` log-likelihoods (or
-#: log-posteriors) of the pose hypotheses, e.g. :meth:`bayes_spi.models.spi.SPIModel.hypothesis_logpost`.
-Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+#: log-posteriors) of the pose hypotheses, e.g. :meth:`bayes_spi.models.spi.SPIModel.hypothesis_logpost`;
+#: with a ``field_guide``, also called with the keyword ``amplitude=`` (the field's draw, ``(L,)``).
+Scorer = Callable[..., Tensor]
 #: ``(images (B, n_y, n_x), pixels (M,)) -> (B, n_search, 3, 3)`` proposals, e.g.
 #: :class:`bayes_spi.guides.search.OrientationSearch`.
 Search = Callable[[Tensor, Tensor], Tensor]
-#: ``() -> object``: the guide side of a global latent of the model's field, called first in ``forward``.
-FieldGuide = Callable[[], object]
+#: ``() -> Tensor``: the guide side of a global latent of the model's field (samples the site ``amplitude``),
+#: called first in ``forward``; returns the draw ``(L,)``, which the scorer gets as ``amplitude=``.
+FieldGuide = Callable[[], Tensor]
 
 _ROTZ_PI = rotz_pi()
 
@@ -114,7 +116,8 @@ class AmortizedGuide(nn.Module):
         field_guide: a :data:`FieldGuide` called at the start of :meth:`forward`, outside the ``patterns``
             plate: the guide side of a global latent of the model's field, e.g.
             :meth:`bayes_spi.models.variational_field.VariationalAmplitudeField.guide_sample` (site
-            ``amplitude``).
+            ``amplitude``); its draw is passed to ``scorer`` (``amplitude=``), so the hypotheses are scored
+            against the same field the model's likelihood then uses.
 
     The model is not a submodule of the guide: ``scorer``, ``search`` and ``field_guide`` are held outside
     the module tree (not in the guide's ``state_dict``, not moved by ``guide.to``).
@@ -216,13 +219,16 @@ class AmortizedGuide(nn.Module):
             self.weight_floor = floor
             self.train(was)
 
-    def posterior(self, images: Tensor, pixels: Tensor | None = None, score: bool = True) -> PosePosterior:
+    def posterior(self, images: Tensor, pixels: Tensor | None = None, score: bool = True,
+                  amplitude: Tensor | None = None) -> PosePosterior:
         """Posterior parameters for ``images (B, n_y, n_x)``.
 
         With a scorer, the hypothesis weights are ``softmax(logit_head + log p(y | R_k, s))``
         with the likelihood evaluated at each hypothesis' centre on ``pixels`` (default: all good
-        pixels); without one, or with ``score=False`` (a caller that re-weighs the hypotheses itself and
-        skips the field evaluations), ``softmax(logit_head)``.
+        pixels), against the field's draw ``amplitude (L,)`` when given (:meth:`forward` passes its
+        ``field_guide``'s), else the field's own intensity (a variational field's posterior mean); without
+        a scorer, or with ``score=False`` (a caller that re-weighs the hypotheses itself and skips the field
+        evaluations), ``softmax(logit_head)``.
         """
         h = self.encoder(images, self.mask)
         self.last_features = h  # (B, features): subclasses' extra heads (bayes_spi.guides.latent) read it
@@ -256,8 +262,9 @@ class AmortizedGuide(nn.Module):
         if self._scorer and score:
             if pixels is None:
                 pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
+            field_draw = {} if amplitude is None else {"amplitude": amplitude}
             with torch.no_grad():
-                ll = self._scorer[0](rots.transpose(0, 1), loc.detach(), images, pixels)  # (K, B)
+                ll = self._scorer[0](rots.transpose(0, 1), loc.detach(), images, pixels, **field_draw)  # (K, B)
             logits = logits + ll.T
         w = torch.softmax(logits, dim=-1)
         if self.weight_floor > 0:
@@ -268,9 +275,9 @@ class AmortizedGuide(nn.Module):
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
         pyro.module("guide", self)
-        for fn in self._field_guide:  # global field latents first: the hypothesis scorer uses the draw
-            fn()
-        post = self.posterior(batch.images, batch.pixels)
+        # a global field latent first (site "amplitude"): the hypotheses are scored against its draw
+        amplitude = self._field_guide[0]() if self._field_guide else None
+        post = self.posterior(batch.images, batch.pixels, amplitude=amplitude)
         n_batch = batch.images.shape[0]
         rows = torch.arange(n_batch, device=batch.images.device)
         with pyro.plate("patterns", n_total, subsample=batch.indices):

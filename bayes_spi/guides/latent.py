@@ -101,13 +101,17 @@ class LatentGuide(AmortizedGuide):
         latent_scorer: a :data:`LatentScorer` that ranks (class, pose hypothesis) pairs with the model (module
             doc), e.g. ``model.class_hypothesis_logpost``; ``None``: the encoder's weights for every class.
         **kwargs: :class:`AmortizedGuide`'s (``n_heads``, ``features``, ``channels``, ``search``, ...), except
-            ``scorer`` (the plain pose scorer ignores the class: use ``latent_scorer``).
+            ``scorer`` (the plain pose scorer ignores the class: use ``latent_scorer``) and ``field_guide``
+            (the heterogeneous model's fields have no global latent).
     """
 
     def __init__(self, mask: Tensor, latent_dim: int = 0, n_classes: int = 1, latent_scale_init: float = 1.0,
                  *, latent_scorer: LatentScorer | None = None, **kwargs: object) -> None:
         if kwargs.get("scorer") is not None:
             raise ValueError("LatentGuide: expected the class-aware latent_scorer, got a plain pose scorer")
+        if kwargs.get("field_guide") is not None:
+            raise ValueError("LatentGuide: expected no field_guide (the heterogeneous model's fields have no global "
+                             "latent), got one")
         super().__init__(mask, **kwargs)  # type: ignore[arg-type]
         if isinstance(latent_dim, bool) or int(latent_dim) != latent_dim or latent_dim < 0:
             raise ValueError(f"latent_dim: expected an integer >= 0, got {latent_dim!r}")
@@ -176,8 +180,6 @@ class LatentGuide(AmortizedGuide):
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:  # type: ignore[override]
         pyro.module("guide", self)
-        for fn in self._field_guide:
-            fn()
         lp = self.latent_posterior(batch.images, batch.pixels)
         post = lp.pose
         rows = torch.arange(batch.images.shape[0], device=batch.images.device)
