@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from bayes_spi.config.fields import field_kind
 from bayes_spi.config.specs import FLAGS
 from bayes_spi.geometry import Geometry
 from bayes_spi.guides.amortized import AmortizedGuide, count_hypotheses
 from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.models.fields import FourierNetField, IntensityField, SirenField, SirenVoxelField, VoxelField
+from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
@@ -54,27 +55,11 @@ def build_background(config: FitConfig, geometry: Geometry, n_patterns: int) -> 
 
 
 def build_field(config: FitConfig, q_max: float) -> IntensityField:
-    """The intensity field named by ``config.field``, invariant under ``config.symmetry``."""
-    field = _build_field(config, q_max)
+    """The intensity field named by ``config.field`` (its constructor and settings from the registry
+    :data:`bayes_spi.config.fields.FIELDS`), invariant under ``config.symmetry``."""
+    field = field_kind(config.field).build(q_max, config)
     field.set_symmetry(config.symmetry)
     return field
-
-
-def _build_field(config: FitConfig, q_max: float) -> IntensityField:
-    if config.field == "voxel":
-        return VoxelField(q_max, n=config.voxel_grid)
-    if config.field == "hybrid":
-        return SirenVoxelField(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0,
-                               n_voxel=config.voxel_grid)
-    if config.field == "variational":
-        from bayes_spi.models.variational_field import make_variational_field
-
-        return make_variational_field(q_max, grid=config.variational_grid, width=config.field_width,
-                                      depth=config.field_depth, w0=config.field_w0, prior=config.variational_prior,
-                                      scale_init=config.variational_scale_init,
-                                      kl_weight=config.variational_kl_weight)
-    cls = SirenField if config.field == "siren" else FourierNetField
-    return cls(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0)
 
 
 def build_intensity_prior(spec: dict[str, Any], q_max: float) -> torch.nn.Module | None:
