@@ -33,6 +33,7 @@ import torch
 from scipy.stats import spearmanr
 
 from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.guides.amortized import count_hypotheses
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.infer.build import detector_tensors
 from bayes_spi.infer.config import FitConfig
@@ -95,11 +96,11 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
     q, factor, mask = detector_tensors(data.geometry)
     field = SirenField(q_max=detector_q_max(q.float()), width=config.field_width, depth=config.field_depth,
                        w0=config.field_w0)
+    model = HeterogeneousSPIModel(field, q, factor, n_hypotheses=count_hypotheses(config.n_heads),
+                                  latent_dim=latent_dim, n_classes=n_classes)
     guide = LatentGuide(mask, latent_dim=latent_dim, n_classes=n_classes, n_heads=config.n_heads,
-                        features=config.encoder_features, channels=config.encoder_channels)
-    model = HeterogeneousSPIModel(field, q, factor, n_hypotheses=guide.n_hypotheses, latent_dim=latent_dim,
-                                  n_classes=n_classes)
-    guide.attach_latent_scorer(model.class_hypothesis_logpost)
+                        features=config.encoder_features, channels=config.encoder_channels,
+                        latent_scorer=model.class_hypothesis_logpost)
     trainer = HeterogeneousTrainer(data, config, run, progress=False, model=model, guide=guide)
     t0 = time.perf_counter()
     state = trainer.fit()

@@ -61,19 +61,19 @@ VARIANTS = ("none", "wilson", "variational")
 
 def build_variant(dataset: SPIDataset, cfg: FitConfig, variant: str, wilson: dict[str, Any],
                   variational: dict[str, Any]) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Model and guide for one variant (CPU), from the default construction with the prior/field swapped in."""
+    """Model and guide for one variant (CPU): the default construction, given the variant's field or prior."""
     pyro.set_rng_seed(cfg.seed)
-    model, guide = build_model_and_guide(dataset.geometry, cfg, "cpu")
     q, _, _ = detector_tensors(dataset.geometry)
     q_max = float(q.norm(dim=-1).max())
+    field = None
+    if variant == "variational":
+        kw = {"width": cfg.field_width, "depth": cfg.field_depth, "w0": cfg.field_w0, **variational}
+        field = make_variational_field(q_max, **kw)
+    elif variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
+    model, guide = build_model_and_guide(dataset.geometry, cfg, "cpu", field=field)
     if variant == "wilson":
         model.intensity_prior = make_intensity_prior(wilson, q_max)
-    elif variant == "variational":
-        kw = {"width": cfg.field_width, "depth": cfg.field_depth, "w0": cfg.field_w0, **variational}
-        model.field = make_variational_field(q_max, **kw)  # the guide's scorer and search use model.field
-        guide.attach_field_guide(model.field.guide_sample)
-    elif variant != "none":
-        raise ValueError(f"variant: expected one of {list(VARIANTS)}, got {variant!r}")
     return model, guide
 
 

@@ -108,16 +108,13 @@ def test_vectorised_refinement_equals_the_reference():
 @pytest.fixture(scope="module")
 def untrained(simulated):
     """An untrained model + guide with an orientation search on the 32x32 detector, and 24 simulated patterns."""
-    from bayes_spi.guides.search import OrientationSearch
-
     data = simulated(24, truth_grid=9, chunk=8, artifacts="FP")
     torch.manual_seed(0)
     cfg = FitConfig(n_heads=2, n_search=2, search_rotations=256, cache_grid=17, encoder_features=32,
                     encoder_channels=8, field_width=32)
     with SPIDataset(data) as ds:
         model, guide = build_model_and_guide(ds.geometry, cfg)
-    guide.attach_search(OrientationSearch(model, n_rotations=256, n_keep=2, cache_grid=17))
-    guide.attach_scorer(model.hypothesis_logpost)
+    assert guide.scorer == model.hypothesis_logpost and guide.search.rotations.shape == (256, 3, 3)
     guide.search.refresh()
     guide.eval()
     return model, guide, data

@@ -211,9 +211,10 @@ def test_latent_guide_enumerates_classes_and_latents(detector) -> None:
         rate = model.latent_log_rate(rots, torch.zeros(6), torch.arange(1024), torch.zeros(6, 2), truth).exp()
     images = torch.poisson(rate).reshape(6, 32, 32)
     # one encoder hypothesis (and its Rz(pi) partner) plus one 'search' proposal at the true pose
-    guide = LatentGuide(mask, latent_dim=2, n_classes=2, n_heads=1, n_search=1, features=32, channels=4)
-    guide.attach_search(lambda images, pixels: rots[:, None])
-    guide.attach_latent_scorer(model.class_hypothesis_logpost)
+    guide = LatentGuide(mask, latent_dim=2, n_classes=2, n_heads=1, n_search=1, features=32, channels=4,
+                        search=lambda images, pixels: rots[:, None], latent_scorer=model.class_hypothesis_logpost)
+    with pytest.raises(ValueError, match="class-aware latent_scorer"):  # the plain pose scorer ignores the class
+        LatentGuide(mask, latent_dim=2, n_classes=2, n_heads=1, scorer=model.hypothesis_logpost)
     post = guide.latent_posterior(images)
     torch.testing.assert_close(post.class_probs.sum(-1), torch.ones(6))
     torch.testing.assert_close(post.hypothesis_weights.sum(-1), torch.ones(6, 2))

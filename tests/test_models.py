@@ -165,6 +165,29 @@ def test_hypothesis_weights_are_the_posterior_given_the_centres():
     assert torch.allclose(post.weights, torch.softmax(ll.T, dim=-1), atol=1e-5)
 
 
+def test_guide_is_built_with_its_scorer_and_search_and_holds_no_model_state():
+    """The guide gets the model's scorer and the search at construction (no attach_* step); they stay outside
+    its module tree; the search is a plain attribute, refused by a guide built without search slots."""
+    from bayes_spi.guides.amortized import AmortizedGuide
+
+    model, guide, batch = _tiny(n_heads=1, n_search=2)
+    assert not [name for name in dir(guide) if name.startswith("attach_")]
+    assert guide.scorer == model.hypothesis_logpost and guide.search.model is model and guide.field_guide is None
+    assert not any(k.startswith(("field.", "_model")) for k in guide.state_dict())
+    assert model.n_hypotheses == guide.n_hypotheses == 4
+    search = guide.search
+    guide.search = None
+    with pytest.raises(RuntimeError, match="no search"):
+        guide.posterior(batch.images)
+    guide.search = search
+    assert guide.posterior(batch.images).rotations.shape == (6, 4, 3, 3)
+    plain = AmortizedGuide(guide.mask, n_heads=1, features=8, channels=4)
+    with pytest.raises(ValueError, match="n_search=0"):
+        plain.search = search
+    with pytest.raises(ValueError, match="n_search=0"):
+        AmortizedGuide(guide.mask, n_heads=1, features=8, channels=4, search=search)
+
+
 def test_orientation_search_finds_the_generating_rotation():
     """Patterns simulated from the model's own field at grid rotations: the search returns those rotations."""
     torch.manual_seed(3)

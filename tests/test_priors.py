@@ -172,6 +172,34 @@ def _f64(d: LogNormalMixture) -> LogNormalMixture:
     return LogNormalMixture(d.locs.double(), d.logits.double(), d.bandwidth.double())
 
 
+def test_lognormal_mixture_is_mixture_same_family_with_scipy_density() -> None:
+    """LogNormalMixture is MixtureSameFamily(Categorical, LogNormal): density, cdf and moments against SciPy's
+    log-normals; batch expansion shares the components; cdf 0 at s <= 0; one normal per sampled value."""
+    import pyro.distributions as dist
+
+    locs = torch.tensor([-0.4, 0.1, 0.9], dtype=F64)
+    logits = torch.tensor([0.3, -1.0, 0.5], dtype=F64)
+    d = LogNormalMixture(locs, logits, 0.35).expand([2])
+    assert isinstance(d, dist.MixtureSameFamily) and d.batch_shape == (2,) and d.locs is locs
+    w = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum()
+    comps = [stats.lognorm(s=0.35, scale=math.exp(m)) for m in locs.tolist()]
+    x = np.array([0.05, 0.4, 1.0, 2.5, 9.0])
+    pdf = sum(wj * c.pdf(x) for wj, c in zip(w, comps))
+    cdf = sum(wj * c.cdf(x) for wj, c in zip(w, comps))
+    lp = d.log_prob(torch.as_tensor(x)[:, None])
+    assert lp.shape == (5, 2) and np.allclose(lp[:, 0].numpy(), np.log(pdf), rtol=1e-12)
+    assert np.allclose(d.cdf(torch.as_tensor(x)[:, None])[:, 1].numpy(), cdf, rtol=1e-12)
+    assert torch.equal(d.cdf(torch.tensor([-1.0, 0.0], dtype=F64)[:, None]), torch.zeros(2, 2, dtype=F64))
+    mean = sum(wj * c.mean() for wj, c in zip(w, comps))
+    var = sum(wj * (c.var() + c.mean() ** 2) for wj, c in zip(w, comps)) - mean**2
+    assert np.allclose(d.mean.numpy(), mean, rtol=1e-12) and np.allclose(d.variance.numpy(), var, rtol=1e-10)
+    torch.manual_seed(3)
+    s = d.sample((4,))
+    torch.manual_seed(3)
+    j = torch.distributions.Categorical(logits=logits).sample((4, 2))
+    assert torch.equal(s, torch.exp(locs[j] + 0.35 * torch.randn(4, 2, dtype=F64)))
+
+
 def test_pr772_prior_is_proper_mean_one_and_realistic() -> None:
     prior = EmpiricalScalePrior.pr772()
     d = prior(3)

@@ -275,9 +275,8 @@ def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> Non
     model = _voxel_model(n=9, n_pix=16)
     model.field.grid.data.mul_(2.0)
     mask = torch.ones(16, 16, dtype=torch.bool)
-    guide = AmortizedGuide(mask, n_heads=1, n_search=2, features=8, channels=4)
     search = OrientationSearch(model, n_rotations=2048, n_keep=2, cache_grid=17)
-    guide.attach_search(search)
+    guide = AmortizedGuide(mask, n_heads=1, n_search=2, features=8, channels=4, search=search)
     R = random_rotmat(48, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         rate = model.log_rate(R, torch.zeros(48), torch.arange(256)).exp()

@@ -13,7 +13,7 @@ from pyro.poutine.util import site_is_subsample
 from scipy import stats
 
 from bayes_spi.geometry import get_preset
-from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.guides.amortized import AmortizedGuide, count_hypotheses
 from bayes_spi.infer.build import detector_tensors
 from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import SirenField
@@ -52,15 +52,14 @@ def test_friedel_symmetric_and_positive_with_and_without_a_draw():
     q = _inside(300)
     mean_path = f.log_intensity(q)
     assert torch.allclose(mean_path, f.log_intensity(-q), atol=1e-5)
-    f.set_sample(f.latent_posterior().sample())
-    drawn = f.log_intensity(q)
-    assert torch.allclose(drawn, f.log_intensity(-q), atol=1e-5)
+    amp = f.latent_posterior().sample()
+    drawn = f.log_intensity(q, amp)
+    assert torch.allclose(drawn, f.log_intensity(-q, amp), atol=1e-5)
     assert torch.all(torch.isfinite(drawn)) and drawn.std() > 0.05
-    assert not torch.allclose(drawn, mean_path)  # the draw is used while set
-    f.set_sample(None)
-    assert torch.allclose(f.log_intensity(q), mean_path)
+    assert not torch.allclose(drawn, mean_path)  # the draw is used when given
+    assert torch.allclose(f.log_intensity(q), mean_path)  # and only then
     with pytest.raises(ValueError, match="expected an amplitude sample of shape"):
-        f.set_sample(torch.ones(3))
+        f.log_intensity(q, torch.ones(3))
 
 
 def test_latent_nodes_are_the_friedel_half_of_the_reachable_ball():
@@ -161,10 +160,9 @@ def _tiny(n_total=18, kl_weight=1.0):
     field = make_variational_field(q_max, grid=9, width=16, depth=2, w0=6.0, kl_weight=kl_weight)
     with torch.no_grad():
         field.log_offset.fill_(5.0)
-    guide = AmortizedGuide(mask, n_heads=1, features=16, channels=4)
-    model = SPIModel(field, q, factor, n_hypotheses=guide.n_hypotheses)
-    guide.attach_scorer(model.hypothesis_loglik)
-    guide.attach_field_guide(field.guide_sample)
+    model = SPIModel(field, q, factor, n_hypotheses=count_hypotheses(n_heads=1))
+    guide = AmortizedGuide(mask, n_heads=1, features=16, channels=4, scorer=model.hypothesis_loglik,
+                           field_guide=field.guide_sample)
     images = torch.poisson(torch.full((6, 32, 32), 3.0))
     batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 7.0)
     return model, guide, batch
@@ -180,10 +178,53 @@ def test_model_and_guide_sites_with_the_amplitude_as_a_global_latent():
         site = tr.nodes["amplitude"]
         assert site["cond_indep_stack"] == () and site["scale"] == 0.5  # global: not scaled by N / B
         assert site["fn"].event_shape == (model.field.n_latent,)
-    assert model.field.sample is None  # the model clears its draw when it returns
     with pytest.raises(ValueError, match="no intensity_prior with a variational field"):
         SPIModel(model.field, model.q, model.log_pixel_factor.exp(),
                  intensity_prior=make_intensity_prior({"name": "wilson"}, 0.12))
+
+
+def test_the_amplitude_draw_is_an_argument_and_nothing_is_kept_on_the_field():
+    """Two model calls with different amplitude draws give different intensities, each the one of its own
+    draw; the field's state (attributes, buffers, parameters) is the same before and after the calls; the
+    guide scores its hypotheses against its own draw, which the model then replays."""
+    model, guide, batch = _tiny()
+    field = model.field
+    before = (dict(vars(field)), {k: v.clone() for k, v in field.state_dict().items()})
+    pyro.set_rng_seed(5)
+    traces = [poutine.trace(model).get_trace(batch, 18) for _ in range(2)]
+    amps = [tr.nodes["amplitude"]["value"] for tr in traces]
+    assert not torch.allclose(amps[0], amps[1])
+    rates = []
+    for tr, amp in zip(traces, amps):
+        rate = tr.nodes["counts"]["fn"].base_dist.rate  # (B, M): the rate the likelihood used
+        R, s = tr.nodes["pose"]["value"], tr.nodes["scale"]["value"]
+        expected = model.log_rate(R, s.log(), batch.pixels, amp).exp()
+        torch.testing.assert_close(rate, expected, rtol=1e-5, atol=0.0)
+        rates.append(rate)
+    assert (rates[0] / rates[1] - 1).abs().max() > 0.05  # different draws, different intensities
+    # with the other draw, the first call's poses give the second draw's intensities: nothing else differs
+    R, s = traces[0].nodes["pose"]["value"], traces[0].nodes["scale"]["value"]
+    assert not torch.allclose(model.log_rate(R, s.log(), batch.pixels, amps[1]).exp(), rates[0])
+    after = (dict(vars(field)), field.state_dict())
+    assert after[0].keys() == before[0].keys() and not any(isinstance(v, torch.Tensor) and v.shape == amps[0].shape
+                                                           for v in vars(field).values())
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    # the guide's draw: scored against by the guide, replayed by the model
+    gtr = poutine.trace(guide).get_trace(batch, 18)
+    g_amp = gtr.nodes["amplitude"]["value"]
+    assert vars(field).keys() == before[0].keys()  # the guide's draw is not left on the field either
+    assert not any(v is g_amp for v in vars(field).values())
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(batch, 18)
+    assert torch.equal(mtr.nodes["amplitude"]["value"], g_amp)
+    post = guide.last_posterior
+    with torch.no_grad():
+        ll = model.hypothesis_loglik(post.rotations.transpose(0, 1), post.scale_loc, batch.images, batch.pixels,
+                                     amplitude=g_amp)
+        mean_ll = model.hypothesis_loglik(post.rotations.transpose(0, 1), post.scale_loc, batch.images,
+                                          batch.pixels)
+        logits = guide.logit_head(guide.last_features)
+    torch.testing.assert_close(post.weights, torch.softmax(logits + ll.T, -1))
+    assert not torch.allclose(post.weights, torch.softmax(logits + mean_ll.T, -1))
 
 
 def test_trace_enum_elbo_accepts_the_field_and_equals_the_hand_computation():
@@ -200,9 +241,7 @@ def test_trace_enum_elbo_accepts_the_field_and_equals_the_hand_computation():
     w = gtr.nodes["hypothesis"]["fn"].probs
     k = w.shape[1]
     y = batch.images.reshape(B, -1)[:, batch.pixels]
-    field.set_sample(amp)
-    ll = dist.Poisson(model.log_rate(R, s.log().expand(k, B), batch.pixels).exp()).log_prob(y).sum(-1)
-    field.set_sample(None)
+    ll = dist.Poisson(model.log_rate(R, s.log().expand(k, B), batch.pixels, amp).exp()).log_prob(y).sum(-1)
     per_hyp = ll * batch.pixel_weight - gtr.nodes["pose"]["fn"].log_prob(R)
     per_pattern = (w.T * per_hyp).sum(0) - (w * (w.log() + math.log(k))).sum(-1)
     per_pattern = per_pattern + LogNormalScalePrior()(B).log_prob(s) - gtr.nodes["scale"]["fn"].log_prob(s)

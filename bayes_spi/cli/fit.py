@@ -50,6 +50,7 @@ from typing import Any
 import click
 
 from bayes_spi.cli.convert import options_from_cli, source_options
+from bayes_spi.config.fields import FIELD_NAMES, fields_help
 from bayes_spi.workflows.fit import RESUME_OVERRIDABLE, RUN_FILES
 
 __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "run_fit", "run_halfsets", "print_summary"]
@@ -71,9 +72,7 @@ _HELP = {
     "max_minutes": "Training-time budget: the schedule (curriculum, learning rate, EMC hand-over) is sized from the "
                    "throughput measured in the first steps of each stage so that it completes in time; a 1.5x "
                    "overrun stops cleanly and the verdict says unconverged (honoured with --resume).",
-    "field": "Intensity field: siren, fouriernet, voxel, hybrid (siren plus a voxel residual on --voxel-grid, "
-             "from the data: the cache grid), or variational (a posterior over |F| on a grid with a "
-             "Wilson prior; writes intensity_sd.mrc).",
+    "field": f"Intensity field: {fields_help()}.",
     "variational_grid": "Grid size (odd) of the variational field's amplitudes.",
     "variational_kl_weight": "Weight of the variational field's KL to the Wilson prior (1: the plain ELBO).",
     "field_width": "Hidden width of the neural field.",
@@ -259,7 +258,7 @@ class _RecordingCommand(click.Command):
 @_training_option("batch_size", click.IntRange(min=1))
 @_training_option("max_images", click.IntRange(min=1))
 @_training_option("max_minutes", click.FloatRange(min=0, min_open=True))
-@_training_option("field", click.Choice(["siren", "fouriernet", "voxel", "hybrid", "variational"]))
+@_training_option("field", click.Choice(FIELD_NAMES))
 @_training_option("variational_grid", click.IntRange(min=5))
 @_training_option("variational_kl_weight", click.FloatRange(min=0))
 @_training_option("field_width", click.IntRange(min=1))

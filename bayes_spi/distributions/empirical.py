@@ -5,9 +5,13 @@ r"""A smooth distribution on ``(0, inf)`` from samples or a histogram: a Gaussia
 .. math:: p(s) = \frac{1}{s} \sum_j w_j \, N(\log s; m_j, h^2), \qquad s > 0,
 
 a weighted Gaussian kernel density estimate in ``log s`` (components ``m_j`` at the log of sample
-values or histogram bin centres, one bandwidth ``h``), i.e. a mixture of log-normals. It is proper
-(integrates to 1), smooth, has closed-form ``cdf`` and ``mean = sum_j w_j exp(m_j + h^2 / 2)``, and
-``log_prob`` costs ``O(J)`` per value (keep ``J``, the number of components, to ~100 by binning).
+values or histogram bin centres, one bandwidth ``h``), i.e. a mixture of log-normals: it *is* Pyro's
+``MixtureSameFamily(Categorical(logits), LogNormal(m, h))`` (a thin subclass that keeps the constructor
+``(locs, logits, bandwidth)``, shares the components over any batch shape and samples with one normal
+draw per value). It is proper (integrates to 1), smooth, has closed-form ``cdf`` and
+``mean = sum_j w_j exp(m_j + h^2 / 2)``, and ``log_prob`` costs ``O(J)`` per value (keep ``J``, the
+number of components, to ~100 by binning: :func:`bin_log_values`; the width from Silverman's rule:
+:func:`silverman_bandwidth`).
 
 Example:
     >>> d = LogNormalMixture(torch.tensor([-0.5, 0.0, 0.3]), torch.zeros(3), torch.tensor(0.1))
@@ -17,21 +21,22 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
+import numpy as np
+import pyro.distributions as dist
 import torch
-from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
-from torch.distributions.constraints import Constraint
 
-__all__ = ["LogNormalMixture"]
+__all__ = ["LogNormalMixture", "bin_log_values", "silverman_bandwidth", "weighted_quantile"]
 
 
-class LogNormalMixture(TorchDistribution):
+class LogNormalMixture(dist.MixtureSameFamily):
     r"""Mixture of log-normals with shared width: ``log s ~ sum_j w_j N(m_j, h^2)``.
 
-    The components are shared by every batch element (a prior over per-pattern scales).
+    ``MixtureSameFamily(Categorical(logits=logits), LogNormal(locs, bandwidth))`` with the components
+    shared by every batch element (a prior over per-pattern scales): ``log_prob``, ``cdf``, ``mean`` and
+    ``variance`` are the mixture's.
 
     Args:
         locs: ``m_j``, shape ``(J,)`` (log of the component centres).
@@ -45,14 +50,6 @@ class LogNormalMixture(TorchDistribution):
         >>> round(float(d.mean), 4)                  # exp(h^2 / 2)
         1.1331
     """
-
-    arg_constraints: dict[str, Constraint] = {
-        "locs": constraints.independent(constraints.real, 1),
-        "logits": constraints.independent(constraints.real, 1),
-        "bandwidth": constraints.positive,
-    }
-    support = constraints.positive
-    has_rsample = False
 
     def __init__(
         self,
@@ -74,12 +71,13 @@ class LogNormalMixture(TorchDistribution):
         self.locs = locs
         self.logits = logits
         self.bandwidth = bandwidth
-        super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=validate_args)
+        shape = torch.Size(batch_shape) + locs.shape  # (..., J)
+        super().__init__(dist.Categorical(logits=logits.expand(shape)),
+                         dist.LogNormal(locs.expand(shape), bandwidth.expand(shape)), validate_args=validate_args)
 
-    def expand(self, batch_shape: Sequence[int] | torch.Size, _instance=None) -> "LogNormalMixture":
-        new = self._get_checked_instance(LogNormalMixture, _instance)
-        new.locs, new.logits, new.bandwidth = self.locs, self.logits, self.bandwidth
-        super(LogNormalMixture, new).__init__(torch.Size(batch_shape), torch.Size(), validate_args=False)
+    def expand(self, batch_shape: Sequence[int] | torch.Size, _instance: object = None) -> "LogNormalMixture":
+        """The same mixture with batch shape ``batch_shape`` (components shared, nothing copied)."""
+        new = LogNormalMixture(self.locs, self.logits, self.bandwidth, batch_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
 
@@ -88,45 +86,51 @@ class LogNormalMixture(TorchDistribution):
         """Normalised log weights ``(J,)``."""
         return self.logits - torch.logsumexp(self.logits, dim=-1)
 
-    @property
-    def mean(self) -> Tensor:
-        """``sum_j w_j exp(m_j + h^2 / 2)``, shape ``batch_shape``."""
-        m = torch.logsumexp(self.log_weights + self.locs, dim=-1) + 0.5 * self.bandwidth**2
-        return m.exp().expand(self.batch_shape)
-
-    @property
-    def variance(self) -> Tensor:
-        """``E[s^2] - E[s]^2`` with ``E[s^2] = sum_j w_j exp(2 m_j + 2 h^2)``, shape ``batch_shape``."""
-        m2 = torch.logsumexp(self.log_weights + 2.0 * self.locs, dim=-1).exp() * torch.exp(2.0 * self.bandwidth**2)
-        return (m2 - self.mean**2).expand(self.batch_shape)
-
-    @staticmethod
-    def _log(value: Tensor) -> Tensor:
-        value = value if value.is_floating_point() else value.to(torch.get_default_dtype())
-        return value.clamp_min(torch.finfo(value.dtype).tiny).log()
-
-    def _z(self, value: Tensor) -> Tensor:
-        return (self._log(value)[..., None] - self.locs) / self.bandwidth  # (..., J)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        """Log density on ``(0, inf)``, shape ``broadcast(value.shape, batch_shape)``."""
-        if self._validate_args:
-            self._validate_sample(value)
-        z = self._z(value)
-        log_norm = -0.5 * z * z - math.log(math.sqrt(2.0 * math.pi)) - self.bandwidth.log()
-        lp = torch.logsumexp(self.log_weights + log_norm, dim=-1) - self._log(value)
-        return lp.expand(torch.broadcast_shapes(lp.shape, self.batch_shape))
-
     def cdf(self, value: Tensor) -> Tensor:
-        """``P(S <= value)``, shape ``broadcast(value.shape, batch_shape)``."""
-        c = (self.log_weights.exp() * torch.special.ndtr(self._z(value))).sum(-1)
-        c = torch.where(value > 0, c, torch.zeros_like(c))
-        return c.expand(torch.broadcast_shapes(c.shape, self.batch_shape))
+        """``P(S <= value)`` (0 for ``value <= 0``), shape ``broadcast(value.shape, batch_shape)``."""
+        positive = value > 0
+        c = super().cdf(torch.where(positive, value, torch.ones_like(value)))
+        return torch.where(positive, c, torch.zeros_like(c))
 
     def sample(self, sample_shape: Sequence[int] | torch.Size = torch.Size()) -> Tensor:
-        """Draws ``exp(m_J + h z)``, ``J ~ Categorical(w)``, ``z ~ N(0, 1)``: shape ``sample_shape + batch_shape``."""
+        """Draws ``exp(m_J + h z)``, ``J ~ Categorical(w)``, ``z ~ N(0, 1)``: shape ``sample_shape + batch_shape``
+        (one normal per value; ``MixtureSameFamily.sample`` would draw one from each of the ``J`` components)."""
         shape = torch.Size(sample_shape) + self.batch_shape
         with torch.no_grad():
             j = torch.distributions.Categorical(logits=self.logits).sample(shape)
             z = torch.randn(shape, dtype=self.locs.dtype, device=self.locs.device)
             return torch.exp(self.locs[j] + self.bandwidth * z)
+
+
+def weighted_quantile(x: np.ndarray, w: np.ndarray, q: np.ndarray | float) -> np.ndarray:
+    """Quantiles ``q`` of points ``x (J,)`` with weights ``w (J,)`` (linear in the cumulative weight)."""
+    order = np.argsort(x)
+    x, w = x[order], w[order]
+    cum = np.cumsum(w) - 0.5 * w
+    return np.interp(q, cum / w.sum(), x)
+
+
+def silverman_bandwidth(x: np.ndarray, w: np.ndarray, n: float) -> float:
+    """Silverman's rule ``0.9 min(sd, IQR / 1.34) n^(-1/5)`` for weighted points ``x`` (0 if no spread)."""
+    p = w / w.sum()
+    mean = float((p * x).sum())
+    sd = float(np.sqrt((p * (x - mean) ** 2).sum()))
+    q25, q75 = weighted_quantile(x, w, np.array([0.25, 0.75]))
+    spread = min(sd, float(q75 - q25) / 1.34) if q75 > q25 else sd
+    return 0.9 * spread * max(float(n), 1.0) ** -0.2
+
+
+def bin_log_values(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Histogram positive ``values`` in ``bins`` equal bins of ``log value``.
+
+    Returns:
+        ``(log centres (J,), counts (J,), log bin width)`` with empty bins dropped (width 0 if all equal).
+    """
+    lv = np.log(values)
+    lo, hi = float(lv.min()), float(lv.max())
+    if hi <= lo:
+        return np.array([lo]), np.array([float(lv.size)]), 0.0
+    counts, edges = np.histogram(lv, bins=int(bins), range=(lo, hi))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    keep = counts > 0
+    return centres[keep], counts[keep].astype(np.float64), float(edges[1] - edges[0])

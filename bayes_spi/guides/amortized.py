@@ -11,8 +11,8 @@ the same pattern up to Ewald curvature (docs/DESIGN.md section 4), so the genuin
 represented and its weight is inferred. The mixture over hypotheses is the Bayesian form of X-RAI's
 "keep the better of K": with ``TraceEnum_ELBO`` the ELBO is the exact ``w``-weighted sum of the
 per-hypothesis ELBOs plus ``KL(w || uniform)``, so the weights become the posterior probabilities
-of the hypotheses. The guide computes those weights from the model itself when a scorer is
-attached (:meth:`AmortizedGuide.attach_scorer`): ``w_k ∝ exp(logit_k + log p(y_i | R_k, s_i))``, the
+of the hypotheses. The guide computes those weights from the model itself when it is given a scorer
+(``AmortizedGuide(..., scorer=model.hypothesis_logpost)``): ``w_k ∝ exp(logit_k + log p(y_i | R_k, s_i))``, the
 posterior probability of each hypothesis given its centre, so the best-fitting hypothesis wins from
 the first step (multiple-choice learning, the Bayesian way) instead of waiting for a head to learn to
 predict it. ``weight_floor`` mixes ``floor / K`` into the weights (a constraint on the guide
@@ -49,11 +49,30 @@ from bayes_spi.guides.encoder import PatternEncoder
 from bayes_spi.models.spi import SPIBatch
 from bayes_spi.so3 import rotz_pi, sixd_to_rotmat
 
-__all__ = ["AmortizedGuide", "PosePosterior", "Scorer"]
+__all__ = ["AmortizedGuide", "FieldGuide", "PosePosterior", "Scorer", "Search", "count_hypotheses"]
 
-Scorer = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+#: ``(R (K, B, 3, 3), log_s (B,), images (B, n_y, n_x), pixels (M,)) -> (K, B)`` log-likelihoods (or
+#: log-posteriors) of the pose hypotheses, e.g. :meth:`bayes_spi.models.spi.SPIModel.hypothesis_logpost`;
+#: with a ``field_guide``, also called with the keyword ``amplitude=`` (the field's draw, ``(L,)``).
+Scorer = Callable[..., Tensor]
+#: ``(images (B, n_y, n_x), pixels (M,)) -> (B, n_search, 3, 3)`` proposals, e.g.
+#: :class:`bayes_spi.guides.search.OrientationSearch`.
+Search = Callable[[Tensor, Tensor], Tensor]
+#: ``() -> Tensor``: the guide side of a global latent of the model's field (samples the site ``amplitude``),
+#: called first in ``forward``; returns the draw ``(L,)``, which the scorer gets as ``amplitude=``.
+FieldGuide = Callable[[], Tensor]
 
 _ROTZ_PI = rotz_pi()
+
+
+def count_hypotheses(n_heads: int, n_search: int = 0) -> int:
+    """``K = 2 n_heads + n_search``: the number of pose hypotheses of a guide (the model's ``n_hypotheses``).
+
+    Example:
+        >>> count_hypotheses(4, 2)
+        10
+    """
+    return 2 * int(n_heads) + int(n_search)
 
 
 @dataclass
@@ -87,8 +106,21 @@ class AmortizedGuide(nn.Module):
         channels: encoder base channels.
         transform: encoder input transform (``log1p``, ``sqrt``, ``root10``).
         sigma_init: initial pose spread (rad).
+        n_search: proposals per pattern from ``search`` (``0``: none).
         pixel_q: optional ``(n_y, n_x, 3)`` pixel ``q`` of a per-pixel geometry: the encoder assembles the
             patterns in ``(q_x, q_y)`` (:mod:`bayes_spi.guides.encoder`).
+        scorer: a :data:`Scorer` that weighs the hypotheses with the model (semi-amortized weights; see the
+            module doc), e.g. ``model.hypothesis_logpost``; ``None``: the weights are the logit head's alone.
+        search: a :data:`Search` giving ``n_search`` proposals per pattern (required when ``n_search > 0``,
+            refused when ``n_search == 0``). Available as the attribute :attr:`search`.
+        field_guide: a :data:`FieldGuide` called at the start of :meth:`forward`, outside the ``patterns``
+            plate: the guide side of a global latent of the model's field, e.g.
+            :meth:`bayes_spi.models.variational_field.VariationalAmplitudeField.guide_sample` (site
+            ``amplitude``); its draw is passed to ``scorer`` (``amplitude=``), so the hypotheses are scored
+            against the same field the model's likelihood then uses.
+
+    The model is not a submodule of the guide: ``scorer``, ``search`` and ``field_guide`` are held outside
+    the module tree (not in the guide's ``state_dict``, not moved by ``guide.to``).
     """
 
     def __init__(
@@ -101,6 +133,10 @@ class AmortizedGuide(nn.Module):
         sigma_init: float = 0.1,
         n_search: int = 0,
         pixel_q: Tensor | None = None,
+        *,
+        scorer: Scorer | None = None,
+        search: Search | None = None,
+        field_guide: FieldGuide | None = None,
     ) -> None:
         super().__init__()
         if mask.dim() != 2:
@@ -115,7 +151,7 @@ class AmortizedGuide(nn.Module):
         self.n_heads = int(n_heads)
         self.n_search = int(n_search)
         self.n_encoder_hypotheses = 2 * self.n_heads
-        self.n_hypotheses = self.n_encoder_hypotheses + self.n_search
+        self.n_hypotheses = count_hypotheses(self.n_heads, self.n_search)
         self.encoder = PatternEncoder(mask.shape[0], mask.shape[1], features, channels, transform, pixel_q=pixel_q)
         self.rot_head = nn.Linear(features, self.n_heads * 6)
         self.sigma_head = nn.Linear(features, self.n_hypotheses * 3)
@@ -130,37 +166,39 @@ class AmortizedGuide(nn.Module):
             nn.init.zeros_(head.bias)
         nn.init.constant_(self.scale_head.bias[1:], -2.69)  # initial spread 2 sigmoid(-2.69) = 0.127
         self.weight_floor = 0.0
-        self._scorer: list[Scorer] = []  # a plain list: the model is not a submodule of the guide
-        self._search: list[Callable[[Tensor, Tensor], Tensor]] = []
-        self._field_guide: list[Callable[[], object]] = []
+        # plain lists, not attributes: a scorer or search holding the model must not make it a submodule
+        self._scorer: list[Scorer] = [] if scorer is None else [scorer]
+        self._field_guide: list[FieldGuide] = [] if field_guide is None else [field_guide]
+        self._search: list[Search] = []
+        self.search = search
         self.last_posterior: PosePosterior | None = None
 
     @property
-    def search(self) -> "Callable[[Tensor, Tensor], Tensor] | None":
-        """The attached orientation search (``None`` if none)."""
+    def scorer(self) -> Scorer | None:
+        """The hypothesis scorer given at construction (``None`` if none)."""
+        return self._scorer[0] if self._scorer else None
+
+    @property
+    def field_guide(self) -> FieldGuide | None:
+        """The field's guide-side sampler given at construction (``None`` if none)."""
+        return self._field_guide[0] if self._field_guide else None
+
+    @property
+    def search(self) -> Search | None:
+        """The orientation search (``None`` if none); assignable, e.g. to search a half-set's model."""
         return self._search[0] if self._search else None
 
-    def attach_search(self, search: "Callable[[Tensor, Tensor], Tensor] | None") -> None:
-        """Add ``n_search`` proposals per pattern from ``search(images, pixels) -> (B, n_search, 3, 3)``
-        (e.g. :class:`~bayes_spi.guides.search.OrientationSearch`) to the mixture; ``None`` detaches."""
+    @search.setter
+    def search(self, search: Search | None) -> None:
         if search is not None and self.n_search == 0:
-            raise ValueError("this guide was built with n_search=0: expected n_search > 0 to attach a search")
+            raise ValueError("this guide was built with n_search=0: expected n_search > 0 to use a search")
         self._search = [] if search is None else [search]
 
-    def attach_scorer(self, scorer: "Scorer | None") -> None:
-        """Score hypotheses with the model's log-likelihood (semi-amortized weights; see the module doc).
-
-        ``scorer(R (K, B, 3, 3), log_s (B,), images (B, n_y, n_x), pixels (M,)) -> (K, B)``, e.g.
-        :meth:`bayes_spi.models.spi.SPIModel.hypothesis_loglik`. ``None`` detaches it.
-        """
-        self._scorer = [] if scorer is None else [scorer]
-
-    def attach_field_guide(self, fn: "Callable[[], object] | None") -> None:
-        """Call ``fn()`` at the start of :meth:`forward`, outside the ``patterns`` plate: the guide side of a
-        global latent of the model's field, e.g.
-        :meth:`bayes_spi.models.variational_field.VariationalAmplitudeField.guide_sample` (samples the site
-        ``amplitude``). ``None`` detaches it."""
-        self._field_guide = [] if fn is None else [fn]
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "search":  # through the property even for a Module-valued search (never a submodule)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _log_totals(self, images: Tensor) -> Tensor:
         totals = (images * self.mask.to(images.dtype)).sum(dim=(-2, -1))
@@ -181,13 +219,16 @@ class AmortizedGuide(nn.Module):
             self.weight_floor = floor
             self.train(was)
 
-    def posterior(self, images: Tensor, pixels: Tensor | None = None, score: bool = True) -> PosePosterior:
+    def posterior(self, images: Tensor, pixels: Tensor | None = None, score: bool = True,
+                  amplitude: Tensor | None = None) -> PosePosterior:
         """Posterior parameters for ``images (B, n_y, n_x)``.
 
-        With a scorer attached, the hypothesis weights are ``softmax(logit_head + log p(y | R_k, s))``
+        With a scorer, the hypothesis weights are ``softmax(logit_head + log p(y | R_k, s))``
         with the likelihood evaluated at each hypothesis' centre on ``pixels`` (default: all good
-        pixels); without one, or with ``score=False`` (a caller that re-weighs the hypotheses itself and
-        skips the field evaluations), ``softmax(logit_head)``.
+        pixels), against the field's draw ``amplitude (L,)`` when given (:meth:`forward` passes its
+        ``field_guide``'s), else the field's own intensity (a variational field's posterior mean); without
+        a scorer, or with ``score=False`` (a caller that re-weighs the hypotheses itself and skips the field
+        evaluations), ``softmax(logit_head)``.
         """
         h = self.encoder(images, self.mask)
         self.last_features = h  # (B, features): subclasses' extra heads (bayes_spi.guides.latent) read it
@@ -197,7 +238,7 @@ class AmortizedGuide(nn.Module):
         rots = torch.cat([rots, rots @ self.rotz_pi], dim=1)  # (B, 2H, 3, 3)
         if self.n_search:
             if not self._search:
-                raise RuntimeError("guide built with n_search > 0 but no search attached (attach_search)")
+                raise RuntimeError("guide built with n_search > 0 but no search: expected search=... at construction")
             if pixels is None:
                 pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
             found = self._search[0](images, pixels).to(rots.dtype)
@@ -221,8 +262,9 @@ class AmortizedGuide(nn.Module):
         if self._scorer and score:
             if pixels is None:
                 pixels = torch.nonzero(self.mask.reshape(-1)).squeeze(-1)
+            field_draw = {} if amplitude is None else {"amplitude": amplitude}
             with torch.no_grad():
-                ll = self._scorer[0](rots.transpose(0, 1), loc.detach(), images, pixels)  # (K, B)
+                ll = self._scorer[0](rots.transpose(0, 1), loc.detach(), images, pixels, **field_draw)  # (K, B)
             logits = logits + ll.T
         w = torch.softmax(logits, dim=-1)
         if self.weight_floor > 0:
@@ -233,9 +275,9 @@ class AmortizedGuide(nn.Module):
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:
         pyro.module("guide", self)
-        for fn in self._field_guide:  # global field latents first: the hypothesis scorer uses the draw
-            fn()
-        post = self.posterior(batch.images, batch.pixels)
+        # a global field latent first (site "amplitude"): the hypotheses are scored against its draw
+        amplitude = self._field_guide[0]() if self._field_guide else None
+        post = self.posterior(batch.images, batch.pixels, amplitude=amplitude)
         n_batch = batch.images.shape[0]
         rows = torch.arange(n_batch, device=batch.images.device)
         with pyro.plate("patterns", n_total, subsample=batch.indices):

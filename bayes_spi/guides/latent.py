@@ -10,8 +10,8 @@ For pattern ``i`` with counts ``y_i`` and encoder features ``h_i`` (one encoder 
 
 **Pose and structure are entangled** (a rotated cube can look like a rounder shape): the guide handles it
 by conditioning on the class, and by ranking each (class, pose hypothesis) pair with the model itself.
-With a latent scorer attached (:meth:`LatentGuide.attach_latent_scorer`,
-``HeterogeneousSPIModel.class_hypothesis_logpost``) the weights are
+With a latent scorer (``LatentGuide(..., latent_scorer=model.class_hypothesis_logpost)``,
+:meth:`~bayes_spi.models.heterogeneous.HeterogeneousSPIModel.class_hypothesis_logpost`) the weights are
 
     ``w_ck ∝ w_k exp(log p(y_i | R_k, s_i, mu_c, c) + log pi_c)``,
     ``rho_c ∝ exp(a_c(h_i) + logsumexp_k(log w_k + log p(y_i | R_k, s_i, mu_c, c) + log pi_c))``,
@@ -98,11 +98,20 @@ class LatentGuide(AmortizedGuide):
         latent_dim: ``d >= 0``.
         n_classes: ``C >= 1``.
         latent_scale_init: initial ``sigma`` of ``q(z)`` (1 = the prior's).
-        **kwargs: :class:`AmortizedGuide`'s (``n_heads``, ``features``, ``channels``, ...).
+        latent_scorer: a :data:`LatentScorer` that ranks (class, pose hypothesis) pairs with the model (module
+            doc), e.g. ``model.class_hypothesis_logpost``; ``None``: the encoder's weights for every class.
+        **kwargs: :class:`AmortizedGuide`'s (``n_heads``, ``features``, ``channels``, ``search``, ...), except
+            ``scorer`` (the plain pose scorer ignores the class: use ``latent_scorer``) and ``field_guide``
+            (the heterogeneous model's fields have no global latent).
     """
 
     def __init__(self, mask: Tensor, latent_dim: int = 0, n_classes: int = 1, latent_scale_init: float = 1.0,
-                 **kwargs: object) -> None:
+                 *, latent_scorer: LatentScorer | None = None, **kwargs: object) -> None:
+        if kwargs.get("scorer") is not None:
+            raise ValueError("LatentGuide: expected the class-aware latent_scorer, got a plain pose scorer")
+        if kwargs.get("field_guide") is not None:
+            raise ValueError("LatentGuide: expected no field_guide (the heterogeneous model's fields have no global "
+                             "latent), got one")
         super().__init__(mask, **kwargs)  # type: ignore[arg-type]
         if isinstance(latent_dim, bool) or int(latent_dim) != latent_dim or latent_dim < 0:
             raise ValueError(f"latent_dim: expected an integer >= 0, got {latent_dim!r}")
@@ -126,21 +135,17 @@ class LatentGuide(AmortizedGuide):
         if self.class_head is not None:
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
-        self._latent_scorer: list[LatentScorer] = []
+        # a plain list: the model is not a submodule of the guide
+        self._latent_scorer: list[LatentScorer] = [] if latent_scorer is None else [latent_scorer]
         self.last_latent_posterior: LatentPosterior | None = None
 
-    def attach_latent_scorer(self, scorer: LatentScorer | None) -> None:
-        """Rank (class, pose hypothesis) pairs with the model (see the module doc); ``None`` detaches.
-
-        ``scorer`` is e.g. :meth:`bayes_spi.models.heterogeneous.HeterogeneousSPIModel.class_hypothesis_logpost`.
-        """
-        self._latent_scorer = [] if scorer is None else [scorer]
+    @property
+    def latent_scorer(self) -> LatentScorer | None:
+        """The class-aware scorer given at construction (``None`` if none)."""
+        return self._latent_scorer[0] if self._latent_scorer else None
 
     def latent_posterior(self, images: Tensor, pixels: Tensor | None = None) -> LatentPosterior:
         """All posterior parameters for ``images (B, n_y, n_x)`` (likelihoods on ``pixels``, default all good)."""
-        if self._scorer:
-            raise RuntimeError("LatentGuide: expected the class-aware scorer (attach_latent_scorer), got a plain "
-                               "pose scorer attached (attach_scorer); detach it")
         post = self.posterior(images, pixels)
         h = self.last_features
         n_batch, n_hyp = post.weights.shape
@@ -175,8 +180,6 @@ class LatentGuide(AmortizedGuide):
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:  # type: ignore[override]
         pyro.module("guide", self)
-        for fn in self._field_guide:
-            fn()
         lp = self.latent_posterior(batch.images, batch.pixels)
         post = lp.pose
         rows = torch.arange(batch.images.shape[0], device=batch.images.device)

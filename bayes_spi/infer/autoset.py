@@ -22,6 +22,7 @@ import logging
 from typing import Any
 
 from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
+from bayes_spi.config.fields import FIELDS
 from bayes_spi.infer.config import FitConfig
 
 __all__ = ["AUTO_FIELDS", "data_settings"]
@@ -49,9 +50,10 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         return config, report
     given = given or {}
     updates: dict[str, Any] = {}
-    if "field_w0" not in given and config.field in ("siren", "fouriernet", "hybrid", "variational"):
+    kind = FIELDS[config.field]
+    if "field_w0" not in given and kind.neural:
         updates["field_w0"] = round(report.field_w0, 1)
-    if ("field_width" not in given and config.field in ("siren", "fouriernet", "hybrid", "variational")
+    if ("field_width" not in given and kind.neural
             and report.diameter_A * report.q_max >= WIDE_FIELD_SPECKLES):
         # capacity: a 64-wide SIREN plateaued at a speckle correlation of 0.88 (outer shells 0.66) on a 195 A
         # particle, 128 wide reached 0.905 (0.80) in the same images (BENCHMARKS.md)
@@ -69,7 +71,7 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # SIREN plus a voxel residual: the stochastic stages train it like the SIREN; the final exact EMC
         # iterations (polish_iterations) merge all patterns into its voxels (BENCHMARKS.md: 0.92 -> 0.97)
         updates["field"] = "hybrid"
-    if "voxel_grid" not in given and updates.get("field", config.field) in ("hybrid", "voxel"):
+    if "voxel_grid" not in given and "voxel_grid" in FIELDS[updates.get("field", config.field)].settings:
         # one voxel per detector pixel step (dq = 1 / field of view), as EMC merges: a coarser grid blurs the
         # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation)
         updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * report.field_of_view_A)) + 1, 129)

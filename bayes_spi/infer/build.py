@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
+from bayes_spi.config.fields import field_kind
 from bayes_spi.config.specs import FLAGS
 from bayes_spi.geometry import Geometry
-from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.guides.amortized import AmortizedGuide, count_hypotheses
 from bayes_spi.guides.search import OrientationSearch
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.models.fields import FourierNetField, IntensityField, SirenField, SirenVoxelField, VoxelField
+from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
@@ -54,27 +55,11 @@ def build_background(config: FitConfig, geometry: Geometry, n_patterns: int) -> 
 
 
 def build_field(config: FitConfig, q_max: float) -> IntensityField:
-    """The intensity field named by ``config.field``, invariant under ``config.symmetry``."""
-    field = _build_field(config, q_max)
+    """The intensity field named by ``config.field`` (its constructor and settings from the registry
+    :data:`bayes_spi.config.fields.FIELDS`), invariant under ``config.symmetry``."""
+    field = field_kind(config.field).build(q_max, config)
     field.set_symmetry(config.symmetry)
     return field
-
-
-def _build_field(config: FitConfig, q_max: float) -> IntensityField:
-    if config.field == "voxel":
-        return VoxelField(q_max, n=config.voxel_grid)
-    if config.field == "hybrid":
-        return SirenVoxelField(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0,
-                               n_voxel=config.voxel_grid)
-    if config.field == "variational":
-        from bayes_spi.models.variational_field import make_variational_field
-
-        return make_variational_field(q_max, grid=config.variational_grid, width=config.field_width,
-                                      depth=config.field_depth, w0=config.field_w0, prior=config.variational_prior,
-                                      scale_init=config.variational_scale_init,
-                                      kl_weight=config.variational_kl_weight)
-    cls = SirenField if config.field == "siren" else FourierNetField
-    return cls(q_max, width=config.field_width, depth=config.field_depth, w0=config.field_w0)
 
 
 def build_intensity_prior(spec: dict[str, Any], q_max: float) -> torch.nn.Module | None:
@@ -105,18 +90,21 @@ def build_model_and_guide(
     intensity_prior: torch.nn.Module | None = None,
     background: PixelBackground | None = None,
     n_patterns: int = 1,
+    field: IntensityField | None = None,
 ) -> tuple[SPIModel, AmortizedGuide]:
     """Model (field, priors, likelihood) and guide (encoder + heads) on ``device``.
 
     The priors and the likelihood are built from the config's specs, unless objects are given (e.g. a
     custom prior from Python, see ``examples/custom_prior.py``): those are passed to
-    :class:`SPIModel`'s constructor as they are (``config.yaml`` then still shows the config's specs).
+    :class:`SPIModel`'s constructor as they are (``config.yaml`` then still shows the config's specs); so is a
+    given ``field`` (instead of ``config.field``'s; e.g. a variational field with settings of its own).
     With ``config.background_file`` and no ``background`` given, the model gets a zero background map with
     ``n_patterns`` scales to be filled from a state dict (:func:`build_background` reads the file).
     """
     q, factor, mask = detector_tensors(geometry)
     q_max = detector_q_max(q)
-    field = build_field(config, q_max)
+    if field is None:
+        field = build_field(config, q_max)
     if config.heterogeneous:
         from bayes_spi.infer.heterogeneous import build_heterogeneous
 
@@ -126,15 +114,6 @@ def build_model_and_guide(
         return build_heterogeneous(field, q, factor, mask, config, device, pose_prior=pose_prior,
                                    scale_prior=scale_prior, likelihood=likelihood, background=background,
                                    pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3))
-    guide = AmortizedGuide(
-        mask,
-        n_heads=config.n_heads,
-        features=config.encoder_features,
-        channels=config.encoder_channels,
-        transform=config.transform,
-        n_search=config.n_search,
-        pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3),
-    )
     extra = {}
     if intensity_prior is None:
         intensity_prior = build_intensity_prior(config.intensity_prior, q_max)
@@ -151,15 +130,23 @@ def build_model_and_guide(
         pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
         scale_prior=scale_prior if scale_prior is not None else make_scale_prior(config.scale_prior),
         likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
-        n_hypotheses=guide.n_hypotheses,
+        n_hypotheses=count_hypotheses(config.n_heads, config.n_search),
         **extra,
-    )
-    model, guide = model.to(device), guide.to(device)
-    guide.attach_scorer(model.hypothesis_logpost)
-    if getattr(model.field, "is_variational", False):
-        guide.attach_field_guide(model.field.guide_sample)
+    ).to(device)
+    search = None
     if config.n_search:
-        guide.attach_search(OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
-                                               cache_grid=config.cache_grid, grid=config.search_grid,
-                                               symmetry=config.symmetry))
+        search = OrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
+                                   cache_grid=config.cache_grid, grid=config.search_grid, symmetry=config.symmetry)
+    guide = AmortizedGuide(
+        mask,
+        n_heads=config.n_heads,
+        features=config.encoder_features,
+        channels=config.encoder_channels,
+        transform=config.transform,
+        n_search=config.n_search,
+        pixel_q=None if geometry.is_grid else q.reshape(*geometry.shape, 3),
+        scorer=model.hypothesis_logpost,
+        search=search,
+        field_guide=model.field.guide_sample if getattr(model.field, "is_variational", False) else None,
+    ).to(device)
     return model, guide

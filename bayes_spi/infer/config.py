@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field as dc_field
 from typing import Any
 
+from bayes_spi.config.fields import FIELD_NAMES, FIELDS, names_text
 from bayes_spi.config.specs import normalize_spec, parse_spec
 
 __all__ = ["FitConfig"]
@@ -49,8 +50,9 @@ class FitConfig:
         (:mod:`bayes_spi.models.background`); ``""``: none. background_scale: ``global`` (one ``b``) or
         ``per-pattern``.
     Model:
-        field: ``siren``, ``fouriernet``, ``voxel``, ``hybrid`` (SIREN plus a voxel residual on ``voxel_grid``)
-            or ``variational``; ``field_width``/``field_depth``/
+        field: a kind of the registry :data:`bayes_spi.config.fields.FIELDS`: ``siren``, ``fouriernet``,
+            ``voxel``, ``hybrid`` (SIREN plus a voxel residual on ``voxel_grid``) or ``variational``;
+            ``field_width``/``field_depth``/
         ``field_w0`` its size and first-layer frequency; ``voxel_grid`` the grid size of the voxel field.
         ``variational``: a posterior over the amplitudes ``|F|`` on a ``variational_grid``^3 grid (LogNormal,
         location and scale from a SIREN) with a Wilson prior (``variational_prior``: ``{"sigma": "learned" |
@@ -208,8 +210,7 @@ class FitConfig:
             (0 <= self.radius_ramp <= 1, "radius_ramp", "in [0, 1]", self.radius_ramp),
             (0 <= self.weight_floor < 1, "weight_floor", "in [0, 1)", self.weight_floor),
             (self.pixels_per_pattern >= 0, "pixels_per_pattern", ">= 0", self.pixels_per_pattern),
-            (self.field in ("siren", "fouriernet", "voxel", "hybrid", "variational"), "field",
-             "siren, fouriernet, voxel, hybrid or variational", self.field),
+            (self.field in FIELDS, "field", names_text(FIELD_NAMES), self.field),
             (self.variational_grid >= 5 and self.variational_grid % 2 == 1, "variational_grid", "an odd integer >= 5",
              self.variational_grid),
             (self.variational_scale_init > 0 and self.variational_kl_weight >= 0,
@@ -225,14 +226,15 @@ class FitConfig:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")
         if self.heterogeneous:
-            if self.field not in ("siren", "fouriernet", "hybrid"):
-                raise ValueError(f"fit setting field: expected siren, fouriernet or hybrid with latent_dim > 0 or "
+            if not FIELDS[self.field].latent:
+                raise ValueError(f"fit setting field: expected {names_text(n for n, k in FIELDS.items() if k.latent)} "
+                                 "with latent_dim > 0 or "
                                  f"n_classes > 1 (a SIREN to condition), got {self.field!r}")
             self.n_search, self.emc_fraction, self.polish_iterations = 0, 0.0, 0
         self._normalize_specs()
         self._check_symmetry()
-        if self.field == "variational" and self.intensity_prior.get("name") != "none":
-            raise ValueError("fit setting intensity_prior: expected none with field variational (the variational "
+        if FIELDS[self.field].variational and self.intensity_prior.get("name") != "none":
+            raise ValueError(f"fit setting intensity_prior: expected none with field {self.field} (the variational "
                              f"field carries its own Wilson prior), got {self.intensity_prior.get('name')!r}")
 
     def _check_symmetry(self) -> None:
@@ -243,8 +245,8 @@ class FitConfig:
             self.symmetry = parse_symmetry(self.symmetry)
         except ValueError as exc:
             raise ValueError(f"fit setting {exc}") from None
-        if self.field == "variational" and point_group(self.symmetry).fold_cosets().shape[0] != 1:
-            raise ValueError(f"fit setting symmetry: expected C1, I, O or Dn with n even with field variational, "
+        if FIELDS[self.field].variational and point_group(self.symmetry).fold_cosets().shape[0] != 1:
+            raise ValueError(f"fit setting symmetry: expected C1, I, O or Dn with n even with field {self.field}, "
                              f"got {self.symmetry!r}")
 
     @property

@@ -31,6 +31,7 @@ import torch
 
 from bayes_spi.analysis.sampling import radial_profile
 from bayes_spi.atomic import atomic_path
+from bayes_spi.guides.amortized import count_hypotheses
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.trainer import Trainer
@@ -240,23 +241,21 @@ def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Te
                         background: PixelBackground | None = None, pixel_q: torch.Tensor | None = None
                         ) -> tuple[HeterogeneousSPIModel, LatentGuide]:
     """The heterogeneous model and guide of ``config`` (``latent_dim``, ``n_classes``, their priors) on ``device``,
-    the guide's class-aware scorer attached (see :func:`bayes_spi.infer.build.build_model_and_guide`; ``pixel_q``
+    the guide given the model's class-aware scorer (see :func:`bayes_spi.infer.build.build_model_and_guide`; ``pixel_q``
     ``(n_y, n_x, 3)`` for a detector given by pixel positions, as there)."""
     if config.intensity_prior.get("name", "none") != "none":
         raise ValueError("fit setting intensity_prior: expected none with latent_dim > 0 or n_classes > 1, got "
                          f"{config.intensity_prior.get('name')!r}")
-    guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
-                        features=config.encoder_features, channels=config.encoder_channels, transform=config.transform,
-                        pixel_q=pixel_q)
     model = HeterogeneousSPIModel(
         field, q, factor,
         pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
         scale_prior=scale_prior if scale_prior is not None else make_scale_prior(config.scale_prior),
         likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
-        n_hypotheses=guide.n_hypotheses, latent_dim=config.latent_dim, n_classes=config.n_classes,
+        n_hypotheses=count_hypotheses(config.n_heads), latent_dim=config.latent_dim, n_classes=config.n_classes,
         latent_prior=make_latent_prior(config.latent_prior, config.latent_dim) if config.latent_dim else None,
         class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None,
-        background=background)
-    model, guide = model.to(device), guide.to(device)
-    guide.attach_latent_scorer(model.class_hypothesis_logpost)
+        background=background).to(device)
+    guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
+                        features=config.encoder_features, channels=config.encoder_channels, transform=config.transform,
+                        pixel_q=pixel_q, latent_scorer=model.class_hypothesis_logpost).to(device)
     return model, guide

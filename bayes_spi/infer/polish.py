@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayes_spi.config.fields import FIELDS, names_text
 from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.trilinear import sample_cube, splat_cube
@@ -144,7 +145,8 @@ class EMCPolish:
                  batch_size: int = 256, exclude: np.ndarray | None = None, max_patterns: int = 0) -> None:
         field = model.field
         if not isinstance(field, (SirenVoxelField, VoxelField)):
-            raise ValueError(f"expected a field with voxels (hybrid or voxel), got {type(field).__name__}")
+            raise ValueError(f"expected a field with voxels ({names_text(n for n, k in FIELDS.items() if k.voxels)}), "
+                             f"got {type(field).__name__}")
         if not 0 < beta <= 1:
             raise ValueError(f"expected 0 < beta <= 1, got {beta}")
         self.model = model

@@ -767,6 +767,7 @@ class Trainer:
         each checkpointed (a resumed run continues where it stopped; ``on_step`` is called after each).
         Skipped for a field without voxels."""
         from bayes_spi.infer.polish import EMCPolish
+        from bayes_spi.config.fields import FIELDS, names_text
         from bayes_spi.models.fields import SirenVoxelField, VoxelField
 
         c, st = self.config, self.state
@@ -774,7 +775,8 @@ class Trainer:
             return
         field = self.model.field
         if not isinstance(field, (SirenVoxelField, VoxelField)):
-            log.info("exact EMC iterations skipped: the %s field has no voxels (field hybrid or voxel has)", c.field)
+            log.info("exact EMC iterations skipped: the %s field has no voxels (field %s has)", c.field,
+                     names_text(name for name, kind in FIELDS.items() if kind.voxels))
             return
         n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         self.model.eval()

@@ -32,9 +32,7 @@ from torch import Tensor, nn
 from bayes_spi.symmetry import QFold, point_group
 from bayes_spi.trilinear import sample_cube
 
-__all__ = ["IntensityField", "SirenField", "FourierNetField", "SirenVoxelField", "VoxelField", "FIELD_KINDS"]
-
-FIELD_KINDS = ("siren", "fouriernet", "voxel", "hybrid")
+__all__ = ["IntensityField", "SirenField", "FourierNetField", "SirenVoxelField", "VoxelField"]
 
 
 class IntensityField(nn.Module):

@@ -42,15 +42,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from bayes_spi.distributions.empirical import LogNormalMixture
+from bayes_spi.dataio.photon_totals import PhotonTotals, load_photon_totals
+from bayes_spi.distributions.empirical import LogNormalMixture, bin_log_values, silverman_bandwidth
 from bayes_spi.distributions.preferred import PreferredOrientationSO3
 from bayes_spi.distributions.so3 import UniformSO3
-from bayes_spi.models.photon_totals import (
-    PhotonTotals,
-    bin_log_values,
-    load_photon_totals,
-    silverman_bandwidth,
-)
 from bayes_spi.config.specs import FLAGS, normalize_spec
 
 __all__ = [
@@ -142,7 +137,7 @@ class EmpiricalScalePrior(ScalePrior):
     ``E[s] = 1`` exactly (the field carries the absolute scale, as with the log-normal prior).
 
     Build it with :meth:`from_file` (per-image photon totals or a histogram; formats in
-    :mod:`bayes_spi.models.photon_totals`), :meth:`pr772` (the packaged PR772 histogram) or
+    :mod:`bayes_spi.dataio.photon_totals`), :meth:`pr772` (the packaged PR772 histogram) or
     :meth:`from_totals`.
 
     Args:
@@ -185,7 +180,7 @@ class EmpiricalScalePrior(ScalePrior):
     @classmethod
     def from_totals(cls, totals: PhotonTotals, bins: int = 100, smoothing: float | None = None
                     ) -> "EmpiricalScalePrior":
-        """From weighted photon totals (see :func:`~bayes_spi.models.photon_totals.load_photon_totals`).
+        """From weighted photon totals (see :func:`~bayes_spi.dataio.photon_totals.load_photon_totals`).
 
         Args:
             totals: per-image totals or histogram bin centres with weights.
@@ -218,7 +213,7 @@ class EmpiricalScalePrior(ScalePrior):
     def from_file(cls, path: str | os.PathLike[str], bins: int = 100, smoothing: float | None = None
                   ) -> "EmpiricalScalePrior":
         """From a file of per-image photon totals or their histogram (``.npy``, ``.npz``, ``.csv``; formats in
-        :mod:`bayes_spi.models.photon_totals`); ``bins`` and ``smoothing`` as in :meth:`from_totals`.
+        :mod:`bayes_spi.dataio.photon_totals`); ``bins`` and ``smoothing`` as in :meth:`from_totals`.
 
         Raises:
             FileNotFoundError: no such file.

@@ -23,7 +23,10 @@ An optional measured background ``B_k`` with its fitted scale ``b`` (global or p
 Optional global terms (outside the plate, counted once per step): an ``intensity_prior``
 (:mod:`bayes_spi.models.intensity_priors`, e.g. the Wilson prior) adds the factor site
 ``intensity_prior``; a variational field (:mod:`bayes_spi.models.variational_field`) adds the latent
-site ``amplitude``, which the guide must sample too (``AmortizedGuide.attach_field_guide``).
+site ``amplitude``, which the guide must sample too (``AmortizedGuide(..., field_guide=...)``). Its draw
+``A`` is passed along explicitly: ``I_theta(R q) = field.log_intensity(R q, A).exp()`` (the ``amplitude``
+argument of :meth:`SPIModel.log_rate` and the methods built on it); nothing is kept on the field between
+calls. Without a draw, a variational field gives its posterior mean intensity.
 
 Example:
     >>> import torch
@@ -146,39 +149,49 @@ class SPIModel(nn.Module):
         """The largest ``|q|`` (1/A) of the pixel centres as the model holds them (float32 ``q``)."""
         return detector_q_max(self.q)
 
-    def log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor) -> Tensor:
-        """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)`` and log scales ``(..., B)``."""
+    def log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, amplitude: Tensor | None = None) -> Tensor:
+        """Log expected counts ``(..., B, M)`` for poses ``R (..., B, 3, 3)`` and log scales ``(..., B)``.
+
+        ``amplitude``: a draw ``(L,)`` of a variational field's site ``amplitude``, passed to its
+        ``log_intensity``; ``None``: the field's own ``log_intensity(q)`` (a variational field's posterior mean).
+        """
         q = self.q[pixels]  # (M, 3)
         q_mol = torch.einsum("...ij,mj->...mi", R, q)  # (..., B, M, 3)
-        return log_s[..., None] + self.log_pixel_factor[pixels] + self.field.log_intensity(q_mol)
+        log_i = self.field.log_intensity(q_mol) if amplitude is None else self.field.log_intensity(q_mol, amplitude)
+        return log_s[..., None] + self.log_pixel_factor[pixels] + log_i
 
     def background_rate(self, pixels: Tensor, indices: Tensor | None = None) -> Tensor | None:
         """Expected background counts ``b B_k`` on ``pixels``: ``(M,)`` or, per pattern at ``indices``, ``(B, M)``;
         ``None`` without a background."""
         return None if self.background is None else self.background(pixels, indices)
 
-    def total_log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, indices: Tensor | None = None) -> Tensor:
-        """``log(s w I(R q) + b B)`` ``(..., B, M)``: :meth:`log_rate` plus the background, if any."""
-        log_rate = self.log_rate(R, log_s, pixels)
+    def total_log_rate(self, R: Tensor, log_s: Tensor, pixels: Tensor, indices: Tensor | None = None,
+                       amplitude: Tensor | None = None) -> Tensor:
+        """``log(s w I(R q) + b B)`` ``(..., B, M)``: :meth:`log_rate` (with ``amplitude``) plus the background,
+        if any."""
+        log_rate = self.log_rate(R, log_s, pixels, amplitude)
         bg = self.background_rate(pixels, indices)
         if bg is None:
             return log_rate
         return torch.logaddexp(log_rate, bg.clamp(min=1e-30).log())
 
     def hypothesis_loglik(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor,
-                          indices: Tensor | None = None) -> Tensor:
+                          indices: Tensor | None = None, amplitude: Tensor | None = None) -> Tensor:
         """``log p(y_i | R_ki, s_i)`` on ``pixels`` for poses ``R (K, B, 3, 3)``: ``(K, B)`` (``indices``: the
-        patterns, for a per-pattern background scale; without them its geometric mean is used)."""
+        patterns, for a per-pattern background scale; without them its geometric mean is used; ``amplitude``:
+        a variational field's draw ``(L,)``, as in :meth:`log_rate`)."""
         y = images.reshape(images.shape[0], -1)[:, pixels]
-        return self.likelihood(self.total_log_rate(R, log_s, pixels, indices)).log_prob(y).sum(-1)
+        return self.likelihood(self.total_log_rate(R, log_s, pixels, indices, amplitude)).log_prob(y).sum(-1)
 
-    def hypothesis_logpost(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor) -> Tensor:
-        """``log p(y_i | R_ki, s_i) + log p(R_ki)`` ``(K, B)``: what ranks pose hypotheses (the guide's scorer).
+    def hypothesis_logpost(self, R: Tensor, log_s: Tensor, images: Tensor, pixels: Tensor,
+                           amplitude: Tensor | None = None) -> Tensor:
+        """``log p(y_i | R_ki, s_i) + log p(R_ki)`` ``(K, B)``: what ranks pose hypotheses (the guide's scorer;
+        ``amplitude`` as in :meth:`log_rate`).
 
         The pose prior's log density (w.r.t. Haar) is 0 for the uniform prior; a preferred-orientation
         prior then shifts the hypothesis weights towards its favoured views.
         """
-        ll = self.hypothesis_loglik(R, log_s, images, pixels)
+        ll = self.hypothesis_loglik(R, log_s, images, pixels, amplitude=amplitude)
         if isinstance(self.pose_prior, UniformPosePrior):
             return ll
         return ll + self.pose_prior(R.shape[-3]).log_prob(R)
@@ -190,22 +203,17 @@ class SPIModel(nn.Module):
         if self.intensity_prior is not None:
             pyro.module("intensity_prior", self.intensity_prior)
             pyro.factor("intensity_prior", self.intensity_prior.log_factor(self.field))
-        variational = getattr(self.field, "is_variational", False)
-        if variational:
-            self.field.model_sample()  # global site "amplitude"; the field uses the draw until cleared
-        try:
-            n_batch = batch.images.shape[0]
-            y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
-            with pyro.plate("patterns", n_total, subsample=batch.indices):
-                pyro.sample(
-                    "hypothesis",
-                    dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
-                )
-                R = pyro.sample("pose", self.pose_prior(n_batch))
-                s = pyro.sample("scale", self.scale_prior(n_batch))
-                log_rate = self.total_log_rate(R, s.log(), batch.pixels, batch.indices)
-                with poutine.scale(scale=batch.pixel_weight):
-                    pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
-        finally:
-            if variational:
-                self.field.set_sample(None)
+        # a variational field's global site "amplitude" (outside the plate); its draw enters the rate
+        amplitude = self.field.model_sample() if getattr(self.field, "is_variational", False) else None
+        n_batch = batch.images.shape[0]
+        y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
+        with pyro.plate("patterns", n_total, subsample=batch.indices):
+            pyro.sample(
+                "hypothesis",
+                dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
+            )
+            R = pyro.sample("pose", self.pose_prior(n_batch))
+            s = pyro.sample("scale", self.scale_prior(n_batch))
+            log_rate = self.total_log_rate(R, s.log(), batch.pixels, batch.indices, amplitude)
+            with poutine.scale(scale=batch.pixel_weight):
+                pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)

@@ -1,4 +1,7 @@
-"""Per-pattern photon totals from a file, as weighted points in ``log s``, for the empirical scale prior.
+"""Per-pattern photon totals from a file, as weighted points, for the empirical scale prior.
+
+The reader only: :meth:`bayes_spi.models.priors.EmpiricalScalePrior.from_totals` smooths what it returns
+(binning and bandwidth: :mod:`bayes_spi.distributions.empirical`).
 
 File formats (the relative spread is what matters: totals are normalised to mean 1 later):
 
@@ -31,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PhotonTotals", "load_photon_totals", "bin_log_values", "silverman_bandwidth", "weighted_quantile"]
+from bayes_spi.dataio.h5 import DataFormatError
+
+__all__ = ["PhotonTotals", "load_photon_totals"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,6 @@ class PhotonTotals:
 
 
 def _error(path: Path, field: str, expected: str, got: str) -> ValueError:
-    from bayes_spi.dataio.h5 import DataFormatError
-
     return DataFormatError(path, field, expected, got)
 
 
@@ -187,37 +190,3 @@ def load_photon_totals(path: str | os.PathLike[str]) -> PhotonTotals:
     if suffix in (".csv", ".txt"):
         return _load_csv(p)
     raise _error(p, "suffix", ".npy, .npz or .csv", repr(p.suffix))
-
-
-def weighted_quantile(x: np.ndarray, w: np.ndarray, q: np.ndarray | float) -> np.ndarray:
-    """Quantiles ``q`` of points ``x (J,)`` with weights ``w (J,)`` (linear in the cumulative weight)."""
-    order = np.argsort(x)
-    x, w = x[order], w[order]
-    cum = np.cumsum(w) - 0.5 * w
-    return np.interp(q, cum / w.sum(), x)
-
-
-def silverman_bandwidth(x: np.ndarray, w: np.ndarray, n: float) -> float:
-    """Silverman's rule ``0.9 min(sd, IQR / 1.34) n^(-1/5)`` for weighted points ``x`` (0 if no spread)."""
-    p = w / w.sum()
-    mean = float((p * x).sum())
-    sd = float(np.sqrt((p * (x - mean) ** 2).sum()))
-    q25, q75 = weighted_quantile(x, w, np.array([0.25, 0.75]))
-    spread = min(sd, float(q75 - q25) / 1.34) if q75 > q25 else sd
-    return 0.9 * spread * max(float(n), 1.0) ** -0.2
-
-
-def bin_log_values(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Histogram positive ``values`` in ``bins`` equal bins of ``log value``.
-
-    Returns:
-        ``(log centres (J,), counts (J,), log bin width)`` with empty bins dropped (width 0 if all equal).
-    """
-    lv = np.log(values)
-    lo, hi = float(lv.min()), float(lv.max())
-    if hi <= lo:
-        return np.array([lo]), np.array([float(lv.size)]), 0.0
-    counts, edges = np.histogram(lv, bins=int(bins), range=(lo, hi))
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    keep = counts > 0
-    return centres[keep], counts[keep].astype(np.float64), float(edges[1] - edges[0])
