@@ -289,3 +289,21 @@ def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> Non
     search.refresh()
     flat = pose_decisiveness(model, guide, images, good)
     assert flat["probe_ambiguous_fraction"] > MAX_AMBIGUOUS, flat
+
+
+@pytest.mark.parametrize(("photons", "expected"), [(1e4, 3), (1e3, 3), (300.0, 6), (100.0, 10), (1.0, 12)])
+def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPatch, photons: float,
+                                                     expected: int) -> None:
+    """polish_iterations x sqrt(1000 / photons per pattern), rounded up, between 1x and 4x; a given value wins."""
+    from types import SimpleNamespace
+
+    from bayes_spi.infer import autoset
+    from bayes_spi.infer.config import FitConfig
+
+    rep = SimpleNamespace(field_w0=20.0, diameter_A=60.0, q_max=0.06, grid_rotations=4096, field_of_view_A=172.0,
+                          photons_per_pattern=photons)
+    monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
+    cfg, _ = autoset.data_settings(None, FitConfig(polish_iterations=3), given={})
+    assert cfg.polish_iterations == expected
+    kept, _ = autoset.data_settings(None, FitConfig(polish_iterations=3), given={"polish_iterations": 3})
+    assert kept.polish_iterations == 3
