@@ -298,8 +298,10 @@ def invariant_check(trainer: Any) -> dict[str, Any]:
     from bayes_spi.analysis.invariants import invariant_agreement
     from bayes_spi.models.priors import UniformPosePrior
 
+    from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
+
     model, dataset = trainer.model, getattr(trainer, "dataset", None)
-    if (dataset is None or not hasattr(model, "total_log_rate")
+    if (dataset is None or not hasattr(model, "total_log_rate") or isinstance(model, HeterogeneousSPIModel)
             or not isinstance(getattr(model, "pose_prior", None), UniformPosePrior)):
         return {}
     n = min(int(dataset.n_patterns), INVARIANT_PATTERNS)
