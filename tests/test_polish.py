@@ -130,6 +130,7 @@ def test_fit_ends_with_checkpointed_exact_iterations(simulated, tmp_path):
     again.fit(resume=True)
     assert again.state.polished == 2 and torch.equal(again.model.field.residual.detach(), residual)
     assert again._probe_step == tr._probe_step  # the record survives the checkpoint
+    assert tr.probe_previous_step == (tr.state.step, 1) and again.probe_previous_step == tr.probe_previous_step
     more = Trainer(ds, dataclasses.replace(cfg, polish_iterations=3), tmp_path / "run", progress=False)
     more.fit(resume=True)
     assert more.state.polished == 3 and not torch.equal(more.model.field.residual.detach(), residual)
@@ -154,3 +155,23 @@ def test_max_patterns_merges_only_the_first_patterns(setup):
     assert not torch.equal(merged(counts, 40), merged(counts, 0))
     with pytest.raises(ValueError, match="max_patterns"):
         EMCPolish(SPIModel(VoxelField(q_max, n=5), q, pf), rots, max_patterns=-1)
+
+
+def test_a_single_exact_iteration_is_not_judged_by_the_pose_change_it_makes(simulated, tmp_path):
+    """With one exact EMC iteration the last two probe records are before and after the polish, which is meant to
+    move the poses: the stability check is skipped (recorded), not failed."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.trainer import Trainer
+    from bayes_spi.infer.verdict import assess_fit
+
+    data = simulated(96, 17)
+    cfg = FitConfig(epochs=1, batch_size=32, field="hybrid", voxel_grid=21, field_width=16, n_heads=1,
+                    n_search=1, search_rotations=256, cache_grid=17, pixels_per_pattern=64, polish_iterations=1,
+                    device="cpu", log_every=1, checkpoint_every=1000, seed=0)
+    tr = Trainer(SPIDataset(data), cfg, tmp_path / "run", progress=False)
+    tr.fit()
+    assert tr.probe_previous_step[1] == 0 and tr._probe_step[1] == 1
+    v = assess_fit(tr)
+    assert v.checks["pose_change_skipped"] is True and v.checks["pose_change_deg"] is None
+    assert not any("moved" in r for r in v.reasons)

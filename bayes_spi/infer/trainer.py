@@ -156,6 +156,7 @@ class Trainer:
         self.probe_last: torch.Tensor | None = None
         self.probe_previous: torch.Tensor | None = None
         self._probe_step: tuple[int, int] = (-1, -1)  # (step, exact EMC iterations done) of the last record
+        self.probe_previous_step: tuple[int, int] = (-1, -1)  # the same of the record before it
         self.batch_log_scale: float | None = None  # see recentre_level
         self._emc = None
         self.emc_terms: dict[str, float] = {}
@@ -299,6 +300,7 @@ class Trainer:
         if (self.state.step, self.state.polished) == self._probe_step:
             return
         self.probe_previous = self.probe_last
+        self.probe_previous_step = self._probe_step
         self.probe_last = self.probe_poses()
         self._probe_step = (self.state.step, self.state.polished)
 
@@ -321,7 +323,8 @@ class Trainer:
                 # the search's field cache is refreshed every search_every steps: keep it for an exact resume
                 "search_cache": self.guide.search.cache if self.guide.search is not None else None,
                 "batch_log_scale": self.batch_log_scale,
-                "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": list(self._probe_step)},
+                "probe": {"last": self.probe_last, "previous": self.probe_previous, "step": list(self._probe_step),
+                          "previous_step": list(self.probe_previous_step)},
                 "world_size": self.dist.world_size,
                 "rank_rng": rank_rng,
                 # what `bayes-spi export` / `report` need to read a running fit from its checkpoint
@@ -351,6 +354,8 @@ class Trainer:
         self.probe_last, self.probe_previous = probe.get("last"), probe.get("previous")
         key = probe.get("step", -1)
         self._probe_step = (int(key), 0) if isinstance(key, int) else (int(key[0]), int(key[1]))
+        prev_key = probe.get("previous_step", [-1, -1])
+        self.probe_previous_step = (int(prev_key[0]), int(prev_key[1]))
         if self.dist.active:
             rank_rng = ck.get("rank_rng")
             if rank_rng is not None and int(ck.get("world_size", 1)) == self.dist.world_size:
