@@ -92,8 +92,8 @@ def training_rate(data: Path, config, batch_size: int, steps: int) -> float:
         for i in range(steps + 2):
             sel = np.arange(i * batch_size, (i + 1) * batch_size) % ds.n_patterns
             trainer.state.step = trainer.emc_end + i
-            pixels, pw = trainer.select_pixels(trainer.state.step)
-            batch = SPIBatch(torch.as_tensor(ds.read(np.sort(sel))), torch.as_tensor(np.sort(sel)), pixels, pw)
+            pixels, n_eligible = trainer.select_pixels(trainer.state.step)
+            batch = SPIBatch(torch.as_tensor(ds.read(np.sort(sel))), torch.as_tensor(np.sort(sel)), pixels, n_eligible)
             c0 = time.thread_time()
             trainer.step(batch)
             if i >= 2:

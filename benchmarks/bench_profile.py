@@ -147,8 +147,8 @@ def profile_size(size: int, args: argparse.Namespace) -> dict:
             from bayes_spi.models.spi import SPIBatch
 
             trainer.state.step = step0 + i
-            pixels, pw = trainer.select_pixels(trainer.state.step, cfg.emc_pixels if phase == "emc" else None)
-            batch = SPIBatch(counts, torch.as_tensor(sel, device=dev), pixels.to(dev), pw)
+            pixels, n_eligible = trainer.select_pixels(trainer.state.step, cfg.emc_pixels if phase == "emc" else None)
+            batch = SPIBatch(counts, torch.as_tensor(sel, device=dev), pixels.to(dev), n_eligible)
             trainer.guide.weight_floor = trainer.weight_floor(trainer.state.step)
             with timed("step"):
                 loss = trainer.emc_step(batch) if phase == "emc" else trainer.step(batch)

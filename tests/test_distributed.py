@@ -80,8 +80,8 @@ def _one_step_gradients(trainer, idx: np.ndarray, emc: bool) -> dict[str, Any]:
             if p.grad is not None:
                 grads[names[id(p)]] = p.grad.detach().clone()
 
-    pixels, pw = trainer.select_pixels(0, trainer.config.emc_pixels if emc else None)
-    batch = SPIBatch(torch.as_tensor(trainer.dataset.read(idx)), torch.as_tensor(idx), pixels, pw)
+    pixels, n_eligible = trainer.select_pixels(0, trainer.config.emc_pixels if emc else None)
+    batch = SPIBatch(torch.as_tensor(trainer.dataset.read(idx)), torch.as_tensor(idx), pixels, n_eligible)
     with _fixed_noise(), mock.patch.object(trainer.optim, "step", record):
         loss = trainer.emc_step(batch) if emc else trainer.step(batch)
     trainer.model.load_state_dict(state)  # the level shift of the step undone: the next stage starts alike

@@ -90,7 +90,7 @@ def test_custom_prior_example(custom_prior: ModuleType, data_file: Path, tmp_pat
     pose = trace.nodes["pose"]
     assert isinstance(pose["fn"], PreferredOrientationSO3)
     assert torch.allclose(pose["unscaled_log_prob"], model.pose_prior(8).log_prob(pose["value"]))
-    assert isinstance(trace.nodes["counts"]["fn"].base_dist, PoissonGaussianCounts)
+    assert isinstance(trace.nodes["counts"]["fn"], PoissonGaussianCounts)
 
 
 def test_custom_likelihood_example(data_file: Path, tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_custom_likelihood_example(data_file: Path, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.pt").is_file() and _finite_elbos(out["metrics"])
     trace = _model_trace(model, data_file)
     counts = trace.nodes["counts"]
-    assert isinstance(counts["fn"].base_dist, dist.GammaPoisson)
+    assert isinstance(counts["fn"], dist.GammaPoisson)
     # mean lambda, variance lambda + lambda^2 / r
     d = model.likelihood(torch.tensor([math.log(6.0)]))
     assert float(d.mean) == pytest.approx(6.0, rel=1e-5) and float(d.variance) == pytest.approx(6 + 36 / 30, rel=1e-5)

@@ -22,7 +22,7 @@ from bayes_spi.models.conditional_field import ConditionalField, LatentFields
 from bayes_spi.models.fields import FourierNetField, SirenField, SirenVoxelField, VoxelField
 from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.latent import LearnedClassPrior, make_class_prior, make_latent_prior
-from bayes_spi.models.spi import SPIBatch, SPIModel
+from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch, SPIModel
 from bayes_spi.sim.ensemble import (
     parse_ensemble,
     read_truth_labels,
@@ -164,7 +164,7 @@ def test_enumerated_class_elbo_equals_hand_computation(detector) -> None:
             pyro.sample("pose", dist.Delta(poses[rows, k], event_dim=2))
             pyro.sample("scale", dist.Delta(scales))
 
-    elbo = -TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, batch, n_batch).detach()
+    elbo = -TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(model, guide, batch, n_batch).detach()
     # by hand: Poisson log pmf (SciPy) of every pattern under every class field and pose hypothesis
     y = images.reshape(n_batch, -1)[:, pixels].numpy()
     ll = np.zeros((n_batch, n_classes, n_hyp))
@@ -185,7 +185,7 @@ def test_enumerated_class_elbo_equals_hand_computation(detector) -> None:
     ll_true = ll[:, :, 0]
     post = torch.as_tensor(ll_true + log_pi, dtype=torch.float32)  # unnormalised log posterior over classes
     same = rots[:, :1].expand(n_batch, n_hyp, 3, 3)
-    tight = -TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+    tight = -TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(
         model, lambda b, n: guide(b, n, post, torch.full((n_batch, n_classes, n_hyp), 1.0 / n_hyp), same), batch,
         n_batch).detach()
     exact = logsumexp(ll_true + log_pi, axis=1).sum() + log_ps.sum()
@@ -220,7 +220,7 @@ def test_latent_guide_enumerates_classes_and_latents(detector) -> None:
     torch.testing.assert_close(post.hypothesis_weights.sum(-1), torch.ones(6, 2))
     assert torch.equal(post.class_probs.argmax(-1), truth)
     assert bool(torch.all(post.hypothesis_weights[torch.arange(6), truth].argmax(-1) == 2))  # the true pose wins
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+    loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(
         model, guide, SPIBatch(images, torch.arange(6), torch.arange(1024)), 6)
     loss.backward()
     assert torch.isfinite(loss)

@@ -16,7 +16,7 @@ from bayes_spi.infer.config import FitConfig
 from bayes_spi.models.fields import FourierNetField, SirenField, SirenVoxelField, VoxelField
 from bayes_spi.models.likelihoods import PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior
-from bayes_spi.models.spi import SPIBatch, SPIModel
+from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch, SPIModel
 from bayes_spi.so3 import random_rotmat, rotvec_to_rotmat, rotz_pi
 
 Q_MAX = 0.125
@@ -106,7 +106,7 @@ def _tiny(n_heads=2, n_search=2):
                     search_rotations=256)
     model, guide = build_model_and_guide(geom, cfg)
     images = torch.poisson(torch.full((6, 32, 32), 3.0))
-    batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 7.0)
+    batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 1029)
     return model, guide, batch
 
 
@@ -121,8 +121,22 @@ def test_model_and_guide_share_sites_and_plates():
     for name in g_sites:
         assert [f.name for f in gtr.nodes[name]["cond_indep_stack"]] == ["patterns"]
         assert [f.name for f in mtr.nodes[name]["cond_indep_stack"]] == ["patterns"]
-    # plate subsampling scales the per-pattern terms by n_total / B
-    assert mtr.nodes["counts"]["scale"] == pytest.approx(100 / 6 * 7.0)
+    # plate subsampling scales the per-pattern terms by n_total / B, and the pixels plate (nested, dim -2; no
+    # poutine.scale) the likelihood by n_pixels / M = 1029 / 147
+    counts = mtr.nodes["counts"]
+    assert sorted((f.name, f.dim, f.size) for f in counts["cond_indep_stack"]) == [("patterns", -1, 6), ("pixels", -2, 147)]
+    assert counts["scale"] == pytest.approx(100 / 6 * 7.0)
+    assert counts["fn"].batch_shape == (147, 6) and torch.equal(counts["value"], batch.images.reshape(6, -1)[:, batch.pixels].T)
+    assert torch.equal(mtr.nodes["pixels"]["value"], batch.pixels)
+
+
+def test_batch_takes_the_pixel_population_size_not_a_weight():
+    images, idx, pixels = torch.zeros(2, 4, 4), torch.arange(2), torch.arange(0, 16, 2)
+    assert SPIBatch(images, idx, pixels).pixel_weight == 1.0 and SPIBatch(images, idx, pixels).n_pixels == 8
+    assert SPIBatch(images, idx, pixels, 14).pixel_weight == pytest.approx(14 / 8)
+    for bad in (7.0, 7, True):  # a float (e.g. the old n_eligible / M weight) or fewer than M pixels
+        with pytest.raises(ValueError, match="expected n_pixels an integer >= M = 8"):
+            SPIBatch(images, idx, pixels, bad)
 
 
 def test_enumerated_elbo_equals_weighted_sum_over_hypotheses():
@@ -132,15 +146,15 @@ def test_enumerated_elbo_equals_weighted_sum_over_hypotheses():
         guide.logit_head.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
     n_total = 6
     torch.manual_seed(0)
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, batch, n_total)
+    loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(model, guide, batch, n_total)
     torch.manual_seed(0)  # the same draws, traced by hand
-    gtr = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(batch, n_total)
-    R, s = gtr.nodes["pose"]["value"], gtr.nodes["scale"]["value"]  # (K, B, 3, 3), (B,)
+    gtr = poutine.trace(poutine.enum(guide, first_available_dim=-1 - MAX_PLATE_NESTING)).get_trace(batch, n_total)
+    R, s = gtr.nodes["pose"]["value"].squeeze(1), gtr.nodes["scale"]["value"]  # (K, B, 3, 3), (B,)
     w = gtr.nodes["hypothesis"]["fn"].probs  # (B, K)
     k = w.shape[1]
     y = batch.images.reshape(6, -1)[:, batch.pixels]
     ll = dist.Poisson(model.log_rate(R, s.log().expand(k, 6), batch.pixels).exp()).log_prob(y).sum(-1)
-    per_hyp = ll * batch.pixel_weight - gtr.nodes["pose"]["fn"].log_prob(R)  # (K, B); log prior of pose = 0
+    per_hyp = ll * (1029 / 147) - gtr.nodes["pose"]["fn"].log_prob(R[:, None]).squeeze(1)  # (K, B); log prior of pose = 0
     elbo = (w.T * per_hyp).sum(0) - (w * (w.log() + math.log(k))).sum(-1)
     elbo = elbo + LogNormalScalePrior()(6).log_prob(s) - gtr.nodes["scale"]["fn"].log_prob(s)
     assert float(-loss.detach()) == pytest.approx(float(elbo.sum().detach()), rel=1e-5)

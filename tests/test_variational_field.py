@@ -19,7 +19,7 @@ from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.intensity_priors import RadialProfile, make_intensity_prior
 from bayes_spi.models.priors import LogNormalScalePrior
-from bayes_spi.models.spi import SPIBatch, SPIModel
+from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch, SPIModel
 from bayes_spi.models.variational_field import (
     VariationalAmplitudeField,
     lognormal_cumulants,
@@ -164,7 +164,7 @@ def _tiny(n_total=18, kl_weight=1.0):
     guide = AmortizedGuide(mask, n_heads=1, features=16, channels=4, scorer=model.hypothesis_loglik,
                            field_guide=field.guide_sample)
     images = torch.poisson(torch.full((6, 32, 32), 3.0))
-    batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 7.0)
+    batch = SPIBatch(images, torch.arange(6), torch.arange(0, 1024, 7), 1029)
     return model, guide, batch
 
 
@@ -196,14 +196,14 @@ def test_the_amplitude_draw_is_an_argument_and_nothing_is_kept_on_the_field():
     assert not torch.allclose(amps[0], amps[1])
     rates = []
     for tr, amp in zip(traces, amps):
-        rate = tr.nodes["counts"]["fn"].base_dist.rate  # (B, M): the rate the likelihood used
-        R, s = tr.nodes["pose"]["value"], tr.nodes["scale"]["value"]
+        rate = tr.nodes["counts"]["fn"].rate.T  # (B, M): the rate the likelihood used (the site holds (M, B))
+        R, s = tr.nodes["pose"]["value"][0], tr.nodes["scale"]["value"]  # (1, B, 3, 3): dim -2 is the pixels plate's
         expected = model.log_rate(R, s.log(), batch.pixels, amp).exp()
         torch.testing.assert_close(rate, expected, rtol=1e-5, atol=0.0)
         rates.append(rate)
     assert (rates[0] / rates[1] - 1).abs().max() > 0.05  # different draws, different intensities
     # with the other draw, the first call's poses give the second draw's intensities: nothing else differs
-    R, s = traces[0].nodes["pose"]["value"], traces[0].nodes["scale"]["value"]
+    R, s = traces[0].nodes["pose"]["value"][0], traces[0].nodes["scale"]["value"]
     assert not torch.allclose(model.log_rate(R, s.log(), batch.pixels, amps[1]).exp(), rates[0])
     after = (dict(vars(field)), field.state_dict())
     assert after[0].keys() == before[0].keys() and not any(isinstance(v, torch.Tensor) and v.shape == amps[0].shape
@@ -230,19 +230,19 @@ def test_the_amplitude_draw_is_an_argument_and_nothing_is_kept_on_the_field():
 def test_trace_enum_elbo_accepts_the_field_and_equals_the_hand_computation():
     model, guide, batch = _tiny()
     n_total, B = 18, 6
-    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
     torch.manual_seed(0)
     loss = elbo.differentiable_loss(model, guide, batch, n_total)
     torch.manual_seed(0)  # the same draws, traced by hand
-    gtr = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(batch, n_total)
+    gtr = poutine.trace(poutine.enum(guide, first_available_dim=-1 - MAX_PLATE_NESTING)).get_trace(batch, n_total)
     field = model.field
     amp = gtr.nodes["amplitude"]["value"].detach()
-    R, s = gtr.nodes["pose"]["value"], gtr.nodes["scale"]["value"]
+    R, s = gtr.nodes["pose"]["value"].squeeze(1), gtr.nodes["scale"]["value"]  # (K, B, 3, 3), (B,)
     w = gtr.nodes["hypothesis"]["fn"].probs
     k = w.shape[1]
     y = batch.images.reshape(B, -1)[:, batch.pixels]
     ll = dist.Poisson(model.log_rate(R, s.log().expand(k, B), batch.pixels, amp).exp()).log_prob(y).sum(-1)
-    per_hyp = ll * batch.pixel_weight - gtr.nodes["pose"]["fn"].log_prob(R)
+    per_hyp = ll * (1029 / 147) - gtr.nodes["pose"]["fn"].log_prob(R[:, None]).squeeze(1)
     per_pattern = (w.T * per_hyp).sum(0) - (w * (w.log() + math.log(k))).sum(-1)
     per_pattern = per_pattern + LogNormalScalePrior()(B).log_prob(s) - gtr.nodes["scale"]["fn"].log_prob(s)
     # the global amplitude term, once, with SciPy's densities
@@ -283,7 +283,7 @@ def test_posterior_sd_shrinks_where_data_are_plentiful():
     field = VariationalAmplitudeField(q_max, grid=17, width=32, depth=2, w0=4.0, scale_init=0.5, log_offset=level)
     model = SPIModel(field, q, factor)
     cond = poutine.condition(model, data={"pose": torch.eye(3).expand(B, 3, 3), "scale": torch.ones(B)})
-    batch = SPIBatch(images, torch.arange(B), torch.arange(1024), 1.0)
+    batch = SPIBatch(images, torch.arange(B), torch.arange(1024), 1024)
 
     def guide(batch, n_total):
         field.guide_sample()

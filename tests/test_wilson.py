@@ -293,7 +293,7 @@ def test_model_adds_the_factor_once_outside_the_plate():
     field = SirenField(q_max, width=16, depth=2)
     prior = make_intensity_prior({"name": "wilson", "diameter_A": 60, "n_points": 128}, q_max)
     model = SPIModel(field, q, factor, intensity_prior=prior)
-    batch = SPIBatch(torch.poisson(torch.full((4, 32, 32), 2.0)), torch.arange(4), torch.arange(0, 1024, 9), 9.0)
+    batch = SPIBatch(torch.poisson(torch.full((4, 32, 32), 2.0)), torch.arange(4), torch.arange(0, 1024, 9), 1026)
     pyro.set_rng_seed(3)
     tr = poutine.trace(model).get_trace(batch, 1000)
     site = tr.nodes["intensity_prior"]

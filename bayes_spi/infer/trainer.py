@@ -41,7 +41,7 @@ from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer import distributed
 from bayes_spi.infer.rundir import RunDir
 from bayes_spi.guides.amortized import PosePosterior
-from bayes_spi.models.spi import SPIBatch
+from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch
 
 __all__ = ["Trainer", "TrainState", "resolve_device", "atomic_torch_save", "METRIC_FIELDS"]
 
@@ -141,7 +141,7 @@ class Trainer:
                            "lr": config.lr * BACKGROUND_LR_FACTOR})
         self.optim = torch.optim.Adam(groups, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optim, lambda t: self.lr(t) / config.lr)
-        self.elbo = TraceEnum_ELBO(max_plate_nesting=1)
+        self.elbo = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)
         # a held-out probe set for the truth-free verdict (bayes_spi.infer.verdict): 1/32 of the patterns (2 to 256),
         # evenly spread over the file, never trained on, so that its information gain cannot come from the field
         # fitting the noise of the patterns it was trained on ("Einstein from noise"); its most probable poses
@@ -243,14 +243,16 @@ class Trainer:
         c = self.config
         return c.lr * (c.lr_final / c.lr) ** (step / max(self.total_steps, 1))
 
-    def select_pixels(self, step: int, m: int | None = None) -> tuple[torch.Tensor, float]:
-        """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``m`` (default ``pixels_per_pattern``)."""
+    def select_pixels(self, step: int, m: int | None = None) -> tuple[torch.Tensor, int]:
+        """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``m`` (default ``pixels_per_pattern``), one
+        subset for the whole batch; returns the subset ``(M,)`` and the number of eligible pixels it was drawn from
+        (the ``pixels`` plate's size: the likelihood is scaled by ``n_eligible / M``)."""
         eligible = torch.nonzero(self._good & (self._qnorm <= self.radius(step) * self._q_max + 1e-12)).squeeze(-1)
         m = self.config.pixels_per_pattern if m is None else m
         if m == 0 or m >= eligible.numel():
-            return eligible, 1.0
+            return eligible, int(eligible.numel())
         pick = torch.randperm(eligible.numel(), generator=self.pixel_gen)[:m].to(eligible.device)
-        return eligible[pick], eligible.numel() / m
+        return eligible[pick], int(eligible.numel())
 
     @torch.no_grad()
     def initialise_offset(self, n_images: int = 1024) -> None:
@@ -693,9 +695,9 @@ class Trainer:
             idx = np.concatenate([g[2] for g in group])
             counts = np.concatenate([g[3] for g in group])
             n_batches = len(group)
-            pixels, pw = self.select_pixels(st.step, c.emc_pixels if emc else None)
+            pixels, n_eligible = self.select_pixels(st.step, c.emc_pixels if emc else None)
             batch = SPIBatch(torch.as_tensor(counts, device=self.device), torch.as_tensor(idx, device=self.device),
-                             pixels.to(self.device), pw)
+                             pixels.to(self.device), n_eligible)
             self.guide.weight_floor = self.weight_floor(st.step)
             loss = self.emc_step(batch) if emc else self.step(batch)
             if not math.isfinite(loss):

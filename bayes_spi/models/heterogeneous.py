@@ -31,7 +31,6 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor
 
 from bayes_spi.models.background import PixelBackground
@@ -41,7 +40,7 @@ from bayes_spi.models.intensity_priors import IntensityPrior
 from bayes_spi.models.latent import ClassPrior, LatentPrior, NormalLatentPrior, UniformClassPrior
 from bayes_spi.models.likelihoods import Likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, UniformPosePrior
-from bayes_spi.models.spi import SPIBatch, SPIModel
+from bayes_spi.models.spi import PATTERNS_DIM, SPIBatch, SPIModel
 
 __all__ = ["HeterogeneousSPIModel"]
 
@@ -141,12 +140,11 @@ class HeterogeneousSPIModel(SPIModel):
             pyro.module("class_prior", self.class_prior)
         n_batch = batch.images.shape[0]
         y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
-        with pyro.plate("patterns", n_total, subsample=batch.indices):
+        with pyro.plate("patterns", n_total, subsample=batch.indices, dim=PATTERNS_DIM):
             pyro.sample("hypothesis", dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)))
             c = pyro.sample("class", self.class_prior(n_batch)) if self.n_classes > 1 else None
             z = pyro.sample("latent", self.latent_prior(n_batch)) if self.latent_dim else None
-            R = pyro.sample("pose", self.pose_prior(n_batch))
+            R = pyro.sample("pose", self.per_pattern_pose_prior(n_batch))
             s = pyro.sample("scale", self.scale_prior(n_batch))
-            log_rate = self.latent_log_rate(R, s.log(), batch.pixels, z, c, batch.indices)
-            with poutine.scale(scale=batch.pixel_weight):
-                pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
+            log_rate = self.latent_log_rate(R, s.log(), batch.pixels, z, c, batch.indices)  # (..., B, M)
+            self.observe_counts(log_rate, y, batch)

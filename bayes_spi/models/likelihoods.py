@@ -1,7 +1,9 @@
 """Photon-count likelihoods: objects that turn a log expected count into a Pyro distribution.
 
-The model calls ``likelihood(log_rate)`` with ``log_rate`` of shape ``(..., B, M)`` (``M`` pixels)
-and observes the counts ``(B, M)`` under the returned distribution with ``.to_event(1)``.
+A likelihood is elementwise: ``likelihood(log_rate)`` returns a distribution with batch shape
+``log_rate.shape``, one count per element. The model calls it with ``log_rate`` of shape ``(..., M, B)``
+(``M`` pixels, ``B`` patterns: the ``pixels`` plate at dim -2, ``patterns`` at dim -1) and observes the
+counts ``(M, B)``; tools such as the guide's scorer call it with ``(..., B, M)``.
 
 Built-ins and their spec names (:func:`make_likelihood`, :mod:`bayes_spi.config.specs`):
 :class:`PoissonLikelihood` (``poisson``) and :class:`PoissonGaussianLikelihood` (``poisson-gaussian``:
@@ -30,7 +32,8 @@ __all__ = ["Likelihood", "PoissonLikelihood", "PoissonGaussianLikelihood", "LIKE
 
 
 class Likelihood:
-    """Interface: ``__call__(log_rate (..., M)) -> Distribution`` with batch shape ``(..., M)``."""
+    """Interface: ``__call__(log_rate) -> Distribution`` with batch shape ``log_rate.shape`` (elementwise: no
+    per-pixel parameters that assume where the pixel dim is)."""
 
     name: str = "likelihood"
 

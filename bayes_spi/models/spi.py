@@ -15,7 +15,16 @@ enumerated exactly by ``TraceEnum_ELBO`` (the ELBO stays a bound on ``log p(y)``
 ``Categorical(1/K)`` cancels the mixture's ``log K``).
 
 Model and guide take the same arguments ``(batch, n_total)`` and share the site names
-``hypothesis``, ``pose``, ``scale`` and the plate ``patterns``; the observed site is ``counts``.
+``hypothesis``, ``pose``, ``scale`` and the plate ``patterns`` (dim -1); the observed site is ``counts``.
+
+Subsampling is written as plates, so that Pyro does the scaling: ``patterns`` (size ``n_total``,
+subsample ``batch.indices``) scales every per-pattern term by ``n_total / B``, and ``counts`` sits in the
+nested plate ``pixels`` (dim -2, size ``batch.n_pixels``, the eligible good pixels of this step;
+subsample ``batch.pixels``, one subset for the whole batch), which scales the likelihood by
+``n_pixels / M`` -- the unbiased estimate of the sum over all eligible pixels. ``counts`` therefore has
+batch shape ``(..., M, B)`` (pixels left of patterns) and the inference needs
+``max_plate_nesting = MAX_PLATE_NESTING`` (2), e.g. ``TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING)``:
+the enumerated hypotheses then live at dim -3 and below (the guide's pose has shape ``(K, 1, B, 3, 3)``).
 
 An optional measured background ``B_k`` with its fitted scale ``b`` (global or per pattern:
 :class:`~bayes_spi.models.background.PixelBackground`, the module ``background``) adds ``b B_k`` to the rate.
@@ -39,12 +48,12 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from torch import Tensor, nn
 
 from bayes_spi.models.background import PixelBackground
@@ -53,7 +62,14 @@ from bayes_spi.models.intensity_priors import IntensityPrior, NoIntensityPrior
 from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior, PosePrior, ScalePrior, UniformPosePrior
 
-__all__ = ["SPIBatch", "SPIModel", "detector_q_max"]
+__all__ = ["MAX_PLATE_NESTING", "PATTERNS_DIM", "PIXELS_DIM", "SPIBatch", "SPIModel", "detector_q_max",
+           "pixels_by_patterns"]
+
+#: the plates' dims: ``patterns`` (every per-pattern site) and, nested in it, ``pixels`` (the site ``counts``)
+PATTERNS_DIM: int = -1
+PIXELS_DIM: int = -2
+#: ``max_plate_nesting`` of any ELBO run on these models (enumerated sites go to the left of both plates)
+MAX_PLATE_NESTING: int = 2
 
 
 def detector_q_max(q: Tensor) -> float:
@@ -69,14 +85,16 @@ class SPIBatch:
     Attributes:
         images: ``(B, n_y, n_x)`` photon counts (masked pixels hold 0 and are never used as data).
         indices: ``(B,)`` int64 pattern indices in the data set (the ``patterns`` plate subsample).
-        pixels: ``(M,)`` int64 flat indices (into ``n_y * n_x``) of the good pixels in the likelihood.
-        pixel_weight: likelihood scale ``n_eligible / M`` that keeps a pixel subsample unbiased.
+        pixels: ``(M,)`` int64 flat indices (into ``n_y * n_x``) of the good pixels in the likelihood (the
+            ``pixels`` plate subsample, the same for every pattern of the batch).
+        n_pixels: the number of eligible pixels ``pixels`` was drawn from (the ``pixels`` plate's size, an
+            integer ``>= M``); ``None``: ``M`` (``pixels`` are all of them, no scaling).
     """
 
     images: Tensor
     indices: Tensor
     pixels: Tensor
-    pixel_weight: float = 1.0
+    n_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.images.dim() != 3:
@@ -85,9 +103,39 @@ class SPIBatch:
             raise ValueError(f"expected indices of shape ({self.images.shape[0]},), got shape {tuple(self.indices.shape)}")
         if self.pixels.dim() != 1:
             raise ValueError(f"expected pixels of shape (M,), got shape {tuple(self.pixels.shape)}")
+        m = int(self.pixels.shape[0])
+        if self.n_pixels is None:
+            self.n_pixels = m
+        if isinstance(self.n_pixels, bool) or not isinstance(self.n_pixels, numbers.Integral) or self.n_pixels < m:
+            raise ValueError(f"expected n_pixels an integer >= M = {m} (the eligible pixels the subset was drawn "
+                             f"from), got {self.n_pixels!r}")
+        self.n_pixels = int(self.n_pixels)
+
+    @property
+    def pixel_weight(self) -> float:
+        """``n_pixels / M``: the scale the ``pixels`` plate puts on the likelihood (1 without subsampling)."""
+        return self.n_pixels / self.pixels.shape[0]
 
     def to(self, device: torch.device | str) -> "SPIBatch":
-        return SPIBatch(self.images.to(device), self.indices.to(device), self.pixels.to(device), self.pixel_weight)
+        return SPIBatch(self.images.to(device), self.indices.to(device), self.pixels.to(device), self.n_pixels)
+
+
+def pixels_by_patterns(x: Tensor) -> Tensor:
+    """``(..., B, M)`` per-pattern, per-pixel values -> ``(..., M, B)``, the layout of the ``pixels`` plate (dim -2)
+    nested in ``patterns`` (dim -1).
+
+    A per-pattern site under ``max_plate_nesting = 2`` holds a size-1 slot at dim -2 (the ``pixels`` plate it is
+    not in): values computed from it have shape ``(..., 1, B, M)``; that slot is replaced by ``M``. Plain
+    ``(B, M)`` values are transposed.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected values of shape (..., B, M), got shape {tuple(x.shape)}")
+    if x.dim() == 2:
+        return x.T
+    if x.shape[-3] != 1:
+        raise ValueError(f"expected values of shape (..., 1, B, M) (dim -2 is the pixels plate's), got shape "
+                         f"{tuple(x.shape)}; run the ELBO with max_plate_nesting={MAX_PLATE_NESTING}")
+    return x.transpose(-1, -3).squeeze(-1)
 
 
 class SPIModel(nn.Module):
@@ -207,13 +255,26 @@ class SPIModel(nn.Module):
         amplitude = self.field.model_sample() if getattr(self.field, "is_variational", False) else None
         n_batch = batch.images.shape[0]
         y = batch.images.reshape(n_batch, -1)[:, batch.pixels]
-        with pyro.plate("patterns", n_total, subsample=batch.indices):
+        with pyro.plate("patterns", n_total, subsample=batch.indices, dim=PATTERNS_DIM):
             pyro.sample(
                 "hypothesis",
                 dist.Categorical(logits=torch.zeros(self.n_hypotheses, device=y.device)),
             )
-            R = pyro.sample("pose", self.pose_prior(n_batch))
+            R = pyro.sample("pose", self.per_pattern_pose_prior(n_batch))
             s = pyro.sample("scale", self.scale_prior(n_batch))
-            log_rate = self.total_log_rate(R, s.log(), batch.pixels, batch.indices, amplitude)
-            with poutine.scale(scale=batch.pixel_weight):
-                pyro.sample("counts", self.likelihood(log_rate).to_event(1), obs=y)
+            log_rate = self.total_log_rate(R, s.log(), batch.pixels, batch.indices, amplitude)  # (..., B, M)
+            self.observe_counts(log_rate, y, batch)
+
+    def per_pattern_pose_prior(self, n_batch: int) -> dist.TorchDistribution:
+        """The pose prior with batch shape ``(1, B)``: the ``patterns`` plate at dim -1 and an explicit size-1 slot
+        for ``pixels`` (dim -2), the layout of every per-pattern site under ``max_plate_nesting = 2``. (Pyro 1.9's
+        model/guide shape check mis-slices a ``(B, 3, 3)`` site, whose batch and event dims are fewer than
+        ``max_plate_nesting + event_dim``, against the guide's enumerated ``(K, 1, B, 3, 3)``.)"""
+        return self.pose_prior(n_batch).expand([1, n_batch])
+
+    def observe_counts(self, log_rate: Tensor, y: Tensor, batch: SPIBatch) -> None:
+        """The observed site ``counts`` in the ``pixels`` plate (scaled by ``n_pixels / M``), inside ``patterns``:
+        ``log_rate (..., B, M)`` as computed from the per-pattern sites, ``y (B, M)``; the site's batch shape is
+        ``(..., M, B)``."""
+        with pyro.plate("pixels", batch.n_pixels, subsample=batch.pixels, dim=PIXELS_DIM):
+            pyro.sample("counts", self.likelihood(pixels_by_patterns(log_rate)), obs=y.T)
