@@ -35,9 +35,9 @@ from pyro.infer import TraceEnum_ELBO
 from bayes_spi.atomic import atomic_path
 from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import SPIDataset
-from bayes_spi.distributions.so3 import LieNormalSO3
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.elbo_terms import site_terms
 from bayes_spi.infer import distributed
 from bayes_spi.infer.rundir import RunDir
 from bayes_spi.guides.amortized import PosePosterior
@@ -50,10 +50,19 @@ BACKGROUND_LR_FACTOR: float = 20.0
 
 log = logging.getLogger("bayes_spi")
 
+#: ``metrics.csv`` columns. The ELBO terms (per image: the batch's terms over ``n_total``) come from the model and
+#: guide traces at one draw (:func:`bayes_spi.infer.elbo_terms.site_terms`) and sum to that draw's ELBO:
+#: ``loglik - kl_pose - kl_scale - kl_hypothesis - kl_amplitude - kl_class - kl_latent - kl_other +
+#: log_intensity_prior`` (``kl_amplitude`` times the field's ``kl_weight``, as in the objective; a global term's
+#: per-image share is its value over ``n_total``; terms a model does not have are 0; ``kl_other``: sites of a
+#: custom model not named here). ``elbo_per_image`` is the mean of the steps' ELBOs since the last row.
 METRIC_FIELDS = [
     "step", "epoch", "images_seen", "elbo_per_image", "loglik_per_image", "kl_pose", "kl_scale",
     "kl_hypothesis", "effective_poses", "radius", "lr", "images_per_s", "elapsed_s",
+    "kl_amplitude", "kl_class", "kl_latent", "kl_other", "log_intensity_prior",
 ]
+#: the trace sites behind the ``kl_*`` columns
+_KL_SITES = ("pose", "scale", "hypothesis", "amplitude", "class", "latent")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -380,9 +389,11 @@ class Trainer:
             return
         rows = []
         with open(self.metrics_path, newline="") as fh:
-            for r in csv.DictReader(fh):
-                # a row cut short by a kill mid-write has missing or unparsable fields: drop it
-                if any(r.get(k) in (None, "") for k in METRIC_FIELDS):
+            reader = csv.DictReader(fh)
+            for r in reader:
+                # a row cut short by a kill mid-write has missing or unparsable fields: drop it (the fields of
+                # the file's own header: a file written before a column was added keeps its rows, NaN there)
+                if any(r.get(k) in (None, "") for k in reader.fieldnames or METRIC_FIELDS):
                     continue
                 try:
                     if int(r["step"]) <= step:
@@ -390,7 +401,7 @@ class Trainer:
                 except ValueError:
                     continue
         with atomic_path(self.metrics_path) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+            w = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, restval="nan", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
@@ -405,7 +416,8 @@ class Trainer:
             w.writerow(row)
 
     def elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
-        """Per-image ELBO terms for one batch, hypotheses summed exactly, poses and scales sampled once.
+        """Per-image ELBO terms for one batch (see :data:`METRIC_FIELDS`): each site's term from the model and guide
+        traces, enumerated sites summed exactly, the continuous ones at one draw; they sum to that draw's ELBO.
 
         Runs on a forked random stream, so how often metrics are logged does not change the fit.
         """
@@ -415,28 +427,15 @@ class Trainer:
         return self.dist.weighted_mean_dict(batch.images.shape[0], terms)
 
     def _elbo_terms(self, batch: SPIBatch) -> dict[str, float]:
-        post = self.guide.posterior(batch.images, batch.pixels)
-        w = post.weights  # (B, K)
-        n_batch, k = w.shape
-        rows = torch.arange(n_batch, device=w.device)[None, :]
-        hyp = torch.arange(k, device=w.device)[:, None].expand(k, n_batch)
-        q_pose = LieNormalSO3(post.rotations[rows, hyp], post.sigmas[rows, hyp])  # batch (K, B)
-        R = q_pose.sample()
-        q_scale = pyro.distributions.LogNormal(post.scale_loc, post.scale_scale)
-        s = q_scale.sample()
-        p_pose = self.model.pose_prior(n_batch)
-        p_scale = self.model.scale_prior(n_batch)
-        ll = self.model.hypothesis_loglik(R, s.log(), batch.images, batch.pixels,
-                                          batch.indices) * batch.pixel_weight  # (K, B)
-        kl_pose = q_pose.log_prob(R) - p_pose.log_prob(R)  # (K, B)
-        wt = w.T
-        loglik = (wt * ll).sum(0).mean()
-        klp = (wt * kl_pose).sum(0).mean()
-        kls = (q_scale.log_prob(s) - p_scale.log_prob(s)).mean()
-        klh = (w * (w.clamp(min=1e-30).log() + math.log(k))).sum(-1).mean()
-        eff = float((-(w * w.clamp(min=1e-30).log()).sum(-1)).exp().mean())
-        return {"loglik_per_image": float(loglik), "kl_pose": float(klp), "kl_scale": float(kls),
-                "kl_hypothesis": float(klh), "effective_poses": eff}
+        terms = {name: float(v.detach()) / self.n_total for name, v in
+                 site_terms(self.model, self.guide, batch, self.n_total, max_plate_nesting=MAX_PLATE_NESTING).items()}
+        out = {"loglik_per_image": terms.pop("counts"), "log_intensity_prior": terms.pop("intensity_prior", 0.0)}
+        for name in _KL_SITES:
+            out[f"kl_{name}"] = -terms.pop(name) if name in terms else 0.0
+        out["kl_other"] = -sum(terms.values()) if terms else 0.0
+        w = self.guide.last_posterior.weights  # (B, K): the hypothesis weights of this trace's guide call
+        out["effective_poses"] = float((-(w * w.clamp(min=1e-30).log()).sum(-1)).exp().mean())
+        return out
 
     # ---------------------------------------------------------------- outputs
     def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:
@@ -542,7 +541,8 @@ class Trainer:
             return value
         self._optimizer_step(loss)
         self.emc_terms = {"loglik_per_image": -value, "kl_pose": math.log(post.weights.shape[-1]) - math.log(eff),
-                          "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff}
+                          "kl_scale": 0.0, "kl_hypothesis": 0.0, "effective_poses": eff, "kl_amplitude": 0.0,
+                          "kl_class": 0.0, "kl_latent": 0.0, "kl_other": 0.0, "log_intensity_prior": 0.0}
         # the level between scales and field, as recentre_level does in SVI (the cache is rebuilt every step)
         self._shift_level(level)
         return value
