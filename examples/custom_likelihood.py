@@ -1,8 +1,8 @@
 """Fit bayes-spi from Python with a likelihood you write yourself.
 
-A likelihood is an object with ``__call__(log_rate) -> distribution``: the model hands it the log
-expected counts ``(..., B, M)`` (``B`` patterns, ``M`` pixels) and observes the counts under the
-returned distribution, whose batch shape must be that of ``log_rate``. This script writes an
+A likelihood is an object with ``__call__(log_rate) -> distribution``, elementwise: the model hands it the
+log expected counts ``(..., M, B)`` (``M`` pixels in the ``pixels`` plate, ``B`` patterns) and observes the
+counts under the returned distribution, whose batch shape must be that of ``log_rate``. This script writes an
 over-dispersed one, ``NegativeBinomialLikelihood``: ``y ~ GammaPoisson`` with mean ``lambda`` and
 variance ``lambda + lambda^2 / r`` (extra shot-to-shot fluctuations, e.g. of the background, on top of
 photon counting; ``r -> inf`` is Poisson). It then fits with the standard ``Trainer``; compare the ELBO
