@@ -433,7 +433,9 @@ def test_fit_config_heterogeneous_settings() -> None:
     from bayes_spi.infer.config import FitConfig
 
     config = FitConfig(latent_dim=2, n_classes=3)
-    assert config.heterogeneous and (config.n_search, config.emc_fraction, config.polish_iterations) == (0, 0.0, 0)
+    # the search and the EMC warm start are class-aware (bayes_spi.guides.class_search, infer.class_emc); the exact
+    # EMC polish (one homogeneous field) is off
+    assert config.heterogeneous and (config.n_search, config.emc_fraction, config.polish_iterations) == (2, 0.75, 0)
     assert not FitConfig().heterogeneous and FitConfig().n_search == 2
     with pytest.raises(ValueError, match="expected siren, fouriernet or hybrid"):
         FitConfig(latent_dim=1, field="voxel")
@@ -454,7 +456,8 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["fit", str(data), "-o", str(run), "--latent-dim", "1", "--classes", "2",
                                       "--max-images", "32", "--batch-size", "16", "--grid", "9", "--no-progress",
-                                      "--n-heads", "1", "--pixels-per-pattern", "128", "--no-truth"])
+                                      "--n-heads", "1", "--pixels-per-pattern", "128", "--no-truth",
+                                      "--search-rotations", "512"])
     assert result.exit_code == 0, result.output
     with h5py.File(run / "latent_posterior.h5") as f:
         probs, z_mean, z_sd = f["latent/class_probs"][()], f["latent/z_mean"][()], f["latent/z_sd"][()]
@@ -468,4 +471,4 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
 
     assert (run / "report" / "latent.png").stat().st_size > 1000
     settings = yaml.safe_load((run / "config.yaml").read_text())["settings"]
-    assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 0)
+    assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 2)

@@ -16,7 +16,11 @@ With a latent scorer (``LatentGuide(..., latent_scorer=model.class_hypothesis_lo
     ``w_ck ∝ w_k exp(log p(y_i | R_k, s_i, mu_c, c) + log pi_c)``,
     ``rho_c ∝ exp(a_c(h_i) + logsumexp_k(log w_k + log p(y_i | R_k, s_i, mu_c, c) + log pi_c))``,
 
-so the class and the pose are inferred jointly (``weight_floor`` mixes ``floor / C`` into ``rho`` as it does
+so the class and the pose are inferred jointly. With a class-aware search
+(:class:`~bayes_spi.guides.class_search.ClassOrientationSearch`, ``n_search = C n_keep``) every class proposes
+its own best grid rotations; all ``K`` hypotheses are scored under every class, so a proposal only moves where
+``q`` puts mass (the ELBO stays a bound), and the search's per-class grid posterior mean of ``z`` centres
+``q(z | y, c)`` (``weight_floor`` mixes ``floor / C`` into ``rho`` as it does
 into the hypothesis weights: a constraint on the guide family, so the ELBO stays a bound): the pose hypotheses of class ``c`` are weighted by how
 well class ``c``'s field at the pattern's latent explains the pattern at each pose (``w_k`` the encoder's
 hypothesis weights, ``a_c`` a learned correction). The latent ``z`` is conditioned on the class but not on
@@ -39,7 +43,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import pyro
@@ -153,6 +157,11 @@ class LatentGuide(AmortizedGuide):
         if self.latent_head is not None:
             out = self.latent_head(h).reshape(n_batch, self.n_classes, 2, self.latent_dim)
             loc = 5.0 * torch.tanh(out[:, :, 0] / 5.0)  # bounded: a huge input must not send z to infinity
+            centre = getattr(self.search, "last_latent_mean", None) if self.search is not None else None
+            if centre is not None and centre.shape == loc.shape:
+                # the class-aware search's grid posterior mean of z (per class, against the current fields):
+                # the centre of q(z | y, c), as the profile scale centres q(s); the head learns the correction
+                loc = loc + centre.to(loc.dtype).detach()
             scale = (F.softplus(out[:, :, 1]) + 1e-4).clamp(max=5.0)
         class_logits = (self.class_head(h) if self.class_head is not None
                         else torch.zeros(n_batch, 1, device=images.device, dtype=h.dtype))
@@ -176,6 +185,8 @@ class LatentGuide(AmortizedGuide):
             class_probs = (1.0 - self.weight_floor) * class_probs + self.weight_floor / self.n_classes
         result = LatentPosterior(post, class_probs, hyp, loc, scale)
         self.last_latent_posterior = result
+        # what the trainer's amortization loss reads: the hypotheses weighted by q(c) q(k | c), not by the encoder
+        self.last_posterior = replace(post, weights=(class_probs[..., None] * hyp).sum(1).detach())
         return result
 
     def forward(self, batch: SPIBatch, n_total: int) -> PosePosterior:  # type: ignore[override]

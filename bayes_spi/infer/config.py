@@ -79,9 +79,10 @@ class FitConfig:
         latent_dim: per-pattern continuous structure latent ``z_i ~ latent_prior`` of this dimension, the field
         FiLM-conditioned on it (0: the homogeneous model). n_classes: discrete classes ``c_i ~ class_prior``, one
         field each, enumerated exactly (1: none). latent_prior: ``normal[:scale=S]`` or ``studentt:df=D``;
-        class_prior: ``uniform`` or ``learned``. With either on, the EMC warm start, the orientation search and
-        the exact EMC polish are off (they use one homogeneous field): ``n_search``, ``emc_fraction`` and
-        ``polish_iterations`` are set to 0.
+        class_prior: ``uniform`` or ``learned``. With either on, the orientation search is class-aware (``n_search``
+        proposals per class, :mod:`bayes_spi.guides.class_search`), the EMC warm start sums over classes and
+        latent points (:mod:`bayes_spi.infer.class_emc`), and the exact EMC polish (one homogeneous field) is off:
+        ``polish_iterations`` is set to 0.
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -230,7 +231,7 @@ class FitConfig:
                 raise ValueError(f"fit setting field: expected {names_text(n for n, k in FIELDS.items() if k.latent)} "
                                  "with latent_dim > 0 or "
                                  f"n_classes > 1 (a SIREN to condition), got {self.field!r}")
-            self.n_search, self.emc_fraction, self.polish_iterations = 0, 0.0, 0
+            self.polish_iterations = 0
         self._normalize_specs()
         self._check_symmetry()
         if FIELDS[self.field].variational and self.intensity_prior.get("name") != "none":

@@ -32,7 +32,10 @@ import torch
 from bayes_spi.analysis.sampling import radial_profile
 from bayes_spi.atomic import atomic_path
 from bayes_spi.guides.amortized import count_hypotheses
+from bayes_spi.guides.class_search import ClassOrientationSearch
 from bayes_spi.guides.latent import LatentGuide
+from bayes_spi.guides.search import orientation_grid
+from bayes_spi.infer.class_emc import ClassGridMarginal
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.trainer import Trainer
 from bayes_spi.models.background import PixelBackground
@@ -149,7 +152,30 @@ def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.nda
 
 
 class HeterogeneousTrainer(Trainer):
-    """:class:`Trainer` whose class fields start from the radial profiles of clusters of the data."""
+    """:class:`Trainer` whose class fields start from the radial profiles of clusters of the data, whose EMC warm
+    start is the exact marginal over classes, latent points and orientations
+    (:class:`~bayes_spi.infer.class_emc.ClassGridMarginal`), and whose SVI stage proposes poses per class
+    (:class:`~bayes_spi.guides.class_search.ClassOrientationSearch`, built by :func:`build_heterogeneous`)."""
+
+    @property
+    def emc(self) -> ClassGridMarginal:  # type: ignore[override]
+        """The class-aware grid marginal (built on first use, on the search's grid when there is one)."""
+        if self._emc is None:
+            search, c = self.guide.search, self.config
+            rots = (search.rotations if search is not None
+                    else orientation_grid(c.search_rotations, c.search_grid, c.seed + 12345, c.symmetry))
+            self._emc = ClassGridMarginal(self.model, rots.to(self.device), cache_grid=c.cache_grid)
+        return self._emc
+
+    @torch.no_grad()
+    def _shift_level(self, level_log_scale: float) -> float:
+        """As :meth:`Trainer._shift_level`, for every class field (they share the fluence scales)."""
+        shift = level_log_scale - self._prior_log_scale()
+        if not math.isfinite(shift):
+            return 0.0
+        for field in getattr(self.model.field, "fields", [self.model.field]):
+            field.log_offset.add_(shift)
+        return shift
 
     @torch.no_grad()
     def initialise_offset(self, n_images: int = 1024) -> None:
@@ -174,7 +200,7 @@ class HeterogeneousTrainer(Trainer):
 
     def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:
         """``model.pt``, ``intensity.*`` (class 0 at the prior mean ``z = 0``), ``posterior.h5`` (the guide's pose
-        hypotheses as they are: no orientation search, so no local refinement), plus
+        hypotheses as they are: no local refinement on a cube), plus
         ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`) and
         ``intensity_latent.h5``: ``/class_<c>/intensity`` ``(J, n, n, n)`` for every class at ``J = 5`` points
         ``/class_<c>/z`` ``(J, d)`` along the first principal axis of the posterior means (5% to 95%), or at
@@ -193,6 +219,8 @@ class HeterogeneousTrainer(Trainer):
         from bayes_spi.infer.trainer import atomic_torch_save
 
         self.guide.weight_floor = 0.0
+        if self.guide.search is not None:
+            self.guide.search.refresh()  # search against the final fields
         run = RunDir(self.run_dir)
         atomic_torch_save(
             {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
@@ -203,8 +231,8 @@ class HeterogeneousTrainer(Trainer):
         attrs = {}
         if verdict is not None:
             attrs = {"fit_verdict": verdict.status, "fit_verdict_reasons": "; ".join(verdict.reasons) or "none"}
-        # the guide's own pose hypotheses (no search, so no local refinement on its cube), weights before class
-        # conditioning: the class-conditioned ones are in latent_posterior.h5's model, per class
+        # the guide's own pose hypotheses (no local refinement on a cube), weights before class conditioning: the
+        # class-conditioned ones are in latent_posterior.h5's model, per class
         post = write_posterior(self.guide, self.dataset, run.path("posterior"), device=self.device, attrs=attrs,
                                refine=0)
         out: dict[str, Path] = {"model": run.path("model"), "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
@@ -251,11 +279,17 @@ def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Te
         pose_prior=pose_prior if pose_prior is not None else make_pose_prior(config.pose_prior),
         scale_prior=scale_prior if scale_prior is not None else make_scale_prior(config.scale_prior),
         likelihood=likelihood if likelihood is not None else make_likelihood(config.likelihood),
-        n_hypotheses=count_hypotheses(config.n_heads), latent_dim=config.latent_dim, n_classes=config.n_classes,
+        n_hypotheses=count_hypotheses(config.n_heads, config.n_search * config.n_classes), latent_dim=config.latent_dim, n_classes=config.n_classes,
         latent_prior=make_latent_prior(config.latent_prior, config.latent_dim) if config.latent_dim else None,
         class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None,
         background=background).to(device)
+    search = None
+    if config.n_search:
+        search = ClassOrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
+                                        cache_grid=config.cache_grid, grid=config.search_grid,
+                                        symmetry=config.symmetry)
     guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
                         features=config.encoder_features, channels=config.encoder_channels, transform=config.transform,
-                        pixel_q=pixel_q, latent_scorer=model.class_hypothesis_logpost).to(device)
+                        pixel_q=pixel_q, latent_scorer=model.class_hypothesis_logpost,
+                        n_search=0 if search is None else search.n_proposals, search=search).to(device)
     return model, guide
