@@ -8,7 +8,13 @@ oversampling ~2.9 of the 60 A particle), uniform poses, lognormal(0.3) fluence j
 2. continuum: p log-uniform in [2, 20] (32 levels) -> |Spearman| of the posterior-mean z with p.
 
 Model: HeterogeneousSPIModel + LatentGuide (SIREN field, FiLM by z, one field per class), trained by the
-Trainer (SVI, TraceEnum_ELBO; no EMC warm start, search or polish: those use one homogeneous field).
+HeterogeneousTrainer, in two variants side by side (``--variants``):
+- ``svi``: SVI only (TraceEnum_ELBO; no EMC warm start, no search), the first version's setting;
+- ``search_emc``: the class-aware EMC warm start (exact marginal over classes x latent quadrature points x
+  grid orientations, bayes_spi.infer.class_emc) for ``--emc-fraction`` of the schedule, then SVI with the
+  class-aware orientation search (per-class proposals and the z centre, bayes_spi.guides.class_search).
+For ``search_emc`` the grid class posterior and grid latent mean of the final fields are also scored
+(``grid_*``: the search's ``p(c | y)`` and ``E[z | y]`` over its quadrature points, no encoder).
 
 Baseline (rotation-invariant, no model): per pattern the fluence-normalised radial profile (counts per |q|
 shell / total) and the ring angular power spectrum (|FFT over the azimuth|^2 of harmonics 1..8 on 6 rings,
@@ -16,7 +22,8 @@ relative to harmonic 0), log-transformed and standardised; PCA; classes by a two
 (full covariances, EM) on the first 3 PCs; continuum by PC1 (and, optimistically, the best of PCs 1-3 chosen
 with the truth). The same on the radial profile alone ("baseline_radial").
 
-Usage: python benchmarks/bench_hetero.py [--n 2000] [--minutes 4] [--out /tmp/bench_hetero]
+Usage: python benchmarks/bench_hetero.py [--n 2000] [--minutes 4] [--out /tmp/bench_hetero] [--sets classes,continuum]
+       [--variants svi,search_emc]
 """
 
 from __future__ import annotations
@@ -33,18 +40,18 @@ import torch
 from scipy.stats import spearmanr
 
 from bayes_spi.dataio.h5 import SPIDataset
-from bayes_spi.guides.amortized import count_hypotheses
+from bayes_spi.guides.class_search import ClassOrientationSearch
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.infer.build import detector_tensors
 from bayes_spi.infer.config import FitConfig
-from bayes_spi.infer.heterogeneous import HeterogeneousTrainer, gaussian_mixture_labels
+from bayes_spi.infer.heterogeneous import HeterogeneousTrainer, build_heterogeneous, gaussian_mixture_labels
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.spi import detector_q_max
 from bayes_spi.posterior.latent import latent_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels, simulate_ensemble
 
-__all__ = ["baseline_features", "class_accuracy", "fit_heterogeneous", "main"]
+__all__ = ["baseline_features", "class_accuracy", "fit_heterogeneous", "grid_latents", "main"]
 
 
 def baseline_features(images: np.ndarray, mask: np.ndarray, n_shells: int = 12, n_rings: int = 6,
@@ -85,26 +92,47 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
-                      epochs: int = 20) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
-    """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images."""
+                      epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5
+                      ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
+    """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
+
+    ``variant``: ``svi`` (no EMC warm start, no search) or ``search_emc`` (class-aware EMC warm start for
+    ``emc_fraction`` of the schedule, then SVI with the class-aware search, 2 proposals per class)."""
+    if variant not in ("svi", "search_emc"):
+        raise ValueError(f"variant: expected svi or search_emc, got {variant!r}")
     data = SPIDataset(path)
-    config = FitConfig(epochs=epochs, batch_size=32, field="siren", n_heads=2, n_search=0, emc_fraction=0.0,
-                       polish_iterations=0, auto_settings=False, max_minutes=minutes, seed=seed, device="cpu",
-                       log_every=50, checkpoint_every=100000, encoder_features=128, encoder_channels=16,
-                       weight_floor=0.4, floor_decay=0.6, radius_start=0.5)
+    search = variant == "search_emc"
+    config = FitConfig(epochs=epochs, batch_size=32, field="siren", n_heads=1 if search else 2,
+                       n_search=2 if search else 0, emc_fraction=emc_fraction if search else 0.0, emc_pixels=512,
+                       search_rotations=4096, cache_grid=41, polish_iterations=0, auto_settings=False,
+                       max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
+                       encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
+                       latent_dim=latent_dim, n_classes=n_classes)
     pyro.set_rng_seed(seed)
     q, factor, mask = detector_tensors(data.geometry)
     field = SirenField(q_max=detector_q_max(q.float()), width=config.field_width, depth=config.field_depth,
                        w0=config.field_w0)
-    model = HeterogeneousSPIModel(field, q, factor, n_hypotheses=count_hypotheses(config.n_heads),
-                                  latent_dim=latent_dim, n_classes=n_classes)
-    guide = LatentGuide(mask, latent_dim=latent_dim, n_classes=n_classes, n_heads=config.n_heads,
-                        features=config.encoder_features, channels=config.encoder_channels,
-                        latent_scorer=model.class_hypothesis_logpost)
+    model, guide = build_heterogeneous(field, q, factor, mask, config)
     trainer = HeterogeneousTrainer(data, config, run, progress=False, model=model, guide=guide)
     t0 = time.perf_counter()
     state = trainer.fit()
+    if guide.search is not None:
+        guide.search.refresh()  # against the final fields
     return model, guide, time.perf_counter() - t0, state.images_seen
+
+
+def grid_latents(search: ClassOrientationSearch, data: SPIDataset, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The search's grid class posterior ``(N, C)`` and class-mixed grid latent mean ``(N, d)`` of every pattern."""
+    pixels = torch.nonzero(torch.as_tensor(data.mask.reshape(-1))).squeeze(-1)
+    probs, means = [], []
+    for s in range(0, data.n_patterns, batch):
+        images = torch.as_tensor(data.read(np.arange(s, min(s + batch, data.n_patterns))), dtype=torch.float32)
+        search(images, pixels)
+        p = torch.softmax(search.last_class_loglik, -1)
+        probs.append(p.numpy())
+        m = search.last_latent_mean
+        means.append((p[..., None] * m).sum(1).numpy() if m is not None else np.zeros((len(p), 0)))
+    return np.concatenate(probs), np.concatenate(means)
 
 
 def main() -> None:
@@ -113,14 +141,20 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=4.0, help="training budget per fit")
     ap.add_argument("--photons", type=float, default=1e3)
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_hetero"))
+    ap.add_argument("--sets", default="classes,continuum", help="comma-separated: classes, continuum")
+    ap.add_argument("--variants", default="svi,search_emc", help="comma-separated model variants: svi, search_emc")
+    ap.add_argument("--emc-fraction", type=float, default=0.5, help="EMC warm-start share of search_emc's schedule")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    sets = {"classes": ("shapes:p=2,20;radius=30", 2, 1), "continuum": ("shapes:p=2..20;radius=30;levels=32", 1, 1)}
     results: dict[str, dict[str, float]] = {}
-    for name, spec, classes, latent in (("classes", "shapes:p=2,20;radius=30", 2, 1),
-                                        ("continuum", "shapes:p=2..20;radius=30;levels=32", 1, 1)):
+    for name in args.sets.split(","):
+        if name not in sets:
+            raise ValueError(f"--sets: expected names among {sorted(sets)}, got {name!r}")
+        spec, classes, latent = sets[name]
         path = args.out / f"{name}.h5"
         t0 = time.perf_counter()
         summary = simulate_ensemble(spec, "reference-32", args.n, path, mean_photons=args.photons, seed=11,
@@ -142,19 +176,28 @@ def main() -> None:
         row["baseline_abs_spearman_best_of_3_pcs"] = max(rho)  # optimistic: the PC chosen with the truth
         row["baseline_radial_abs_spearman_pc1"] = abs(float(spearmanr(radial_pcs[:, 0], true_latent[:, 0]).statistic))
         row["baseline_s"] = time.perf_counter() - t0
-        if not args.skip_fit:
-            model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}", latent, classes,
-                                                            args.minutes)
+        for variant in ([] if args.skip_fit else args.variants.split(",")):
+            model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}_{variant}", latent, classes,
+                                                            args.minutes, variant=variant,
+                                                            emc_fraction=args.emc_fraction)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
-            row.update({"fit_s": seconds, "images_seen": seen, "images_per_s": seen / seconds})
+                grid = grid_latents(guide.search, data) if guide.search is not None else None
+            v = f"{variant}_"
+            row.update({v + "fit_s": seconds, v + "images_seen": seen, v + "images_per_s": seen / seconds})
             if true_class is not None:
-                row["model_class_accuracy"] = class_accuracy(post.map_class, true_class)
-            row["model_abs_spearman_z"] = abs(float(spearmanr(post.z_mean[:, 0], true_latent[:, 0]).statistic))
-            row["model_mean_z_sd"] = float(post.z_sd.mean())
+                row[v + "class_accuracy"] = class_accuracy(post.map_class, true_class)
+            row[v + "abs_spearman_z"] = abs(float(spearmanr(post.z_mean[:, 0], true_latent[:, 0]).statistic))
+            row[v + "mean_z_sd"] = float(post.z_sd.mean())
+            if grid is not None:
+                if true_class is not None:
+                    row[v + "grid_class_accuracy"] = class_accuracy(grid[0].argmax(1), true_class)
+                if grid[1].shape[1]:
+                    row[v + "grid_abs_spearman_z"] = abs(float(spearmanr(grid[1][:, 0], true_latent[:, 0]).statistic))
+            print(name, variant, json.dumps({k: x for k, x in row.items() if k.startswith(v)}), flush=True)
         results[name] = row
         print(name, json.dumps(row, indent=1), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+        (args.out / f"results_{name}.json").write_text(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":
