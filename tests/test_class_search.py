@@ -151,3 +151,54 @@ def test_class_emc_estep_equals_brute_force() -> None:
     for f in model.field.fields:
         assert f.base.net.first.grad.abs().sum() > 0 and f.film.mlp[-1].weight.grad.abs().sum() > 0
     assert prior.logits.grad.abs().sum() > 0
+
+
+def test_netcdf_export_carries_the_structure_posteriors(tmp_path) -> None:
+    """The ArviZ export of a heterogeneous fit: class probabilities and the q(z | c) parameters as written, the
+    mixture moments by the law of total variance, draws whose class frequencies and z moments match q within
+    Monte Carlo error, the same draws whatever the batching, and the file opens in ArviZ."""
+    az = pytest.importorskip("arviz")
+    from bayes_spi.posterior import MixturePosterior, export_batches
+    from bayes_spi.posterior.netcdf import ExportSettings, LatentBatch
+
+    rng = np.random.default_rng(3)
+    n, n_c, n_d, n_draws = 6, 3, 2, 4000
+    probs = rng.dirichlet(np.ones(n_c), n)
+    loc, scale = rng.normal(0, 2, (n, n_c, n_d)), rng.uniform(0.1, 0.5, (n, n_c, n_d))
+    rots = random_rotmat(n, dtype=torch.float64)
+    pose = MixturePosterior(rots[:, None], torch.diag_embed(torch.full((n, 3), 0.05, dtype=torch.float64))[:, None],
+                            torch.ones(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64),
+                            torch.full((n, 1), 0.1, dtype=torch.float64))
+    settings = ExportSettings(n_draws=n_draws, refine=False)
+    idx = np.arange(10, 10 + n)
+
+    def batches(step: int):
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            part = MixturePosterior(pose.rotations[sl], pose.pose_tril[sl], pose.weights[sl], pose.log_scale_loc[sl],
+                                    pose.log_scale_sd[sl])
+            yield idx[sl], np.full(len(idx[sl]), 1e3), part, LatentBatch(probs[sl], loc[sl], scale[sl])
+
+    one, two = tmp_path / "one.nc", tmp_path / "two.nc"
+    export_batches(batches(n), one, idx, 1, settings, latent_shape=(n_c, n_d))
+    export_batches(batches(4), two, idx, 1, settings, latent_shape=(n_c, n_d))
+    idata = az.from_netcdf(one)
+    st, post = idata.sample_stats, idata.posterior
+    np.testing.assert_allclose(st["class_probs"].values, probs, rtol=1e-6)
+    np.testing.assert_allclose(st["latent_loc"].values, loc, rtol=1e-6)
+    w = probs[..., None]
+    mean = (w * loc).sum(1)
+    var = (w * (scale**2 + loc**2)).sum(1) - mean**2
+    np.testing.assert_allclose(st["latent_mean"].values, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(st["latent_sd"].values, np.sqrt(var), rtol=1e-5)
+    z, cls = post["latent_z"].values[0], post["class_index"].values[0]  # (D, N, d), (D, N)
+    assert z.shape == (n_draws, n, n_d) and cls.shape == (n_draws, n)
+    freq = np.stack([(cls == c).mean(0) for c in range(n_c)], 1)
+    assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / n_draws) + 1e-9)
+    assert np.all(np.abs(z.mean(0) - mean) < 4 * np.sqrt(var / n_draws))
+    assert list(st["class_probs"].coords["pattern"].values) == list(idx)
+    import h5netcdf
+
+    with h5netcdf.File(one, "r") as a, h5netcdf.File(two, "r") as b:
+        np.testing.assert_array_equal(a["posterior/latent_z"][...], b["posterior/latent_z"][...])
+        np.testing.assert_array_equal(a["posterior/class_index"][...], b["posterior/class_index"][...])

@@ -472,3 +472,13 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
     assert (run / "report" / "latent.png").stat().st_size > 1000
     settings = yaml.safe_load((run / "config.yaml").read_text())["settings"]
     assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 2)
+    # the ArviZ export carries the same structure posteriors (all pixels scored, as latent_posterior.h5's)
+    result = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(tmp_path / "post.nc"), "--draws", "5",
+                                      "--no-refine", "--score-pixels", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    import h5netcdf
+
+    with h5netcdf.File(tmp_path / "post.nc", "r") as f:
+        np.testing.assert_allclose(f["sample_stats/class_probs"][...], probs, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(f["sample_stats/latent_mean"][...], z_mean, rtol=1e-4, atol=1e-5)
+        assert f["posterior/latent_z"].shape == (1, 5, 32, 1) and f["posterior/class_index"].shape == (1, 5, 32)

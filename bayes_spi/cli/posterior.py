@@ -6,7 +6,9 @@ any number of patterns fits in memory) the command draws --draws poses and fluen
 OUT (-o): group `posterior` (pose_quaternion scalar-first w,x,y,z / pose_rotvec / scale / angle_to_mean_deg /
 hypothesis_index, dims chain, draw, pattern), group `sample_stats` (per pattern: chordal mean pose, radius of
 the 50% and 90% credible cones, fluence mean/sd/HDI, hypothesis weights) and `observed_data` (photons per
-pattern). Open it with `arviz.from_netcdf(OUT)`. --summaries-only leaves the draws out (group `posterior`):
+pattern). A heterogeneous fit (--latent-dim, --classes) adds its structure posteriors: draws latent_z and
+class_index, and per pattern class_probs, latent_mean/sd and latent_loc/scale per class. Open it with
+`arviz.from_netcdf(OUT)`. --summaries-only leaves the draws out (group `posterior`):
 the summaries alone, ~300 bytes per pattern instead of ~8 kB at 200 draws.
 
 By default the guide's two most probable hypotheses per pattern are refined on all pixels (Gauss-Newton on

@@ -21,6 +21,14 @@ the number of patterns) to ``PATH.tmp`` and renamed when complete. Groups:
 ``observed_data``
     ``photons (pattern)`` total counts on good pixels.
 
+A heterogeneous fit (``fit --latent-dim d --classes C``: :mod:`bayes_spi.guides.latent`) adds its per-pattern
+structure posteriors (dims ``class`` = C, ``latent`` = d): in ``posterior``, ``latent_z (chain, draw, pattern,
+latent)`` draws of ``z`` from ``q(z_i) = sum_c q(c_i) q(z_i | c)`` and ``class_index (chain, draw, pattern)`` the
+class of each draw (pattern ``i`` draws from ``numpy.random.default_rng([seed, i, 1])``, a stream apart from
+the poses'); in ``sample_stats``, ``class_probs (pattern, class)``, ``latent_mean``, ``latent_sd (pattern,
+latent)`` (the class mixture's exact moments) and ``latent_loc``, ``latent_scale (pattern, class, latent)``
+(``q(z | c)``, Normal).
+
 Size: about ``N * D * 40`` bytes before compression (e.g. 50,000 patterns x 200 draws: ~400 MB).
 ``ExportSettings(summaries_only=True)`` (``bayes-spi posterior --summaries-only``) leaves the ``posterior`` group
 out: the file holds ``sample_stats`` and ``observed_data`` only (~300 bytes per pattern), still an ArviZ
@@ -68,11 +76,13 @@ __all__ = [
     "MAX_EXPORT_CACHE_GRID",
     "QUATERNION_CONVENTION",
     "ExportSettings",
+    "LatentBatch",
     "PosteriorNetCDFWriter",
     "export_cache_grid",
     "guide_batches",
     "export_batches",
     "export_log_cube",
+    "latent_batch",
     "write_posterior_netcdf",
 ]
 
@@ -246,6 +256,51 @@ def _np(x: Tensor) -> np.ndarray:
     return x.detach().cpu().numpy()
 
 
+@dataclass
+class LatentBatch:
+    """One batch's structure posteriors of a heterogeneous fit (:class:`~bayes_spi.guides.latent.LatentGuide`).
+
+    Attributes:
+        class_probs: ``(B, C)`` ``q(c_i)``.
+        loc, scale: ``(B, C, d)`` ``q(z_i | c) = Normal(loc, scale)`` (``d = 0``: no continuous latent).
+    """
+
+    class_probs: np.ndarray
+    loc: np.ndarray
+    scale: np.ndarray
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and sd ``(B, d)`` of the class mixture ``sum_c q(c) q(z | c)`` (law of total variance)."""
+        w = self.class_probs[..., None]
+        mean = (w * self.loc).sum(1)
+        second = (w * (self.scale**2 + self.loc**2)).sum(1)
+        return mean, np.sqrt(np.maximum(second - mean**2, 0.0))
+
+    def draw(self, n_draws: int, indices: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(classes (D, B), z (D, B, d))`` from the mixture; pattern ``i`` uses ``default_rng([seed, i, 1])``."""
+        n_b, n_c, n_d = self.loc.shape
+        cls = np.zeros((n_draws, n_b), dtype=np.int64)
+        z = np.zeros((n_draws, n_b, n_d))
+        for b, i in enumerate(np.asarray(indices, dtype=np.int64)):
+            rng = np.random.default_rng([int(seed), int(i), 1])
+            p = np.asarray(self.class_probs[b], dtype=np.float64)
+            cls[:, b] = np.minimum(np.searchsorted(np.cumsum(p / p.sum()), rng.random(n_draws), side="right"), n_c - 1)
+            z[:, b] = self.loc[b, cls[:, b]] + self.scale[b, cls[:, b]] * rng.standard_normal((n_draws, n_d))
+        return cls, z
+
+
+def latent_batch(guide: Any, images: Tensor, pixels: Tensor | None = None) -> LatentBatch:
+    """The structure posteriors of ``images (B, n_y, n_x)`` under a :class:`~bayes_spi.guides.latent.LatentGuide`
+    (evaluation mode, no weight floor; ``pixels`` for its class-aware scores, default all good)."""
+    with torch.no_grad(), guide.evaluating():
+        lp = guide.latent_posterior(images, pixels)
+    n_b, n_c = lp.class_probs.shape
+    empty = np.zeros((n_b, n_c, 0))
+    loc = _np(lp.latent_loc).astype(np.float64) if lp.latent_loc is not None else empty
+    scale = _np(lp.latent_scale).astype(np.float64) if lp.latent_scale is not None else empty
+    return LatentBatch(_np(lp.class_probs).astype(np.float64), loc, scale)
+
+
 class PosteriorNetCDFWriter:
     """Create the file's groups, dims, coordinates and variables; :meth:`write` fills pattern slices.
 
@@ -264,8 +319,9 @@ class PosteriorNetCDFWriter:
 
     def __init__(self, path: str | os.PathLike[str], patterns: np.ndarray, n_draws: int, n_hypotheses: int,
                  levels: Sequence[float] = LEVELS, attrs: dict[str, Any] | None = None, chunk: int = 128,
-                 summaries_only: bool = False) -> None:
+                 summaries_only: bool = False, latent_shape: tuple[int, int] | None = None) -> None:
         self.patterns = np.asarray(patterns, dtype=np.int64)
+        self.latent_shape = latent_shape  # (C, d) of a heterogeneous fit's structure posteriors, None without
         n = len(self.patterns)
         if n < 1:
             raise ValueError("expected at least one pattern, got 0")
@@ -284,7 +340,9 @@ class PosteriorNetCDFWriter:
                       "pattern": self.patterns, "quaternion": np.array(list("wxyz"), dtype=object),
                       "rotvec": np.array(list("xyz"), dtype=object), "hypothesis": np.arange(k, dtype=np.int64),
                       "credible_mass": np.asarray(self.levels, dtype=np.float64),
-                      "hdi": np.array(["lower", "higher"], dtype=object)}
+                      "hdi": np.array(["lower", "higher"], dtype=object),
+                      "class": np.arange(latent_shape[0] if latent_shape else 0, dtype=np.int64),
+                      "latent": np.arange(latent_shape[1] if latent_shape else 0, dtype=np.int64)}
             grp.dimensions = {name: len(values[name]) for name in names}
             for name in names:
                 val = values[name]
@@ -302,7 +360,8 @@ class PosteriorNetCDFWriter:
         if not self.summaries_only:
             post = self._file.create_group("posterior")
             post.attrs.update(base)
-            coords(post, ["chain", "draw", "pattern", "quaternion", "rotvec"])
+            coords(post, ["chain", "draw", "pattern", "quaternion", "rotvec"]
+                   + (["latent"] if latent_shape is not None and latent_shape[1] else []))
             cdp = ("chain", "draw", "pattern")
             self.post = {
                 "pose_quaternion": var(post, "pose_quaternion", cdp + ("quaternion",),
@@ -312,10 +371,19 @@ class PosteriorNetCDFWriter:
                 "angle_to_mean_deg": var(post, "angle_to_mean_deg", cdp, units="deg"),
                 "hypothesis_index": var(post, "hypothesis_index", cdp, dtype="i2"),
             }
+            if latent_shape is not None:
+                n_c, n_d = latent_shape
+                if n_d:
+                    self.post["latent_z"] = var(post, "latent_z", cdp + ("latent",),
+                                                definition="draws of the structure latent z from sum_c q(c) q(z | c)")
+                if n_c > 1:
+                    self.post["class_index"] = var(post, "class_index", cdp, dtype="i2",
+                                                   definition="the class of the draw, from q(c)")
         stats = self._file.create_group("sample_stats")
         stats.attrs.update(base)
         stats.attrs["note"] = "per-pattern posterior summaries (no chain/draw dimensions)"
-        coords(stats, ["pattern", "quaternion", "rotvec", "hypothesis", "credible_mass", "hdi"])
+        coords(stats, ["pattern", "quaternion", "rotvec", "hypothesis", "credible_mass", "hdi"]
+               + ([] if latent_shape is None else ["class"] + (["latent"] if latent_shape[1] else [])))
         p = ("pattern",)
         self.stats = {
             "mean_pose_quaternion": var(stats, "mean_pose_quaternion", p + ("quaternion",),
@@ -337,6 +405,16 @@ class PosteriorNetCDFWriter:
             "hypothesis_log_scale_loc": var(stats, "hypothesis_log_scale_loc", p + ("hypothesis",)),
             "hypothesis_log_scale_sd": var(stats, "hypothesis_log_scale_sd", p + ("hypothesis",)),
         }
+        if latent_shape is not None:
+            n_c, n_d = latent_shape
+            self.stats["class_probs"] = var(stats, "class_probs", p + ("class",), definition="q(c_i)")
+            if n_d:
+                pc, pl = p + ("latent",), p + ("class", "latent")
+                self.stats.update({
+                    "latent_mean": var(stats, "latent_mean", pc, definition="E_q[z_i] of the class mixture"),
+                    "latent_sd": var(stats, "latent_sd", pc, definition="sd_q[z_i] of the class mixture"),
+                    "latent_loc": var(stats, "latent_loc", pl, definition="mean of q(z_i | c) (Normal)"),
+                    "latent_scale": var(stats, "latent_scale", pl, definition="sd of q(z_i | c) (Normal)")})
         obs = self._file.create_group("observed_data")
         obs.attrs.update(base)
         coords(obs, ["pattern"])
@@ -381,6 +459,33 @@ class PosteriorNetCDFWriter:
         st["hypothesis_log_scale_sd"][s:e] = _np(post.log_scale_sd)
         self.obs["photons"][s:e] = np.asarray(photons, dtype=np.float64)
 
+    def write_latent(self, indices: np.ndarray, latent: "LatentBatch", seed: int = 0) -> None:
+        """Write one batch's structure posteriors (after :meth:`write` of the same ``indices``)."""
+        if self.latent_shape is None:
+            raise ValueError("expected a writer made with latent_shape=(C, d) for structure posteriors, got none")
+        idx = np.asarray(indices, dtype=np.int64)
+        probs, loc, scale = latent.class_probs, latent.loc, latent.scale
+        n_c, n_d = self.latent_shape
+        if probs.shape != (len(idx), n_c) or loc.shape != (len(idx), n_c, n_d) or scale.shape != loc.shape:
+            raise ValueError(f"expected class_probs ({len(idx)}, {n_c}) and loc/scale ({len(idx)}, {n_c}, {n_d}), got "
+                             f"shapes {probs.shape}, {loc.shape}, {scale.shape}")
+        e = self._next
+        s = e - len(idx)
+        if s < 0 or not np.array_equal(self.patterns[s:e], idx):
+            raise ValueError("expected the indices of the batch just written by write()")
+        st = self.stats
+        st["class_probs"][s:e] = probs
+        mean, sd = latent.moments()
+        if n_d:
+            st["latent_mean"][s:e], st["latent_sd"][s:e] = mean, sd
+            st["latent_loc"][s:e], st["latent_scale"][s:e] = loc, scale
+        if self.post:
+            cls, z = latent.draw(self.n_draws, idx, seed)
+            if "latent_z" in self.post:
+                self.post["latent_z"][:, :, s:e] = z[None]
+            if "class_index" in self.post:
+                self.post["class_index"][:, :, s:e] = cls.astype(np.int16)[None]
+
     def close(self) -> None:
         self._file.close()
 
@@ -399,9 +504,13 @@ def export_batches(
     settings: ExportSettings | None = None,
     attrs: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    latent_shape: tuple[int, int] | None = None,
 ) -> Path:
     """Draw from and summarise each batch ``(indices (B,), photons (B,), posterior)`` and write the file
-    atomically. The temperatures of ``settings`` are applied here. Returns ``path``."""
+    atomically. The temperatures of ``settings`` are applied here. Returns ``path``.
+
+    With ``latent_shape = (C, d)`` each batch carries a fourth element, its :class:`LatentBatch` (a heterogeneous
+    fit's structure posteriors), written alongside."""
     settings = settings or ExportSettings()
     path = Path(path)
     all_attrs = {"software_version": __version__, "quaternion_convention": QUATERNION_CONVENTION,
@@ -409,12 +518,18 @@ def export_batches(
                  **settings.attrs(), **(attrs or {})}
     with atomic_path(path) as tmp:
         with PosteriorNetCDFWriter(tmp, patterns, settings.n_draws, n_hypotheses, settings.levels, all_attrs,
-                                   chunk=settings.batch_size, summaries_only=settings.summaries_only) as writer:
-            for idx, photons, post in batches:
+                                   chunk=settings.batch_size, summaries_only=settings.summaries_only,
+                                   latent_shape=latent_shape) as writer:
+            for idx, photons, post, *latent in batches:
                 post = post.tempered(settings.pose_temperature, settings.scale_temperature)
                 draws = draw(post, settings.n_draws, idx, seed=settings.seed)
                 summary = summarize(post, draws, settings.levels)
                 writer.write(idx, photons, post, draws, summary)
+                if latent_shape is not None:
+                    if not latent:
+                        raise ValueError("expected (indices, photons, posterior, LatentBatch) batches with "
+                                         "latent_shape, got 3-tuples")
+                    writer.write_latent(idx, latent[0], seed=settings.seed)
                 if progress is not None:
                     progress(len(idx))
     return path
@@ -438,8 +553,9 @@ def _cache_scores(model: Any, log_intensity: Callable[[Tensor], Tensor], gp: Any
 
 
 def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
-                  device: torch.device | str = "cpu") -> Iterator[tuple[np.ndarray, np.ndarray, MixturePosterior]]:
-    """Stream ``dataset`` through the trained guide (and the refinement): ``(indices, photons, posterior)``.
+                  device: torch.device | str = "cpu") -> Iterator[tuple[Any, ...]]:
+    """Stream ``dataset`` through the trained guide (and the refinement): ``(indices, photons, posterior)``, and
+    for a heterogeneous fit's guide a fourth element, the batch's :class:`LatentBatch`.
 
     ``trained`` is a :class:`bayes_spi.infer.load.Trained`. The guide's hypothesis scores and search use one
     fixed random subset of ``score_pixels`` good pixels (as :func:`bayes_spi.infer.outputs.write_posterior`);
@@ -481,7 +597,10 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         if settings.refine:
             post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
                                     n_iter=settings.n_iter, pixels=good, log_intensity=log_intensity)
-        yield idx, photons, post
+        if hasattr(guide, "latent_posterior"):  # a heterogeneous fit: its structure posteriors too
+            yield idx, photons, post, latent_batch(guide, images, score)
+        else:
+            yield idx, photons, post
 
 
 def write_posterior_netcdf(
@@ -527,5 +646,7 @@ def write_posterior_netcdf(
         if doc is not None:
             attrs["fit_verdict"] = str(doc.get("status", "unknown"))
             attrs["fit_verdict_reasons"] = "; ".join(str(r) for r in doc.get("reasons", [])) or "none"
+    guide = trained.guide
+    latent_shape = ((int(guide.n_classes), int(guide.latent_dim)) if hasattr(guide, "latent_posterior") else None)
     return export_batches(guide_batches(trained, dataset, settings, device), path, patterns, k, settings,
-                          attrs, progress)
+                          attrs, progress, latent_shape=latent_shape)
