@@ -92,7 +92,7 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
-                      epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5
+                      epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3
                       ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
@@ -107,7 +107,7 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
                        search_rotations=4096, cache_grid=41, polish_iterations=0, auto_settings=False,
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
-                       latent_dim=latent_dim, n_classes=n_classes)
+                       latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes)
     pyro.set_rng_seed(seed)
     q, factor, mask = detector_tensors(data.geometry)
     field = SirenField(q_max=detector_q_max(q.float()), width=config.field_width, depth=config.field_depth,
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--sets", default="classes,continuum", help="comma-separated: classes, continuum")
     ap.add_argument("--variants", default="svi,search_emc", help="comma-separated model variants: svi, search_emc")
     ap.add_argument("--emc-fraction", type=float, default=0.5, help="EMC warm-start share of search_emc's schedule")
+    ap.add_argument("--latent-nodes", type=int, default=3, help="Gauss-Hermite points per latent dimension")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -179,7 +180,8 @@ def main() -> None:
         for variant in ([] if args.skip_fit else args.variants.split(",")):
             model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}_{variant}", latent, classes,
                                                             args.minutes, variant=variant,
-                                                            emc_fraction=args.emc_fraction)
+                                                            emc_fraction=args.emc_fraction,
+                                                            latent_nodes=args.latent_nodes)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None

@@ -441,6 +441,8 @@ def test_fit_config_heterogeneous_settings() -> None:
         FitConfig(latent_dim=1, field="voxel")
     with pytest.raises(ValueError, match="n_classes"):
         FitConfig(n_classes=0)
+    with pytest.raises(ValueError, match="latent_nodes"):
+        FitConfig(latent_dim=1, latent_nodes=0)
 
 
 def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:

@@ -61,7 +61,7 @@ TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
-    "latent_dim", "n_classes", "latent_prior", "class_prior",
+    "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes",
 )
 
 _HELP = {
@@ -113,6 +113,8 @@ _HELP = {
                   "field conditioned on it (FiLM); writes latent_posterior.h5 and intensity_latent.h5. 0: "
                   "homogeneous. Turns the EMC warm start, search and polish off.",
     "n_classes": "Heterogeneous samples: discrete classes (one field each, enumerated exactly); 1: none.",
+    "latent_nodes": "Heterogeneous samples: Gauss-Hermite points per latent dimension at which the class-aware "
+                    "search and EMC warm start evaluate each class field.",
     "latent_prior": "Prior of the structure latent: normal[:scale=S] or studentt:df=D[;scale=S].",
     "class_prior": "Prior of the classes: uniform (fixed 1/K) or learned (fractions fitted).",
 }
@@ -306,6 +308,7 @@ class _RecordingCommand(click.Command):
               help=_HELP["n_classes"] + " [default: 1]")
 @_training_option("latent_prior", str)
 @_training_option("class_prior", click.Choice(["uniform", "learned"]))
+@_training_option("latent_nodes", click.IntRange(min=1))
 @_training_option("seed", int)
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))

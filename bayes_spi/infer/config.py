@@ -82,7 +82,8 @@ class FitConfig:
         class_prior: ``uniform`` or ``learned``. With either on, the orientation search is class-aware (``n_search``
         proposals per class, :mod:`bayes_spi.guides.class_search`), the EMC warm start sums over classes and
         latent points (:mod:`bayes_spi.infer.class_emc`), and the exact EMC polish (one homogeneous field) is off:
-        ``polish_iterations`` is set to 0.
+        ``polish_iterations`` is set to 0. latent_nodes: Gauss-Hermite points per latent dimension at which the
+        search and the EMC warm start evaluate the class fields (``latent_nodes ** latent_dim`` caches per class).
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -150,6 +151,7 @@ class FitConfig:
     n_classes: int = 1
     latent_prior: str = "normal"
     class_prior: str = "uniform"
+    latent_nodes: int = 3
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -222,6 +224,7 @@ class FitConfig:
              (self.log_every, self.checkpoint_every)),
         ]
         checks += [(self.latent_dim >= 0, "latent_dim", ">= 0", self.latent_dim),
+                   (self.latent_nodes >= 1, "latent_nodes", ">= 1", self.latent_nodes),
                    (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes)]
         for ok, name, expected, got in checks:
             if not ok:

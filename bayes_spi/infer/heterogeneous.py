@@ -164,7 +164,8 @@ class HeterogeneousTrainer(Trainer):
             search, c = self.guide.search, self.config
             rots = (search.rotations if search is not None
                     else orientation_grid(c.search_rotations, c.search_grid, c.seed + 12345, c.symmetry))
-            self._emc = ClassGridMarginal(self.model, rots.to(self.device), cache_grid=c.cache_grid)
+            self._emc = ClassGridMarginal(self.model, rots.to(self.device), cache_grid=c.cache_grid,
+                                          latent_per_dim=c.latent_nodes)
         return self._emc
 
     @torch.no_grad()
@@ -287,7 +288,7 @@ def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Te
     if config.n_search:
         search = ClassOrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,
                                         cache_grid=config.cache_grid, grid=config.search_grid,
-                                        symmetry=config.symmetry)
+                                        symmetry=config.symmetry, latent_per_dim=config.latent_nodes)
     guide = LatentGuide(mask, latent_dim=config.latent_dim, n_classes=config.n_classes, n_heads=config.n_heads,
                         features=config.encoder_features, channels=config.encoder_channels, transform=config.transform,
                         pixel_q=pixel_q, latent_scorer=model.class_hypothesis_logpost,
