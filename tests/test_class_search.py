@@ -202,3 +202,35 @@ def test_netcdf_export_carries_the_structure_posteriors(tmp_path) -> None:
     with h5netcdf.File(one, "r") as a, h5netcdf.File(two, "r") as b:
         np.testing.assert_array_equal(a["posterior/latent_z"][...], b["posterior/latent_z"][...])
         np.testing.assert_array_equal(a["posterior/class_index"][...], b["posterior/class_index"][...])
+
+
+def test_heterogeneous_trainer_warm_start_is_class_aware(tmp_path) -> None:
+    """A heterogeneous fit's warm start is the class-aware grid marginal on the search's grid, one warm-start step
+    raises the batch's log marginal, and the level moves every class field's offset (they share the scales)."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.heterogeneous import HeterogeneousTrainer
+    from bayes_spi.sim.ensemble import simulate_ensemble
+
+    data = tmp_path / "ens.h5"
+    simulate_ensemble("shapes:p=2,20;voxels=16", "reference-32", 32, data, seed=2, progress=False)
+    config = FitConfig(latent_dim=1, n_classes=2, n_heads=1, n_search=1, search_rotations=256, cache_grid=17,
+                       batch_size=16, emc_pixels=256, auto_settings=False, encoder_features=32, encoder_channels=4,
+                       device="cpu", emc_fraction=1.0, lr=1e-3)
+    with SPIDataset(data) as ds:
+        trainer = HeterogeneousTrainer(ds, config, tmp_path / "run", progress=False)
+        assert isinstance(trainer.emc, ClassGridMarginal) and trainer.guide.n_search == 2
+        assert torch.equal(trainer.emc.rotations, trainer.guide.search.rotations)
+        trainer.initialise_offset(32)
+        images = torch.as_tensor(ds.read(np.arange(16)))
+        pixels, _ = trainer.select_pixels(0, 256)
+        batch = SPIBatch(images, torch.arange(16), pixels, 1.0)
+        before = float(trainer.emc(images, pixels).log_marginal.detach().mean())
+        for _ in range(3):
+            trainer.emc_step(batch)
+        after = float(trainer.emc(images, pixels).log_marginal.detach().mean())
+        assert after > before
+        offsets = torch.stack([f.log_offset.detach().clone() for f in trainer.model.field.fields])
+        shift = trainer._shift_level(trainer._prior_log_scale() + 0.5)
+        assert shift == pytest.approx(0.5)
+        torch.testing.assert_close(torch.stack([f.log_offset for f in trainer.model.field.fields]), offsets + 0.5)
