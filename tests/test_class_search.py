@@ -21,7 +21,7 @@ from bayes_spi.models.conditional_field import ConditionalField
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.latent import LearnedClassPrior, make_latent_prior
-from bayes_spi.models.spi import SPIBatch
+from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch
 from bayes_spi.so3 import geodesic_angle, random_rotmat, rotz_pi, super_fibonacci_rotmat
 from bayes_spi.trilinear import sample_cube
 
@@ -104,7 +104,7 @@ def test_class_search_proposes_each_class_and_its_true_pose(detector) -> None:
     # the best hypothesis of the true class is a search proposal (the encoder is untrained)
     assert bool(torch.all(post.hypothesis_weights[rows, truth].argmax(-1) >= 2))
     model.n_hypotheses = guide.n_hypotheses
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model, guide, SPIBatch(images, rows, pixels), n)
+    loss = TraceEnum_ELBO(max_plate_nesting=MAX_PLATE_NESTING).differentiable_loss(model, guide, SPIBatch(images, rows, pixels), n)
     assert torch.isfinite(loss)
 
 
@@ -223,8 +223,8 @@ def test_heterogeneous_trainer_warm_start_is_class_aware(tmp_path) -> None:
         assert torch.equal(trainer.emc.rotations, trainer.guide.search.rotations)
         trainer.initialise_offset(32)
         images = torch.as_tensor(ds.read(np.arange(16)))
-        pixels, _ = trainer.select_pixels(0, 256)
-        batch = SPIBatch(images, torch.arange(16), pixels, 1.0)
+        pixels, n_eligible = trainer.select_pixels(0, 256)
+        batch = SPIBatch(images, torch.arange(16), pixels, n_eligible)
         before = float(trainer.emc(images, pixels).log_marginal.detach().mean())
         for _ in range(3):
             trainer.emc_step(batch)
