@@ -39,6 +39,7 @@ from bayes_spi.so3 import geodesic_angle_numpy, rotz_pi_numpy
 
 __all__ = [
     "align_rotations",
+    "errors_after_alignment",
     "orientation_error_summary",
     "fluence_correlation",
     "intensity_correlation",
@@ -80,6 +81,44 @@ def _errors(G: np.ndarray, est: np.ndarray, true: np.ndarray) -> tuple[np.ndarra
     e, t = np.divmod(flat, true.shape[1])
     rows = np.arange(len(tr))
     return _angles_deg(G @ est[rows, e], true[rows, t]), e, t
+
+
+def errors_after_alignment(G: Any, R_est: Any, R_true: Any, modulo_rotz_pi: bool = False,
+                           group: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    r"""Per-image errors for a given global rotation ``G`` (as :func:`align_rotations` computes them for its ``G``).
+
+    Each image is independent, so the patterns may be taken in chunks: the errors of a chunk equal those of the
+    same rows computed all at once (what :func:`bayes_spi.infer.evaluate.evaluate_run_full` streams).
+
+    Args:
+        G: ``(3, 3)`` global rotation (``R_true_i ~= G @ R_est_i``).
+        R_est, R_true: ``(B, 3, 3)`` rotations.
+        modulo_rotz_pi: image ``i`` may be matched by ``R_est_i @ Rz(pi)``.
+        group: ``(K, 3, 3)`` point-group rotations (see :func:`align_rotations`) or ``None``.
+
+    Returns:
+        ``errors_deg`` ``(B,)`` and ``flipped`` ``(B,)`` bool (whether ``Rz(pi)`` gave the smaller error).
+
+    Example:
+        >>> from scipy.spatial.transform import Rotation
+        >>> R = Rotation.random(5, random_state=0).as_matrix()
+        >>> err, flipped = errors_after_alignment(np.eye(3), R, R)
+        >>> float(err.max()) < 1e-5, bool(flipped.any())
+        (True, False)
+    """
+    G = _to_numpy(G)
+    R_est = _to_numpy(R_est)
+    R_true = _to_numpy(R_true)
+    _check_rotmats(R_est, "R_est")
+    if R_true.shape != R_est.shape or G.shape != (3, 3):
+        raise ValueError(f"expected G (3, 3) and R_true of shape {R_est.shape}, got {G.shape} and {R_true.shape}")
+    est = np.stack([R_est, R_est @ _ROTZ_PI], axis=1) if modulo_rotz_pi else R_est[:, None]
+    if group is not None:
+        group = _to_numpy(group)
+        _check_rotmats(group, "group")
+    true = R_true[:, None] if group is None else np.einsum("gij,njk->ngik", group, R_true)
+    err, e, _ = _errors(G, est, true)
+    return err, e == 1
 
 
 def align_rotations(

@@ -725,21 +725,25 @@ class SPIDataset:
             raise self._error(f"/truth/{name}", "a dataset (simulated data)", "missing")
         return self._file["truth"][name]
 
-    def truth_quaternions(self) -> np.ndarray:
-        """True poses ``(N, 4)`` scalar-first quaternions (see ``QUATERNION_CONVENTION``)."""
-        return np.asarray(self._truth("quaternions")[()], dtype=np.float64)
+    def truth_quaternions(self, rows: slice | None = None) -> np.ndarray:
+        """True poses ``(N, 4)`` scalar-first quaternions (see ``QUATERNION_CONVENTION``); with ``rows`` (a
+        slice, e.g. ``slice(a, b)`` or ``slice(None, None, step)``) only those patterns are read."""
+        ds = self._truth("quaternions")
+        return np.asarray(ds[()] if rows is None else ds[rows], dtype=np.float64)
 
-    def truth_rotations(self) -> np.ndarray:
-        """True poses ``(N, 3, 3)``: pixel ``k`` of pattern ``i`` samples ``I_mol(R_i @ q_k)``."""
+    def truth_rotations(self, rows: slice | None = None) -> np.ndarray:
+        """True poses ``(N, 3, 3)`` (or the ``rows`` slice of them): pixel ``k`` of pattern ``i`` samples
+        ``I_mol(R_i @ q_k)``."""
         try:
-            return quaternions_to_rotations(self.truth_quaternions())
+            return quaternions_to_rotations(self.truth_quaternions(rows))
         except ValueError as exc:
             raise self._error("/truth/quaternions", "non-zero finite quaternions (N, 4)",
                               str(exc).split("got ", 1)[-1]) from None
 
-    def truth_scales(self) -> np.ndarray:
-        """True fluence scales ``gamma_i`` ``(N,)``."""
-        return np.asarray(self._truth("scales")[()], dtype=np.float64)
+    def truth_scales(self, rows: slice | None = None) -> np.ndarray:
+        """True fluence scales ``gamma_i`` ``(N,)`` (or the ``rows`` slice of them)."""
+        ds = self._truth("scales")
+        return np.asarray(ds[()] if rows is None else ds[rows], dtype=np.float64)
 
     def truth_intensity(self) -> tuple[np.ndarray, float]:
         """True intensity ``(n, n, n)`` float32 (axis order x,y,z, centre n//2) and voxel size (1/A)."""

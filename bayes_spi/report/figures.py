@@ -342,7 +342,8 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
     post = run.posterior
     if post is None or not run.files.has("model") or run.data_path is None:
         return None
-    idx = pattern_indices(len(post["R"]), n)
+    pos = pattern_indices(len(post["R"]), n)  # rows of the (possibly strided) arrays of RunData
+    idx = post["index"][pos]  # pattern numbers in the data file
     read = run.read_patterns(idx)
     if read is None:
         return None
@@ -351,8 +352,8 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
     if tuple(trained.geometry.shape) != counts.shape[1:]:
         raise ValueError(f"{os.fspath(run.data_path)}: field /data/counts: expected patterns of shape "
                          f"{tuple(trained.geometry.shape)} (the model's detector), got {counts.shape[1:]}")
-    R = quaternions_to_rotations(post["quaternion"][idx])
-    scale = post.get("scale_mean", np.ones(len(post["R"])))[idx]
+    R = quaternions_to_rotations(post["quaternion"][pos])
+    scale = post.get("scale_mean", np.ones(len(post["R"])))[pos]
     lam = predicted_counts(trained.model, R, scale, counts.shape[1:])
     good = mask & trained.geometry.good_pixels()
     data = np.where(good, np.log10(1.0 + counts), np.nan)
@@ -367,7 +368,7 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
         data = np.where(cells, np.log10(1.0 + sum_y / np.maximum(hits, 1)), np.nan)
         model = np.where(cells, np.log10(1.0 + sum_lam / np.maximum(hits, 1)), np.nan)
         resid = np.where(cells, (sum_y - sum_lam) / np.sqrt(np.maximum(sum_lam, 1e-12)), np.nan)
-    errors = None if run.alignment is None else run.alignment["errors_mod_rotz_pi_deg"][idx]
+    errors = None if run.alignment is None else run.alignment["errors_mod_rotz_pi_deg"][pos]
     k = len(idx)
     fig = Figure(figsize=(2.3 * k + 1.9, 7.8))
     axes = np.atleast_2d(fig.subplots(3, k, squeeze=False))
@@ -380,7 +381,7 @@ def patterns_figure(run: RunData, out_dir: Path, n: int = 6) -> Path | None:
         chi2 = float(np.nanmean(resid[j] ** 2))
         title = f"#{i}  s={scale[j]:.2f}"
         if "best_weight" in post:
-            title += f"  w={post['best_weight'][i]:.2f}"
+            title += f"  w={post['best_weight'][pos[j]]:.2f}"
         if errors is not None:
             title += f"\nerror {errors[j]:.1f} deg"
         for r, (img, cmap, lim) in enumerate([(data[j], "viridis", (0.0, vmax)), (model[j], "viridis", (0.0, vmax)),
@@ -558,7 +559,9 @@ def orientations_figure(run: RunData, out_dir: Path) -> Path | None:
     if post is None:
         return None
     d_est = viewing_directions(post["R"])
-    panels = [(d_est, f"inferred poses ({len(d_est):,} patterns)")]
+    n_all = run.n_patterns or len(d_est)
+    shown = f"{len(d_est):,} of {n_all:,} patterns, an even stride" if len(d_est) < n_all else f"{len(d_est):,} patterns"
+    panels = [(d_est, f"inferred poses ({shown})")]
     al = run.alignment
     if al is not None:
         G = al["G_mod_rotz_pi"]

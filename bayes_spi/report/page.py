@@ -41,9 +41,11 @@ from bayes_spi.report.figures import (
     speed_figure,
     spread_figure,
 )
+from bayes_spi.report import rundata as _rundata
 from bayes_spi.report.rundata import FSC_KINDS, SOURCES, RunData
 
-__all__ = ["FigureSpec", "FIGURES", "REPORT_DIR", "ReportResult", "build_report", "write_report", "missing_inputs"]
+__all__ = ["FigureSpec", "FIGURES", "REPORT_DIR", "ReportResult", "build_report", "write_report", "missing_inputs",
+           "patterns_used_text"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -182,6 +184,22 @@ def _fmt(v: Any, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
+def patterns_used_text(run: RunData) -> str | None:
+    """``"M of N"`` (with the stride when it is above 1): the patterns behind the figures and statistics; None
+    without a readable ``posterior.h5``."""
+    if not _available(run, "posterior"):
+        return None
+    try:
+        n_all, n_used, step = run.n_patterns, run.n_used, run.stride
+    except (ValueError, OSError):
+        return None
+    if n_all is None or n_used is None:
+        return None
+    if step == 1:
+        return f"{n_used:,} of {n_all:,} (all)"
+    return f"{n_used:,} of {n_all:,} (every {step}th pattern, an even stride)"
+
+
 def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
     """Sections of (label, value) rows for the table."""
     sections: list[tuple[str, list[tuple[str, str]]]] = []
@@ -198,6 +216,9 @@ def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
                 rows.append((k.replace("_", " "), str(cfg[k])))
     if run.truth_path is not None:
         rows.append(("truth file", os.fspath(run.truth_path)))
+    used = patterns_used_text(run)
+    if used is not None:
+        rows.append(("patterns in the figures and statistics", used))
     sections.append(("Run", rows))
     v = run.verdict
     if v is not None:
@@ -298,6 +319,11 @@ def _page(run: RunData, result: ReportResult) -> str:
     parts.append("<nav>" + "".join(f"<a href=\"#{s.name}\">{e(s.title)}</a>" for s in FIGURES)
                  + "<a href=\"#config\">Configuration</a></nav>")
     parts.append("<h2 id=\"numbers\">Key numbers</h2>")
+    if patterns_used_text(run) is not None and run.stride > 1:
+        parts.append(f"<p class=\"note\">The figures and statistics of this page use {run.n_used:,} of "
+                     f"{run.n_patterns:,} patterns (every {run.stride}th: above "
+                     f"{_rundata.MAX_REPORT_PATTERNS:,} patterns the report reads an even stride, the same patterns "
+                     f"of every file); {e(RunDir.name('evaluation'))} covers all of them.</p>")
     try:
         sections = _key_numbers(run)
     except (ValueError, OSError) as exc:

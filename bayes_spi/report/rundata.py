@@ -13,6 +13,12 @@ density, voxel size in A, MRC order ``[z, y, x]``) and ``posterior.nc`` (ArviZ n
 credible-cone radii are used when present). The data file (input patterns; with ``--truth`` also the true
 poses and intensity) is a bayes-spi HDF5 file.
 
+Memory is bounded in ``N``: with more than :data:`MAX_REPORT_PATTERNS` patterns, every per-pattern input is read
+as the same even stride ``[::stride]`` of its patterns (:attr:`RunData.used_index`; rows of posterior.h5, of
+/truth and of posterior.nc's listed patterns stay paired), and the figures and statistics use those
+``n_used`` of ``N`` patterns (the page says so). The checks that the files agree on ``N`` use the datasets'
+shapes, without reading them.
+
 Example::
 
     rd = RunData("run1", truth_path="data.h5")
@@ -38,7 +44,13 @@ from bayes_spi.infer.rundir import RunDir
 from bayes_spi.report.numbers import cone_radius_deg, geodesic_deg, pose_errors
 from bayes_spi.so3 import rotz_pi_numpy
 
-__all__ = ["Source", "SOURCES", "FSC_KINDS", "RunData"]
+__all__ = ["Source", "SOURCES", "FSC_KINDS", "MAX_REPORT_PATTERNS", "READ_CHUNK", "RunData"]
+
+#: above this many patterns the report reads an even stride ``[::step]`` of them (the same rows of posterior.h5,
+#: posterior.nc and /truth), so that its memory does not grow with N
+MAX_REPORT_PATTERNS: int = 100_000
+#: rows per read when a per-pattern file is filtered in chunks (posterior.nc's listed patterns)
+READ_CHUNK: int = 65_536
 
 
 @dataclass(frozen=True)
@@ -229,42 +241,83 @@ class RunData:
             return np.asarray(d[()], dtype=np.float64), float(d.attrs["voxel_size_inv_A"])
 
     @cached_property
-    def posterior(self) -> dict[str, np.ndarray] | None:
-        """``posterior.h5``: ``R (N, 3, 3)``, ``quaternion (N, 4)``, and when present ``sigma_rad (N, 3)``,
-        ``best_weight (N,)`` (weight of the most probable hypothesis), ``scale_mean (N,)``."""
-        from bayes_spi.dataio.h5 import quaternions_to_rotations
-
+    def _posterior_n(self) -> int | None:
+        """``N`` from the shape of ``posterior.h5``'s ``/pose_quaternion`` (not read)."""
         p = self.files.path("posterior")
         if not p.is_file():
             return None
-        out: dict[str, np.ndarray] = {}
         with h5py.File(p, "r") as f:
             if "pose_quaternion" not in f:
                 raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected a dataset, got missing")
-            q = np.asarray(f["pose_quaternion"][()], dtype=np.float64)
-            if q.ndim != 2 or q.shape[1] != 4 or q.shape[0] == 0:
-                raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected shape (N, 4), got {q.shape}")
-            n = q.shape[0]
-            out["quaternion"] = q
-            out["R"] = quaternions_to_rotations(q)
-            for name, key, shape in (("pose_sigma_rad", "sigma_rad", (n, 3)), ("scale_mean", "scale_mean", (n,))):
-                if name in f:
-                    a = np.asarray(f[name][()], dtype=np.float64)
-                    if a.shape != shape:
-                        raise ValueError(f"{_fspath(p)}: field /{name}: expected shape {shape}, got {a.shape}")
-                    out[key] = a
-            if "hypothesis_weights" in f:
-                w = np.asarray(f["hypothesis_weights"][()], dtype=np.float64)
-                if w.ndim != 2 or w.shape[0] != n:
-                    raise ValueError(f"{_fspath(p)}: field /hypothesis_weights: expected shape ({n}, K), got {w.shape}")
-                out["best_weight"] = w.max(axis=1)
-        return out
+            shape = f["pose_quaternion"].shape
+        if len(shape) != 2 or shape[1] != 4 or shape[0] == 0:
+            raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected shape (N, 4), got {shape}")
+        return int(shape[0])
 
     @property
     def n_patterns(self) -> int | None:
-        """Patterns in ``posterior.h5`` (None without it)."""
-        post = self.posterior
-        return None if post is None else int(post["R"].shape[0])
+        """Patterns in ``posterior.h5`` (None without it); from the dataset's shape."""
+        return self._posterior_n
+
+    @staticmethod
+    def _stride_of(n: int) -> int:
+        return 1 if n <= MAX_REPORT_PATTERNS else math.ceil(n / MAX_REPORT_PATTERNS)
+
+    @property
+    def stride(self) -> int:
+        """The step of the patterns the report reads: 1 up to :data:`MAX_REPORT_PATTERNS` patterns, else
+        ``ceil(N / MAX_REPORT_PATTERNS)``."""
+        n = self.n_patterns
+        return 1 if n is None else self._stride_of(n)
+
+    @property
+    def used_index(self) -> np.ndarray | None:
+        """``(M,)`` the patterns (rows of posterior.h5 and the data file) behind the figures and statistics:
+        ``arange(0, N, stride)``; row ``j`` of every per-pattern array here is pattern ``used_index[j]``."""
+        n = self.n_patterns
+        return None if n is None else np.arange(0, n, self.stride, dtype=np.int64)
+
+    @property
+    def n_used(self) -> int | None:
+        """``M``, the number of patterns the figures and statistics use (None without posterior.h5)."""
+        idx = self.used_index
+        return None if idx is None else int(len(idx))
+
+    @cached_property
+    def posterior(self) -> dict[str, np.ndarray] | None:
+        """``posterior.h5`` at the patterns :attr:`used_index` (all of them up to :data:`MAX_REPORT_PATTERNS`):
+        ``R (M, 3, 3)``, ``quaternion (M, 4)``, ``index (M,)`` (pattern numbers), and when present
+        ``sigma_rad (M, 3)``, ``best_weight (M,)`` (weight of the most probable hypothesis), ``scale_mean (M,)``."""
+        from bayes_spi.dataio.h5 import quaternions_to_rotations
+
+        n = self.n_patterns
+        if n is None:
+            return None
+        p = self.files.path("posterior")
+        rows = slice(None, None, self.stride)
+        out: dict[str, np.ndarray] = {"index": self.used_index}
+        with h5py.File(p, "r") as f:
+            q = np.asarray(f["pose_quaternion"][rows], dtype=np.float64)
+            out["quaternion"] = q
+            try:
+                out["R"] = quaternions_to_rotations(q)
+            except ValueError as exc:
+                raise ValueError(f"{_fspath(p)}: field /pose_quaternion: {exc}") from None
+            for name, key, shape in (("pose_sigma_rad", "sigma_rad", (n, 3)), ("scale_mean", "scale_mean", (n,))):
+                if name in f:
+                    if f[name].shape != shape:
+                        raise ValueError(f"{_fspath(p)}: field /{name}: expected shape {shape}, got {f[name].shape}")
+                    out[key] = np.asarray(f[name][rows], dtype=np.float64)
+            if "hypothesis_weights" in f:
+                d = f["hypothesis_weights"]
+                if d.ndim != 2 or d.shape[0] != n:
+                    raise ValueError(f"{_fspath(p)}: field /hypothesis_weights: expected shape ({n}, K), got {d.shape}")
+                best = np.empty(len(q))
+                for a in range(0, len(q), READ_CHUNK):  # (M, K) read in slices of rows
+                    r = slice(a * self.stride, min(n, (a + READ_CHUNK) * self.stride), self.stride)
+                    best[a:a + READ_CHUNK] = np.asarray(d[r], dtype=np.float64).max(axis=1)
+                out["best_weight"] = best
+        return out
 
     # ------------------------------------------------------------------ data file and truth
     @cached_property
@@ -302,24 +355,28 @@ class RunData:
 
     @cached_property
     def truth(self) -> dict[str, Any] | None:
-        """``{"R" (N, 3, 3), "scales" (N,), "intensity" (n, n, n) or None, "voxel" (1/A) or None}``."""
+        """``{"R" (M, 3, 3), "scales" (M,), "intensity" (n, n, n) or None, "voxel" (1/A) or None}``: the true poses
+        and scales of the patterns :attr:`used_index` (the same rows as :attr:`posterior`)."""
         from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
 
         if self.truth_path is None:
             return None
         with SPIDataset(self.truth_path) as ds:
-            R = ds.truth_rotations()
-            self._check_n(len(R), self.truth_path, "/truth/quaternions")
+            ds.truth_quaternions(slice(0, 0))  # a clear error if the file has no true poses
+            self._check_n(ds.n_patterns, self.truth_path, "/truth/quaternions")
+            rows = slice(None, None, self._stride_of(ds.n_patterns))
+            R = ds.truth_rotations(rows)
             try:
                 I, voxel = ds.truth_intensity()
             except DataFormatError:
                 I, voxel = None, None
-            return {"R": R, "scales": ds.truth_scales(),
+            return {"R": R, "scales": ds.truth_scales(rows),
                     "intensity": None if I is None else np.asarray(I, dtype=np.float64), "voxel": voxel}
 
     @cached_property
     def alignment(self) -> dict[str, Any] | None:
-        """Pose errors against the truth (:func:`pose_errors`); None without truth or posterior."""
+        """Pose errors against the truth (:func:`pose_errors`) of the patterns :attr:`used_index` (arrays
+        ``(M,)``); None without truth or posterior."""
         if self.truth is None or self.posterior is None:
             return None
         settings = (self.config or {}).get("settings", {}) if self.config_text is not None else {}
@@ -375,7 +432,8 @@ class RunData:
 
     @cached_property
     def cones(self) -> dict[str, Any] | None:
-        """Per-pattern credible-cone radii in degrees.
+        """Per-pattern credible-cone radii in degrees, of the patterns :attr:`used_index` (those of them that
+        posterior.nc lists).
 
         Returns ``{"r50" (M,), "r90" (M,), "r90_mod" (M,) or None, "index" (M,) pattern indices (rows of
         posterior.h5 / the data file), "R_center" (M, 3, 3) or None (the pose the cones are centred on),
@@ -383,7 +441,8 @@ class RunData:
 
         From ``posterior.nc`` (``bayes-spi posterior``) when it holds ``sample_stats/cone_radius_deg
         (pattern, credible_mass)`` (with ``credible_mass`` 0.5 and 0.9, the ``pattern`` coordinate,
-        ``cone_radius_mod_rotz_deg`` and ``mean_pose_quaternion`` when present), or per-pattern variables whose
+        ``cone_radius_mod_rotz_deg`` and ``mean_pose_quaternion`` when present; read in chunks of
+        :data:`READ_CHUNK` rows, keeping the patterns of :attr:`used_index`), or per-pattern variables whose
         names contain ``cone`` and ``50`` / ``90``; otherwise the isotropic LieNormal approximation from
         ``posterior.h5``'s ``pose_sigma_rad`` (:func:`cone_radius_deg`) around the most probable hypothesis.
         Units: a variable's ``units`` attribute (``deg``/``rad``), else a ``deg`` in its name, else radians.
@@ -396,7 +455,7 @@ class RunData:
             return None
         s = post["sigma_rad"]
         return {"r50": cone_radius_deg(s, 0.5), "r90": cone_radius_deg(s, 0.9), "r90_mod": None,
-                "index": np.arange(len(s)), "R_center": None,
+                "index": post["index"], "R_center": None,
                 "source": "posterior.h5: most probable hypothesis, isotropic LieNormal approximation "
                           "(rms sigma x sqrt(chi2_3 quantile))",
                 "label": "posterior.h5 sigmas, isotropic approximation"}
@@ -411,7 +470,7 @@ class RunData:
                 g = f.get("sample_stats")
                 if isinstance(g, h5py.Group) and isinstance(g.get("cone_radius_deg"), h5py.Dataset):
                     return self._cones_arviz(p, g, n)
-                return self._cones_by_name(p, f, n)
+                return self._cones_by_name(p, f, n, self.stride)
         except OSError as exc:
             raise ValueError(f"{_fspath(p)}: expected a netCDF-4 (HDF5) file, got an unreadable file ({exc})") from None
 
@@ -426,40 +485,57 @@ class RunData:
     def _cones_arviz(self, p: Path, g: h5py.Group, n: int) -> dict[str, Any]:
         from bayes_spi.dataio.h5 import quaternions_to_rotations
 
-        r = np.asarray(g["cone_radius_deg"][()], dtype=np.float64)
-        if r.ndim != 2:
+        rd = g["cone_radius_deg"]
+        if rd.ndim != 2:
             raise ValueError(f"{_fspath(p)}: field /sample_stats/cone_radius_deg: expected dims (pattern, "
-                             f"credible_mass), got shape {r.shape}")
-        m = r.shape[0]
+                             f"credible_mass), got shape {rd.shape}")
+        m = rd.shape[0]
         levels = np.asarray(g["credible_mass"][()], dtype=np.float64) if "credible_mass" in g else np.array([0.5, 0.9])
         levels = np.where(levels > 1.0, levels / 100.0, levels)
         cols = {lv: np.nonzero(np.isclose(levels, lv))[0] for lv in (0.5, 0.9)}
-        if levels.shape != (r.shape[1],) or any(c.size == 0 for c in cols.values()):
+        if levels.shape != (rd.shape[1],) or any(c.size == 0 for c in cols.values()):
             raise ValueError(f"{_fspath(p)}: field /sample_stats/credible_mass: expected levels including 0.5 and "
-                             f"0.9 for the {r.shape[1]} columns of cone_radius_deg, got {levels.tolist()}")
-        index = np.asarray(g["pattern"][()], dtype=np.int64) if "pattern" in g else np.arange(m)
-        if index.shape != (m,) or (m and (index.min() < 0 or index.max() >= n)):
+                             f"0.9 for the {rd.shape[1]} columns of cone_radius_deg, got {levels.tolist()}")
+        c50, c90 = int(cols[0.5][0]), int(cols[0.9][0])
+        pat = g["pattern"] if "pattern" in g else None
+        if pat is not None and pat.shape != (m,):
             raise ValueError(f"{_fspath(p)}: field /sample_stats/pattern: expected {m} indices in [0, {n}) "
-                             f"(the patterns of {_fspath(self.files.path('posterior'))}), got shape {index.shape}")
-        r = self._in_degrees(g["cone_radius_deg"], r)
-        r_mod = None
-        if "cone_radius_mod_rotz_deg" in g:
-            rm = np.asarray(g["cone_radius_mod_rotz_deg"][()], dtype=np.float64)
-            if rm.shape == r.shape:
-                r_mod = self._in_degrees(g["cone_radius_mod_rotz_deg"], rm)[:, cols[0.9][0]]
-        R_center = None
-        if "mean_pose_quaternion" in g:
-            q = np.asarray(g["mean_pose_quaternion"][()], dtype=np.float64)
-            if q.shape == (m, 4):
-                R_center = quaternions_to_rotations(q)
+                             f"(the patterns of {_fspath(self.files.path('posterior'))}), got shape {pat.shape}")
+        rm = g.get("cone_radius_mod_rotz_deg")
+        rm = rm if isinstance(rm, h5py.Dataset) and rm.shape == rd.shape else None
+        qd = g.get("mean_pose_quaternion")
+        qd = qd if isinstance(qd, h5py.Dataset) and qd.shape == (m, 4) else None
+        step = self.stride
+        parts: dict[str, list[np.ndarray]] = {"index": [], "r50": [], "r90": [], "r90_mod": [], "q": []}
+        for a in range(0, m, READ_CHUNK):  # only the patterns of used_index are kept
+            rows = slice(a, min(m, a + READ_CHUNK))
+            idx = np.arange(rows.start, rows.stop) if pat is None else np.asarray(pat[rows], dtype=np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"{_fspath(p)}: field /sample_stats/pattern: expected {m} indices in [0, {n}) "
+                                 f"(the patterns of {_fspath(self.files.path('posterior'))}), got "
+                                 f"{int(idx.min())}..{int(idx.max())}")
+            keep = idx % step == 0
+            r = self._in_degrees(rd, np.asarray(rd[rows], dtype=np.float64)[keep])
+            parts["index"].append(idx[keep])
+            parts["r50"].append(r[:, c50])
+            parts["r90"].append(r[:, c90])
+            if rm is not None:
+                parts["r90_mod"].append(self._in_degrees(rm, np.asarray(rm[rows], dtype=np.float64)[keep])[:, c90])
+            if qd is not None:
+                parts["q"].append(np.asarray(qd[rows], dtype=np.float64)[keep])
+
+        def cat(key: str, shape: tuple[int, ...]) -> np.ndarray:
+            return np.concatenate(parts[key]) if parts[key] else np.zeros((0, *shape))
+
+        R_center = None if qd is None else quaternions_to_rotations(cat("q", (4,)))
         label = RunDir.name("posterior_nc") + (f", {m:,} of {n:,} patterns" if m < n else "")
-        return {"r50": r[:, cols[0.5][0]], "r90": r[:, cols[0.9][0]], "r90_mod": r_mod, "index": index,
-                "R_center": R_center, "label": label,
+        return {"r50": cat("r50", ()), "r90": cat("r90", ()), "r90_mod": None if rm is None else cat("r90_mod", ()),
+                "index": cat("index", ()).astype(np.int64), "R_center": R_center, "label": label,
                 "source": "posterior.nc: sample_stats/cone_radius_deg around the posterior mean pose"
                           + (f" ({m:,} of {n:,} patterns)" if m < n else "")}
 
     @classmethod
-    def _cones_by_name(cls, p: Path, f: h5py.File, n: int) -> dict[str, Any] | None:
+    def _cones_by_name(cls, p: Path, f: h5py.File, n: int, step: int = 1) -> dict[str, Any] | None:
         found: dict[str, np.ndarray] = {}
         names: dict[str, str] = {}
 
@@ -470,22 +546,24 @@ class RunData:
             level = "r50" if "50" in leaf else "r90" if "90" in leaf else None
             if level is None or level in found:
                 return
-            a = np.squeeze(np.asarray(obj[()], dtype=np.float64))
-            if a.shape == (n,):
-                found[level] = cls._in_degrees(obj, a)
-                names[level] = name
+            if tuple(d for d in obj.shape if d != 1) != (n,):  # (n,) up to axes of length 1: checked unread
+                return
+            sel = tuple(slice(None, None, step) if d == n else slice(None) for d in obj.shape)
+            found[level] = cls._in_degrees(obj, np.asarray(obj[sel], dtype=np.float64).reshape(-1))
+            names[level] = name
 
         f.visititems(visit)
         if "r50" not in found or "r90" not in found:
             return None
-        return {"r50": found["r50"], "r90": found["r90"], "r90_mod": None, "index": np.arange(n), "R_center": None,
-                "source": f"{RunDir.name('posterior_nc')}: {names['r50']}, {names['r90']}",
+        return {"r50": found["r50"], "r90": found["r90"], "r90_mod": None, "index": np.arange(0, n, step),
+                "R_center": None, "source": f"{RunDir.name('posterior_nc')}: {names['r50']}, {names['r90']}",
                 "label": RunDir.name("posterior_nc")}
 
     @cached_property
     def calibration(self) -> dict[str, Any] | None:
         """Orientation error (mod ``Rz(pi)``) of each pattern's cone centre against the truth, beside its 90% cone
-        radius: ``{"errors_deg" (M,), "r90_deg" (M,), "centre": str}``; None without truth or cones.
+        radius: ``{"errors_deg" (M,), "r90_deg" (M,), "centre": str}`` (the patterns of :attr:`cones`); None without
+        truth or cones.
 
         The centre is the pose the cones are drawn around (posterior.nc's mean pose, else posterior.h5's most
         probable hypothesis), aligned with the same global rotation ``G`` (mod ``Rz(pi)``) as everything else.
@@ -493,11 +571,11 @@ class RunData:
         al, cones = self.alignment, self.cones
         if al is None or cones is None:
             return None
-        idx = cones["index"]
+        pos = cones["index"] // self.stride  # the cones' patterns are among used_index: rows of the arrays here
         r90 = cones["r90_mod"] if cones["r90_mod"] is not None else cones["r90"]
         if cones["R_center"] is None:
-            return {"errors_deg": al["errors_mod_rotz_pi_deg"][idx], "r90_deg": r90,
+            return {"errors_deg": al["errors_mod_rotz_pi_deg"][pos], "r90_deg": r90,
                     "centre": "most probable hypothesis"}
-        G, Rc, Rt = al["G_mod_rotz_pi"], cones["R_center"], self.truth["R"][idx]
+        G, Rc, Rt = al["G_mod_rotz_pi"], cones["R_center"], self.truth["R"][pos]
         e = np.minimum(geodesic_deg(G @ Rc, Rt), geodesic_deg(G @ Rc @ rotz_pi_numpy(), Rt))
         return {"errors_deg": e, "r90_deg": r90, "centre": "posterior mean pose"}
