@@ -24,6 +24,10 @@ Compares ``posterior.h5`` (per-image pose and fluence scale) and the trained int
   also aligned in rotation;
 - ``corner_res_nm``: the detector-corner resolution, the limit of the data, for reference.
 
+Memory is bounded in N: ``posterior.h5`` and ``/truth`` are streamed in chunks (:data:`EVAL_CHUNK`), ``G`` is
+fitted on an even stride of at most :data:`MAX_ALIGN_PATTERNS` patterns, and only two float64 errors per
+pattern are kept (for exact medians over all patterns).
+
 :func:`evaluate_run_full` also returns the curves (``FSCCurve`` objects) and per-image errors;
 :func:`write_fsc_json` stores curves in ``RUN/fsc.json`` (read by the report).
 
@@ -46,7 +50,7 @@ import numpy as np
 
 from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
 from bayes_spi.config.commands import command
-from bayes_spi.dataio.h5 import DataFormatError, SPIDataset, quaternions_to_rotations
+from bayes_spi.dataio.h5 import DataFormatError, SPIDataset, quaternions_to_rotations, read_rows
 from bayes_spi.geometry import Geometry
 from bayes_spi.infer.build import build_field, detector_tensors
 from bayes_spi.infer.load import read_model_file, stored_geometry
@@ -56,8 +60,8 @@ from bayes_spi.models.fields import IntensityField
 from bayes_spi.models.spi import detector_q_max
 from bayes_spi.symmetry import PointGroup
 
-__all__ = ["EVALUATION_KEYS", "EVAL_CHUNK", "MAX_ALIGN_PATTERNS", "Evaluation", "evaluate_run", "evaluate_run_full", "evaluation_document",
-           "format_evaluation", "load_field", "write_evaluation", "write_fsc_json"]
+__all__ = ["EVALUATION_KEYS", "EVAL_CHUNK", "MAX_ALIGN_PATTERNS", "Evaluation", "evaluate_run", "evaluate_run_full",
+           "evaluation_document", "format_evaluation", "load_field", "write_evaluation", "write_fsc_json"]
 
 #: keys of :func:`evaluate_run`'s result, in display order
 EVALUATION_KEYS: tuple[str, ...] = (
@@ -193,7 +197,7 @@ def _pose_and_fluence(post_path: Path, ds: SPIDataset, group: PointGroup, chunk:
 
         def est(rows: slice) -> np.ndarray:
             try:
-                return quaternions_to_rotations(np.asarray(qd[rows], dtype=np.float64))
+                return quaternions_to_rotations(np.asarray(read_rows(qd, rows, chunk), dtype=np.float64))
             except ValueError as exc:
                 raise ValueError(f"{name}: field /pose_quaternion: {exc}") from None
 

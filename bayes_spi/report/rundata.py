@@ -288,7 +288,7 @@ class RunData:
         """``posterior.h5`` at the patterns :attr:`used_index` (all of them up to :data:`MAX_REPORT_PATTERNS`):
         ``R (M, 3, 3)``, ``quaternion (M, 4)``, ``index (M,)`` (pattern numbers), and when present
         ``sigma_rad (M, 3)``, ``best_weight (M,)`` (weight of the most probable hypothesis), ``scale_mean (M,)``."""
-        from bayes_spi.dataio.h5 import quaternions_to_rotations
+        from bayes_spi.dataio.h5 import quaternions_to_rotations, read_rows
 
         n = self.n_patterns
         if n is None:
@@ -297,7 +297,7 @@ class RunData:
         rows = slice(None, None, self.stride)
         out: dict[str, np.ndarray] = {"index": self.used_index}
         with h5py.File(p, "r") as f:
-            q = np.asarray(f["pose_quaternion"][rows], dtype=np.float64)
+            q = np.asarray(read_rows(f["pose_quaternion"], rows, READ_CHUNK), dtype=np.float64)
             out["quaternion"] = q
             try:
                 out["R"] = quaternions_to_rotations(q)
@@ -307,16 +307,12 @@ class RunData:
                 if name in f:
                     if f[name].shape != shape:
                         raise ValueError(f"{_fspath(p)}: field /{name}: expected shape {shape}, got {f[name].shape}")
-                    out[key] = np.asarray(f[name][rows], dtype=np.float64)
+                    out[key] = np.asarray(read_rows(f[name], rows, READ_CHUNK), dtype=np.float64)
             if "hypothesis_weights" in f:
                 d = f["hypothesis_weights"]
                 if d.ndim != 2 or d.shape[0] != n:
                     raise ValueError(f"{_fspath(p)}: field /hypothesis_weights: expected shape ({n}, K), got {d.shape}")
-                best = np.empty(len(q))
-                for a in range(0, len(q), READ_CHUNK):  # (M, K) read in slices of rows
-                    r = slice(a * self.stride, min(n, (a + READ_CHUNK) * self.stride), self.stride)
-                    best[a:a + READ_CHUNK] = np.asarray(d[r], dtype=np.float64).max(axis=1)
-                out["best_weight"] = best
+                out["best_weight"] = np.asarray(read_rows(d, rows, READ_CHUNK), dtype=np.float64).max(axis=1)
         return out
 
     # ------------------------------------------------------------------ data file and truth
@@ -536,6 +532,8 @@ class RunData:
 
     @classmethod
     def _cones_by_name(cls, p: Path, f: h5py.File, n: int, step: int = 1) -> dict[str, Any] | None:
+        from bayes_spi.dataio.h5 import read_rows
+
         found: dict[str, np.ndarray] = {}
         names: dict[str, str] = {}
 
@@ -548,8 +546,11 @@ class RunData:
                 return
             if tuple(d for d in obj.shape if d != 1) != (n,):  # (n,) up to axes of length 1: checked unread
                 return
-            sel = tuple(slice(None, None, step) if d == n else slice(None) for d in obj.shape)
-            found[level] = cls._in_degrees(obj, np.asarray(obj[sel], dtype=np.float64).reshape(-1))
+            if obj.shape[0] == n:  # (n,) or (n, 1, ...)
+                a = np.asarray(read_rows(obj, slice(None, None, step), READ_CHUNK)).reshape(-1)
+            else:  # (1, n) and the like
+                a = np.asarray(obj[()]).reshape(-1)[::step]
+            found[level] = cls._in_degrees(obj, np.asarray(a, dtype=np.float64))
             names[level] = name
 
         f.visititems(visit)
