@@ -83,7 +83,14 @@ def test_report_reads_one_strided_subset_paired_across_files(planted: dict, monk
         reads.append((self.name, np.shape(out)))
         return out
 
+    read_direct = h5py.Dataset.read_direct
+
+    def spy_direct(self: h5py.Dataset, dest: np.ndarray, source_sel: object = None, dest_sel: object = None) -> None:
+        read_direct(self, dest, source_sel, dest_sel)
+        reads.append((self.name, np.empty(self.shape[0])[source_sel].shape))
+
     monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    monkeypatch.setattr(h5py.Dataset, "read_direct", spy_direct)
     rd = RunData(planted["run"], truth_path=planted["data"])
     assert (rd.n_patterns, rd.stride, rd.n_used) == (N, 10, 50)
     np.testing.assert_array_equal(rd.used_index, np.arange(0, N, 10))
@@ -124,7 +131,7 @@ def test_report_page_says_how_many_patterns(planted: dict, monkeypatch: pytest.M
     monkeypatch.setattr(rd_mod, "MAX_REPORT_PATTERNS", 50)
     res = build_report(planted["run"], truth_path=planted["data"], overview=False)
     page = res.html.read_text()
-    assert "use 50 of 500 patterns (every 10th" in page and "50 of 500 (every 10th pattern" in page
+    assert "use 50 of 500 patterns (one in 10" in page and "50 of 500 (one pattern in 10, an even stride)" in page
     assert res.figures["errors"] is not None and res.figures["orientations"] is not None
     # N is checked on the datasets' shapes: a truth file of another N is refused, naming both files
     other = _truth_file(tmp_path / "other.h5", planted["R_true"][:N - 1], planted["scales"][:N - 1])

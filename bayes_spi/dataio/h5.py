@@ -164,8 +164,16 @@ def read_rows(dataset: h5py.Dataset, rows: slice, block: int = 65_536) -> np.nda
     if step == 1:
         return dataset[start:stop]
     span = step * max(1, int(block) // step)
-    parts = [dataset[a:min(stop, a + span)][::step] for a in range(start, stop, span)]
-    return np.concatenate(parts) if parts else dataset[0:0]
+    out = np.empty((len(range(start, stop, step)), *dataset.shape[1:]), dtype=dataset.dtype)
+    buf = np.empty((min(span, max(stop - start, 0)), *dataset.shape[1:]), dtype=dataset.dtype)  # one block, reused
+    j = 0
+    for a in range(start, stop, span):
+        b = min(stop, a + span)
+        dataset.read_direct(buf, np.s_[a:b], np.s_[0:b - a])
+        kept = buf[0:b - a:step]
+        out[j:j + len(kept)] = kept
+        j += len(kept)
+    return out
 
 
 def quaternions_to_rotations(quaternions: np.ndarray) -> np.ndarray:

@@ -560,7 +560,8 @@ def orientations_figure(run: RunData, out_dir: Path) -> Path | None:
         return None
     d_est = viewing_directions(post["R"])
     n_all = run.n_patterns or len(d_est)
-    shown = f"{len(d_est):,} of {n_all:,} patterns, an even stride" if len(d_est) < n_all else f"{len(d_est):,} patterns"
+    shown = f"{len(d_est):,} of {n_all:,} patterns, an even stride" if len(d_est) < n_all else \
+        f"{len(d_est):,} patterns"
     panels = [(d_est, f"inferred poses ({shown})")]
     al = run.alignment
     if al is not None:

@@ -197,7 +197,7 @@ def patterns_used_text(run: RunData) -> str | None:
         return None
     if step == 1:
         return f"{n_used:,} of {n_all:,} (all)"
-    return f"{n_used:,} of {n_all:,} (every {step}th pattern, an even stride)"
+    return f"{n_used:,} of {n_all:,} (one pattern in {step}, an even stride)"
 
 
 def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -321,7 +321,7 @@ def _page(run: RunData, result: ReportResult) -> str:
     parts.append("<h2 id=\"numbers\">Key numbers</h2>")
     if patterns_used_text(run) is not None and run.stride > 1:
         parts.append(f"<p class=\"note\">The figures and statistics of this page use {run.n_used:,} of "
-                     f"{run.n_patterns:,} patterns (every {run.stride}th: above "
+                     f"{run.n_patterns:,} patterns (one in {run.stride}: above "
                      f"{_rundata.MAX_REPORT_PATTERNS:,} patterns the report reads an even stride, the same patterns "
                      f"of every file); {e(RunDir.name('evaluation'))} covers all of them.</p>")
     try:
