@@ -291,10 +291,10 @@ def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> Non
     assert flat["probe_ambiguous_fraction"] > MAX_AMBIGUOUS, flat
 
 
-@pytest.mark.parametrize(("photons", "expected"), [(1e4, 3), (1e3, 3), (300.0, 6), (100.0, 10), (1.0, 12)])
+@pytest.mark.parametrize(("photons", "expected"), [(1e4, 3), (1e3, 3), (900.0, 3), (300.0, 5), (100.0, 9), (1.0, 12)])
 def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPatch, photons: float,
                                                      expected: int) -> None:
-    """polish_iterations x sqrt(1000 / photons per pattern), rounded up, between 1x and 4x; a given value wins."""
+    """polish_iterations x sqrt(1000 / photons per pattern), rounded, between 1x and 4x; a given value wins."""
     from types import SimpleNamespace
 
     from bayes_spi.infer import autoset

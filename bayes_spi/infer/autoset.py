@@ -5,7 +5,7 @@ three times larger has speckles three times finer, needs a field of three times 
 orientation grid about three times finer along each axis. :func:`data_settings` estimates the particle
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
 ``field_width``, ``search_rotations`` and ``cache_grid`` from it, scales the exact EMC iterations up for dim
-patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, at most 4x), and chooses the ``hybrid`` field (SIREN plus
+patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), and chooses the ``hybrid`` field (SIREN plus
 a voxel residual, one voxel per detector pixel step, for the final exact EMC iterations), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
@@ -87,7 +87,7 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # 1e2 photons: 3 iterations reached a speckle correlation of 0.49, 10 reached 0.63; at 1e3 the log
         # marginal gains < 1e-3 nats/photon by the third, BENCHMARKS.md); iterations are cheap on sparse data
         factor = math.sqrt(POLISH_REFERENCE_PHOTONS / report.photons_per_pattern)
-        n = int(math.ceil(config.polish_iterations * min(max(factor, 1.0), POLISH_MAX_FACTOR) - 1e-9))
+        n = int(round(config.polish_iterations * min(max(factor, 1.0), POLISH_MAX_FACTOR)))  # ~1e3 photons: unchanged
         if n != config.polish_iterations:
             updates["polish_iterations"] = n
     if updates:
