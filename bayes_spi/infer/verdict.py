@@ -60,7 +60,7 @@ import torch
 from bayes_spi.config.commands import flag
 from bayes_spi.so3 import geodesic_angle, rotz_pi
 
-__all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
+__all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "probe_grid_loglik", "read_verdict", "elbo_checks", "information_gain", "pose_change_deg", "STATUSES"]
 
 STATUSES = ("converged", "unconverged", "failed")
 
@@ -201,7 +201,8 @@ def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
+def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor,
+                     ll_grid: torch.Tensor | None = None) -> dict[str, float]:
     """Log-likelihood per photon of the fitted model minus that of the radial-average model.
 
     With an orientation search on the guide, the model's side is the marginal likelihood over the search's
@@ -212,9 +213,12 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
         model, guide: the fitted :class:`~bayes_spi.models.spi.SPIModel` and its guide.
         images: ``(B, n_y, n_x)`` probe patterns.
         good: ``(n_y * n_x,)`` bool good pixels.
+        ll_grid: ``(B, G)`` the search's grid log-likelihoods of ``images`` (:func:`probe_grid_loglik`), when the
+            caller has them; computed here (after a cache refresh) otherwise.
     Returns:
-        ``{"gain_per_photon", "loglik_model", "loglik_radial", "effective_hypotheses"}`` (log-likelihoods
-        per pattern, Poisson, each pattern's fluence scale at its maximum-likelihood value).
+        ``{"gain_per_photon", "loglik_model", "loglik_radial", "effective_hypotheses", "probe_mean_best_weight"}``
+        (log-likelihoods per pattern, Poisson, each pattern's fluence scale at its maximum-likelihood value; the
+        guide's mean weight of its most probable hypothesis).
     """
     pixels = torch.nonzero(good).squeeze(-1)
     y = images.reshape(images.shape[0], -1)[:, pixels].to(torch.float64)
@@ -244,12 +248,12 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     cnt = torch.zeros(n_shells, dtype=torch.float64, device=y.device).index_add_(0, shell, torch.ones_like(per_pix))
     radial = (sums / cnt.clamp(min=1)).clamp(min=1e-12)[shell]
     ll_radial = profile_ll((radial * factor).log()[None].expand_as(y))
-    search = getattr(guide, "search", None)
-    if search is not None:
+    if ll_grid is None:
+        ll_grid = probe_grid_loglik(guide, images, good)
+    if ll_grid is not None:
         # a fair comparison: the 3D model's marginal likelihood over the whole orientation grid (log mean_g), not
         # its best orientation, whose maximum over G candidates alone gains ~log G nats over any fixed model
-        search.refresh()
-        ll_grid = search.grid_loglik(images, pixels).to(torch.float64)  # (B, G), profile, without terms in y only
+        ll_grid = ll_grid.to(torch.float64)
         rad_log_lam = (radial * factor).log()[None].expand_as(y)
         ll_rad_nc = (y * rad_log_lam).sum(-1) - n_tot * torch.logsumexp(rad_log_lam, -1)
         ll_model = torch.logsumexp(ll_grid, -1) - math.log(ll_grid.shape[-1]) - ll_rad_nc + ll_radial
@@ -258,37 +262,41 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     ent = float((-(w * w.log()).sum(-1)).exp().mean())
     return {"gain_per_photon": float((ll_model - ll_radial).sum()) / max(photons, 1.0),
             "loglik_model": float(ll_model.mean()), "loglik_radial": float(ll_radial.mean()),
-            "effective_hypotheses": ent}
+            "effective_hypotheses": ent, "probe_mean_best_weight": float(post.weights.max(-1).values.mean())}
 
 
 @torch.no_grad()
-def pose_decisiveness(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor) -> dict[str, float]:
+def probe_grid_loglik(guide: Any, images: torch.Tensor, good: torch.Tensor) -> torch.Tensor | None:
+    """The profile log-likelihood ``(B, G)`` of ``images (B, n_y, n_x)`` at every rotation of the guide's
+    orientation search on the ``good`` pixels, after refreshing its cache on the final field (``None`` without a
+    search): what :func:`information_gain` and :func:`pose_decisiveness` both read."""
+    search = getattr(guide, "search", None)
+    if search is None:
+        return None
+    search.refresh()
+    return search.grid_loglik(images, torch.nonzero(good.reshape(-1)).squeeze(-1))
+
+
+@torch.no_grad()
+def pose_decisiveness(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor,
+                      ll_grid: torch.Tensor | None = None) -> dict[str, float]:
     """How far the data determine the poses of ``images (B, n_y, n_x)``: the spread of each pattern's pose
     posterior over the orientation search's grid (likelihood weights against the fitted field, uniform prior),
     as an effective number of grid orientations ``exp(H)``.
 
     A pattern whose pose is pinned up to a few discrete modes (its Rz(pi) twin, the mates of a nearly symmetric
     particle) spreads over a handful of orientations; one the data do not pin spreads over tens or hundreds.
-    Returns ``probe_pose_spread`` (the median ``exp(H)``), ``probe_ambiguous_fraction`` (the fraction above
-    :data:`MAX_POSE_SPREAD`) and, for the record, ``probe_mean_best_weight`` (the guide's mean best weight in
-    eval mode). Empty without a search. ``model`` is kept for the callers' signature."""
-    search = getattr(guide, "search", None)
-    if search is None:
+    Returns ``probe_pose_spread`` (the median ``exp(H)``) and ``probe_ambiguous_fraction`` (the fraction above
+    :data:`MAX_POSE_SPREAD`). Empty without a search. ``ll_grid``: the grid log-likelihoods ``(B, G)`` when the
+    caller has them (:func:`probe_grid_loglik`). ``model`` is kept for the callers' signature."""
+    if ll_grid is None:
+        ll_grid = probe_grid_loglik(guide, images, good)
+    if ll_grid is None:
         return {}
-    pixels = torch.nonzero(good.reshape(-1)).squeeze(-1)
-    search.refresh()
-    ll = search.grid_loglik(images, pixels).to(torch.float64)  # (B, G)
-    p = torch.softmax(ll, -1)
+    p = torch.softmax(ll_grid.to(torch.float64), -1)
     spread = (-(p * p.clamp(min=1e-300).log()).sum(-1)).exp()  # (B,)
-    out = {"probe_pose_spread": float(spread.median()),
-           "probe_ambiguous_fraction": float((spread > MAX_POSE_SPREAD).double().mean())}
-    if hasattr(guide, "evaluating"):
-        with guide.evaluating():
-            post = guide.posterior(images, pixels)
-    else:
-        post = guide.posterior(images, pixels)
-    out["probe_mean_best_weight"] = float(post.weights.max(-1).values.mean())
-    return out
+    return {"probe_pose_spread": float(spread.median()),
+            "probe_ambiguous_fraction": float((spread > MAX_POSE_SPREAD).double().mean())}
 
 
 def invariant_check(trainer: Any) -> dict[str, Any]:
@@ -357,13 +365,15 @@ def assess_fit(trainer: Any) -> Verdict:
                 reasons_fail.append(f"the most probable poses of the probe patterns moved {checks['pose_change_deg']:.0f} "
                                     f"deg (median) since the previous checkpoint (> {MAX_POSE_CHANGE_DEG:.0f}): "
                                     "the pose posteriors are not stable")
-        gain = information_gain(trainer.model, trainer.guide, probe, trainer._good)
+        # one grid pass over the probe patterns serves the information gain and the pose spread
+        ll_grid = probe_grid_loglik(trainer.guide, probe, trainer._good)
+        gain = information_gain(trainer.model, trainer.guide, probe, trainer._good, ll_grid=ll_grid)
         checks.update(gain)
         if gain["gain_per_photon"] < MIN_GAIN_PER_PHOTON:
             reasons_fail.append(f"the 3D model explains the patterns no better than their radial average "
                                 f"({gain['gain_per_photon']:.4f} nats/photon < {MIN_GAIN_PER_PHOTON}): no 3D structure "
                                 "was learned (collapsed field or random poses)")
-        dec = pose_decisiveness(trainer.model, trainer.guide, probe, trainer._good)
+        dec = pose_decisiveness(trainer.model, trainer.guide, probe, trainer._good, ll_grid=ll_grid)
         checks.update(dec)
         if dec and dec["probe_ambiguous_fraction"] > MAX_AMBIGUOUS:
             reasons_unc.append(f"the poses are not determined: {100 * dec['probe_ambiguous_fraction']:.0f}% of the "
