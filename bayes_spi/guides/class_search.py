@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayes_spi.guides.search import BACKGROUND_SCREEN, cube_points, grid_profile_loglik, orientation_grid
+from bayes_spi.guides.search import BACKGROUND_SCREEN, cube_points, grid_profile_loglik, search_grid
 
 __all__ = ["ClassOrientationSearch", "class_caches", "class_grid_loglik", "latent_nodes"]
 
@@ -111,15 +111,8 @@ class ClassOrientationSearch:
     def __init__(self, model: torch.nn.Module, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
                  seed: int = 12345, grid: str = "fibonacci", symmetry: str | None = None,
                  latent_per_dim: int = 3) -> None:
-        if n_rotations < n_keep or n_keep < 1:
-            raise ValueError(f"expected 1 <= n_keep <= n_rotations, got n_keep={n_keep}, n_rotations={n_rotations}")
-        if cache_grid < 3:
-            raise ValueError(f"expected cache_grid >= 3, got {cache_grid}")
         self._model = [model]  # a list: not a submodule of whoever holds the search
-        self.rotations = orientation_grid(n_rotations, grid, seed, symmetry)
-        if self.rotations.shape[0] < n_keep:
-            raise ValueError(f"expected at least n_keep={n_keep} rotations in the fundamental zone of {symmetry}, got "
-                             f"{self.rotations.shape[0]} (raise n_rotations)")
+        self.rotations = search_grid(n_rotations, n_keep, cache_grid, grid, seed, symmetry)
         self.n_classes = int(getattr(model, "n_classes", 1))
         self.latent_dim = int(getattr(model, "latent_dim", 0))
         self.n_keep = int(n_keep)

@@ -30,7 +30,7 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 from bayes_spi.trilinear import sample_cube
 
-__all__ = ["BACKGROUND_SCREEN", "OrientationSearch", "cube_points", "grid_profile_loglik", "orientation_grid"]
+__all__ = ["BACKGROUND_SCREEN", "OrientationSearch", "cube_points", "grid_profile_loglik", "orientation_grid", "search_grid"]
 
 #: with a measured background, rotations per pattern evaluated exactly by the search and the EMC stages
 #: (the others are ranked by the closed form on background-subtracted counts; see :func:`grid_profile_loglik`)
@@ -61,6 +61,25 @@ def orientation_grid(n_rotations: int, grid: str = "fibonacci", seed: int = 1234
             return rots
         return torch.as_tensor(group.canonical_pose(rots.double().numpy())[0], dtype=torch.float32)
     raise ValueError(f"expected grid 'fibonacci' or 'random', got {grid!r}")
+
+
+def search_grid(n_rotations: int, n_keep: int, cache_grid: int, grid: str = "fibonacci", seed: int = 12345,
+                symmetry: str | None = None) -> Tensor:
+    """A search's :func:`orientation_grid` ``(G, 3, 3)`` after checking its settings: ``1 <= n_keep <= n_rotations``,
+    ``cache_grid >= 3``, and at least ``n_keep`` rotations in the pose fundamental zone.
+
+    Raises:
+        ValueError: a setting out of range (named, with its value).
+    """
+    if n_rotations < n_keep or n_keep < 1:
+        raise ValueError(f"expected 1 <= n_keep <= n_rotations, got n_keep={n_keep}, n_rotations={n_rotations}")
+    if cache_grid < 3:
+        raise ValueError(f"expected cache_grid >= 3, got {cache_grid}")
+    rotations = orientation_grid(n_rotations, grid, seed, symmetry)
+    if rotations.shape[0] < n_keep:
+        raise ValueError(f"expected at least n_keep={n_keep} rotations in the fundamental zone of {symmetry}, got "
+                         f"{rotations.shape[0]} (raise n_rotations)")
+    return rotations
 
 
 def cube_points(n: int, q_max: float, device: torch.device | str | None = None) -> Tensor:
@@ -156,15 +175,8 @@ class OrientationSearch:
 
     def __init__(self, model: SPIModel, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
                  seed: int = 12345, grid: str = "fibonacci", symmetry: str | None = None) -> None:
-        if n_rotations < n_keep or n_keep < 1:
-            raise ValueError(f"expected 1 <= n_keep <= n_rotations, got n_keep={n_keep}, n_rotations={n_rotations}")
-        if cache_grid < 3:
-            raise ValueError(f"expected cache_grid >= 3, got {cache_grid}")
         self._model = [model]  # a list: not a submodule of whoever holds the search
-        self.rotations = orientation_grid(n_rotations, grid, seed, symmetry)
-        if self.rotations.shape[0] < n_keep:
-            raise ValueError(f"expected at least n_keep={n_keep} rotations in the fundamental zone of {symmetry}, got "
-                             f"{self.rotations.shape[0]} (raise n_rotations)")
+        self.rotations = search_grid(n_rotations, n_keep, cache_grid, grid, seed, symmetry)
         self.last_log_scale: Tensor | None = None
         self.n_keep = int(n_keep)
         self.cache_grid = int(cache_grid)
