@@ -155,8 +155,8 @@ def invariant_agreement(model: Any, pixels: Tensor, batches: Iterable[Tensor], n
     s_a, s_b = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
     n_a = n_b = 0
     for counts in batches:
-        y = torch.as_tensor(counts).reshape(counts.shape[0], -1)[:, pixels.to(torch.as_tensor(counts).device)]
-        X = bins.images(y.cpu())
+        y = torch.as_tensor(counts).cpu()
+        X = bins.images(y.reshape(y.shape[0], -1)[:, pixels.cpu()])
         half = torch.rand(X.shape[0], generator=gen) < 0.5
         s_a += bins.correlation_sum(X[half])
         s_b += bins.correlation_sum(X[~half])
