@@ -234,3 +234,26 @@ def test_heterogeneous_trainer_warm_start_is_class_aware(tmp_path) -> None:
         shift = trainer._shift_level(trainer._prior_log_scale() + 0.5)
         assert shift == pytest.approx(0.5)
         torch.testing.assert_close(torch.stack([f.log_offset for f in trainer.model.field.fields]), offsets + 0.5)
+
+
+def test_both_searches_share_the_grid_search_accessors() -> None:
+    """OrientationSearch and ClassOrientationSearch share one base (model, grid, cache): the same rotation grid for
+    the same settings, the model held outside the module tree, and each cache setter refuses a cube of another
+    shape, naming the expected one ((1, 1, n, n, n) for one field, (C, L, n, n, n) per class and latent point)."""
+    from bayes_spi.guides.search import GridSearchBase, OrientationSearch
+    from bayes_spi.models.spi import SPIModel
+
+    q, w = torch.randn(64, 3) * 0.03, torch.full((64,), 1e-3)
+    one = OrientationSearch(SPIModel(SirenField(0.125), q, w), n_rotations=64, n_keep=2, cache_grid=9)
+    het = HeterogeneousSPIModel(SirenField(0.125), q, w, latent_dim=1, n_classes=2)
+    many = ClassOrientationSearch(het, n_rotations=64, n_keep=2, cache_grid=9)
+    assert isinstance(one, GridSearchBase) and isinstance(many, GridSearchBase)
+    assert torch.equal(one.rotations, many.rotations) and many.model is het
+    assert one.n_keep == many.n_keep == 2 and many.n_proposals == 4 and one.q_max == many.q_max
+    with pytest.raises(ValueError, match=r"expected a cache of shape \(1, 1, 9, 9, 9\), got shape \(2, 3, 9, 9, 9\)"):
+        one.cache = torch.zeros(2, 3, 9, 9, 9)
+    with pytest.raises(ValueError, match=r"expected a cache of shape \(2, 3, 9, 9, 9\), got shape \(1, 1, 9, 9, 9\)"):
+        many.cache = torch.zeros(1, 1, 9, 9, 9)
+    many.cache = torch.zeros(2, 3, 9, 9, 9)
+    one.cache = None
+    assert one.cache is None and many.cache.shape == (2, 3, 9, 9, 9)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bayes_spi.guides.search import BACKGROUND_SCREEN, cube_points, grid_profile_loglik, search_grid
+from bayes_spi.guides.search import BACKGROUND_SCREEN, GridSearchBase, cube_points, grid_profile_loglik
 
 __all__ = ["ClassOrientationSearch", "class_caches", "class_grid_loglik", "latent_nodes"]
 
@@ -98,7 +98,7 @@ def class_grid_loglik(caches: Tensor, rotations: Tensor, q: Tensor, log_w: Tenso
     return torch.stack(lls, 1).reshape(b, n_c, n_l, g), torch.stack(scales, 1).reshape(b, n_c, n_l, g)
 
 
-class ClassOrientationSearch:
+class ClassOrientationSearch(GridSearchBase):
     """Top-``n_keep`` grid rotations of each class for each pattern (the module doc).
 
     Args:
@@ -111,37 +111,19 @@ class ClassOrientationSearch:
     def __init__(self, model: torch.nn.Module, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
                  seed: int = 12345, grid: str = "fibonacci", symmetry: str | None = None,
                  latent_per_dim: int = 3) -> None:
-        self._model = [model]  # a list: not a submodule of whoever holds the search
-        self.rotations = search_grid(n_rotations, n_keep, cache_grid, grid, seed, symmetry)
+        super().__init__(model, n_rotations, n_keep, cache_grid, seed, grid, symmetry)
         self.n_classes = int(getattr(model, "n_classes", 1))
         self.latent_dim = int(getattr(model, "latent_dim", 0))
-        self.n_keep = int(n_keep)
         #: proposals per pattern: ``n_keep`` per class (the guide's ``n_search``)
         self.n_proposals = self.n_keep * self.n_classes
-        self.cache_grid = int(cache_grid)
-        self.q_max = model.q_max
         self.nodes, self.log_node_weights = latent_nodes(getattr(model, "latent_prior", None), self.latent_dim,
                                                          latent_per_dim)
-        self._cache: Tensor | None = None
-        self.last_log_scale: Tensor | None = None
         self.last_latent_mean: Tensor | None = None
         self.last_class_loglik: Tensor | None = None
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self._model[0]
-
-    @property
-    def cache(self) -> Tensor | None:
-        """The cached ``log I`` cubes ``(C, L, n, n, n)`` (``None`` before the first refresh)."""
-        return self._cache
-
-    @cache.setter
-    def cache(self, value: Tensor | None) -> None:
-        n, shape = self.cache_grid, (self.n_classes, self.log_node_weights.shape[0])
-        if value is not None and value.shape != (*shape, n, n, n):
-            raise ValueError(f"expected a cache of shape {(*shape, n, n, n)}, got shape {tuple(value.shape)}")
-        self._cache = value
+    def cache_lead(self) -> tuple[int, ...]:
+        """The cache's leading shape ``(C, L)``: one cube per class and latent point."""
+        return (self.n_classes, int(self.log_node_weights.shape[0]))
 
     @torch.no_grad()
     def refresh(self) -> None:

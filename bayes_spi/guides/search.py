@@ -30,7 +30,7 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 from bayes_spi.trilinear import sample_cube
 
-__all__ = ["BACKGROUND_SCREEN", "OrientationSearch", "cube_points", "grid_profile_loglik", "orientation_grid", "search_grid"]
+__all__ = ["BACKGROUND_SCREEN", "GridSearchBase", "OrientationSearch", "cube_points", "grid_profile_loglik", "orientation_grid", "search_grid"]
 
 #: with a measured background, rotations per pattern evaluated exactly by the search and the EMC stages
 #: (the others are ranked by the closed form on background-subtracted counts; see :func:`grid_profile_loglik`)
@@ -158,7 +158,45 @@ def _screened_loglik_bg(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tens
     return ll, log_s0.scatter(1, top, log_s_top.to(log_s0.dtype))
 
 
-class OrientationSearch:
+class GridSearchBase:
+    """What every grid search holds and checks: the model (not a submodule), the rotation grid ``(G, 3, 3)``
+    (:func:`search_grid`), ``n_keep``, the cache cube's size and ``q_max``, and the cached ``log I`` cubes
+    ``(*cache_lead, n, n, n)`` behind :attr:`cache`, whose leading shape :meth:`cache_lead` gives
+    (shared by :class:`OrientationSearch` and :class:`~bayes_spi.guides.class_search.ClassOrientationSearch`).
+    """
+
+    def __init__(self, model: torch.nn.Module, n_rotations: int, n_keep: int, cache_grid: int, seed: int,
+                 grid: str, symmetry: str | None) -> None:
+        self._model = [model]  # a list: not a submodule of whoever holds the search
+        self.rotations = search_grid(n_rotations, n_keep, cache_grid, grid, seed, symmetry)
+        self.last_log_scale: Tensor | None = None
+        self.n_keep = int(n_keep)
+        self.cache_grid = int(cache_grid)
+        self.q_max = model.q_max
+        self._cache: Tensor | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model[0]
+
+    def cache_lead(self) -> tuple[int, ...]:
+        """The leading shape of the cache, before the cube ``(n, n, n)``."""
+        return (1, 1)
+
+    @property
+    def cache(self) -> Tensor | None:
+        """The cached ``log I`` cubes ``(*cache_lead(), n, n, n)`` (``None`` before the first refresh)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: Tensor | None) -> None:
+        n, lead = self.cache_grid, self.cache_lead()
+        if value is not None and value.shape != (*lead, n, n, n):
+            raise ValueError(f"expected a cache of shape {(*lead, n, n, n)}, got shape {tuple(value.shape)}")
+        self._cache = value
+
+
+class OrientationSearch(GridSearchBase):
     """Top-``n_keep`` rotations of a fixed random grid of ``n_rotations`` for each pattern.
 
     Args:
@@ -175,29 +213,11 @@ class OrientationSearch:
 
     def __init__(self, model: SPIModel, n_rotations: int = 4096, n_keep: int = 2, cache_grid: int = 41,
                  seed: int = 12345, grid: str = "fibonacci", symmetry: str | None = None) -> None:
-        self._model = [model]  # a list: not a submodule of whoever holds the search
-        self.rotations = search_grid(n_rotations, n_keep, cache_grid, grid, seed, symmetry)
-        self.last_log_scale: Tensor | None = None
-        self.n_keep = int(n_keep)
-        self.cache_grid = int(cache_grid)
-        self.q_max = model.q_max
-        self._cache: Tensor | None = None
+        super().__init__(model, n_rotations, n_keep, cache_grid, seed, grid, symmetry)
 
     @property
     def model(self) -> SPIModel:
         return self._model[0]
-
-    @property
-    def cache(self) -> Tensor | None:
-        """The cached ``log I`` cube ``(1, 1, n, n, n)`` (``None`` before the first refresh)."""
-        return self._cache
-
-    @cache.setter
-    def cache(self, value: Tensor | None) -> None:
-        n = self.cache_grid
-        if value is not None and value.shape != (1, 1, n, n, n):
-            raise ValueError(f"expected a cache of shape (1, 1, {n}, {n}, {n}), got shape {tuple(value.shape)}")
-        self._cache = value
 
     @torch.no_grad()
     def refresh(self) -> None:
