@@ -13,6 +13,9 @@ from typing import Any
 import pyro
 import pytest
 
+#: a hand-written AGIPD-like CrystFEL geometry (tests/test_crystfel.py computes its pixels by hand)
+AGIPD_GEOM = Path(__file__).parent / "data" / "crystfel" / "agipd.geom"
+
 
 @pytest.fixture(autouse=True)
 def _pyro_state():
@@ -44,6 +47,24 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def write_agipd_geom(tmp_path: Path) -> Callable[..., Path]:
+    """``write(text=None, flags=None) -> tmp_path/agipd.geom``: the AGIPD-like CrystFEL geometry of
+    tests/data/crystfel/agipd.geom (2 modules of 2 asics of 3 x 5 pixels, frames ``(N, 2, 6, 5)``; or ``text``) and
+    the mask file it names, ``tmp_path/mask.h5`` with the flags ``(2, 6, 5)`` uint16 (all good unless given)."""
+    import h5py
+    import numpy as np
+
+    def write(text: str | None = None, flags: Any = None) -> Path:
+        path = tmp_path / "agipd.geom"
+        path.write_text(AGIPD_GEOM.read_text() if text is None else text)
+        with h5py.File(tmp_path / "mask.h5", "w") as f:
+            f["entry_1/instrument_1/detector_1/mask"] = np.zeros((2, 6, 5), np.uint16) if flags is None else flags
+        return path
+
+    return write
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -168,58 +169,32 @@ def test_convert_a_cxi_file(images: np.ndarray, tmp_path: Path) -> None:
         assert ds.geometry.wavelength_A == pytest.approx(2.0, rel=1e-9)
 
 
-GEOM = """\
-; two modules (dim1) of 6 x 5 pixels, 200 um, 0.1 m from the sample, the beam between them
-photon_energy = 6199.2099
-clen = 0.1
-res = 5000
-dim0 = %
-dim2 = ss
-dim3 = fs
-m0/dim1 = 0
-m0/min_fs = 0
-m0/max_fs = 4
-m0/min_ss = 0
-m0/max_ss = 5
-m0/fs = +1.0x
-m0/ss = +1.0y
-m0/corner_x = -2.5
-m0/corner_y = 1.0
-m1/dim1 = 1
-m1/min_fs = 0
-m1/max_fs = 4
-m1/min_ss = 0
-m1/max_ss = 5
-m1/fs = +1.0x
-m1/ss = +1.0y
-m1/corner_x = -2.5
-m1/corner_y = -7.0
-"""
-
-
-def test_npy_stack_with_a_crystfel_geometry(tmp_path: Path) -> None:
-    """AGIPD-like data (N, modules, ss, fs) with a CrystFEL .geom: modules stacked along the rows."""
+def test_npy_stack_with_a_crystfel_geometry(tmp_path: Path, write_agipd_geom: Callable[..., Path]) -> None:
+    """AGIPD-like data (N, modules, ss, fs) with a CrystFEL .geom (conftest's, with its mask file): modules stacked
+    along the rows, the .geom's masked pixels read as 0."""
     from bayes_spi.dataio.crystfel import read_crystfel_geom
 
-    geom = tmp_path / "det.geom"
-    geom.write_text(GEOM)
+    geom = write_agipd_geom()
     counts = np.random.default_rng(0).poisson(2.0, size=(20, 2, 6, 5)).astype(np.int32)
     np.save(tmp_path / "frames.npy", counts)
     out = tmp_path / "data.h5"
     res = _invoke(["convert", tmp_path / "frames.npy", "--geometry", geom, "-o", out, "--no-progress"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     expected = read_crystfel_geom(geom).geometry
+    laid_out = np.where(expected.good_pixels(), counts.reshape(20, 12, 5), 0)
     with SPIDataset(out) as ds:
-        assert ds.geometry == expected and ds.shape == (12, 5)
-        assert np.array_equal(ds.read(np.arange(20)), counts.reshape(20, 12, 5))
-        # row 6 is module 1's first row: its pixel (ss 0, fs 2) sits at (0, -6.5 px, clen)
-        assert np.allclose(ds.geometry.pixel_positions()[6, 2], [0.0, -6.5 / 5000, 0.1], atol=1e-15)
+        assert ds.geometry == expected and ds.shape == (12, 5) and not ds.mask.all()
+        assert np.array_equal(ds.read(np.arange(20)), laid_out)
+        # row 6 is module 1's first row: its pixel (ss 0, fs 0) is panel p1a0's corner + half its fs and ss steps
+        by_hand = [(19.75 - 0.5 * 0.0021 - 0.5 * 0.9999) / 5000, (-11.5 + 0.5 * 0.9999 - 0.5 * 0.0021) / 5000,
+                   0.12 + 0.001 + 0.5 * 0.05 / 5000]
+        assert np.allclose(ds.geometry.pixel_positions()[6, 0], by_hand, rtol=1e-13, atol=0)
     cxi = tmp_path / "frames.cxi"  # the same frames in a CXI file, its geometry from the .geom
     with h5py.File(cxi, "w") as f:
         f["entry_1/data_1/data"] = counts
     with open_dataset(cxi, geometry=geom) as src:
         assert src.geometry == expected
-        assert np.array_equal(src.read(np.arange(20)), counts.reshape(20, 12, 5))
+        assert np.array_equal(src.read(np.arange(20)), laid_out)
     np.save(tmp_path / "wrong.npy", counts[:, :, :5])
     res = _invoke(["convert", tmp_path / "wrong.npy", "--geometry", geom, "-o", tmp_path / "w.h5"])
     assert res.exit_code == 1 and "expected frames of shape (2, 6, 5)" in res.output

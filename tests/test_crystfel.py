@@ -3,6 +3,7 @@ component, bad regions, no_index, a mask file) against hand-computed pixel posit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -13,89 +14,10 @@ from bayes_spi.dataio.crystfel import parse_vector, read_crystfel_geom
 from bayes_spi.dataio.h5 import DataFormatError
 from bayes_spi.geometry import get_preset
 
-GEOM = """\
-; AGIPD-like test geometry: 2 modules (dim1) of 2 asics of 3 x 5 pixels
-photon_energy = 9300 ; eV
-clen = 0.12
-adu_per_eV = 0.0075
-res = 5000 ; 200 um pixels
-data = /entry_1/instrument_1/detector_1/data
-mask = /entry_1/instrument_1/detector_1/mask
-mask_file = mask.h5
-mask_good = 0x0
-mask_bad = 0xffff
-dim0 = %
-dim2 = ss
-dim3 = fs
+AGIPD_GEOM = Path(__file__).parent / "data" / "crystfel" / "agipd.geom"
 
-rigid_group_q0 = p0a0,p0a1
-rigid_group_collection_quadrants = q0
-
-p0a0/dim1 = 0
-p0a0/min_fs = 0
-p0a0/max_fs = 4
-p0a0/min_ss = 0
-p0a0/max_ss = 2
-p0a0/fs = +0.0021x -0.9999y
-p0a0/ss = +0.9999x +0.0021y
-p0a0/corner_x = -20.5
-p0a0/corner_y = 12.25
-p0a0/coffset = 0.0005
-
-p0a1/dim1 = 0
-p0a1/min_fs = 0
-p0a1/max_fs = 4
-p0a1/min_ss = 3
-p0a1/max_ss = 5
-p0a1/fs = +0.0021x -0.9999y
-p0a1/ss = +0.9999x +0.0021y
-p0a1/corner_x = -16.9
-p0a1/corner_y = 12.26
-p0a1/coffset = 0.0005
-
-p1a0/dim1 = 1
-p1a0/min_fs = 0
-p1a0/max_fs = 4
-p1a0/min_ss = 0
-p1a0/max_ss = 2
-p1a0/fs = -0.0021x +0.9999y
-p1a0/ss = -0.9999x -0.0021y +0.05z
-p1a0/corner_x = 19.75
-p1a0/corner_y = -11.5
-p1a0/coffset = 0.001
-
-p1a1/dim1 = 1
-p1a1/min_fs = 0
-p1a1/max_fs = 4
-p1a1/min_ss = 3
-p1a1/max_ss = 5
-p1a1/fs = -0.0021x +0.9999y
-p1a1/ss = -0.9999x -0.0021y
-p1a1/corner_x = 16.1
-p1a1/corner_y = -11.52
-p1a1/coffset = 0.001
-p1a1/no_index = 1
-
-; a lab-frame box and a panel region
-badbox/min_x = -20.0
-badbox/max_x = -18.5
-badbox/min_y = 10.0
-badbox/max_y = 13.0
-
-badasic/min_fs = 3
-badasic/max_fs = 4
-badasic/min_ss = 1
-badasic/max_ss = 1
-badasic/panel = p1a0
-"""
-
-
-def _write(tmp_path: Path, text: str = GEOM, flags: np.ndarray | None = None) -> Path:
-    path = tmp_path / "agipd.geom"
-    path.write_text(text)
-    with h5py.File(tmp_path / "mask.h5", "w") as f:
-        f["entry_1/instrument_1/detector_1/mask"] = np.zeros((2, 6, 5), np.uint16) if flags is None else flags
-    return path
+#: the AGIPD-like geometry (written by the fixture ``write_agipd_geom`` of conftest.py with its mask.h5)
+GEOM = AGIPD_GEOM.read_text()
 
 
 def _hand_position(corner: tuple[float, float], fs: tuple[float, ...], ss: tuple[float, ...], f: int, s: int,
@@ -108,8 +30,8 @@ def _hand_position(corner: tuple[float, float], fs: tuple[float, ...], ss: tuple
     return np.array([x, y, z])
 
 
-def test_positions_layout_and_q_by_hand(tmp_path: Path) -> None:
-    cg = read_crystfel_geom(_write(tmp_path))
+def test_positions_layout_and_q_by_hand(write_agipd_geom: Callable[..., Path]) -> None:
+    cg = read_crystfel_geom(write_agipd_geom())
     geom = cg.geometry
     assert geom.kind == "positions" and geom.shape == (12, 5) and cg.data_shape == (2, 6, 5)
     assert geom.beam.photon_energy_ev == 9300.0 and cg.adu_per_ev == 0.0075
@@ -143,16 +65,16 @@ def test_positions_layout_and_q_by_hand(tmp_path: Path) -> None:
         cg.frame_to_pixels(frames[:, :, :5])
 
 
-def test_mask_file_flags(tmp_path: Path) -> None:
+def test_mask_file_flags(write_agipd_geom: Callable[..., Path]) -> None:
     flags = np.zeros((2, 6, 5), np.uint16)
     flags[0, 1, 1] = 0x4
-    cg = read_crystfel_geom(_write(tmp_path, flags=flags))
+    cg = read_crystfel_geom(write_agipd_geom(flags=flags))
     assert not cg.geometry.good_pixels()[1, 1] and cg.geometry.good_pixels()[1, 2]
     # mask_good: bits that must be set (here 0x1), mask_bad none
     flags = np.ones((2, 6, 5), np.uint16)
     flags[1, 0, 0] = 0
     text = GEOM.replace("mask_good = 0x0", "mask_good = 0x1").replace("mask_bad = 0xffff", "mask_bad = 0x0")
-    cg = read_crystfel_geom(_write(tmp_path, text, flags))
+    cg = read_crystfel_geom(write_agipd_geom(text, flags))
     assert not cg.geometry.good_pixels()[6, 0] and cg.geometry.good_pixels()[6, 1]
 
 
@@ -174,38 +96,38 @@ def test_flat_2d_layout_and_global_clen_override(tmp_path: Path) -> None:
     assert cg.data_shape == (32, 32)
 
 
-def test_vectors_and_errors(tmp_path: Path) -> None:
+def test_vectors_and_errors(tmp_path: Path, write_agipd_geom: Callable[..., Path]) -> None:
     assert parse_vector("+0.0012x -1.0000y") == (0.0012, -1.0, 0.0)
     assert parse_vector("-y +0.5z") == (0.0, -1.0, 0.5)
     assert parse_vector("1e-3x") == (0.001, 0.0, 0.0)
     with pytest.raises(ValueError, match="expected a vector"):
         parse_vector("+1.0q")
-    bad = _write(tmp_path, GEOM.replace("p0a0/fs = +0.0021x -0.9999y", "p0a0/fs = sideways"))
+    bad = write_agipd_geom(GEOM.replace("p0a0/fs = +0.0021x -0.9999y", "p0a0/fs = sideways"))
     with pytest.raises(DataFormatError, match="agipd.geom: field p0a0/fs: expected a vector"):
         read_crystfel_geom(bad)
-    bad = _write(tmp_path, GEOM.replace("p0a1/min_ss = 3", "p0a1/min_ss = 2"))
+    bad = write_agipd_geom(GEOM.replace("p0a1/min_ss = 3", "p0a1/min_ss = 2"))
     with pytest.raises(DataFormatError, match="p0a1/min_fs..max_ss: expected panels that do not overlap"):
         read_crystfel_geom(bad)
-    bad = _write(tmp_path, GEOM.replace("photon_energy = 9300 ; eV", ""))
+    bad = write_agipd_geom(GEOM.replace("photon_energy = 9300 ; eV", ""))
     with pytest.raises(DataFormatError, match="field photon_energy: expected a photon energy"):
         read_crystfel_geom(bad)
     assert read_crystfel_geom(bad, photon_energy_ev=8000.0).geometry.beam.photon_energy_ev == 8000.0
-    bad = _write(tmp_path, GEOM.replace("p1a1/corner_y = -11.52\n", ""))
+    bad = write_agipd_geom(GEOM.replace("p1a1/corner_y = -11.52\n", ""))
     with pytest.raises(DataFormatError, match="p1a1/corner_y: expected a value"):
         read_crystfel_geom(bad)
-    bad = _write(tmp_path, GEOM.replace("badasic/panel = p1a0", "badasic/panel = p9"))
+    bad = write_agipd_geom(GEOM.replace("badasic/panel = p1a0", "badasic/panel = p9"))
     with pytest.raises(DataFormatError, match="badasic/panel: expected one of the panels"):
         read_crystfel_geom(bad)
     with pytest.raises(FileNotFoundError):
         read_crystfel_geom(tmp_path / "none.geom")
 
 
-def test_cxi_frames_with_a_crystfel_geometry(tmp_path: Path) -> None:
+def test_cxi_frames_with_a_crystfel_geometry(tmp_path: Path, write_agipd_geom: Callable[..., Path]) -> None:
     """AGIPD-like frames (N, modules, ss, fs) in a CXI file without geometry fields, read with the .geom's geometry:
     the modules stacked along the rows as the .geom lays them out, the file's CXI mask combined with the .geom's."""
     from bayes_spi.dataio.cxi import open_cxi
 
-    cg = read_crystfel_geom(_write(tmp_path))
+    cg = read_crystfel_geom(write_agipd_geom())
     frames = np.random.default_rng(5).poisson(3.0, (7, 2, 6, 5)).astype(np.int16)
     flags = np.zeros((2, 6, 5), np.uint32)
     flags[0, 0, 0] = 0x8  # dead
