@@ -365,17 +365,14 @@ def read_crystfel_geom(path: str | os.PathLike[str], *, photon_energy_ev: float 
 
 
 def _read_flags(path: Path, dataset: str, shape: tuple[int, ...]) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"mask file {os.fspath(path)!r} (named by the CrystFEL geometry) not found")
-    try:
-        with h5py.File(path, "r") as f:
-            obj = f.get(dataset)
-            if not isinstance(obj, h5py.Dataset):
-                raise DataFormatError(path, dataset, f"a mask dataset of shape {shape}",
-                                      "missing" if obj is None else type(obj).__name__)
-            arr = np.asarray(obj[()])
-    except OSError as exc:
-        raise DataFormatError(path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
+    from bayes_spi.dataio.h5open import open_h5
+
+    with open_h5(path, "the mask file (HDF5) named by the CrystFEL geometry") as f:
+        obj = f.get(dataset)
+        if not isinstance(obj, h5py.Dataset):
+            raise DataFormatError(path, dataset, f"a mask dataset of shape {shape}",
+                                  "missing" if obj is None else type(obj).__name__)
+        arr = np.asarray(obj[()])
     if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
         raise DataFormatError(path, dataset, f"integer flags of shape {shape}", f"{arr.dtype} {arr.shape}")
     return arr

@@ -49,6 +49,7 @@ import numpy as np
 
 from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError
+from bayes_spi.dataio.h5open import open_h5
 from bayes_spi.dataio.sources import PatternSource
 from bayes_spi.geometry import Geometry, Panel
 
@@ -97,16 +98,11 @@ class CXIDataset(PatternSource):
                  polarization: str = "x", data_path: str | None = None, adu_per_photon: float | None = None,
                  bad_bits: int = DEFAULT_BAD_BITS, geometry: Geometry | None = None) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"CXI file {os.fspath(path)!r} not found")
         if adu_per_photon is not None and not (np.isfinite(adu_per_photon) and adu_per_photon > 0):
             raise ValueError(f"adu_per_photon: expected a positive number, got {adu_per_photon!r}")
         self.adu_per_photon = None if adu_per_photon is None else float(adu_per_photon)
         self.bad_bits = int(bad_bits)
-        try:
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=64 * 1024 * 1024)
-        except OSError as exc:
-            raise DataFormatError(self.path, "/", "a CXI (HDF5) file", f"unreadable file ({exc})") from exc
+        self._file = open_h5(self.path, "a CXI (HDF5) file", rdcc_nbytes=64 * 1024 * 1024)
         try:
             self._open(photon_energy_ev, polarization, data_path, geometry)
         except Exception:

@@ -48,6 +48,7 @@ import numpy as np
 
 from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import DataFormatError
+from bayes_spi.dataio.h5open import open_h5
 from bayes_spi.geometry import HC_EV_A, Beam, Detector, Geometry
 
 __all__ = [
@@ -109,11 +110,7 @@ def _scalar(f: h5py.File, name: str) -> float | None:
 
 
 def _read_h5(path: Path) -> dict[str, Any]:
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise DataFormatError(path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
-    with f:
+    with open_h5(path, "a Dragonfly detector file (HDF5)") as f:
         out: dict[str, Any] = {}
         for name in ("qx", "qy", "qz", "corr", "mask"):
             if name not in f or not isinstance(f[name], h5py.Dataset):

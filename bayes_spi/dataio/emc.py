@@ -47,6 +47,7 @@ import h5py
 import numpy as np
 
 from bayes_spi.dataio.h5 import DataFormatError, normalise_indices
+from bayes_spi.dataio.h5open import open_h5
 
 __all__ = ["HEADER_BYTES", "EMC_TYPES", "EmcFile", "EmcH5File", "EmcDataset", "read_photons_list"]
 
@@ -242,13 +243,8 @@ class EmcH5File:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"photons file {os.fspath(self.path)!r} not found")
         self.kind = "sparse (HDF5)"
-        try:
-            self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise DataFormatError(self.path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
+        self._file = open_h5(self.path, "a Dragonfly HDF5 photons file")
         try:
             for name in ("num_pix", "place_ones", "place_multi", "count_multi"):
                 if name not in self._file or not isinstance(self._file[name], h5py.Dataset):

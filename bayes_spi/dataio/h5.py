@@ -495,21 +495,10 @@ class SPIDataset:
     def __init__(self, path: str | os.PathLike[str], swmr: bool = False) -> None:
         self.path = Path(path)
         self.swmr = bool(swmr)  # a file still being written (H5Writer(swmr=True)): see refresh()
-        if not self.path.is_file():
-            from bayes_spi.paths import input_file_problem
+        from bayes_spi.dataio.h5open import open_h5
 
-            problem = input_file_problem(self.path)
-            if problem is None or isinstance(problem, FileNotFoundError):
-                raise FileNotFoundError(f"data file {os.fspath(path)!r} not found"
-                                        + ("" if problem is None or problem.strerror == "not found"
-                                           else f" ({problem.strerror})"))
-            found = (problem.strerror or "").removeprefix("got ")
-            raise DataFormatError(self.path, "/", "a bayes-spi HDF5 file", found)
-        try:
-            self._file = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES,
-                                   **({"libver": "latest", "swmr": True} if self.swmr else {}))
-        except OSError as exc:
-            raise DataFormatError(self.path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
+        self._file = open_h5(self.path, "a bayes-spi HDF5 data file", rdcc_nbytes=_CACHE_BYTES,
+                             **({"libver": "latest", "swmr": True} if self.swmr else {}))
         try:
             self._validate()
         except Exception:

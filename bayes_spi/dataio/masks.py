@@ -93,8 +93,10 @@ def bin_map(arr: np.ndarray, shape: tuple[int, int], factor: int, reduce: str = 
 def _read_h5(file: Path, inner: str, what: str) -> np.ndarray:
     import h5py
 
+    from bayes_spi.dataio.h5open import open_h5
+
     try:
-        with h5py.File(file, "r") as f:
+        with open_h5(file, f"a {what} file (HDF5)") as f:
             if not inner:
                 if "geometry/mask" in f and what == "mask":
                     inner = "/geometry/mask"
@@ -108,6 +110,8 @@ def _read_h5(file: Path, inner: str, what: str) -> np.ndarray:
             if inner not in f or not isinstance(f[inner], h5py.Dataset):
                 raise DataFormatError(file, inner, f"a 2-D {what} dataset", "no such dataset")
             return np.asarray(f[inner][()])
+    except DataFormatError:
+        raise
     except OSError as exc:
         raise DataFormatError(file, what, "an HDF5 file", f"unreadable ({exc})") from None
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from bayes_spi.config.commands import flag
 from bayes_spi.dataio.h5 import FORMAT_NAME, DataFormatError, SPIDataset, check_counts, normalise_indices
+from bayes_spi.dataio.h5open import open_h5
 from bayes_spi.geometry import HC_EV_A, POLARIZATIONS, Beam, Detector, Geometry
 
 __all__ = [
@@ -252,10 +253,8 @@ def _load_array(spec: str, base: Path, what: str) -> np.ndarray:
     path, inner = split_dataset_path(spec)
     if not path.is_absolute():
         path = base / path
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {os.fspath(path)!r} not found")
     if inner is not None:
-        with h5py.File(path, "r") as f:
+        with open_h5(path, f"an HDF5 file holding the {what}") as f:
             if inner not in f or not isinstance(f[inner], h5py.Dataset):
                 raise DataFormatError(path, inner, f"a dataset ({what})", "missing")
             return np.asarray(f[inner][()])
@@ -389,13 +388,8 @@ class StackSource(PatternSource):
         self.path, self.inner = split_dataset_path(counts)
         self.geometry_path = Path(geometry)
         self._file: h5py.File | None = None
-        if not self.path.is_file():
-            raise FileNotFoundError(f"counts file {os.fspath(self.path)!r} not found")
         if self.inner is not None:
-            try:
-                self._file = h5py.File(self.path, "r")
-            except OSError as exc:
-                raise DataFormatError(self.path, "/", "an HDF5 file", f"unreadable file ({exc})") from exc
+            self._file = open_h5(self.path, "an HDF5 file of counts")
             obj = self._file.get(self.inner)
             if not isinstance(obj, h5py.Dataset):
                 self.close()
@@ -496,7 +490,7 @@ def source_kind(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     if suffix == ".cxi":
         return "cxi"
     if h5py.is_hdf5(file):
-        with h5py.File(file, "r") as f:
+        with open_h5(file, "a data file (HDF5)") as f:
             fmt = f.attrs.get("format")
             fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
             if fmt == FORMAT_NAME or ("data" in f and "geometry" in f):

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from bayes_spi.analysis.fsc import ball_mask, intensity_fsc
@@ -178,12 +177,9 @@ def _pose_and_fluence(post_path: Path, ds: SPIDataset, group: PointGroup, chunk:
         raise ValueError(f"chunk: expected a positive integer, got {chunk!r}")
     chunk = int(chunk)
     name = os.fspath(post_path)
-    try:
-        f = h5py.File(post_path, "r")
-    except OSError as exc:
-        raise ValueError(f"{name}: expected the run's per-image posterior (HDF5), got an unreadable "
-                         f"file ({exc})") from None
-    with f:
+    from bayes_spi.dataio.h5open import open_h5
+
+    with open_h5(post_path, "the run's per-image posterior (HDF5)") as f:
         for key in ("pose_quaternion", "scale_mean"):
             if key not in f:
                 raise ValueError(f"{name}: field /{key}: expected a dataset, got missing")

@@ -60,7 +60,9 @@ def read_split(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     path = RunDir(run_dir).path("halfsets")
     if not path.is_file():
         raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the half-set split of a {flag('half_sets')} run)")
-    with h5py.File(path, "r") as f:
+    from bayes_spi.dataio.h5open import open_h5
+
+    with open_h5(path, f"the half-set split of a {flag('half_sets')} run (HDF5)") as f:
         for name in HALVES:
             if name not in f:
                 raise ValueError(f"{os.fspath(path)}: field /{name}: expected the pattern indices, got missing")

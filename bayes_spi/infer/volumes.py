@@ -54,12 +54,9 @@ def read_intensity(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
         _check_cube(data, p, "data")
         _reject_density(p, data, dq, labels)
         return data, dq
-    try:
-        f = h5py.File(p, "r")
-    except OSError as exc:
-        raise ValueError(f"{os.fspath(p)}: expected an MRC or HDF5 intensity volume, got an unreadable file "
-                         f"({exc})") from None
-    with f:
+    from bayes_spi.dataio.h5open import open_h5
+
+    with open_h5(p, "an MRC or HDF5 intensity volume") as f:
         for name in ("intensity", "truth/intensity"):
             if name in f and isinstance(f[name], h5py.Dataset):
                 ds = f[name]

@@ -118,8 +118,9 @@ def write_latent_posterior(path: str | os.PathLike[str], summary: LatentSummary)
 def read_latent_posterior(path: str | os.PathLike[str]) -> LatentSummary:
     """Read what :func:`write_latent_posterior` wrote."""
     from bayes_spi.dataio.h5 import DataFormatError
+    from bayes_spi.dataio.h5open import open_h5
 
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "a latent posterior file (HDF5)") as f:
         if "latent" not in f:
             raise DataFormatError(path, "/latent", "a group of per-pattern latent posteriors", "missing")
         grp = f["latent"]

@@ -40,6 +40,8 @@ import h5py
 import numpy as np
 
 from bayes_spi.config.commands import command
+from bayes_spi.dataio.h5 import DataFormatError
+from bayes_spi.dataio.h5open import open_h5
 from bayes_spi.infer.rundir import RunDir
 from bayes_spi.report.numbers import cone_radius_deg, geodesic_deg, pose_errors
 from bayes_spi.so3 import rotz_pi_numpy
@@ -229,7 +231,7 @@ class RunData:
         p = self.files.path("intensity")
         if not p.is_file():
             return self._live_intensity()
-        with h5py.File(p, "r") as f:
+        with open_h5(p, "the run's intensity volume (HDF5)") as f:
             if "intensity" not in f:
                 raise ValueError(f"{_fspath(p)}: field /intensity: expected a dataset, got missing")
             d = f["intensity"]
@@ -246,7 +248,7 @@ class RunData:
         p = self.files.path("posterior")
         if not p.is_file():
             return None
-        with h5py.File(p, "r") as f:
+        with open_h5(p, "the run's per-image posterior (HDF5)") as f:
             if "pose_quaternion" not in f:
                 raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected a dataset, got missing")
             shape = f["pose_quaternion"].shape
@@ -296,7 +298,7 @@ class RunData:
         p = self.files.path("posterior")
         rows = slice(None, None, self.stride)
         out: dict[str, np.ndarray] = {"index": self.used_index}
-        with h5py.File(p, "r") as f:
+        with open_h5(p, "the run's per-image posterior (HDF5)") as f:
             q = np.asarray(read_rows(f["pose_quaternion"], rows, READ_CHUNK), dtype=np.float64)
             out["quaternion"] = q
             try:
@@ -462,11 +464,13 @@ class RunData:
         if not p.is_file() or n is None:
             return None
         try:
-            with h5py.File(p, "r") as f:
+            with open_h5(p, "a netCDF-4 (HDF5) file of posterior draws") as f:
                 g = f.get("sample_stats")
                 if isinstance(g, h5py.Group) and isinstance(g.get("cone_radius_deg"), h5py.Dataset):
                     return self._cones_arviz(p, g, n)
                 return self._cones_by_name(p, f, n, self.stride)
+        except DataFormatError:
+            raise
         except OSError as exc:
             raise ValueError(f"{_fspath(p)}: expected a netCDF-4 (HDF5) file, got an unreadable file ({exc})") from None
 

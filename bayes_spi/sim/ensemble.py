@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import finufft
-import h5py
 import numpy as np
 from tqdm import tqdm
 
@@ -452,7 +451,9 @@ def _structure_transform(mol: Structure, q: np.ndarray) -> np.ndarray:
 
 def read_truth_labels(path: str | os.PathLike[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(latent (N, d) or None, classes (N,) or None)`` from ``/truth/latent`` and ``/truth/class``."""
-    with h5py.File(path, "r") as f:
+    from bayes_spi.dataio.h5open import open_h5
+
+    with open_h5(path, "a data file with /truth (HDF5)") as f:
         truth = f.get("truth")
         latent = np.asarray(truth["latent"][()], dtype=np.float64) if truth is not None and "latent" in truth else None
         classes = np.asarray(truth["class"][()], dtype=np.int64) if truth is not None and "class" in truth else None

@@ -86,12 +86,12 @@ def given_settings(config: FitConfig | Mapping[str, Any] | None) -> dict[str, An
 
 def _grid_of(volume: Path, default: int = 65) -> int:
     """The cube size of a run's ``intensity.h5`` (runs from before ``config.yaml`` recorded ``outputs.grid``)."""
-    import h5py
+    from bayes_spi.dataio.h5open import open_h5
 
     try:
-        with h5py.File(volume, "r") as f:
+        with open_h5(volume, "the run's intensity volume (HDF5)") as f:
             n = int(f["intensity"].shape[0])
-    except (OSError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
         return default
     return n if n >= 3 and n % 2 == 1 else default
 
