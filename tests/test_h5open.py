@@ -55,8 +55,8 @@ def test_directory_and_link_loop(tmp_path: Path) -> None:
 def test_not_hdf5_empty_and_truncated(tmp_path: Path) -> None:
     text = tmp_path / "notes.h5"
     text.write_text("not an HDF5 file\n" * 10)
-    with pytest.raises(DataFormatError, match=r"notes\.h5: field /: expected an HDF5 file, got a file that is not HDF5 "
-                       r"\(no HDF5 signature\)"):
+    with pytest.raises(DataFormatError, match=r"notes\.h5: field /: expected an HDF5 file, got an unreadable file "
+                       r"\(not HDF5: no HDF5 signature\)"):
         open_h5(text)
     empty = tmp_path / "empty.h5"
     empty.write_bytes(b"")
@@ -66,8 +66,8 @@ def test_not_hdf5_empty_and_truncated(tmp_path: Path) -> None:
     cut = tmp_path / "cut.h5"
     cut.write_bytes(good.read_bytes()[:1024])  # the signature survives, the rest is gone
     assert h5py.is_hdf5(cut)
-    with pytest.raises(DataFormatError, match=r"cut\.h5: field /: expected an HDF5 file, got a damaged or truncated "
-                       "HDF5 file"):
+    with pytest.raises(DataFormatError, match=r"cut\.h5: field /: expected an HDF5 file, got an unreadable file "
+                       r"\(damaged or truncated HDF5"):
         open_h5(cut)
 
 
@@ -82,8 +82,8 @@ def test_permission_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
             raise PermissionError(errno.EACCES, "Unable to synchronously open file (file open failed)")
 
         monkeypatch.setattr(h5py, "File", refuse)
-    with pytest.raises(DataFormatError, match=r"good\.h5: field /: expected an HDF5 file, got a file this user may "
-                       r"not read \(permission denied\)"):
+    with pytest.raises(DataFormatError, match=r"good\.h5: field /: expected an HDF5 file, got an unreadable file "
+                       r"\(permission denied for this user\)"):
         open_h5(path)
 
 
@@ -101,7 +101,7 @@ def test_readers_of_user_files_give_its_message(tmp_path: Path) -> None:
                        (EmcH5File, "a Dragonfly HDF5 photons file"),
                        (read_intensity, "an MRC or HDF5 intensity volume"),
                        (lambda p: read_mask(p, (4, 4)), r"a mask file \(HDF5\)")):
-        with pytest.raises(DataFormatError, match=rf"bad\.h5: field /: expected {what}, got a file that is not HDF5"):
+        with pytest.raises(DataFormatError, match=rf"bad\.h5: field /: expected {what}, got an unreadable file \(not HDF5"):
             read(bad)
     with pytest.raises(FileNotFoundError, match=r"none\.cxi: field /: expected a CXI \(HDF5\) file, got no file"):
         open_cxi(tmp_path / "none.cxi")

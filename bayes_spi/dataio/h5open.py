@@ -15,7 +15,7 @@ Example:
     ...     open_h5(p, "a mask file (HDF5)")
     ... except DataFormatError as exc:
     ...     print(str(exc).split(": ", 1)[1])
-    field /: expected a mask file (HDF5), got a file that is not HDF5 (no HDF5 signature)
+    field /: expected a mask file (HDF5), got an unreadable file (not HDF5: no HDF5 signature)
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ class H5FileMissingError(DataFormatError, FileNotFoundError):
 def h5_open_problem(path: Path, exc: OSError) -> str:
     """What ``h5py.File(path, "r")`` failing with ``exc`` found, in words (for ``got ...``)."""
     if isinstance(exc, PermissionError) or exc.errno == errno.EACCES:
-        return "a file this user may not read (permission denied)"
+        return "an unreadable file (permission denied for this user)"
     try:
         is_hdf5 = h5py.is_hdf5(path)
     except OSError:
         is_hdf5 = False
     if not is_hdf5:
-        return "a file that is not HDF5 (no HDF5 signature)"
+        return "an unreadable file (not HDF5: no HDF5 signature)"
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"a damaged or truncated HDF5 file ({detail})"
+    return f"an unreadable file (damaged or truncated HDF5: {detail})"
 
 
 def open_h5(path: str | os.PathLike[str], what: str = "an HDF5 file", **kwargs: Any) -> h5py.File:
