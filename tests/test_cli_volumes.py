@@ -20,6 +20,7 @@ from bayes_spi.dataio.h5 import write_simulation
 from bayes_spi.geometry import get_preset
 from bayes_spi.infer.evaluate import EVALUATION_KEYS, evaluate_run_full, load_field
 from bayes_spi.infer.outputs import field_on_grid
+from bayes_spi.infer.rundir import RunDir
 from bayes_spi.infer.volumes import read_density, read_intensity
 from bayes_spi.models.fields import IntensityField
 
@@ -119,7 +120,7 @@ def test_evaluate_cli_json(tiny_run: tuple[Path, Path]) -> None:
     assert 0 <= d["median_pose_error_deg"] <= 180
     # FSC resolutions cannot be finer than the last shell (|q| <= detector q_max)
     assert d["intensity_fsc_res_nm_0.143"] >= 1 / get_preset("reference-32").q_max_pixel_centres / 10 - 1e-6
-    assert json.loads((run / "evaluation.json").read_text()) == d
+    assert RunDir(run).read_json("evaluation") == d  # the file also holds its format_version
     # one evaluation.json, whoever writes it: the fit's verdict is in it as in the fit's own
     assert d["verdict"] == json.loads((run / "verdict.json").read_text())["status"]
     fsc = json.loads((run / "fsc.json").read_text())

@@ -76,7 +76,6 @@ def _refuse_foreign_truth(truth: Path | None) -> None:
               help="Write evaluation.json and fsc.json into the run directory.")
 def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool, density: Path | None, no_density: bool, starts: int,
             posterior_nc: Path | None, write: bool) -> None:
-    from bayes_spi.atomic import write_json
     from bayes_spi.dataio.h5 import DataFormatError
     from bayes_spi.infer.evaluate import (evaluate_run_full, evaluation_document, format_evaluation,
                                           write_evaluation, write_fsc_json)
@@ -96,7 +95,7 @@ def command(run: Path, truth: Path | None, reference: Path | None, as_json: bool
             raise click.ClickException(str(exc)) from None
         clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
         if write:
-            write_json(RunDir(run).path("reference"), {**clean, "reference": os.fspath(reference)})
+            RunDir(run).write_json("reference", {**clean, "reference": os.fspath(reference)})
         if as_json:
             click.echo(json.dumps(clean))
             return

@@ -202,8 +202,8 @@ def _remove_empty(dirs: list[Path]) -> None:
 def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: Any, trained: Any, dataset: Any,
             calibration: Path | None, pose_temperature: float | None, scale_temperature: float | None, truth: bool,
             calibrate: bool, self_calibrate: int, device: str, refine: bool, progress: bool) -> None:
-    from bayes_spi.atomic import write_json
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
+    from bayes_spi.infer.rundir import RunDir
     from bayes_spi.posterior.calibration import fit_temperatures, save_calibration
     from bayes_spi.posterior.coverage import coverage_from_netcdf, format_coverage
     from bayes_spi.posterior.netcdf import write_posterior_netcdf
@@ -261,8 +261,7 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
             raise click.ClickException(str(exc)) from None
         click.echo("coverage of the credible regions (fraction holding the truth):")
         click.echo(format_coverage(cov))
-        path = out.parent / "coverage.json"
-        write_json(path, cov, allow_nan=False)
+        path = RunDir(out.parent).write_json("coverage", cov, allow_nan=False)
         click.echo(f"wrote {os.fspath(path)}")
     if calibrate:
         cal = fit_temperatures(out, data)

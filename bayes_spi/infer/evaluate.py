@@ -178,8 +178,10 @@ def _pose_and_fluence(post_path: Path, ds: SPIDataset, group: PointGroup, chunk:
     chunk = int(chunk)
     name = os.fspath(post_path)
     from bayes_spi.dataio.h5open import open_h5
+    from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, check_format_version
 
     with open_h5(post_path, "the run's per-image posterior (HDF5)") as f:
+        check_format_version("posterior", f.attrs.get(FORMAT_VERSION_KEY), post_path)
         for key in ("pose_quaternion", "scale_mean"):
             if key not in f:
                 raise ValueError(f"{name}: field /{key}: expected a dataset, got missing")
@@ -406,27 +408,23 @@ def evaluation_document(scalars: dict[str, Any], verdict: str | None = None) -> 
 def write_evaluation(run_dir: str | os.PathLike[str], document: dict[str, Any]) -> Path:
     """Write an :func:`evaluation_document` as ``RUN/evaluation.json`` (atomically, strict JSON): the one writer
     of that file, for the fit and for ``bayes-spi evaluate``."""
-    from bayes_spi.atomic import write_json
     from bayes_spi.infer.rundir import RunDir
 
-    return write_json(RunDir(run_dir).path("evaluation"), document, allow_nan=False)
+    return RunDir(run_dir).write_json("evaluation", document, allow_nan=False)
 
 
 def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corner_res_nm: float | None = None) -> Path:
     """Merge curves into ``RUN/fsc.json`` (atomically): ``{name: {"q_inv_A", "fsc", "n_voxels",
     "res_nm_0.5", "res_nm_0.143"}, "corner_res_nm": ...}``; other entries already there are kept."""
-    import json
+    from bayes_spi.infer.rundir import RunDir, RunFormatError
 
-    from bayes_spi.atomic import write_json
-    from bayes_spi.infer.rundir import RunDir
-
-    path = RunDir(run_dir).path("fsc")
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
+    run = RunDir(run_dir)
+    try:
+        data: dict[str, Any] = run.read_json("fsc") or {}
+    except RunFormatError:
+        raise  # a newer bayes-spi's file: not ours to merge into
+    except ValueError:
+        data = {}
     for name, curve in curves.items():
         entry = curve.to_dict()
         for t in (0.5, 0.143):
@@ -436,8 +434,7 @@ def write_fsc_json(run_dir: str | os.PathLike[str], curves: dict[str, Any], corn
         data[name] = entry
     if corner_res_nm is not None:
         data["corner_res_nm"] = float(corner_res_nm)
-    write_json(path, data, indent=1)
-    return path
+    return run.write_json("fsc", data, indent=1)
 
 
 _LABELS = {

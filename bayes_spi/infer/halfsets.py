@@ -29,12 +29,12 @@ import h5py
 import numpy as np
 
 from bayes_spi import __version__
-from bayes_spi.atomic import atomic_path, write_json
+from bayes_spi.atomic import atomic_path
 from bayes_spi.config.commands import flag
 from bayes_spi.dataio.subset import random_halves
 from bayes_spi.infer.evaluate import load_field
 from bayes_spi.infer.outputs import field_on_grid
-from bayes_spi.infer.rundir import RunDir
+from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
 
 __all__ = ["HALVES", "halfset_fsc", "read_split", "write_halfset_summary", "write_split"]
 
@@ -50,7 +50,7 @@ def write_split(run_dir: str | os.PathLike[str], n_patterns: int, seed: int) -> 
         with h5py.File(tmp, "w") as f:
             f.create_dataset("half1", data=h1, compression="gzip")
             f.create_dataset("half2", data=h2, compression="gzip")
-            f.attrs.update({"seed": int(seed), "n_patterns": int(n_patterns), "software_version": __version__,
+            f.attrs.update({FORMAT_VERSION_KEY: RunDir.format_version("halfsets"), "seed": int(seed), "n_patterns": int(n_patterns), "software_version": __version__,
                             "method": "numpy.random.default_rng(seed).permutation(n); first n//2 -> half1"})
     return h1, h2
 
@@ -60,9 +60,7 @@ def read_split(run_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray,
     path = RunDir(run_dir).path("halfsets")
     if not path.is_file():
         raise FileNotFoundError(f"{os.fspath(path)}: not found (expected the half-set split of a {flag('half_sets')} run)")
-    from bayes_spi.dataio.h5open import open_h5
-
-    with open_h5(path, f"the half-set split of a {flag('half_sets')} run (HDF5)") as f:
+    with RunDir(run_dir).open_h5("halfsets", f"the half-set split of a {flag('half_sets')} run (HDF5)") as f:
         for name in HALVES:
             if name not in f:
                 raise ValueError(f"{os.fspath(path)}: field /{name}: expected the pattern indices, got missing")
@@ -122,5 +120,4 @@ def write_halfset_summary(run_dir: str | os.PathLike[str], curve: Any, info: dic
             "halfset_speckle_fsc_res_nm_0.143": speckle.resolution_nm(0.143)} if speckle is not None else {}),
         **info,
     }
-    path = RunDir(run_dir).path("halfsets_summary")
-    return write_json(path, summary)
+    return RunDir(run_dir).write_json("halfsets_summary", summary)

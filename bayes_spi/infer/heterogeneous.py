@@ -216,7 +216,7 @@ class HeterogeneousTrainer(Trainer):
 
         from bayes_spi import __version__
         from bayes_spi.infer.outputs import field_on_grid, write_intensity, write_posterior
-        from bayes_spi.infer.rundir import RunDir
+        from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
         from bayes_spi.infer.trainer import atomic_torch_save
 
         self.guide.weight_floor = 0.0
@@ -224,7 +224,8 @@ class HeterogeneousTrainer(Trainer):
             self.guide.search.refresh()  # search against the final fields
         run = RunDir(self.run_dir)
         atomic_torch_save(
-            {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
+            {FORMAT_VERSION_KEY: RunDir.format_version("model"), "version": __version__, "config": self.config.to_dict(),
+             "geometry": self.dataset.geometry.to_dict(),
              "mask": self.dataset.mask, "model": self.model.state_dict(), "guide": self.guide.state_dict(),
              "state": self.state.__dict__}, run.path("model"))
         vol, dq = field_on_grid(self.model.field, grid, self._q_max)

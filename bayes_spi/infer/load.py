@@ -20,9 +20,9 @@ from bayes_spi.geometry import Geometry
 from bayes_spi.guides.amortized import AmortizedGuide
 from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.rundir import RunDir
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.paths import check_input_file
-from bayes_spi.torchfile import load_torch_file
 
 __all__ = ["Trained", "load_trained", "model_path_of", "read_model_file", "stored_geometry"]
 
@@ -54,8 +54,6 @@ def model_path_of(run: str | os.PathLike[str]) -> Path:
     A fit that is still running has no ``model.pt`` yet: its latest ``checkpoint.pt`` (written atomically,
     with the same entries) is read instead, without the run's lock, so that ``report`` and ``export`` show the
     reconstruction as it forms."""
-    from bayes_spi.infer.rundir import RunDir
-
     p = Path(run)
     if p.suffix == ".pt" or p.is_file():
         return p
@@ -77,11 +75,14 @@ def read_model_file(run: str | os.PathLike[str], need: tuple[str, ...] = ("confi
         FileNotFoundError: no ``model.pt`` (IsADirectoryError / OSError with an accurate message for a
             directory or a symbolic-link loop).
         ValueError: not a bayes-spi model file (empty, truncated, foreign, an entry of ``need`` missing) or
-            an invalid config (:class:`~bayes_spi.torchfile.TorchFileError` is a ValueError).
+            an invalid config (:class:`~bayes_spi.torchfile.TorchFileError` is a ValueError); a format version
+            this bayes-spi cannot read (:class:`~bayes_spi.infer.rundir.RunFormatError`, a ValueError).
     """
     path = model_path_of(run)
     check_input_file(path, "the trained model of a finished run (model.pt)")
-    ck = load_torch_file(path, map_location="cpu", what="a bayes-spi model file (model.pt)")
+    key = "checkpoint" if path.name == RunDir.name("checkpoint") else "model"  # a running fit's checkpoint
+    ck = RunDir(path.parent).read_torch(key, path, map_location="cpu",
+                                        what=f"a bayes-spi model file ({RunDir.name('model')})")
     missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
     if missing:
         raise ValueError(f"{os.fspath(path)}: expected a bayes-spi model file with entries {', '.join(need)}; "

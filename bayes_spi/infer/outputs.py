@@ -38,6 +38,7 @@ from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.grid import grid_q
 from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.mrc import write_mrc
 from bayes_spi.so3 import rotmat_to_quat_wxyz
@@ -230,7 +231,8 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     rows_per_chunk = max(1, min(int(chunk), n))
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update({"software_version": __version__, "source": str(dataset.path),
+            f.attrs.update({FORMAT_VERSION_KEY: RunDir.format_version("posterior"),
+                            "software_version": __version__, "source": str(dataset.path),
                             "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)",
                             "n_encoder_hypotheses": 0 if refine > 0 else guide.n_encoder_hypotheses,
                             "score_pixels": int(all_good.numel() if refine > 0 else good.numel()),

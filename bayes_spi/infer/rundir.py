@@ -15,6 +15,16 @@ and, from later steps, ``verdict.json``, ``sampling.json``, ``fsc.json``, ``refe
 ``report.png``. :data:`RUN_FILE_NAMES` names them all; ask :class:`RunDir` for a path instead of
 spelling a name.
 
+Format versions: every file a run writes that other commands read back carries the version of its layout
+(:data:`RUN_FORMAT_VERSIONS`): the top-level ``format_version`` of ``config.yaml`` and of the JSON files, the
+``format_version`` entry of ``model.pt`` and ``checkpoint.pt``, the root attribute ``format_version`` of
+``posterior.h5``. A file without one was written before formats were versioned and reads as version 1. Read
+them through :meth:`RunDir.read_json`, :meth:`RunDir.read_torch`, :meth:`RunDir.read_info` and
+:meth:`RunDir.open_h5`, which refuse a version this bayes-spi cannot read (:class:`RunFormatError`:
+``"RUN/model.pt: field format_version: run made by a newer bayes-spi: model.pt format 3, this version reads 1"``),
+and write them with :meth:`RunDir.write_json` / :meth:`RunDir.stamp`. ``metrics.csv`` has no version: a
+line in it would break plain CSV readers; its readers check its columns by name.
+
 Example:
     >>> import tempfile
     >>> from bayes_spi.infer.config import FitConfig
@@ -42,6 +52,10 @@ from bayes_spi.infer.config import FitConfig
 
 __all__ = [
     "RUN_FILE_NAMES",
+    "RUN_FORMAT_VERSIONS",
+    "FORMAT_VERSION_KEY",
+    "RunFormatError",
+    "check_format_version",
     "RUN_MARKERS",
     "FRESH_START_FILES",
     "RunDir",
@@ -88,6 +102,27 @@ RUN_FILE_NAMES: dict[str, str] = {
     "halfsets_summary": "halfsets.json",  # the half-set FSC summary
 }
 
+#: key -> ``(the format version this bayes-spi writes, the oldest version it still reads)`` of every run file that
+#: other commands read back; a file without a version field is version 1 (written before versions were recorded)
+RUN_FORMAT_VERSIONS: dict[str, tuple[int, int]] = {
+    "config": (1, 1),
+    "checkpoint": (1, 1),
+    "model": (1, 1),
+    "posterior": (1, 1),
+    "evaluation": (1, 1),
+    "verdict": (1, 1),
+    "sampling": (1, 1),
+    "fsc": (1, 1),
+    "reference": (1, 1),
+    "coverage": (1, 1),
+    "density_json": (1, 1),
+    "halfsets": (1, 1),
+    "halfsets_summary": (1, 1),
+}
+
+#: the field (JSON/YAML key, torch-file entry, HDF5 root attribute) that holds a run file's format version
+FORMAT_VERSION_KEY = "format_version"
+
 #: keys of the files that make a directory a run (any one of them): see :meth:`RunDir.is_run`
 RUN_MARKERS: tuple[str, ...] = ("config", "log", "model", "metrics", "checkpoint")
 
@@ -110,6 +145,58 @@ _HANDLER_TAG = "_bayes_spi_run_handler"
 def _atomic_write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+class RunFormatError(ValueError):
+    """A run file's format version is one this bayes-spi cannot read (or is not a version at all); the message
+    names the file, the field ``format_version``, the version found and the versions this bayes-spi reads."""
+
+
+def _versions(key: str) -> tuple[int, int]:
+    try:
+        return RUN_FORMAT_VERSIONS[key]
+    except KeyError:
+        raise KeyError(f"run file {key!r}: expected one of the versioned run files {', '.join(RUN_FORMAT_VERSIONS)}, "
+                       "got one without a format version") from None
+
+
+def check_format_version(key: str, found: Any, path: str | os.PathLike[str]) -> int:
+    """The format version ``found`` in the run file ``key`` at ``path`` (``None``: written before versions,
+    version 1), checked against what this bayes-spi reads.
+
+    Raises:
+        RunFormatError: a version newer than this bayes-spi writes ("run made by a newer bayes-spi: ..."), older
+            than it still reads, or not a positive integer (names the file, the field and the versions read).
+
+    Example:
+        >>> check_format_version("model", None, "run/model.pt"), check_format_version("model", 1, "run/model.pt")
+        (1, 1)
+        >>> try:
+        ...     check_format_version("model", 3, "run/model.pt")
+        ... except RunFormatError as exc:
+        ...     print(exc)
+        run/model.pt: field format_version: run made by a newer bayes-spi: model.pt format 3, this version reads 1 (update bayes-spi to read it)
+    """
+    current, oldest = _versions(key)
+    name = RUN_FILE_NAMES[key]
+    reads = f"{oldest}" if oldest == current else f"{oldest}-{current}"
+    where = f"{os.fspath(path)}: field {FORMAT_VERSION_KEY}"
+    if found is None:
+        version = 1
+    else:
+        if getattr(found, "ndim", None) == 0 and hasattr(found, "item"):
+            found = found.item()  # an HDF5 attribute (numpy scalar) or a 0-d tensor
+        if isinstance(found, bool) or not isinstance(found, int) or found < 1:
+            raise RunFormatError(f"{where}: expected a format version (an integer; this version reads {name} format "
+                                 f"{reads}), got {found!r}")
+        version = int(found)
+    if version > current:
+        raise RunFormatError(f"{where}: run made by a newer bayes-spi: {name} format {version}, this version reads "
+                             f"{reads} (update bayes-spi to read it)")
+    if version < oldest:
+        raise RunFormatError(f"{where}: run made by an older bayes-spi: {name} format {version}, this version reads "
+                             f"{reads} (rerun it, or read it with the bayes-spi that made it)")
+    return version
 
 
 def write_config(
@@ -144,6 +231,7 @@ def write_config(
     if data_info:
         data.update({k: _plain(v) for k, v in data_info.items()})
     doc = {
+        FORMAT_VERSION_KEY: RUN_FORMAT_VERSIONS["config"][0],
         "bayes_spi_version": __version__,
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(args),
@@ -198,6 +286,8 @@ def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{os.fspath(path)}: expected valid YAML, got a parse error ({exc})") from None
+    if isinstance(doc, dict):
+        check_format_version("config", doc.get(FORMAT_VERSION_KEY), path)
     if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict):
         raise ValueError(f"{os.fspath(path)}: field settings: expected a mapping of fit settings, got "
                          f"{type(doc.get('settings') if isinstance(doc, dict) else doc).__name__}")
@@ -495,3 +585,96 @@ class RunDir:
     def read_config(self) -> FitConfig:
         """The :class:`FitConfig` of ``config.yaml`` (see :func:`read_config`)."""
         return read_config(self.root)
+
+    # ------------------------------------------------------------------ versioned readers and writers
+    @staticmethod
+    def format_version(key: str) -> int:
+        """The format version of the run file ``key`` that this bayes-spi writes."""
+        return _versions(key)[0]
+
+    @staticmethod
+    def stamp(key: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` with the format version of ``key`` first (what a writer of that file stores).
+
+        Example:
+            >>> RunDir.stamp("verdict", {"status": "converged"})
+            {'format_version': 1, 'status': 'converged'}
+        """
+        return {FORMAT_VERSION_KEY: _versions(key)[0], **{k: v for k, v in doc.items() if k != FORMAT_VERSION_KEY}}
+
+    def write_json(self, key: str, doc: dict[str, Any], *, indent: int = 2, allow_nan: bool = True) -> Path:
+        """Write the run's JSON file ``key`` atomically with its format version (:meth:`stamp`); return its path."""
+        from bayes_spi.atomic import write_json
+
+        return write_json(self.path(key), self.stamp(key, doc), indent=indent, allow_nan=allow_nan)
+
+    def read_json(self, key: str, required: bool = False) -> dict[str, Any] | None:
+        """The run's JSON file ``key`` as a dict without its ``format_version`` (checked), or ``None`` when the run
+        has no such file (``required=False``).
+
+        Raises:
+            FileNotFoundError: no such file and ``required``.
+            RunFormatError: a format version this bayes-spi cannot read.
+            ValueError: not JSON, or not a JSON object (names the file).
+
+        Example:
+            >>> import tempfile
+            >>> run = RunDir(tempfile.mkdtemp())
+            >>> _ = run.write_json("verdict", {"status": "converged"})
+            >>> run.read_json("verdict"), run.read_json("sampling")
+            ({'status': 'converged'}, None)
+        """
+        import json
+
+        p = self.path(key)
+        if not p.is_file():
+            if required:
+                raise FileNotFoundError(f"{os.fspath(p)}: not found (expected the run's {p.name})")
+            return None
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{os.fspath(p)}: expected JSON, got a parse error ({exc})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{os.fspath(p)}: expected a JSON object, got {type(doc).__name__}")
+        check_format_version(key, doc.pop(FORMAT_VERSION_KEY, None), p)
+        return doc
+
+    def read_torch(self, key: str, path: str | os.PathLike[str] | None = None, map_location: Any = "cpu",
+                   what: str | None = None) -> Any:
+        """The run's torch file ``key`` (``"model"`` or ``"checkpoint"``; ``path`` to read another file of that
+        kind), read with ``weights_only=True`` (:func:`bayes_spi.torchfile.load_torch_file`, no code in it runs),
+        its ``format_version`` entry checked (and kept).
+
+        Raises:
+            FileNotFoundError: no such file.
+            TorchFileError: empty, truncated, foreign or holding objects other than tensors (a ``ValueError``).
+            RunFormatError: a format version this bayes-spi cannot read.
+        """
+        from bayes_spi.torchfile import load_torch_file
+
+        p = Path(path) if path is not None else self.path(key)
+        obj = load_torch_file(p, map_location=map_location,
+                              what=what or f"a bayes-spi {'model file' if key == 'model' else key} ({self.name(key)})")
+        if isinstance(obj, dict):
+            check_format_version(key, obj.get(FORMAT_VERSION_KEY), p)
+        return obj
+
+    def open_h5(self, key: str, what: str | None = None) -> Any:
+        """The run's HDF5 file ``key`` (e.g. ``"posterior"``) open for reading (:func:`bayes_spi.dataio.h5open.
+        open_h5`), its root attribute ``format_version`` checked; the caller closes it (``with``).
+
+        Raises:
+            DataFormatError: missing (also a ``FileNotFoundError``), not HDF5, damaged, unreadable.
+            RunFormatError: a format version this bayes-spi cannot read.
+        """
+        from bayes_spi.dataio.h5open import open_h5
+
+        p = self.path(key)
+        f = open_h5(p, what or f"the run's {p.name} (HDF5)")
+        try:
+            check_format_version(key, f.attrs.get(FORMAT_VERSION_KEY), p)
+        except Exception:
+            f.close()
+            raise
+        return f

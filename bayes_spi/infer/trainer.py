@@ -39,7 +39,7 @@ from bayes_spi.infer.build import build_model_and_guide
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.elbo_terms import site_terms
 from bayes_spi.infer import distributed
-from bayes_spi.infer.rundir import RunDir
+from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
 from bayes_spi.guides.amortized import PosePosterior
 from bayes_spi.models.spi import MAX_PLATE_NESTING, SPIBatch
 
@@ -322,6 +322,7 @@ class Trainer:
             return
         atomic_torch_save(
             {
+                FORMAT_VERSION_KEY: RunDir.format_version("checkpoint"),
                 "state": self.state.__dict__,
                 "config": self.config.to_dict(),
                 "model": self.model.state_dict(),
@@ -346,9 +347,9 @@ class Trainer:
         )
 
     def load_checkpoint(self) -> None:
-        from bayes_spi.torchfile import load_torch_file  # weights_only: no code in the file runs
-
-        ck = load_torch_file(self.checkpoint_path, map_location=self.device, what="a bayes-spi checkpoint")
+        # weights_only: no code in the file runs; its format version checked
+        ck = RunDir(self.run_dir).read_torch("checkpoint", self.checkpoint_path, map_location=self.device,
+                                             what="a bayes-spi checkpoint")
         self.state = TrainState(**ck["state"])
         self.model.load_state_dict(ck["model"])
         self.guide.load_state_dict(ck["guide"])
@@ -448,7 +449,8 @@ class Trainer:
         self.guide.weight_floor = 0.0
         model_path = RunDir(self.run_dir).path("model")
         atomic_torch_save(
-            {"version": __version__, "config": self.config.to_dict(), "geometry": self.dataset.geometry.to_dict(),
+            {FORMAT_VERSION_KEY: RunDir.format_version("model"), "version": __version__, "config": self.config.to_dict(),
+             "geometry": self.dataset.geometry.to_dict(),
              "mask": self.dataset.mask, "model": self.model.state_dict(), "guide": self.guide.state_dict(),
              "state": self.state.__dict__},
             model_path,

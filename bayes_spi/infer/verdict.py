@@ -117,22 +117,15 @@ class Verdict:
 
 
 def read_verdict(run_dir: str | Path) -> dict[str, Any] | None:
-    """A run's ``verdict.json`` as a dict (``None`` when the run has none).
+    """A run's ``verdict.json`` as a dict without its format version (``None`` when the run has none), read
+    through :meth:`~bayes_spi.infer.rundir.RunDir.read_json`.
 
     Raises:
-        ValueError: the file is not a JSON object.
+        ValueError: the file is not a JSON object, or a :class:`~bayes_spi.infer.rundir.RunFormatError`.
     """
-    import json
-
     from bayes_spi.infer.rundir import RunDir
 
-    path = RunDir(run_dir).path("verdict")
-    if not path.is_file():
-        return None
-    doc = json.loads(path.read_text(encoding="utf-8"))  # json.JSONDecodeError is a ValueError
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    return doc
+    return RunDir(run_dir).read_json("verdict")
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:

@@ -28,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -102,17 +101,6 @@ def _float_or_none(v: Any, path: Path, field: str) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _read_json_object(p: Path) -> dict[str, Any]:
-    """A JSON file holding one object; ``ValueError`` naming the file otherwise."""
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{_fspath(p)}: expected JSON, got a parse error ({exc})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{_fspath(p)}: expected a JSON object, got {type(doc).__name__}")
-    return doc
-
-
 class RunData:
     """The inputs of a run report, read lazily (cached).
 
@@ -160,7 +148,7 @@ class RunData:
         p = self.files.path("verdict")
         if not p.is_file():
             return None
-        doc = _read_json_object(p)
+        doc = self.files.read_json("verdict", required=True)
         if doc.get("status") not in ("converged", "unconverged", "failed"):
             raise ValueError(f"{_fspath(p)}: field status: expected converged, unconverged or failed, "
                              f"got {doc.get('status')!r}")
@@ -172,7 +160,7 @@ class RunData:
         p = self.files.path("evaluation")
         if not p.is_file():
             return None
-        doc = _read_json_object(p)
+        doc = self.files.read_json("evaluation", required=True)
         return {str(k): _float_or_none(v, p, str(k)) for k, v in doc.items() if not isinstance(v, (dict, list, str))}
 
     @cached_property
@@ -248,7 +236,7 @@ class RunData:
         p = self.files.path("posterior")
         if not p.is_file():
             return None
-        with open_h5(p, "the run's per-image posterior (HDF5)") as f:
+        with self.files.open_h5("posterior", "the run's per-image posterior (HDF5)") as f:
             if "pose_quaternion" not in f:
                 raise ValueError(f"{_fspath(p)}: field /pose_quaternion: expected a dataset, got missing")
             shape = f["pose_quaternion"].shape
@@ -298,7 +286,7 @@ class RunData:
         p = self.files.path("posterior")
         rows = slice(None, None, self.stride)
         out: dict[str, np.ndarray] = {"index": self.used_index}
-        with open_h5(p, "the run's per-image posterior (HDF5)") as f:
+        with self.files.open_h5("posterior", "the run's per-image posterior (HDF5)") as f:
             q = np.asarray(read_rows(f["pose_quaternion"], rows, READ_CHUNK), dtype=np.float64)
             out["quaternion"] = q
             try:
@@ -389,7 +377,7 @@ class RunData:
         p = self.files.path("fsc")
         if not p.is_file():
             return None
-        doc = _read_json_object(p)
+        doc = self.files.read_json("fsc", required=True)
         out: dict[str, Any] = {"corner_res_nm": _float_or_none(doc.get("corner_res_nm"), p, "corner_res_nm")}
         for kind in FSC_KINDS:
             c = doc.get(kind)

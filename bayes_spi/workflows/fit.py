@@ -99,11 +99,12 @@ def _grid_of(volume: Path, default: int = 65) -> int:
 def _check_checkpoint(path: Path) -> None:
     """Read ``checkpoint.pt`` safely (weights only: no code in it runs) and check its entries, before anything
     is written."""
-    from bayes_spi.torchfile import TorchFileError, load_torch_file
+    from bayes_spi.infer.rundir import RunFormatError
+    from bayes_spi.torchfile import TorchFileError
 
     try:
-        ck = load_torch_file(path, what="a bayes-spi checkpoint")
-    except (FileNotFoundError, TorchFileError) as exc:
+        ck = RunDir(path.parent).read_torch("checkpoint", path, what="a bayes-spi checkpoint")
+    except (FileNotFoundError, TorchFileError, RunFormatError) as exc:
         raise WorkflowError(str(exc)) from None
     missing = [k for k in CHECKPOINT_ENTRIES if not isinstance(ck, dict) or k not in ck]
     if missing:
@@ -477,7 +478,7 @@ def run_fit(
                          outputs={"grid": grid})
             log.info("new run: %s", " ".join(args))
             if sampling is not None:
-                write_json(run.path("sampling"), sampling.to_dict(), allow_nan=False)
+                run.write_json("sampling", sampling.to_dict(), allow_nan=False)
                 for line in sampling.summary().splitlines():
                     (log.warning if line.startswith("WARNING") else log.info)("sampling: %s", line)
         log.info("data %s: %d patterns of %dx%d; device %s", data, dataset.n_patterns, *dataset.shape, device)
@@ -523,7 +524,7 @@ def run_fit(
         from bayes_spi.infer.verdict import assess_fit
 
         verdict = assess_fit(trainer)
-        write_json(run.path("verdict"), _json_safe(verdict.to_dict()), allow_nan=False)
+        run.write_json("verdict", _json_safe(verdict.to_dict()), allow_nan=False)
         for line in verdict.summary().splitlines():
             (log.info if verdict.status == "converged" else log.warning)("verdict: %s", line)
         outputs = trainer.save_outputs(grid=grid, verdict=verdict)
@@ -712,7 +713,7 @@ def _halfset_verdict(run_dir: Path, info: dict[str, Any], say: Echo) -> Any:
         except ValueError:
             halves.append(None)
     verdict = assess_halfsets(halves, info.get("speckle"), float(info["q_max_inv_A"]))
-    write_json(RunDir(run_dir).path("verdict"), _json_safe(verdict.to_dict()), allow_nan=False)
+    RunDir(run_dir).write_json("verdict", _json_safe(verdict.to_dict()), allow_nan=False)
     head = {"converged": "HALF-SETS AGREE", "unconverged": "HALF-SETS NOT CONVERGED",
             "failed": "HALF-SET VALIDATION FAILED"}[verdict.status]
     say(f"{head}: half1 {verdict.checks['halves'][0]}, half2 {verdict.checks['halves'][1]}; speckle FSC over the "

@@ -101,7 +101,7 @@ def run_phase(source: str | os.PathLike[str], out: str | os.PathLike[str] | None
               "seed": seed, "iterations": iterations, "errors": errors, "best": int(res.best),
               "support_voxels": int(np.asarray(res.support).sum())}
     try:
-        write_json(out.with_suffix(".json"), record)
+        write_json(out.with_suffix(".json"), RunDir.stamp("density_json", record))
     except OSError as exc:
         raise WorkflowError(os_error_message(exc)) from None
     return record
