@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bayes_spi.atomic import os_error_message, write_json
+from bayes_spi.atomic import os_error_message
 from bayes_spi.config.commands import flag
 from bayes_spi.infer.config import FitConfig
 from bayes_spi.infer.rundir import FRESH_START_FILES, RunDir
