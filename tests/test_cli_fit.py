@@ -132,6 +132,7 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     ev = json.loads((run / "evaluation.json").read_text())
     verdict = json.loads((run / "verdict.json").read_text())
     assert ev.pop("verdict") == verdict["status"] in ("converged", "unconverged", "failed")
+    assert ev.pop("format_version") == verdict["format_version"] == 1  # read back through RunDir.read_json
     assert set(ev) == set(EVALUATION_KEYS)
     # the truth-free verdict is printed with its numbers, and the sampling report was written
     assert "FIT " in output and "nats/photon" in output
