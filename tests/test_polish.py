@@ -175,3 +175,35 @@ def test_a_single_exact_iteration_is_not_judged_by_the_pose_change_it_makes(simu
     v = assess_fit(tr)
     assert v.checks["pose_change_skipped"] is True and v.checks["pose_change_deg"] is None
     assert not any("moved" in r for r in v.reasons)
+
+
+def test_refined_merge_places_off_grid_patterns_where_the_grid_cannot(setup):
+    """Patterns at poses between the grid's rotations: the grid merge puts each at its nearest grid rotation and
+    blurs the speckles; merging at the refined modes (``refine_spread``) recovers them."""
+    geom, q, pf, q_max, _ = setup
+    gen = torch.Generator().manual_seed(5)
+    truth = VoxelField(q_max * 1.0001, n=15)  # structure on the scale of a few detector pixels
+    truth.grid.data.normal_(std=1.5, generator=gen)
+    rots = random_rotmat(400, generator=gen)  # off the grid
+    counts = _patterns((geom, q, pf, q_max, truth), rots, 3e3, 1, gen)
+    mask = np.ones(geom.shape, dtype=bool)
+    grid = super_fibonacci_rotmat(1024)  # ~19 degrees apart
+
+    def merged(rotations: torch.Tensor, spread: float) -> tuple[float, float]:
+        field = VoxelField(q_max * 1.0001, n=15)
+        field.grid.data.copy_(truth.grid.data)
+        pol = EMCPolish(SPIModel(field, q, pf), rotations, cache_grid=15, refine_spread=spread)
+        stats = pol.iterate(_Pinned(counts, mask))
+        pts = (torch.rand(3000, 3, generator=torch.Generator().manual_seed(6)) * 2 - 1) * q_max * 0.6
+        with torch.no_grad():
+            r = torch.corrcoef(torch.stack([field.log_intensity(pts), truth.log_intensity(pts)]))[0, 1]
+        return float(r), stats.refined
+
+    r_true, _ = merged(rots, 0.0)  # the merge at the true poses: what splatting into 15^3 voxels allows (~0.88)
+    r_grid, f_grid = merged(grid, 0.0)
+    r_ref, f_ref = merged(grid, 4.0)
+    assert f_grid == 0.0 and f_ref > 0.9  # bright patterns: their posteriors sit on one or two grid rotations
+    assert r_ref > r_grid + 0.05  # measured: 0.77 on the grid, 0.85 refined, 0.88 at the true poses
+    assert r_ref > r_true - 0.04
+    with pytest.raises(ValueError, match="refine_spread"):
+        EMCPolish(SPIModel(VoxelField(q_max, n=5), q, pf), grid, refine_spread=-1)

@@ -56,7 +56,11 @@ from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.trilinear import sample_cube, splat_cube
 
-__all__ = ["EMCPolish", "PolishStats", "background_em_step"]
+__all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step"]
+
+#: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``) is merged at its refined
+#: modes when an iteration refines (``EMCPolish.refine_spread``); broader ones keep the grid's weights
+REFINE_SPREAD = 4.0
 
 
 def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0, screen: int = 0
@@ -114,13 +118,15 @@ def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: f
 class PolishStats:
     """One EMC iteration: ``mean_loglik`` (E-step log marginal per pattern, profiled scale), ``mean_entropy``
     (nats) and ``mean_max_weight`` of the orientation posteriors, ``filled`` (fraction of voxels reached),
-    ``change`` (RMS change of ``log I`` over the reached voxels)."""
+    ``change`` (RMS change of ``log I`` over the reached voxels), ``refined`` (fraction of the patterns merged
+    at their refined modes)."""
 
     mean_loglik: float
     mean_entropy: float
     mean_max_weight: float
     filled: float
     change: float
+    refined: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -142,7 +148,8 @@ class EMCPolish:
     """
 
     def __init__(self, model: SPIModel, rotations: Tensor, cache_grid: int = 49, beta: float = 1.0,
-                 batch_size: int = 256, exclude: np.ndarray | None = None, max_patterns: int = 0) -> None:
+                 batch_size: int = 256, exclude: np.ndarray | None = None, max_patterns: int = 0,
+                 refine_spread: float = 0.0, refine_modes: int = 2) -> None:
         field = model.field
         if not isinstance(field, (SirenVoxelField, VoxelField)):
             raise ValueError(f"expected a field with voxels ({names_text(n for n, k in FIELDS.items() if k.voxels)}), "
@@ -161,6 +168,18 @@ class EMCPolish:
         #: with a measured background: rotations per pattern evaluated exactly (ranked first by the closed form on
         #: background-subtracted counts; 0: all, the E-step then costs B x G x M per Newton step)
         self.background_screen = 256
+        if refine_spread < 0 or refine_modes < 1:
+            raise ValueError(f"expected refine_spread >= 0 and refine_modes >= 1, got {refine_spread} and {refine_modes}")
+        #: patterns whose grid posterior spreads over at most this many rotations (``exp(H)``) are merged at their
+        #: refined modes instead of the grid rotations (0: never); see :meth:`_refined_modes`
+        self.refine_spread = float(refine_spread)
+        self.refine_modes = int(refine_modes)
+        #: Gauss-Newton iterations of each refinement (steps capped at half the grid spacing)
+        self.refine_iterations = 3
+        G = self.rotations.shape[0]
+        #: the grid's typical spacing (rad): the volume of SO(3) (pi^2 in the angle-axis ball measure, 8 pi^2 in
+        #: Haar units of rad^3) over G
+        self.spacing = (8 * math.pi ** 2 / max(G, 1)) ** (1 / 3)
 
     @torch.no_grad()
     def iterate(self, dataset: Any, pixels: Tensor | None = None,
@@ -189,7 +208,13 @@ class EMCPolish:
         Y = torch.zeros(G, M, dtype=q.dtype, device=q.device)
         S = torch.zeros(G, dtype=q.dtype, device=q.device)
         ll_sum = ent_sum = wmax_sum = 0.0
-        n_used = 0
+        n_used = n_refined = 0
+        n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
+        # the M-step's sums of the patterns merged at their refined modes, splatted batch by batch
+        num_ref = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
+        den_ref = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
+        pw = log_w.exp()
+        fold = field.symmetry_fold  # point group: merge at every folded image the field reads (fields.py)
         background = getattr(model, "background", None)
         bg_sum = torch.zeros((), dtype=q.dtype, device=q.device)
         n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
@@ -221,8 +246,19 @@ class EMCPolish:
                 log_s = n_tot.clamp(min=1.0).log() - lse  # profile log scales (B, G)
                 logw = torch.log_softmax(self.beta * ll, dim=-1)
                 w = logw.exp()
-                Y += w.T @ y
-            S += (w * log_s.exp()).sum(0)
+                w_grid = w
+                if self.refine_spread > 0:
+                    spread = torch.exp(-torch.where(w > 0, w * logw, torch.zeros_like(w)).sum(-1))
+                    pinned = spread <= self.refine_spread
+                    if bool(pinned.any()):
+                        R, wy, ws = self._refined_modes(cache, w[pinned], y[pinned], q, log_w, q_max)
+                        self._splat_modes(R, wy, ws, q, pw, num_ref, den_ref, n)
+                        w_grid = torch.where(pinned[:, None], torch.zeros_like(w), w)
+                        n_refined += int(pinned.sum())
+                Y += w_grid.T @ y
+                S += (w_grid * log_s.exp()).sum(0)
+            if background is not None:
+                S += (w * log_s.exp()).sum(0)
             ll_sum += float((torch.logsumexp(ll, -1) - math.log(G)).sum())
             ent_sum += float(-torch.where(w > 0, w * logw, torch.zeros_like(w)).sum())
             wmax_sum += float(w.max(-1).values.sum())
@@ -239,11 +275,12 @@ class EMCPolish:
         if background is not None and background.mode == "global" and n_used:
             # EM: b = sum_i Z_i / (N sum_k B_k)
             background.set_scale(bg_sum / (n_used * background.rate[pixels].sum().clamp(min=1e-30)))
-        n = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
-        num = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
-        den = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
-        pw = log_w.exp()
-        fold = field.symmetry_fold  # point group: merge at every folded image the field reads (fields.py)
+        if sharded and self.refine_spread > 0:
+            dist.all_reduce_(num_ref)
+            dist.all_reduce_(den_ref)
+            n_refined = int(round(float(dist.all_reduce_(torch.tensor([float(n_refined)], dtype=torch.float64,
+                                                                            device=Y.device)))))
+        num, den = num_ref, den_ref
         for s in range(0, G, 256):
             x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
             vals = torch.stack([Y[s:s + 256].reshape(-1), (S[s:s + 256, None] * pw[None]).reshape(-1)], -1)
@@ -261,7 +298,66 @@ class EMCPolish:
         log_i = torch.where(num > 0, log_i, torch.full_like(log_i, floor))
         change = self._write(log_i, reached)
         m = max(n_used, 1)
-        return PolishStats(ll_sum / m, ent_sum / m, wmax_sum / m, float(reached.double().mean()), change)
+        return PolishStats(ll_sum / m, ent_sum / m, wmax_sum / m, float(reached.double().mean()), change,
+                           n_refined / m)
+
+    def _splat_modes(self, R: Tensor, wy: Tensor, ws: Tensor, q: Tensor, pw: Tensor, num: Tensor, den: Tensor,
+                     n: int) -> None:
+        """Add the M-step sums of modes ``R (P, 3, 3)`` with weighted counts ``wy (P, M)`` and weighted scales
+        ``ws (P,)`` into ``num`` and ``den`` ``(n, n, n)`` (the same splatting as the grid's rotations)."""
+        fold = self.model.field.symmetry_fold
+        for j in range(0, R.shape[0], 64):
+            x = torch.einsum("pij,mj->pmi", R[j:j + 64], q).reshape(-1, 3)
+            vals = torch.stack([wy[j:j + 64].reshape(-1), (ws[j:j + 64, None] * pw[None]).reshape(-1)], -1)
+            for xi in (x[None] if fold is None else fold(x)):
+                both = splat_cube(xi, vals, n, self.model.field.q_max)
+                num += both[..., 0]
+                den += both[..., 1]
+
+    def _refined_modes(self, cache: Tensor, w: Tensor, y: Tensor, q: Tensor, log_w: Tensor, q_max: float
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """The merge terms of patterns whose grid posterior is concentrated: their ``refine_modes`` best grid
+        rotations moved to the modes of their likelihood (:func:`~bayes_spi.posterior.local.refine_on_cache`,
+        all pixels, the fluence profiled), weighted by their Laplace evidence (tempered by ``beta``); modes
+        within a tenth of the grid spacing of a better one are merged into it, weights under 1e-3 dropped.
+
+        Args:
+            cache: ``(1, 1, n, n, n)`` the ``log I`` cube the E-step reads.
+            w: ``(P, G)`` grid posteriors; y: ``(P, M)`` counts.
+
+        Returns:
+            rotations ``(P', 3, 3)``, weighted counts ``w y`` ``(P', M)`` and weighted profile scales ``w s``
+            ``(P',)`` of the kept modes (``P' <= P * refine_modes``).
+        """
+        from bayes_spi.posterior.local import refine_on_cache
+        from bayes_spi.so3 import geodesic_angle
+
+        k = min(self.refine_modes, w.shape[1])
+        w_top, top = w.topk(k, dim=-1)  # (P, K)
+        # a grid rotation whose weight is negligible is not refined (most patterns: one mode)
+        live = (w_top >= 1e-3) | (torch.arange(k, device=w.device) == 0)
+        pat, slot = torch.nonzero(live, as_tuple=True)
+        modes = refine_on_cache(cache, self.rotations[top[pat, slot]][:, None], q, log_w, y[pat], q_max,
+                                n_iter=self.refine_iterations, max_step_deg=math.degrees(0.5 * self.spacing))
+        score = torch.full(w_top.shape, -math.inf, dtype=modes.log_evidence.dtype, device=w.device)
+        score[pat, slot] = self.beta * modes.log_evidence[:, 0]
+        rots = self.rotations[top].clone()
+        rots[pat, slot] = modes.rotations[:, 0]
+        log_scale = torch.zeros_like(score)
+        log_scale[pat, slot] = modes.log_scale[:, 0]
+        for j in range(1, k):  # a mode that converged onto a better one is the same mode
+            d = geodesic_angle(rots[:, j:j + 1], rots[:, :j])  # (P, j)
+            better = score[:, :j] >= score[:, j:j + 1]
+            dup = ((d < 0.1 * self.spacing) & better).any(-1)
+            score[:, j] = torch.where(dup, torch.full_like(score[:, j], -math.inf), score[:, j])
+        wm = torch.softmax(score, dim=-1)
+        wm = torch.where(wm >= 1e-3, wm, torch.zeros_like(wm))
+        wm = wm / wm.sum(-1, keepdim=True)
+        keep = wm > 0
+        R = rots[keep]
+        wy = (wm[..., None] * y[:, None, :])[keep]
+        ws = (wm * log_scale.exp())[keep]
+        return R, wy, ws
 
     def _write(self, log_i: Tensor, reached: Tensor) -> float:
         """Set the field's voxels so that ``log I`` equals ``log_i`` on the reached voxels; RMS change."""

@@ -775,7 +775,7 @@ class Trainer:
         """The final exact EMC iterations (:mod:`bayes_spi.infer.polish`), ``config.polish_iterations`` of them,
         each checkpointed (a resumed run continues where it stopped; ``on_step`` is called after each).
         Skipped for a field without voxels."""
-        from bayes_spi.infer.polish import EMCPolish
+        from bayes_spi.infer.polish import REFINE_SPREAD, EMCPolish
         from bayes_spi.config.fields import FIELDS, names_text
         from bayes_spi.models.fields import SirenVoxelField, VoxelField
 
@@ -801,6 +801,8 @@ class Trainer:
                 bar = tqdm(total=min(self.dataset.n_patterns, c.polish_patterns or self.dataset.n_patterns),
                            unit="pattern", dynamic_ncols=True,
                            desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
+            # the last polish_refined iterations merge concentrated posteriors at their refined modes
+            pol.refine_spread = REFINE_SPREAD if st.polished >= c.polish_iterations - c.polish_refined else 0.0
             try:
                 stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None,
                                     dist=self.dist)
@@ -810,9 +812,10 @@ class Trainer:
             st.polished += 1
             st.elapsed_s += time.perf_counter() - t0
             log.info("exact EMC iteration %d/%d: log marginal/pattern %.6g, orientation entropy %.2f nats, best "
-                     "weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g (%.0f s)", st.polished,
-                     c.polish_iterations, stats.mean_loglik, stats.mean_entropy, stats.mean_max_weight,
-                     100 * stats.filled, stats.change, time.perf_counter() - t0)
+                     "weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g, merged at refined modes "
+                     "%.0f%% (%.0f s)", st.polished, c.polish_iterations, stats.mean_loglik, stats.mean_entropy,
+                     stats.mean_max_weight, 100 * stats.filled, stats.change, 100 * stats.refined,
+                     time.perf_counter() - t0)
             if self.guide.search is not None:
                 self.guide.search.refresh()
             self.save_checkpoint()
