@@ -106,7 +106,7 @@ class FitConfig:
         with voxels (``hybrid`` or ``voxel``), skipped otherwise. ``polish_patterns``: patterns merged per
         iteration (the first of the file; 0 = all), so that its cost does not grow with the data set.
         ``polish_refined``: the last ``polish_refined`` of those iterations merge every pattern whose orientation
-        posterior is concentrated (on at most 4 grid rotations) at its likelihood's refined modes instead of
+        posterior is concentrated (on at most 2 grid rotations) at its likelihood's refined modes instead of
         the nearest grid rotations (:meth:`~bayes_spi.infer.polish.EMCPolish.iterate`; ~1/4 of the grid
         spacing blurs the outer shells otherwise); 0 = never.
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the

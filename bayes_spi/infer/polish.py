@@ -58,9 +58,10 @@ from bayes_spi.trilinear import sample_cube, splat_cube
 
 __all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step"]
 
-#: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``) is merged at its refined
+#: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``: narrower than the grid
+#: spacing) is merged at its refined
 #: modes when an iteration refines (``EMCPolish.refine_spread``); broader ones keep the grid's weights
-REFINE_SPREAD = 4.0
+REFINE_SPREAD = 2.0
 
 
 def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0, screen: int = 0
