@@ -294,6 +294,11 @@ def latent_batch(guide: Any, images: Tensor, pixels: Tensor | None = None) -> La
     (evaluation mode, no weight floor; ``pixels`` for its class-aware scores, default all good)."""
     with torch.no_grad(), guide.evaluating():
         lp = guide.latent_posterior(images, pixels)
+    return _latent_batch_of(lp)
+
+
+def _latent_batch_of(lp: Any) -> LatentBatch:
+    """:class:`LatentBatch` of a :class:`~bayes_spi.guides.latent.LatentPosterior`."""
     n_b, n_c = lp.class_probs.shape
     empty = np.zeros((n_b, n_c, 0))
     loc = _np(lp.latent_loc).astype(np.float64) if lp.latent_loc is not None else empty
@@ -570,14 +575,22 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     patterns = settings.pattern_range(dataset.n_patterns)
     mask = torch.as_tensor(dataset.mask) & guide.mask.cpu()  # the run's mask (e.g. fit's extra mask) too
     log_intensity = None
+    hetero = hasattr(guide, "latent_posterior")
+    class_cubes: list[Tensor] = []
+    on_field = settings.refine_on == "field"
     if settings.refine and settings.refine_on == "cache":
         from bayes_spi.posterior.refine import cached_log_intensity
 
         grid = settings.cache_grid if settings.cache_grid is not None else export_cache_grid(guide)
-        log_intensity = cached_log_intensity(export_log_cube(model.field, grid, model.q_max), model.q_max)
+        if not hetero:
+            log_intensity = cached_log_intensity(export_log_cube(model.field, grid, model.q_max), model.q_max)
+        elif int(guide.latent_dim) == 0:  # one cube per class field
+            class_cubes = [export_log_cube(f, grid, model.q_max) for f in model.field.fields]
+        else:  # a continuous latent has no cube: each pattern is refined on its class's field at its own latent
+            on_field = True
     # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
     # the field): fewer patterns per batch on a large detector (32x32: 128; 128x128: 32 on the field)
-    budget = 2**20 if settings.refine_on == "field" else 2**22
+    budget = 2**20 if on_field else 2**22
     step = settings.batch_size
     if settings.refine:
         step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
@@ -586,6 +599,15 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         counts = torch.as_tensor(dataset.read(idx))
         photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
         images = counts.to(device)
+        if hetero:  # a heterogeneous fit: the pose posterior given each pattern's most probable class
+            with torch.no_grad(), guide.evaluating():
+                lp = guide.latent_posterior(images, score)
+            post, batch_log_intensity = _class_pose_posterior(model, lp, class_cubes)
+            if settings.refine:
+                post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
+                                        n_iter=settings.n_iter, pixels=good, log_intensity=batch_log_intensity)
+            yield idx, photons, post, _latent_batch_of(lp)
+            continue
         with torch.no_grad(), guide.evaluating():
             if log_intensity is None:
                 gp = guide.posterior(images, score)
@@ -597,10 +619,28 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         if settings.refine:
             post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
                                     n_iter=settings.n_iter, pixels=good, log_intensity=log_intensity)
-        if hasattr(guide, "latent_posterior"):  # a heterogeneous fit: its structure posteriors too
-            yield idx, photons, post, latent_batch(guide, images, score)
-        else:
-            yield idx, photons, post
+        yield idx, photons, post
+
+
+def _class_pose_posterior(model: Any, lp: Any, class_cubes: Sequence[Tensor]
+                          ) -> tuple[MixturePosterior, Callable[[Tensor], Tensor]]:
+    """A heterogeneous batch's pose posterior and the ``log I`` its refinement reads, both given each pattern's
+    most probable class ``c_i = argmax q(c)`` and the mean of ``q(z_i | y_i, c_i)``: the hypotheses weighted by
+    ``q(k | c_i)``, and ``log I_{c_i}(x; z_i)`` read from class ``c_i``'s cube (``class_cubes``, one
+    ``(1, 1, n, n, n)`` per class, only without a continuous latent) or its field (``lp``: the guide's
+    :class:`~bayes_spi.guides.latent.LatentPosterior`)."""
+    from bayes_spi.posterior.refine import cached_log_intensity, class_log_intensity
+
+    cls = lp.class_probs.argmax(-1)  # (B,)
+    rows = torch.arange(cls.shape[0], device=cls.device)
+    gp = dataclasses.replace(lp.pose, weights=lp.hypothesis_weights[rows, cls])
+    z = None if lp.latent_loc is None else lp.latent_loc[rows, cls].detach()  # (B, d)
+    if class_cubes:
+        reads = [cached_log_intensity(cube, model.q_max) for cube in class_cubes]
+        fields = [(lambda x, _z, read=read: read(x)) for read in reads]
+    else:
+        fields = [f.log_intensity for f in model.field.fields]
+    return MixturePosterior.from_guide(gp), class_log_intensity(fields, cls, z)
 
 
 def write_posterior_netcdf(
@@ -648,5 +688,11 @@ def write_posterior_netcdf(
             attrs["fit_verdict_reasons"] = "; ".join(str(r) for r in doc.get("reasons", [])) or "none"
     guide = trained.guide
     latent_shape = ((int(guide.n_classes), int(guide.latent_dim)) if hasattr(guide, "latent_posterior") else None)
+    if latent_shape is not None:
+        attrs["pose_posterior_structure"] = ("given each pattern's most probable class (argmax q(c)) and the mean of "
+                                             "q(z | y, c) for it: hypotheses weighted by q(k | c), refined on that "
+                                             "class's field at that latent")
+        if settings.refine and settings.refine_on == "cache" and latent_shape[1] > 0:
+            attrs["refine_on"] = "field"  # a continuous latent has no cube
     return export_batches(guide_batches(trained, dataset, settings, device), path, patterns, k, settings,
                           attrs, progress, latent_shape=latent_shape)

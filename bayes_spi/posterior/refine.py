@@ -37,7 +37,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.posterior.mixture import MixturePosterior
 from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat
 
-__all__ = ["cached_log_intensity", "refine_posterior"]
+__all__ = ["cached_log_intensity", "class_log_intensity", "refine_posterior"]
 
 _EYE3 = torch.eye(3)
 
@@ -115,6 +115,43 @@ def cached_log_intensity(cache: Tensor, q_max: float) -> Callable[[Tensor], Tens
     from bayes_spi.trilinear import sample_cube
 
     return lambda x: sample_cube(cache, x, q_max).to(x.dtype)
+
+
+def class_log_intensity(fields: Sequence[Callable[[Tensor, Tensor | None], Tensor]], classes: Tensor,
+                        z: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+    """``log I`` for a batch whose patterns each have their own class and latent (a heterogeneous fit).
+
+    Args:
+        fields: per class ``c``, ``log I_c(x, z)`` at points ``x (J, B_c, M, 3)`` and latents ``z (B_c, d)``
+            (or ``None``), differentiable in ``x``: e.g. ``ConditionalField.log_intensity``, or a read of
+            class ``c``'s cached cube that ignores ``z``.
+        classes: ``(B,)`` each pattern's class (e.g. its most probable one).
+        z: ``(B, d)`` each pattern's latent (e.g. the mean of ``q(z | y, c)``), or ``None``.
+
+    Returns:
+        ``x (J, B, M, 3) -> log I (J, B, M)``: pattern ``b`` read from ``fields[classes[b]]`` at ``z[b]``
+        (each class's field evaluated at its own patterns only): :func:`refine_posterior`'s ``log_intensity``.
+    """
+    if classes.dim() != 1:
+        raise ValueError(f"expected classes of shape (B,), got shape {tuple(classes.shape)}")
+    if z is not None and (z.dim() != 2 or z.shape[0] != classes.shape[0]):
+        raise ValueError(f"expected z of shape ({classes.shape[0]}, d), got shape {tuple(z.shape)}")
+    if classes.numel() and not 0 <= int(classes.min()) <= int(classes.max()) < len(fields):
+        raise ValueError(f"expected classes in [0, {len(fields)}), got values in "
+                         f"[{int(classes.min())}, {int(classes.max())}]")
+    members = [torch.nonzero(classes == c).squeeze(-1) for c in range(len(fields))]
+
+    def log_intensity(x: Tensor) -> Tensor:
+        if x.dim() < 3 or x.shape[-3] != classes.shape[0]:
+            raise ValueError(f"expected points of shape (..., {classes.shape[0]}, M, 3), got shape {tuple(x.shape)}")
+        parts = x.new_zeros(x.shape[:-1])
+        for c, sel in enumerate(members):
+            if sel.numel():
+                parts = parts.index_copy(-2, sel, fields[c](x.index_select(-3, sel),
+                                                             None if z is None else z[sel]).to(x.dtype))
+        return parts
+
+    return log_intensity
 
 
 @torch.no_grad()
