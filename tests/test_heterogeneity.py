@@ -369,6 +369,41 @@ def test_simulated_continuous_and_structure_ensembles(tmp_path) -> None:
         assert data.n_patterns == 12
 
 
+def test_hinge_moves_one_half_rigidly_by_the_angle(tmp_path) -> None:
+    """2CEX@hinge=25: the fixed half only translates (recentring), the moving half turns by exactly 25 degrees about
+    the hinge axis e2 (Kabsch on its atoms), nothing enters the fixed half, and the ensemble spec reads it."""
+    from bayes_spi.sim.hinge import _flat, hinge_frame, load_ensemble_member
+    from bayes_spi.sim.structure import load_structure
+
+    mol = load_structure("2CEX")
+    moved = load_ensemble_member("2CEX@hinge=25")
+    _, a, _ = _flat(mol)
+    _, b, _ = _flat(moved)
+    e1, e2, _ = hinge_frame(mol)
+    half = a @ e1 > 0
+    assert 0.3 < half.mean() < 0.7
+    shift = (b - a)[~half]
+    np.testing.assert_allclose(shift, np.broadcast_to(shift.mean(0), shift.shape), atol=1e-9)  # fixed half: a shift
+    b = b - shift.mean(0)  # back in mol's frame
+    pa, pb = a[half] - a[half].mean(0), b[half] - b[half].mean(0)
+    u, _, vt = np.linalg.svd(pb.T @ pa)
+    rot = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt  # Kabsch: pb ~ pa @ rot.T
+    np.testing.assert_allclose(pa @ rot.T, pb, atol=1e-8)  # rigid
+    angle = np.degrees(np.arccos(np.clip((np.trace(rot) - 1) / 2, -1, 1)))
+    axis = np.array([rot[2, 1] - rot[1, 2], rot[0, 2] - rot[2, 0], rot[1, 0] - rot[0, 1]])
+    assert angle == pytest.approx(25.0, abs=1e-6) and abs(axis @ e2) / np.linalg.norm(axis) == pytest.approx(1.0)
+    assert float((b[half] @ e1).min()) > 0.0  # the cleft opens: no atom moves into the fixed half
+    assert moved.n_electrons == pytest.approx(mol.n_electrons)
+    np.testing.assert_allclose(_flat(load_ensemble_member("2CEX@hinge=0"))[1], a, atol=1e-9)
+    with pytest.raises(ValueError, match=r"2CEX@hinge=abc.*expected NAME@hinge=DEG"):
+        load_ensemble_member("2CEX@hinge=abc")
+    with pytest.raises(ValueError, match=r"hinge angle in \[0, 90\]"):
+        load_ensemble_member("2CEX@hinge=120")
+    simulate_ensemble("structures:2CEX,2CEX@hinge=25", "reference-32", 8, tmp_path / "h.h5", seed=2, progress=False)
+    with h5py.File(tmp_path / "h.h5") as f:
+        assert f["simulation"].attrs["structure"] == "2CEX,2CEX@hinge=25"
+
+
 # ---------------------------------------------------------------------- enumeration fast path, training start, outputs
 def test_enumerated_class_fast_path_equals_general_selection() -> None:
     """c = arange(K) along an enumeration dim (as TraceEnum_ELBO passes it): each class's field at its own latent."""

@@ -9,7 +9,9 @@ Two kinds of ensemble, each written in the bayes-spi HDF5 format with the per-pa
   a few discrete values (classes; ``/truth/class`` and ``/truth/latent = p_i``) or drawn log-uniformly
   in a range (``/truth/latent = p_i`` only).
 * ``structures``: a mixture of atomic structures (two conformations, two proteins); the state of each
-  pattern is ``/truth/class``.
+  pattern is ``/truth/class``. A member ``NAME@hinge=DEG`` is ``NAME`` with one half swung open about a
+  hinge by ``DEG`` degrees (:mod:`bayes_spi.sim.hinge`): ``structures:2CEX,2CEX@hinge=25`` is a two-state
+  conformational mixture.
 
 The transform of a shape is exact for its voxelisation: the density is a sum of uniform cubic voxels
 of edge ``h`` with occupancy ``o_m`` (the fraction of the voxel inside the body, exact 0/1 away from
@@ -52,7 +54,8 @@ from bayes_spi.sim.simulate import (
     pixel_weights,
     random_quaternions,
 )
-from bayes_spi.sim.structure import Structure, load_structure
+from bayes_spi.sim.hinge import load_ensemble_member
+from bayes_spi.sim.structure import Structure
 
 __all__ = [
     "ENSEMBLE_KINDS",
@@ -195,7 +198,8 @@ class EnsembleSpec:
             half-width ``a`` of every shape.
         equal_volume: ``shapes``: every shape has the volume of the sphere of radius ``radius``.
         rho_e: ``shapes``: electron density (electrons/A^3; default gold).
-        structures: ``structures``: names (built-in ``2CEX``, ``1EI7``) or PDB/mmCIF paths, one per class.
+        structures: ``structures``: names (built-in ``2CEX``, ``1EI7``) or PDB/mmCIF paths, one per class; a
+            suffix ``@hinge=DEG`` makes a hinge-moved copy (:mod:`bayes_spi.sim.hinge`).
         fractions: class fractions (default equal); ignored for continuous shapes.
         n_voxels: ``shapes``: voxels across the body (edge ``h = 2 a / n_voxels``).
         levels: continuous ``shapes``: ``p`` is drawn log-uniformly, then snapped to the nearest of
@@ -376,7 +380,7 @@ def simulate_ensemble(
         np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(5))
     classes, latent = _class_labels(spec, n_patterns, rng_label)
     bank = _ShapeBank(spec) if spec.kind == "shapes" else None
-    mols: list[Structure] = [load_structure(s) for s in spec.structures] if spec.kind == "structures" else []
+    mols: list[Structure] = [load_ensemble_member(s) for s in spec.structures] if spec.kind == "structures" else []
 
     def intensity(member: float | int, rotated: np.ndarray) -> np.ndarray:
         if bank is not None:
