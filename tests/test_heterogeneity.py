@@ -504,6 +504,20 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
         for cls in (0, 1):
             vol = f[f"class_{cls}/intensity"][()]
             assert vol.shape[1:] == (9, 9, 9) and np.all(np.isfinite(vol)) and np.all(vol > 0)
+    from bayes_spi.infer.load import load_trained
+    from bayes_spi.infer.volumes import read_intensity
+    from bayes_spi.posterior.latent import intensity_at_latents
+
+    # one volume per class at its members' mean latent, each that class's field (checked against the saved model)
+    fields = load_trained(run).model.field
+    members = probs.argmax(1) == 1
+    with h5py.File(run / "latent_posterior.h5") as f:
+        z1 = f["latent/z_loc"][()][members, 1].mean(0) if members.any() else np.zeros(1)
+    own = [read_intensity(run / f"intensity_class{c}.h5")[0] for c in (0, 1)]
+    q_run = fields.fields[0].q_max
+    direct = intensity_at_latents(fields, z1[None].astype(np.float64), 9, q_run, 1)[0]
+    np.testing.assert_allclose(own[1], direct, rtol=1e-4)
+    assert not np.allclose(own[0], own[1], rtol=1e-3)
     import yaml
 
     assert (run / "report" / "latent.png").stat().st_size > 1000

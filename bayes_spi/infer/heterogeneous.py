@@ -205,7 +205,9 @@ class HeterogeneousTrainer(Trainer):
         ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`) and
         ``intensity_latent.h5``: ``/class_<c>/intensity`` ``(J, n, n, n)`` for every class at ``J = 5`` points
         ``/class_<c>/z`` ``(J, d)`` along the first principal axis of the posterior means (5% to 95%), or at
-        ``z = 0`` without a continuous latent; and ``report/latent.png``, the latent space coloured by the data
+        ``z = 0`` without a continuous latent; ``intensity_class<c>.mrc``/``.h5`` (every class's intensity at the
+        mean of ``q(z | y, c)`` over the patterns most probably of class ``c``, as ``intensity.*``: to phase or
+        compare one state); and ``report/latent.png``, the latent space coloured by the data
         file's ``/truth/latent`` or ``/truth/class`` when it has them (:mod:`bayes_spi.report.latent`)."""
         from bayes_spi.posterior.latent import (
             intensity_at_latents,
@@ -242,6 +244,7 @@ class HeterogeneousTrainer(Trainer):
         out["latent_posterior"] = write_latent_posterior(self.run_dir / "latent_posterior.h5", summary)
         fields = self.model.field
         path = self.run_dir / "intensity_latent.h5"
+        class_volumes: list[tuple[int, np.ndarray]] = []
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             for cls in range(fields.n_classes):
                 members = summary.map_class == cls
@@ -256,7 +259,14 @@ class HeterogeneousTrainer(Trainer):
                 ds.attrs["axis_order"] = "j,x,y,z"
                 grp.create_dataset("z", data=z.astype(np.float32))
                 grp.attrs["n_patterns"] = int(members.sum())
+                z_c = (summary.z_loc[members, cls].mean(0) if fields.latent_dim and members.any()
+                       else np.zeros(fields.latent_dim))
+                grp.attrs["members_mean_z"] = np.asarray(z_c, dtype=np.float64)
+                class_volumes.append((cls, intensity_at_latents(fields, z_c[None], grid, self._q_max, cls)[0]))
         out["intensity_latent"] = path
+        for cls, vol in class_volumes:  # one volume per class, as intensity.* (`bayes-spi phase RUN/intensity_classC.h5`)
+            out[f"intensity_class{cls}_mrc"], out[f"intensity_class{cls}_h5"] = write_intensity(
+                vol, dq, self.run_dir, stem=f"intensity_class{cls}")
         from bayes_spi.report.latent import latent_figure
         from bayes_spi.sim.ensemble import read_truth_labels
 
