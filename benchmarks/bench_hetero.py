@@ -22,6 +22,11 @@ HeterogeneousTrainer, in two variants side by side (``--variants``):
 For ``search_emc`` the grid class posterior and grid latent mean of the final fields are also scored
 (``grid_*``: the search's ``p(c | y)`` and ``E[z | y]`` over its quadrature points, no encoder).
 
+Baseline "aniso" (rotation-invariant, no model; bayes_spi.infer.latent_start, the latent's data start): per
+pattern and ring the angular power of harmonics 1-12 relative to the ring's mean, the Poisson shot noise removed
+(unbiased, fluence-free), 6 rings inside the inscribed circle; the first principal component of the rings' ranks
+(fitted on the first 1,024 patterns) -> |Spearman| with the truth; classes by a two-component mixture on it.
+
 Baseline (rotation-invariant, no model): per pattern the fluence-normalised radial profile (counts per |q|
 shell / total) and the ring angular power spectrum (|FFT over the azimuth|^2 of harmonics 1..8 on 6 rings,
 relative to harmonic 0), log-transformed and standardised; PCA; classes by a two-component Gaussian mixture
@@ -100,8 +105,8 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
-                      epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3
-                      ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
+                      epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3,
+                      latent_start: float = 0.0) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
     ``variant``: ``svi`` (no EMC warm start, no search) or ``search_emc`` (class-aware EMC warm start for
@@ -115,7 +120,8 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
                        search_rotations=4096, cache_grid=41, polish_iterations=0, auto_settings=False,
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
-                       latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes)
+                       latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes,
+                       latent_start=latent_start if search else 0.0)
     pyro.set_rng_seed(seed)
     q, factor, mask = detector_tensors(data.geometry)
     field = SirenField(q_max=detector_q_max(q.float()), width=config.field_width, depth=config.field_depth,
@@ -185,6 +191,21 @@ def oracle_spearman(path: Path, n_patterns: int = 500, n_rotations: int = 2048, 
     return abs(float(spearmanr(mean_logp, truth).statistic)), float(best.mean())
 
 
+def anisotropy_start(path: Path, n_fit: int = 1024) -> np.ndarray:
+    """The latent data start's ``z0`` (bayes_spi.infer.latent_start: debiased ring angular power, inscribed circle)
+    fitted on the first ``n_fit`` patterns, as the trainer does, for every pattern ``(N,)``."""
+    from bayes_spi.infer.latent_start import AnisotropyScore
+
+    with SPIDataset(path) as data:
+        images = torch.as_tensor(data.read(np.arange(data.n_patterns)))
+        q, _, _ = detector_tensors(data.geometry)
+        good = torch.as_tensor(data.mask.reshape(-1))
+    qg = q.norm(dim=-1).reshape(images.shape[1:])
+    border = float(torch.cat([qg[0], qg[-1], qg[:, 0], qg[:, -1]]).min())
+    score = AnisotropyScore.fit(images[:n_fit], q, good, q_limit=border)
+    return score(images).numpy()
+
+
 def class_speckle_scores(fields: LatentFields, path: Path, structures: list[str], pred: np.ndarray,
                          truth: np.ndarray, n: int = 33) -> dict[str, float]:
     """Per class: the fitted field (at ``z = 0``) against the true intensity of the state it was matched to (the
@@ -233,6 +254,9 @@ def main() -> None:
     ap.add_argument("--latent-nodes", type=int, default=3, help="Gauss-Hermite points per latent dimension")
     ap.add_argument("--oracle", type=int, default=0,
                     help="continuum: score the true model's posterior mean exponent on this many patterns (0: off)")
+    ap.add_argument("--latent-start", type=float, default=0.0,
+                    help="search_emc: fraction of the EMC stage with the latent's data start (FitConfig.latent_start)")
+    ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
     args = ap.parse_args()
@@ -267,6 +291,10 @@ def main() -> None:
         row["baseline_abs_spearman_pc1"] = rho[0]
         row["baseline_abs_spearman_best_of_3_pcs"] = max(rho)  # optimistic: the PC chosen with the truth
         row["baseline_radial_abs_spearman_pc1"] = abs(float(spearmanr(radial_pcs[:, 0], true_latent[:, 0]).statistic))
+        z0 = anisotropy_start(path)
+        row["baseline_aniso_abs_spearman"] = abs(float(spearmanr(z0, true_latent[:, 0]).statistic))
+        if true_class is not None:
+            row["baseline_aniso_class_accuracy"] = class_accuracy(gaussian_mixture_labels(z0[:, None]), true_class)
         row["baseline_s"] = time.perf_counter() - t0
         if args.oracle and true_class is None:
             t0 = time.perf_counter()
@@ -274,10 +302,11 @@ def main() -> None:
             row.update({"oracle_patterns": args.oracle, "oracle_abs_spearman": rho_o, "oracle_within_one_level": near,
                         "oracle_s": time.perf_counter() - t0})
         for variant in ([] if args.skip_fit else args.variants.split(",")):
-            model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}_{variant}", latent, classes,
+            model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}_{variant}{args.tag}", latent, classes,
                                                             args.minutes, variant=variant,
                                                             emc_fraction=args.emc_fraction,
-                                                            latent_nodes=args.latent_nodes)
+                                                            latent_nodes=args.latent_nodes,
+                                                            latent_start=args.latent_start)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None
@@ -301,7 +330,7 @@ def main() -> None:
             print(name, variant, json.dumps({k: x for k, x in row.items() if k.startswith(v)}), flush=True)
         results[name] = row
         print(name, json.dumps(row, indent=1), flush=True)
-        (args.out / f"results_{name}.json").write_text(json.dumps(row, indent=1))
+        (args.out / f"results_{name}{args.tag}.json").write_text(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":

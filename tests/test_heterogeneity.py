@@ -600,3 +600,63 @@ def test_export_refines_each_pattern_on_its_own_class_field(tmp_path, detector, 
                              log_intensity=lambda x: model.field.fields[0].log_intensity(x, z0))
     hit = (geodesic_angle(wrong.rotations[:, 0], rots) * 180 / math.pi)[truth == 1]
     assert float(hit.min()) > 1.0, hit
+
+
+# ---------------------------------------------------------------------- the latent's data start
+def test_ring_anisotropy_is_unbiased_and_orders_patterns(detector) -> None:
+    """The debiased ring power: mean 0 for isotropic Poisson rings, (eps/2)^2 for a 1 + eps cos(2 phi) ring; the
+    anisotropy score orders patterns by eps and maps them to N(0, 1) quantiles; the start weights favour the
+    latent point nearest each pattern's start latent."""
+    from bayes_spi.infer.latent_start import AnisotropyScore, ring_anisotropy, start_node_log_weights
+
+    gen = torch.Generator().manual_seed(3)
+    phi = torch.linspace(-math.pi, math.pi, 65, dtype=torch.float64)[:-1]
+    radius = torch.ones(64, dtype=torch.float64)
+    edges = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    for eps in (0.0, 0.5):
+        rate = 20.0 * (1 + eps * torch.cos(2 * phi))
+        a = ring_anisotropy(torch.poisson(rate.expand(4000, 64), generator=gen), radius, phi, edges)[:, 0]
+        se = float(a.std()) / math.sqrt(len(a))
+        assert abs(float(a.mean()) - (eps / 2) ** 2) < 4 * se, (float(a.mean()), se)
+    q, _, mask = detector
+    qd = q.double()
+    az = torch.atan2(qd[:, 1], qd[:, 0])
+    eps = torch.rand(400, generator=gen, dtype=torch.float64) * 0.8
+    rate = 3.0 * (1 + eps[:, None] * torch.cos(2 * az)[None, :]) * torch.exp(-qd.norm(dim=-1) / 0.05)[None, :]
+    images = torch.poisson(rate, generator=gen).reshape(400, 32, 32)
+    score = AnisotropyScore.fit(images[:256], q, mask.reshape(-1), q_limit=0.08)
+    z0 = score(images)
+    from scipy.stats import spearmanr
+
+    assert spearmanr(z0.numpy(), eps.numpy()).statistic > 0.8
+    assert abs(float(z0[:256].mean())) < 0.1 and abs(float(z0[:256].std()) - 1.0) < 0.1
+    nodes = torch.tensor([[-1.7], [0.0], [1.7]], dtype=torch.float64)
+    logw = start_node_log_weights(torch.tensor([-2.0, 0.1, 1.5]), nodes, torch.log(torch.tensor([1 / 6, 2 / 3, 1 / 6])))
+    torch.testing.assert_close(logw.exp().sum(-1), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(logw.argmax(-1), torch.tensor([0, 1, 2]))
+
+
+def test_class_emc_per_pattern_node_weights() -> None:
+    """ClassGridMarginal's per-pattern latent point weights (used once): the prior's give today's marginal; weights
+    on one point put all the responsibility there."""
+    from bayes_spi.infer.class_emc import ClassGridMarginal
+    from bayes_spi.so3 import super_fibonacci_rotmat
+
+    torch.manual_seed(2)
+    model = HeterogeneousSPIModel(SirenField(0.125), torch.randn(64, 3) * 0.03, torch.full((64,), 1e-3),
+                                  latent_dim=1, n_classes=2)
+    for f in model.field.fields:
+        _randomise_film(f)
+    emc = ClassGridMarginal(model, super_fibonacci_rotmat(32), cache_grid=9)
+    images = torch.poisson(torch.ones(4, 8, 8) * 3)
+    base = emc(images, torch.arange(64))
+    emc.pattern_log_node_weights = emc.log_node_weights.expand(4, 3).clone()
+    same = emc(images, torch.arange(64))
+    torch.testing.assert_close(same.log_marginal, base.log_marginal)
+    assert emc.pattern_log_node_weights is None  # used once
+    emc.pattern_log_node_weights = torch.tensor([0.0, -torch.inf, -torch.inf]).expand(4, 3)
+    one = emc(images, torch.arange(64))
+    torch.testing.assert_close(one.responsibilities[:, :, 0].sum((-1, -2)), torch.ones(4))
+    emc.pattern_log_node_weights = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="per-pattern latent point log-weights"):
+        emc(images, torch.arange(64))

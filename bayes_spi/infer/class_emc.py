@@ -99,6 +99,9 @@ class ClassGridMarginal:
         self.n_classes = int(getattr(model, "n_classes", 1))
         self.nodes, self.log_node_weights = latent_nodes(getattr(model, "latent_prior", None),
                                                          int(getattr(model, "latent_dim", 0)), latent_per_dim)
+        #: per-pattern latent point log-weights ``(B, L)`` for the next call only, in place of the prior's
+        #: (the data start of :mod:`bayes_spi.infer.latent_start`); ``None``: the prior's
+        self.pattern_log_node_weights: Tensor | None = None
         pts = cube_points(self.n, self.q_max, model.q.device)
         dq = 2 * self.q_max / (self.n - 1)
         self.inside = torch.nonzero(pts.norm(dim=-1) <= self.q_max + math.sqrt(3) * dq + 1e-9).squeeze(-1)
@@ -134,7 +137,13 @@ class ClassGridMarginal:
         ll = (ll + const[:, None, None, None]) * (pixel_weight * beta)
         log_prior = (model.class_prior.log_probs().to(ll.dtype) if self.n_classes > 1
                      else ll.new_zeros(1))[None, :, None, None]
-        joint = ll + beta * (log_prior + self.log_node_weights.to(ll.device, ll.dtype)[None, None, :, None])
+        node_w, self.pattern_log_node_weights = self.pattern_log_node_weights, None
+        if node_w is None:
+            node_w = self.log_node_weights.to(ll.device, ll.dtype)[None, :]
+        elif node_w.shape != (ll.shape[0], ll.shape[2]):
+            raise ValueError(f"expected per-pattern latent point log-weights of shape {(ll.shape[0], ll.shape[2])}, "
+                             f"got shape {tuple(node_w.shape)}")
+        joint = ll + beta * (log_prior + node_w.to(ll.device, ll.dtype)[:, None, :, None])
         n_b = joint.shape[0]
         log_marg = (torch.logsumexp(joint.reshape(n_b, -1), -1) - math.log(ll.shape[-1])) / beta
         resp = torch.softmax(joint.detach().reshape(n_b, -1), -1).reshape(joint.shape)

@@ -84,6 +84,9 @@ class FitConfig:
         latent points (:mod:`bayes_spi.infer.class_emc`), and the exact EMC polish (one homogeneous field) is off:
         ``polish_iterations`` is set to 0. latent_nodes: Gauss-Hermite points per latent dimension at which the
         search and the EMC warm start evaluate the class fields (``latent_nodes ** latent_dim`` caches per class).
+        latent_start: with a continuous latent, the first fraction of the EMC warm start during which each
+        pattern's latent point weights are pulled towards a start latent from its ring anisotropy (a data start,
+        :mod:`bayes_spi.infer.latent_start`); 0: off.
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -156,6 +159,7 @@ class FitConfig:
     latent_prior: str = "normal"
     class_prior: str = "uniform"
     latent_nodes: int = 3
+    latent_start: float = 0.0
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -231,6 +235,7 @@ class FitConfig:
         ]
         checks += [(self.latent_dim >= 0, "latent_dim", ">= 0", self.latent_dim),
                    (self.latent_nodes >= 1, "latent_nodes", ">= 1", self.latent_nodes),
+                   (0 <= self.latent_start <= 1, "latent_start", "in [0, 1]", self.latent_start),
                    (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes)]
         for ok, name, expected, got in checks:
             if not ok:

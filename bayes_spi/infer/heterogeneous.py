@@ -37,6 +37,7 @@ from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.guides.search import orientation_grid
 from bayes_spi.infer.class_emc import ClassGridMarginal
 from bayes_spi.infer.config import FitConfig
+from bayes_spi.infer.latent_start import start_node_log_weights
 from bayes_spi.infer.trainer import Trainer
 from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.fields import IntensityField
@@ -44,6 +45,7 @@ from bayes_spi.models.heterogeneous import HeterogeneousSPIModel
 from bayes_spi.models.latent import make_class_prior, make_latent_prior
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
+from bayes_spi.models.spi import SPIBatch
 
 __all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "gaussian_mixture_labels", "kmeans"]
 
@@ -168,6 +170,17 @@ class HeterogeneousTrainer(Trainer):
                                           latent_per_dim=c.latent_nodes)
         return self._emc
 
+    def emc_step(self, batch: SPIBatch) -> float:
+        """As :meth:`Trainer.emc_step`; during the data start of the latent (the first ``config.latent_start`` of
+        the EMC stage, :mod:`bayes_spi.infer.latent_start`) each pattern's latent point weights are pulled towards
+        its anisotropy score's start latent."""
+        start = getattr(self, "_latent_start", None)
+        if start is not None and self.state.step < int(self.config.latent_start * self.emc_end):
+            emc = self.emc
+            z0 = start(batch.images).to(emc.nodes.device)
+            emc.pattern_log_node_weights = start_node_log_weights(z0, emc.nodes, emc.log_node_weights)
+        return super().emc_step(batch)
+
     @torch.no_grad()
     def _shift_level(self, level_log_scale: float) -> float:
         """As :meth:`Trainer._shift_level`, for every class field (they share the fluence scales)."""
@@ -183,15 +196,25 @@ class HeterogeneousTrainer(Trainer):
         super().initialise_offset(n_images)
         fields = self.model.field
         n_classes = getattr(fields, "n_classes", 1)
-        if n_classes < 2:
+        start_latent = getattr(fields, "latent_dim", 0) > 0 and self.config.latent_start > 0
+        if n_classes < 2 and not start_latent:
             return
         _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
+        q_grid = self._qnorm.reshape(self.dataset.mask.shape).cpu().double().numpy()
+        border = np.r_[q_grid[0], q_grid[-1], q_grid[:, 0], q_grid[:, -1]]  # the inscribed circle's radius
+        if start_latent:
+            from bayes_spi.infer.latent_start import AnisotropyScore
+
+            self._latent_start = AnisotropyScore.fit(torch.as_tensor(counts), self.model.q, self._good.reshape(-1),
+                                                     q_limit=float(border.min()))
+            log.info("the latent starts from the ring anisotropy of %d patterns for the first %.0f%% of the EMC stage",
+                     counts.shape[0], 100 * self.config.latent_start)
+        if n_classes < 2:
+            return
         good = self._good.cpu().numpy()
         flat = counts.reshape(counts.shape[0], -1)[:, good]
         factor = self.model.log_pixel_factor[self._good].exp().cpu().double().numpy()
         qn = self._qnorm[self._good].cpu().double().numpy()
-        q_grid = self._qnorm.reshape(self.dataset.mask.shape).cpu().double().numpy()
-        border = np.r_[q_grid[0], q_grid[-1], q_grid[:, 0], q_grid[:, -1]]  # the inscribed circle's radius
         labels, profiles = class_radial_profiles(flat, qn, factor, n_classes, seed=self.config.seed,
                                                  q_limit=float(border.min()))
         for field, (qc, log_i) in zip(fields.fields, profiles):
