@@ -208,9 +208,10 @@ def anisotropy_start(path: Path, n_fit: int = 1024) -> np.ndarray:
 
 def class_speckle_scores(fields: LatentFields, path: Path, structures: list[str], pred: np.ndarray,
                          truth: np.ndarray, n: int = 33) -> dict[str, float]:
-    """Per class: the fitted field (at ``z = 0``) against the true intensity of the state it was matched to (the
-    label permutation with the better accuracy), aligned by rotation and scored over the detector's shell, and
-    the same against the other state's truth; plus the two truths against each other (aligned, as the fits)."""
+    """Every fitted class field (at ``z = 0``) against every state's true intensity, aligned by rotation and scored
+    over the detector's shell (``class<c>_vs_state<s>_*``), the state each class was matched to (``class<c>_state``:
+    with two classes, the label permutation with the better accuracy), and the two truths against each other
+    (aligned, as the fits: how alike the states are at this resolution)."""
     from bayes_spi.analysis.compare import compare_to_reference
     from bayes_spi.posterior.latent import intensity_at_latents
     from bayes_spi.sim.hinge import load_ensemble_member
@@ -223,22 +224,20 @@ def class_speckle_scores(fields: LatentFields, path: Path, structures: list[str]
     for name in structures:
         F, dq = transform_on_grid(load_ensemble_member(name), n, q_max)
         truths.append(np.abs(F) ** 2)
-    perm = [0, 1] if float((pred == truth).mean()) >= 0.5 else [1, 0]  # fitted class c <-> state perm[c]
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"resolution_limit_nm": 0.1 / q_max}
     cmp = compare_to_reference(truths[1], truths[0], dq, q_max, q_min=q_min)
     out["truth_vs_truth_speckle_corr"] = cmp.speckle_corr
     out["truth_vs_truth_speckle_fsc_res_nm_0.5"] = cmp.speckle_fsc.resolution_nm(0.5)
-    for c in range(2):
+    if fields.n_classes == 2:
+        perm = [0, 1] if float((pred == truth).mean()) >= 0.5 else [1, 0]  # fitted class c <-> state perm[c]
+        out.update({f"class{c}_state": perm[c] for c in range(2)})
+    for c in range(fields.n_classes):
         vol = intensity_at_latents(fields, None, n, q_max, c)[0]
-        own = compare_to_reference(vol, truths[perm[c]], dq, q_max, q_min=q_min)
-        other = compare_to_reference(vol, truths[1 - perm[c]], dq, q_max, q_min=q_min)
-        out[f"class{c}_state"] = perm[c]
-        out[f"class{c}_speckle_corr_own"] = own.speckle_corr
-        out[f"class{c}_speckle_corr_other"] = other.speckle_corr
-        out[f"class{c}_speckle_fsc_res_nm_0.5_own"] = own.speckle_fsc.resolution_nm(0.5)
-        out[f"class{c}_speckle_fsc_res_nm_0.143_own"] = own.speckle_fsc.resolution_nm(0.143)
-        out[f"class{c}_speckle_fsc_res_nm_0.5_other"] = other.speckle_fsc.resolution_nm(0.5)
-    out["resolution_limit_nm"] = 0.1 / q_max
+        for s, ref in enumerate(truths):
+            res = compare_to_reference(vol, ref, dq, q_max, q_min=q_min)
+            out[f"class{c}_vs_state{s}_speckle_corr"] = res.speckle_corr
+            out[f"class{c}_vs_state{s}_speckle_fsc_res_nm_0.5"] = res.speckle_fsc.resolution_nm(0.5)
+            out[f"class{c}_vs_state{s}_speckle_fsc_res_nm_0.143"] = res.speckle_fsc.resolution_nm(0.143)
     return out
 
 
@@ -256,6 +255,8 @@ def main() -> None:
                     help="continuum: score the true model's posterior mean exponent on this many patterns (0: off)")
     ap.add_argument("--latent-start", type=float, default=0.0,
                     help="search_emc: fraction of the EMC stage with the latent's data start (FitConfig.latent_start)")
+    ap.add_argument("--model-classes", type=int, default=None,
+                    help="fit this many classes instead of the set's (e.g. 1: one field for a two-state mixture)")
     ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
@@ -271,6 +272,8 @@ def main() -> None:
         if name not in sets:
             raise ValueError(f"--sets: expected names among {sorted(sets)}, got {name!r}")
         spec, classes, latent = sets[name]
+        if args.model_classes is not None:
+            classes = args.model_classes
         path = args.out / f"{name}.h5"
         t0 = time.perf_counter()
         summary = simulate_ensemble(spec, "reference-32", args.n, path, mean_photons=args.photons, seed=11,
@@ -312,7 +315,7 @@ def main() -> None:
                 grid = grid_latents(guide.search, data) if guide.search is not None else None
             v = f"{variant}_"
             row.update({v + "fit_s": seconds, v + "images_seen": seen, v + "images_per_s": seen / seconds})
-            if true_class is not None:
+            if true_class is not None and classes > 1:
                 row[v + "class_accuracy"] = class_accuracy(post.map_class, true_class)
             if latent:
                 row[v + "abs_spearman_z"] = abs(float(spearmanr(post.z_mean[:, 0], true_latent[:, 0]).statistic))
@@ -323,7 +326,7 @@ def main() -> None:
                                                                       true_class).items()})
                 row[v + "score_s"] = time.perf_counter() - t0
             if grid is not None:
-                if true_class is not None:
+                if true_class is not None and classes > 1:
                     row[v + "grid_class_accuracy"] = class_accuracy(grid[0].argmax(1), true_class)
                 if grid[1].shape[1]:
                     row[v + "grid_abs_spearman_z"] = abs(float(spearmanr(grid[1][:, 0], true_latent[:, 0]).statistic))
