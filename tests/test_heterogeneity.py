@@ -533,6 +533,13 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
         np.testing.assert_allclose(f["sample_stats/class_probs"][...], probs, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(f["sample_stats/latent_mean"][...], z_mean, rtol=1e-4, atol=1e-5)
         assert f["posterior/latent_z"].shape == (1, 5, 32, 1) and f["posterior/class_index"].shape == (1, 5, 32)
+    # refined (the default): each pattern on its own class's field at its latent; with d = 1 on the field, not a cube
+    result = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(tmp_path / "ref.nc"), "--draws", "5",
+                                      "--max-patterns", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with h5netcdf.File(tmp_path / "ref.nc", "r") as f:
+        assert f.attrs["refine_on"] == "field" and "most probable class" in f.attrs["pose_posterior_structure"]
+        assert np.all(np.isfinite(f["sample_stats/cone_radius_deg"][...]))
 
 
 # ---------------------------------------------------------------------- the export's pose refinement per class
