@@ -63,8 +63,8 @@ from bayes_spi.models.spi import detector_q_max
 from bayes_spi.posterior.latent import latent_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels, simulate_ensemble
 
-__all__ = ["baseline_features", "class_accuracy", "class_speckle_scores", "fit_heterogeneous", "grid_latents", "main",
-           "oracle_spearman"]
+__all__ = ["anisotropy_start", "baseline_features", "class_accuracy", "class_speckle_scores", "fit_heterogeneous",
+           "grid_latents", "main", "oracle_class_accuracy", "oracle_spearman"]
 
 
 def baseline_features(images: np.ndarray, mask: np.ndarray, n_shells: int = 12, n_rings: int = 6,
@@ -106,7 +106,8 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
                       epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3,
-                      latent_start: float = 0.0) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
+                      latent_start: float = 0.0, search_rotations: int = 4096
+                      ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
     ``variant``: ``svi`` (no EMC warm start, no search) or ``search_emc`` (class-aware EMC warm start for
@@ -117,7 +118,7 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
     search = variant == "search_emc"
     config = FitConfig(epochs=epochs, batch_size=32, field="siren", n_heads=1 if search else 2,
                        n_search=2 if search else 0, emc_fraction=emc_fraction if search else 0.0, emc_pixels=512,
-                       search_rotations=4096, cache_grid=41, polish_iterations=0, auto_settings=False,
+                       search_rotations=search_rotations, cache_grid=41, polish_iterations=0, auto_settings=False,
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
                        latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes,
@@ -241,6 +242,34 @@ def class_speckle_scores(fields: LatentFields, path: Path, structures: list[str]
     return out
 
 
+def oracle_class_accuracy(path: Path, structures: list[str], n_patterns: int = 500, n_rotations: int = 2048,
+                          cache_grid: int = 41) -> float:
+    """What the data allow for a structure mixture: the class accuracy of the *true* model's class posterior (each
+    state's exact intensity, the pose summed over a grid of ``n_rotations``, the fluence profiled out, read from
+    ``cache_grid^3`` cubes as the search does, equal class fractions) on the first ``n_patterns`` patterns."""
+    from bayes_spi.guides.search import cube_points, grid_profile_loglik, orientation_grid
+    from bayes_spi.sim.hinge import load_ensemble_member
+    from bayes_spi.sim.transform import molecular_transform
+
+    with SPIDataset(path) as data:
+        q, factor, _ = detector_tensors(data.geometry)
+        good = torch.as_tensor(data.mask.reshape(-1))
+        y = torch.as_tensor(data.read(np.arange(n_patterns)).reshape(n_patterns, -1)[:, good.numpy()],
+                            dtype=torch.float64)
+    _, true_class = read_truth_labels(path)
+    q_max = float(q.norm(dim=-1).max())
+    pts = cube_points(cache_grid, q_max).double().numpy()
+    rots = orientation_grid(n_rotations).double()
+    lls = []
+    for name in structures:
+        F = molecular_transform(load_ensemble_member(name), pts)
+        cube = torch.as_tensor(np.log(np.abs(F) ** 2 + 1e-30)).reshape(1, 1, cache_grid, cache_grid, cache_grid)
+        ll, _ = grid_profile_loglik(cube, rots, q[good], factor[good].log(), y, q_max)
+        lls.append(torch.logsumexp(ll, -1))
+    pred = torch.stack(lls, 1).argmax(1).numpy()
+    return float((pred == true_class[:n_patterns]).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -252,11 +281,14 @@ def main() -> None:
     ap.add_argument("--emc-fraction", type=float, default=0.5, help="EMC warm-start share of search_emc's schedule")
     ap.add_argument("--latent-nodes", type=int, default=3, help="Gauss-Hermite points per latent dimension")
     ap.add_argument("--oracle", type=int, default=0,
-                    help="continuum: score the true model's posterior mean exponent on this many patterns (0: off)")
+                    help="continuum: score the true model's posterior mean exponent, protein: its class posterior, on "
+                         "this many patterns (0: off)")
     ap.add_argument("--latent-start", type=float, default=0.0,
                     help="search_emc: fraction of the EMC stage with the latent's data start (FitConfig.latent_start)")
     ap.add_argument("--model-classes", type=int, default=None,
                     help="fit this many classes instead of the set's (e.g. 1: one field for a two-state mixture)")
+    ap.add_argument("--search-rotations", type=int, default=4096, help="search_emc: orientations of the search/EMC grid")
+    ap.add_argument("--oracle-rotations", type=int, default=2048, help="orientations of the oracle's pose grid")
     ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
@@ -299,6 +331,13 @@ def main() -> None:
         if true_class is not None:
             row["baseline_aniso_class_accuracy"] = class_accuracy(gaussian_mixture_labels(z0[:, None]), true_class)
         row["baseline_s"] = time.perf_counter() - t0
+        if args.oracle and name == "protein":
+            t0 = time.perf_counter()
+            row.update({"oracle_patterns": args.oracle,
+                        "oracle_rotations": args.oracle_rotations,
+                        "oracle_class_accuracy": oracle_class_accuracy(path, proteins, args.oracle,
+                                                                       args.oracle_rotations),
+                        "oracle_s": time.perf_counter() - t0})
         if args.oracle and true_class is None:
             t0 = time.perf_counter()
             rho_o, near = oracle_spearman(path, args.oracle)
@@ -309,7 +348,8 @@ def main() -> None:
                                                             args.minutes, variant=variant,
                                                             emc_fraction=args.emc_fraction,
                                                             latent_nodes=args.latent_nodes,
-                                                            latent_start=args.latent_start)
+                                                            latent_start=args.latent_start,
+                                                            search_rotations=args.search_rotations)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None
