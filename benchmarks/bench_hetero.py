@@ -288,6 +288,8 @@ def main() -> None:
     ap.add_argument("--model-classes", type=int, default=None,
                     help="fit this many classes instead of the set's (e.g. 1: one field for a two-state mixture)")
     ap.add_argument("--search-rotations", type=int, default=4096, help="search_emc: orientations of the search/EMC grid")
+    ap.add_argument("--fine-rotations", type=int, default=32768,
+                    help="classes: also classify with the fitted fields on this fine orientation grid (0: off)")
     ap.add_argument("--oracle-rotations", type=int, default=2048, help="orientations of the oracle's pose grid")
     ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
@@ -357,6 +359,14 @@ def main() -> None:
             row.update({v + "fit_s": seconds, v + "images_seen": seen, v + "images_per_s": seen / seconds})
             if true_class is not None and classes > 1:
                 row[v + "class_accuracy"] = class_accuracy(post.map_class, true_class)
+            if true_class is not None and classes > 1 and args.fine_rotations:
+                from bayes_spi.posterior.latent import grid_class_posteriors
+
+                t0 = time.perf_counter()
+                with SPIDataset(path) as data:
+                    fine = grid_class_posteriors(model, data, n_rotations=args.fine_rotations)
+                row[v + "fine_grid_class_accuracy"] = class_accuracy(fine.argmax(1), true_class)
+                row[v + "fine_grid_s"] = time.perf_counter() - t0
             if latent:
                 row[v + "abs_spearman_z"] = abs(float(spearmanr(post.z_mean[:, 0], true_latent[:, 0]).statistic))
                 row[v + "mean_z_sd"] = float(post.z_sd.mean())

@@ -667,3 +667,29 @@ def test_class_emc_per_pattern_node_weights() -> None:
     emc.pattern_log_node_weights = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="per-pattern latent point log-weights"):
         emc(images, torch.arange(64))
+
+
+def test_grid_class_posteriors_classify_patterns_of_each_class(tmp_path, detector) -> None:
+    """The fine-grid class posterior of the fitted fields (no encoder): patterns simulated from class c's field at
+    random poses are given to class c, with probabilities that sum to one."""
+    from bayes_spi.dataio.h5 import H5Writer
+    from bayes_spi.posterior.latent import grid_class_posteriors
+
+    q, factor, mask = detector
+    torch.manual_seed(5)
+    model = HeterogeneousSPIModel(SirenField(q_max=float(q.norm(dim=-1).max()), out_scale=1.0), q, factor,
+                                  n_classes=2)
+    for f in model.field.fields:
+        with torch.no_grad():
+            f.base.log_offset.fill_(math.log(5.0) - float(factor.log().mean()))
+    truth = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    with torch.no_grad():
+        rate = model.latent_log_rate(random_rotations(8), torch.zeros(8), torch.arange(1024), None, truth).exp()
+    images = torch.poisson(rate).reshape(8, 32, 32) * mask
+    path = tmp_path / "two.h5"
+    with H5Writer(path, get_preset("reference-32").with_mask(mask.numpy().astype(bool))) as writer:
+        writer.append(images.numpy().astype(np.int32))
+    with SPIDataset(path) as data:
+        probs = grid_class_posteriors(model, data, n_rotations=2048, cache_grid=33, batch_size=3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    assert np.array_equal(probs.argmax(1), truth.numpy()) and probs.max(1).min() > 0.9

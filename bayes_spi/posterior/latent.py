@@ -39,8 +39,8 @@ from bayes_spi.grid import grid_q
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.models.conditional_field import LatentFields
 
-__all__ = ["LatentSummary", "latent_posteriors", "write_latent_posterior", "read_latent_posterior",
-           "intensity_at_latents", "principal_latent_path"]
+__all__ = ["LatentSummary", "latent_posteriors", "grid_class_posteriors", "write_latent_posterior",
+           "read_latent_posterior", "intensity_at_latents", "principal_latent_path"]
 
 
 @dataclass
@@ -98,6 +98,36 @@ def latent_posteriors(guide: LatentGuide, dataset: SPIDataset, batch_size: int =
         guide.train(was)
     cols = [np.concatenate([p[k] for p in parts]) for k in range(5)]
     return LatentSummary(*cols)
+
+
+@torch.no_grad()
+def grid_class_posteriors(model: torch.nn.Module, dataset: SPIDataset, n_rotations: int = 32768,
+                          cache_grid: int = 41, latent_per_dim: int = 3, batch_size: int = 64,
+                          indices: np.ndarray | None = None) -> np.ndarray:
+    """``p(c | y_i)`` ``(N, C)`` of the fitted model by the exact sum over a fine orientation grid of ``n_rotations``
+    (and the latent's quadrature points), the fluence profiled out, on every good pixel
+    (:class:`~bayes_spi.infer.class_emc.ClassGridMarginal` on its own grid, no encoder).
+
+    Two conformations of one protein differ in speckles a few degrees wide: a pose grid coarser than that blurs
+    them alike, so the search's 4,096 orientations classify worse than the fields allow (BENCHMARKS.md: 0.88 on
+    a two-state protein, 0.96 with the same fields on 32,768 orientations). Memory: ``batch_size x C x L x
+    n_rotations`` responsibilities.
+    """
+    from bayes_spi.guides.search import orientation_grid
+    from bayes_spi.infer.class_emc import ClassGridMarginal
+
+    device = model.q.device
+    emc = ClassGridMarginal(model, orientation_grid(n_rotations).to(device, model.q.dtype), cache_grid=cache_grid,
+                            latent_per_dim=latent_per_dim)
+    pixels = torch.nonzero(torch.as_tensor(dataset.mask.reshape(-1), device=device)).squeeze(-1)
+    caches = emc.caches()
+    emc.caches = lambda: caches  # type: ignore[method-assign]  # the fields are fixed: one cache for every batch
+    idx_all = np.arange(dataset.n_patterns) if indices is None else np.asarray(indices, dtype=np.int64)
+    out = []
+    for start in range(0, len(idx_all), batch_size):
+        images = torch.as_tensor(dataset.read(idx_all[start:start + batch_size]), device=device, dtype=model.q.dtype)
+        out.append(emc(images, pixels).class_probs.double().cpu().numpy())
+    return np.concatenate(out)
 
 
 def write_latent_posterior(path: str | os.PathLike[str], summary: LatentSummary) -> Path:
