@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Score a Dragonfly EMC run made from a bayes-spi data file (``h5_to_dragonfly.py``) against that file's
+``/truth/intensity``, with the measure of bayes-spi's robustness grid (``benchmarks/bench_robust.py``).
+
+Measure: :func:`bayes_spi.analysis.compare.compare_to_reference` on the truth's grid (voxel ``dq``): rotational
+alignment of the reconstruction onto the truth (4,000 coarse rotations + refinement), then the speckle
+correlation (``sqrt(I)``, each ``|q|`` shell standardised) over ``q_min <= |q| <= q_max`` with
+``q_min`` = smallest good-pixel ``|q|`` and ``q_max = min(largest good-pixel |q|, (n // 2) dq)``, exactly as
+``bench_robust.run_cell`` scores a bayes-spi fit (there the field is sampled on the truth grid; here EMC's
+volume is resampled onto it).
+
+EMC's volume is in Dragonfly voxels (``voxel_inv_A`` from the run's ``conversion.json``, centre ``size // 2``);
+it is resampled onto the truth grid by trilinear interpolation (``scipy.ndimage.map_coordinates``); Dragonfly's
+unmeasured voxels (``-1``) count as 0. The speckle FSC resolution at 0.5 comes along.
+
+Wall time: Dragonfly's own per-iteration ``time`` column of ``logs/EMC.log``, cumulated; ``beta``,
+``rms_change`` and ``info_rate`` (mutual information) come from the same log.
+
+Usage (bayes-spi venv)::
+
+    /work/main/.venv/bin/python benchmarks/peer/score_emc_h5.py --run /work/peer/runs/6mer_s1 \
+        --data /work/robust/150A_1e3_64px/data.h5 [--iters 0,1,5] [--csv score.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import h5py
+import numpy as np
+from scipy.ndimage import map_coordinates
+
+__all__ = ["read_emc_log", "resample_to_grid", "main"]
+
+
+def read_emc_log(path: str) -> dict[int, dict[str, float]]:
+    """Rows of Dragonfly's ``EMC.log``: iteration -> ``time, rms_change, info_rate, log_likelihood, num_rot, beta``."""
+    rows: dict[int, dict[str, float]] = {}
+    if not os.path.exists(path):
+        return rows
+    keys = ("time", "rms_change", "info_rate", "log_likelihood", "num_rot", "beta")
+    for line in open(path):
+        if re.match(r"^\s*\d+\s+[0-9.eE+-]+\s", line):
+            parts = line.split()
+            rows[int(parts[0])] = {k: float(v) for k, v in zip(keys, parts[1:])}
+    return rows
+
+
+def resample_to_grid(vol: np.ndarray, voxel_inv_A: float, n: int, dq: float) -> np.ndarray:
+    """EMC volume ``(m, m, m)`` (voxel ``voxel_inv_A``, centre ``m // 2``) -> ``(n, n, n)`` at voxel ``dq`` (centre
+    ``n // 2``), trilinear; outside the EMC volume 0."""
+    m = vol.shape[0]
+    a = (np.arange(n) - n // 2) * (dq / voxel_inv_A) + m // 2
+    coords = np.stack(np.meshgrid(a, a, a, indexing="ij")).reshape(3, -1)
+    return map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).reshape(n, n, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="score an EMC run of a bayes-spi data file against its truth")
+    ap.add_argument("--run", required=True, help="run folder written by h5_to_dragonfly.py")
+    ap.add_argument("--data", required=True, help="the bayes-spi data file (with /truth/intensity)")
+    ap.add_argument("--iters", help="comma list of iterations (default: all)")
+    ap.add_argument("--n-rotations", type=int, default=4000)
+    ap.add_argument("--csv", help="also write the table as CSV")
+    args = ap.parse_args(argv)
+
+    from bayes_spi.analysis.compare import compare_to_reference
+    from bayes_spi.dataio.h5 import SPIDataset
+
+    with open(os.path.join(args.run, "conversion.json")) as fh:
+        voxel = float(json.load(fh)["voxel_inv_A"])
+    with SPIDataset(args.data) as ds:
+        I_true, dq = ds.truth_intensity()
+        qn = ds.geometry.q_magnitudes()[ds.mask]
+    I_true = np.asarray(I_true, dtype=np.float64)
+    n = I_true.shape[0]
+    q_max = min(float(qn.max()), (n // 2) * dq)
+    q_min = float(qn.min())
+    log = read_emc_log(os.path.join(args.run, "logs", "EMC.log"))
+    files = sorted(glob.glob(os.path.join(args.run, "output", "output_[0-9][0-9][0-9].h5")))
+    its = [int(os.path.basename(p)[7:10]) for p in files]
+    if args.iters:
+        want = {int(x) for x in args.iters.split(",")}
+        its = [i for i in its if i in want]
+    print(f"# run={args.run} data={args.data} truth n={n} dq={dq:.6g} emc voxel={voxel:.6g} "
+          f"q {q_min:.4f}-{q_max:.4f} 1/A")
+    print(f"{'iter':>4} {'iter_s':>7} {'wall_s':>7} {'beta':>7} {'info':>6} {'speckle':>8} {'sFSC0.5nm':>9} {'score_s':>7}")
+    rows = []
+    for it in its:
+        t0 = time.time()
+        with h5py.File(os.path.join(args.run, "output", f"output_{it:03d}.h5"), "r") as f:
+            vol = np.asarray(f["intens"][()], dtype=np.float64)
+        vol = vol[0] if vol.ndim == 4 else vol
+        vol[vol < 0] = 0.0  # Dragonfly marks unmeasured voxels with -1
+        I_est = resample_to_grid(vol, voxel, n, dq)
+        res = compare_to_reference(I_est, I_true, dq, q_max, q_min=q_min, n_rotations=args.n_rotations)
+        wall = sum(r["time"] for i, r in log.items() if i <= it)
+        lr = log.get(it, {})
+        row = {"iteration": it, "iter_s": lr.get("time", 0.0), "wall_s": wall, "beta": lr.get("beta", float("nan")),
+               "info_rate": lr.get("info_rate", float("nan")), "rms_change": lr.get("rms_change", float("nan")),
+               "speckle_corr": res.speckle_corr, "speckle_fsc_res_nm_0.5": res.speckle_fsc.resolution_nm(0.5),
+               "score_s": time.time() - t0}
+        rows.append(row)
+        print(f"{it:>4} {row['iter_s']:>7.1f} {wall:>7.1f} {row['beta']:>7.4f} {row['info_rate']:>6.3f} "
+              f"{row['speckle_corr']:>8.4f} {row['speckle_fsc_res_nm_0.5']:>9.2f} {row['score_s']:>7.1f}", flush=True)
+    if args.csv and rows:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
