@@ -137,3 +137,14 @@ def test_scorer_resamples_emc_voxels_onto_the_truth_grid() -> None:
     gx, gy, gz = np.meshgrid(y, y, y, indexing="ij")
     assert np.abs(out - (1.0 + 3 * gx - 2 * gy + 5 * gz)).max() < 1e-12
     assert sc.resample_to_grid(np.ones((m, m, m)), v, 15, dq)[0, 7, 7] == 0.0  # |q| 0.0385 > EMC's 0.030
+
+
+def test_dragonflys_rotation_matrix_is_the_transpose_of_the_usual_one() -> None:
+    from scipy.spatial.transform import Rotation
+
+    spec = importlib.util.spec_from_file_location("score_emc_h5", ROOT / "benchmarks" / "peer" / "score_emc_h5.py")
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    q = Rotation.random(5, random_state=0).as_quat()  # scalar last
+    rot = sc.dragonfly_rotations(q[:, [3, 0, 1, 2]])  # make_rot_quat of (q0, q1, q2, q3)
+    assert np.allclose(rot, np.transpose(Rotation.from_quat(q).as_matrix(), (0, 2, 1)), atol=1e-12)

@@ -13,6 +13,14 @@ EMC's volume is in Dragonfly voxels (``voxel_inv_A`` from the run's ``conversion
 it is resampled onto the truth grid by trilinear interpolation (``scipy.ndimage.map_coordinates``); Dragonfly's
 unmeasured voxels (``-1``) count as 0. The speckle FSC resolution at 0.5 comes along.
 
+Poses (``--quat``): Dragonfly writes each frame's most likely orientation (``orientations``, an index into its
+quaternion list for ``num_div``; dump the list with ``/work/peer/quat/dump_quat NUM_DIV FILE``, a 10-line C
+program calling Dragonfly's ``quat_gen``, see benchmarks/peer/README.md). Dragonfly slices its model at
+``rot q`` with ``rot`` = ``make_rot_quat(quaternion)`` (src/interp.c), and the volume axes are bayes-spi's
+``x, y, z``; bayes-spi's ``/truth/quaternions`` give ``R`` with pixels sampling ``I(R q)``. So ``rot`` is the
+estimate of ``R``, and :func:`bayes_spi.metrics.orientation_error_summary` gives the median error after the
+best global rotation, raw and modulo ``Rz(pi)``, and the wrong-mode fraction (``--pose-stride`` frames).
+
 Wall time: Dragonfly's own per-iteration ``time`` column of ``logs/EMC.log``, cumulated; ``beta``,
 ``rms_change`` and ``info_rate`` (mutual information) come from the same log.
 
@@ -37,7 +45,7 @@ import h5py
 import numpy as np
 from scipy.ndimage import map_coordinates
 
-__all__ = ["read_emc_log", "resample_to_grid", "main"]
+__all__ = ["read_emc_log", "resample_to_grid", "dragonfly_rotations", "main"]
 
 
 def read_emc_log(path: str) -> dict[int, dict[str, float]]:
@@ -62,6 +70,16 @@ def resample_to_grid(vol: np.ndarray, voxel_inv_A: float, n: int, dq: float) -> 
     return map_coordinates(vol, coords, order=1, mode="constant", cval=0.0).reshape(n, n, n)
 
 
+def dragonfly_rotations(quaternions: np.ndarray) -> np.ndarray:
+    """``(N, 3, 3)`` matrices of Dragonfly's ``make_rot_quat`` for quaternions ``(N, 4)`` ``(q0, q1, q2, q3)``."""
+    q0, q1, q2, q3 = (quaternions[:, k] for k in range(4))
+    return np.stack([
+        np.stack([1 - 2 * (q2 * q2 + q3 * q3), 2 * (q1 * q2 + q0 * q3), 2 * (q1 * q3 - q0 * q2)], -1),
+        np.stack([2 * (q1 * q2 - q0 * q3), 1 - 2 * (q1 * q1 + q3 * q3), 2 * (q0 * q1 + q2 * q3)], -1),
+        np.stack([2 * (q0 * q2 + q1 * q3), 2 * (q2 * q3 - q0 * q1), 1 - 2 * (q1 * q1 + q2 * q2)], -1),
+    ], 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="score an EMC run of a bayes-spi data file against its truth")
     ap.add_argument("--run", required=True, help="run folder written by h5_to_dragonfly.py")
@@ -69,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", help="comma list of iterations (default: all)")
     ap.add_argument("--n-rotations", type=int, default=4000)
     ap.add_argument("--csv", help="also write the table as CSV")
+    ap.add_argument("--quat", help="Dragonfly's quaternion list for the run's num_div (float64 N x 5: q0..q3, weight)")
+    ap.add_argument("--pose-stride", type=int, default=4, help="score the poses of every k-th frame")
     args = ap.parse_args(argv)
 
     from bayes_spi.analysis.compare import compare_to_reference
@@ -79,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     with SPIDataset(args.data) as ds:
         I_true, dq = ds.truth_intensity()
         qn = ds.geometry.q_magnitudes()[ds.mask]
+        R_true = ds.truth_rotations()[:: args.pose_stride] if args.quat else None
+    rots = dragonfly_rotations(np.fromfile(args.quat, dtype="<f8").reshape(-1, 5)[:, :4]) if args.quat else None
     I_true = np.asarray(I_true, dtype=np.float64)
     n = I_true.shape[0]
     q_max = min(float(qn.max()), (n // 2) * dq)
@@ -91,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         its = [i for i in its if i in want]
     print(f"# run={args.run} data={args.data} truth n={n} dq={dq:.6g} emc voxel={voxel:.6g} "
           f"q {q_min:.4f}-{q_max:.4f} 1/A")
-    print(f"{'iter':>4} {'iter_s':>7} {'wall_s':>7} {'beta':>7} {'info':>6} {'speckle':>8} {'sFSC0.5nm':>9} {'score_s':>7}")
+    print(f"{'iter':>4} {'iter_s':>7} {'wall_s':>7} {'beta':>7} {'info':>6} {'speckle':>8} {'sFSC0.5nm':>9} "
+          f"{'pose_med':>8} {'mod_rz':>7} {'wrong':>6} {'score_s':>7}")
     rows = []
     for it in its:
         t0 = time.time()
@@ -101,15 +124,28 @@ def main(argv: list[str] | None = None) -> int:
         vol[vol < 0] = 0.0  # Dragonfly marks unmeasured voxels with -1
         I_est = resample_to_grid(vol, voxel, n, dq)
         res = compare_to_reference(I_est, I_true, dq, q_max, q_min=q_min, n_rotations=args.n_rotations)
+        pose = {"median_pose_error_deg": float("nan"), "median_pose_error_mod_rotz_deg": float("nan"),
+                "wrong_mode_fraction": float("nan")}
+        if rots is not None and it > 0:
+            from bayes_spi.metrics import orientation_error_summary
+
+            with h5py.File(os.path.join(args.run, "output", f"output_{it:03d}.h5"), "r") as f:
+                best = np.asarray(f["orientations"][()])[:: args.pose_stride]
+            summ = orientation_error_summary(rots[best], R_true, seed=0)
+            pose = {"median_pose_error_deg": summ["median_error_deg"],
+                    "median_pose_error_mod_rotz_deg": summ["median_error_mod_rotz_pi_deg"],
+                    "wrong_mode_fraction": summ["wrong_mode_fraction"]}
         wall = sum(r["time"] for i, r in log.items() if i <= it)
         lr = log.get(it, {})
         row = {"iteration": it, "iter_s": lr.get("time", 0.0), "wall_s": wall, "beta": lr.get("beta", float("nan")),
                "info_rate": lr.get("info_rate", float("nan")), "rms_change": lr.get("rms_change", float("nan")),
                "speckle_corr": res.speckle_corr, "speckle_fsc_res_nm_0.5": res.speckle_fsc.resolution_nm(0.5),
-               "score_s": time.time() - t0}
+               **pose, "score_s": time.time() - t0}
         rows.append(row)
         print(f"{it:>4} {row['iter_s']:>7.1f} {wall:>7.1f} {row['beta']:>7.4f} {row['info_rate']:>6.3f} "
-              f"{row['speckle_corr']:>8.4f} {row['speckle_fsc_res_nm_0.5']:>9.2f} {row['score_s']:>7.1f}", flush=True)
+              f"{row['speckle_corr']:>8.4f} {row['speckle_fsc_res_nm_0.5']:>9.2f} {pose['median_pose_error_deg']:>8.1f} "
+              f"{pose['median_pose_error_mod_rotz_deg']:>7.1f} {pose['wrong_mode_fraction']:>6.2f} {row['score_s']:>7.1f}",
+              flush=True)
     if args.csv and rows:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
