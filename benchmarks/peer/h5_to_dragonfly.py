@@ -45,6 +45,9 @@ Scaling: ``need_scaling = 1`` (per-frame fluence scale factors) when the file's 
 ``0`` otherwise (``--need-scaling`` overrides). ``beta`` is Dragonfly's automatic, empirical choice (no
 ``beta`` key: ``exp(-6.5 (counts 1e-5)^0.15)``, per frame with scaling), doubled every
 ``--beta-period`` iterations (``beta_schedule = 2.0 10`` as in Dragonfly's sample config and the TMV run).
+``--radius R`` (voxels) adds Dragonfly's ``radius``: only pixels with ``|q| < R`` find orientations (all merge),
+EMC's usual low-resolution start when the detector reaches many speckles (the TMV run's orientation pixels
+reached ~7 speckles, ``q_in D``; a 156 A particle on the 64 px reference detector reaches ~14).
 
 Usage (bayes-spi venv)::
 
@@ -265,7 +268,7 @@ def particle_size_from_density(density: np.ndarray, voxel_A: float, threshold: f
 
 # ----------------------------------------------------------------------------- config
 def write_config(path: str | os.PathLike[str], num_div: int, need_scaling: int, beta_period: int,
-                 fixed_seed: bool) -> None:
+                 fixed_seed: bool, radius: float | None = None) -> None:
     """Dragonfly ``config.ini`` with an ``[emc]`` section (paths relative to the run folder)."""
     lines = [
         "# written by benchmarks/peer/h5_to_dragonfly.py",
@@ -281,6 +284,8 @@ def write_config(path: str | os.PathLike[str], num_div: int, need_scaling: int, 
     ]
     if fixed_seed:
         lines.append("fixed_seed = 1")
+    if radius:
+        lines.append(f"radius = {radius:g}")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="ascii")
 
@@ -288,7 +293,8 @@ def write_config(path: str | os.PathLike[str], num_div: int, need_scaling: int, 
 def convert(data: str | os.PathLike[str], out: str | os.PathLike[str], *, voxel_inv_A: float | None = None,
             corners_orient: bool = False, num_div: int | None = None, particle_size_A: float | None = None,
             spacing_speckles: float = 2.0, max_num_div: int = 8, need_scaling: int | None = None,
-            beta_period: int = 10, fixed_seed: bool = False, chunk: int = 1000, max_frames: int | None = None,
+            beta_period: int = 10, fixed_seed: bool = False, radius: float | None = None, chunk: int = 1000,
+            max_frames: int | None = None,
             q_tol: float = 1e-9, progress: bool = True) -> dict[str, Any]:
     """bayes-spi ``data`` -> Dragonfly run folder ``out`` (see the module docstring); returns the summary."""
     t0 = time.time()
@@ -315,7 +321,7 @@ def convert(data: str | os.PathLike[str], out: str | os.PathLike[str], *, voxel_
         size_how = "given"
         with h5py.File(ds.path, "r") as f:
             sim = dict(f["simulation"].attrs) if "simulation" in f else {}
-            if particle_size_A is None and num_div is None:
+            if particle_size_A is None:  # also with --num-div: the summary reports the speckle angle
                 structure = str(sim.get("structure", "")).strip()
                 if structure:
                     try:
@@ -323,20 +329,22 @@ def convert(data: str | os.PathLike[str], out: str | os.PathLike[str], *, voxel_
                     except (OSError, ValueError) as exc:
                         print(f"note: structure {structure!r} not readable ({exc}); size from /truth/density",
                               file=sys.stderr)
-                if particle_size_A is None:
-                    if "truth/density" not in f:
-                        raise ValueError(f"{os.fspath(data)}: /truth/density: expected a density (or a readable "
-                                         "simulation structure) to estimate the particle size, got none: give "
-                                         "--particle-size-A or --num-div")
+                if particle_size_A is None and "truth/density" in f:
                     dens = f["truth/density"]
                     particle_size_A = particle_size_from_density(dens[()], float(dens.attrs["voxel_size_A"]))
                     size_how = "from /truth/density (10% threshold)"
+                if particle_size_A is None and num_div is None:
+                    raise ValueError(f"{os.fspath(data)}: /truth/density: expected a density (or a readable "
+                                     "simulation structure) to estimate the particle size, got none: give "
+                                     "--particle-size-A or --num-div")
+            if particle_size_A is None:
+                size_how = "unknown"
         n_div = int(num_div) if num_div else choose_num_div(particle_size_A, q_in, spacing_speckles, max_num_div)
         jitter = str(sim.get("fluence_jitter", "")).strip().lower()
         if need_scaling is None:
             need_scaling = int(jitter not in ("", "none", "0"))
         stats = write_emc(out / "data" / "photons.emc", ds, chunk, max_frames, progress)
-    write_config(out / "config.ini", n_div, need_scaling, beta_period, fixed_seed)
+    write_config(out / "config.ini", n_div, need_scaling, beta_period, fixed_seed, radius)
     summary = {
         "data": os.path.abspath(data),
         "out": os.path.abspath(out),
@@ -360,6 +368,8 @@ def convert(data: str | os.PathLike[str], out: str | os.PathLike[str], *, voxel_
         "need_scaling": need_scaling,
         "fluence_jitter": jitter,
         "fixed_seed": fixed_seed,
+        "radius_voxels": radius,
+        "radius_inv_A": radius * voxel if radius else None,
         "seconds": round(time.time() - t0, 1),
     }
     write_json(out / "conversion.json", summary)
@@ -381,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--need-scaling", type=int, choices=(0, 1), default=None)
     ap.add_argument("--beta-period", type=int, default=10, help="double beta every this many iterations")
     ap.add_argument("--fixed-seed", action="store_true", help="Dragonfly's fixed random start (else the clock)")
+    ap.add_argument("--radius", type=float, default=None,
+                    help="Dragonfly's radius (voxels): only mask-0 pixels with |q| below it find orientations")
     ap.add_argument("--chunk", type=int, default=1000)
     ap.add_argument("--max-frames", type=int, default=None)
     args = ap.parse_args(argv)
@@ -388,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                       num_div=args.num_div, particle_size_A=args.particle_size_A,
                       spacing_speckles=args.spacing_speckles, max_num_div=args.max_num_div,
                       need_scaling=args.need_scaling, beta_period=args.beta_period, fixed_seed=args.fixed_seed,
+                      radius=args.radius,
                       chunk=args.chunk, max_frames=args.max_frames)
     print(json.dumps(summary, indent=1))
     return 0
