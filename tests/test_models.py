@@ -262,3 +262,28 @@ def test_poisson_likelihood_matches_scipy():
     y = torch.tensor([0.0, 3.0, 11.0], dtype=torch.float64)
     expected = poisson.logpmf(y.numpy(), log_rate.exp().numpy() + 0.5)
     assert torch.allclose(lik(log_rate).log_prob(y), torch.as_tensor(expected), atol=1e-10)
+
+
+def test_hypothesis_scoring_without_gradients_runs_in_chunks_with_the_same_numbers(monkeypatch):
+    """Scoring all pixels of a large detector is chunked over patterns (bounded memory); the numbers do not change."""
+    import bayes_spi.models.spi as spi
+
+    geom = get_preset("reference-32")
+    q, pf, _ = detector_tensors(geom)
+    q, pf = q.float(), pf.float()
+    model = SPIModel(SirenField(float(q.norm(dim=-1).max()) * 1.001, width=16), q, pf)
+    g = torch.Generator().manual_seed(1)
+    R = random_rotmat(3 * 10, generator=g).reshape(3, 10, 3, 3)
+    log_s = torch.randn(10, generator=g)
+    images = torch.poisson(torch.full((10, 32, 32), 0.5), generator=g)
+    pixels = torch.arange(0, 1024, 3)
+    with torch.no_grad():
+        whole = model.hypothesis_loglik(R, log_s, images, pixels)
+        monkeypatch.setattr(spi, "SCORE_CHUNK_POINTS", 3 * pixels.numel() * 4)  # 4 patterns per chunk
+        chunked = model.hypothesis_loglik(R, log_s, images, pixels)
+        scalar = model.hypothesis_loglik(R, torch.tensor(0.3), images, pixels)
+        monkeypatch.setattr(spi, "SCORE_CHUNK_POINTS", 1 << 30)
+        scalar_whole = model.hypothesis_loglik(R, torch.tensor(0.3), images, pixels)
+    assert whole.shape == (3, 10)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(scalar, scalar_whole)

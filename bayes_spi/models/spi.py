@@ -62,14 +62,18 @@ from bayes_spi.models.intensity_priors import IntensityPrior, NoIntensityPrior
 from bayes_spi.models.likelihoods import Likelihood, PoissonLikelihood
 from bayes_spi.models.priors import LogNormalScalePrior, PosePrior, ScalePrior, UniformPosePrior
 
-__all__ = ["MAX_PLATE_NESTING", "PATTERNS_DIM", "PIXELS_DIM", "SPIBatch", "SPIModel", "detector_q_max",
-           "pixels_by_patterns"]
+__all__ = ["MAX_PLATE_NESTING", "PATTERNS_DIM", "PIXELS_DIM", "SCORE_CHUNK_POINTS", "SPIBatch", "SPIModel",
+           "detector_q_max", "pixels_by_patterns"]
 
 #: the plates' dims: ``patterns`` (every per-pattern site) and, nested in it, ``pixels`` (the site ``counts``)
 PATTERNS_DIM: int = -1
 PIXELS_DIM: int = -2
 #: ``max_plate_nesting`` of any ELBO run on these models (enumerated sites go to the left of both plates)
 MAX_PLATE_NESTING: int = 2
+#: without gradients, :meth:`SPIModel.hypothesis_loglik` evaluates at most this many (hypothesis, pattern, pixel)
+#: points at once: scoring 12 hypotheses of 128 patterns on all 16,384 pixels of a 128x128 detector in one
+#: field evaluation took > 20 GB (a 128-wide SIREN's activations) and was killed
+SCORE_CHUNK_POINTS: int = 1 << 20
 
 
 def detector_q_max(q: Tensor) -> float:
@@ -227,7 +231,17 @@ class SPIModel(nn.Module):
                           indices: Tensor | None = None, amplitude: Tensor | None = None) -> Tensor:
         """``log p(y_i | R_ki, s_i)`` on ``pixels`` for poses ``R (K, B, 3, 3)``: ``(K, B)`` (``indices``: the
         patterns, for a per-pattern background scale; without them its geometric mean is used; ``amplitude``:
-        a variational field's draw ``(L,)``, as in :meth:`log_rate`)."""
+        a variational field's draw ``(L,)``, as in :meth:`log_rate`). Without gradients it runs in chunks of
+        patterns of at most :data:`SCORE_CHUNK_POINTS` points (the same numbers, bounded memory)."""
+        n_k, n_b = R.shape[0], R.shape[1]
+        step = max(1, SCORE_CHUNK_POINTS // max(n_k * pixels.numel(), 1))
+        if not torch.is_grad_enabled() and n_b > step:  # in chunks of patterns: the same numbers, bounded memory
+            def part(t: Tensor, s: int) -> Tensor:  # per-pattern along the last dim, or broadcast
+                return t if t.dim() == 0 or t.shape[-1] == 1 else t[..., s:s + step]
+
+            return torch.cat([self.hypothesis_loglik(R[:, s:s + step], part(log_s, s), images[s:s + step], pixels,
+                                                     None if indices is None else indices[s:s + step], amplitude)
+                              for s in range(0, n_b, step)], dim=1)
         y = images.reshape(images.shape[0], -1)[:, pixels]
         return self.likelihood(self.total_log_rate(R, log_s, pixels, indices, amplitude)).log_prob(y).sum(-1)
 
