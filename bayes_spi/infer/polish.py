@@ -59,8 +59,8 @@ from bayes_spi.trilinear import sample_cube, splat_cube
 __all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step"]
 
 #: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``: narrower than the grid
-#: spacing) is merged at its refined
-#: modes when an iteration refines (``EMCPolish.refine_spread``); broader ones keep the grid's weights
+#: spacing) is merged at its refined modes when an iteration refines (``EMCPolish.refine_spread``); broader ones
+#: keep the grid's weights
 REFINE_SPREAD = 2.0
 
 
@@ -113,6 +113,11 @@ def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: f
     ll = torch.full((n_b, G), -torch.inf, dtype=ll_top.dtype, device=y.device).scatter(1, top, ll_top)
     logw = torch.full((n_b, G), -torch.inf, dtype=ll_top.dtype, device=y.device).scatter(1, top, logw_top)
     return ll, log_s.scatter(1, top, log_s_top.to(log_s.dtype)), logw, z
+
+
+def _entropy(w: Tensor, logw: Tensor) -> Tensor:
+    """Entropy (nats) of each posterior ``w (B, G)`` with its logarithm ``logw``: ``(B,)`` (0 log 0 = 0)."""
+    return -torch.where(w > 0, w * logw, torch.zeros_like(w)).sum(-1)
 
 
 @dataclass
@@ -215,7 +220,6 @@ class EMCPolish:
         num_ref = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         den_ref = torch.zeros(n, n, n, dtype=q.dtype, device=q.device)
         pw = log_w.exp()
-        fold = field.symmetry_fold  # point group: merge at every folded image the field reads (fields.py)
         background = getattr(model, "background", None)
         bg_sum = torch.zeros((), dtype=q.dtype, device=q.device)
         n_total = int(getattr(dataset, "n_patterns", 0)) or len(dataset)
@@ -249,11 +253,10 @@ class EMCPolish:
                 w = logw.exp()
                 w_grid = w
                 if self.refine_spread > 0:
-                    spread = torch.exp(-torch.where(w > 0, w * logw, torch.zeros_like(w)).sum(-1))
-                    pinned = spread <= self.refine_spread
+                    pinned = _entropy(w, logw).exp() <= self.refine_spread
                     if bool(pinned.any()):
                         R, wy, ws = self._refined_modes(cache, w[pinned], y[pinned], q, log_w, q_max)
-                        self._splat_modes(R, wy, ws, q, pw, num_ref, den_ref, n)
+                        self._splat(R, wy, ws, q, pw, num_ref, den_ref, chunk=64)
                         w_grid = torch.where(pinned[:, None], torch.zeros_like(w), w)
                         n_refined += int(pinned.sum())
                 Y += w_grid.T @ y
@@ -261,7 +264,7 @@ class EMCPolish:
             if background is not None:
                 S += (w * log_s.exp()).sum(0)
             ll_sum += float((torch.logsumexp(ll, -1) - math.log(G)).sum())
-            ent_sum += float(-torch.where(w > 0, w * logw, torch.zeros_like(w)).sum())
+            ent_sum += float(_entropy(w, logw).sum())
             wmax_sum += float(w.max(-1).values.sum())
             n_used += y.shape[0]
             if progress is not None:
@@ -282,13 +285,7 @@ class EMCPolish:
             n_refined = int(round(float(dist.all_reduce_(torch.tensor([float(n_refined)], dtype=torch.float64,
                                                                             device=Y.device)))))
         num, den = num_ref, den_ref
-        for s in range(0, G, 256):
-            x = torch.einsum("gij,mj->gmi", self.rotations[s:s + 256], q).reshape(-1, 3)
-            vals = torch.stack([Y[s:s + 256].reshape(-1), (S[s:s + 256, None] * pw[None]).reshape(-1)], -1)
-            for xi in (x[None] if fold is None else fold(x)):
-                both = splat_cube(xi, vals, n, field.q_max)  # one pass of weights for the photons and the exposure
-                num += both[..., 0]
-                den += both[..., 1]
+        self._splat(self.rotations, Y, S, q, pw, num, den, chunk=256)  # the grid rotations' sums
         num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
         den = den + den.flip(0, 1, 2)
         reached = den > 1e-6 * float(den.max())
@@ -302,16 +299,20 @@ class EMCPolish:
         return PolishStats(ll_sum / m, ent_sum / m, wmax_sum / m, float(reached.double().mean()), change,
                            n_refined / m)
 
-    def _splat_modes(self, R: Tensor, wy: Tensor, ws: Tensor, q: Tensor, pw: Tensor, num: Tensor, den: Tensor,
-                     n: int) -> None:
-        """Add the M-step sums of modes ``R (P, 3, 3)`` with weighted counts ``wy (P, M)`` and weighted scales
-        ``ws (P,)`` into ``num`` and ``den`` ``(n, n, n)`` (the same splatting as the grid's rotations)."""
-        fold = self.model.field.symmetry_fold
-        for j in range(0, R.shape[0], 64):
-            x = torch.einsum("pij,mj->pmi", R[j:j + 64], q).reshape(-1, 3)
-            vals = torch.stack([wy[j:j + 64].reshape(-1), (ws[j:j + 64, None] * pw[None]).reshape(-1)], -1)
+    def _splat(self, R: Tensor, photons: Tensor, exposure: Tensor, q: Tensor, pw: Tensor, num: Tensor, den: Tensor,
+               chunk: int) -> None:
+        """Add the M-step sums of rotations ``R (P, 3, 3)`` with their weighted counts ``photons (P, M)`` and
+        weighted scales ``exposure (P,)`` into ``num`` and ``den`` ``(n, n, n)``: trilinear splatting of the rotated
+        pixels (one pass of weights for the photons and the exposure), at every folded image the field reads
+        with a point group (fields.py), ``chunk`` rotations at a time."""
+        field = self.model.field
+        fold = field.symmetry_fold
+        for j in range(0, R.shape[0], chunk):
+            x = torch.einsum("pij,mj->pmi", R[j:j + chunk], q).reshape(-1, 3)
+            vals = torch.stack([photons[j:j + chunk].reshape(-1), (exposure[j:j + chunk, None] * pw[None]).reshape(-1)],
+                               -1)
             for xi in (x[None] if fold is None else fold(x)):
-                both = splat_cube(xi, vals, n, self.model.field.q_max)
+                both = splat_cube(xi, vals, num.shape[0], field.q_max)
                 num += both[..., 0]
                 den += both[..., 1]
 
@@ -330,8 +331,7 @@ class EMCPolish:
             rotations ``(P', 3, 3)``, weighted counts ``w y`` ``(P', M)`` and weighted profile scales ``w s``
             ``(P',)`` of the kept modes (``P' <= P * refine_modes``).
         """
-        from bayes_spi.posterior.local import refine_on_cache
-        from bayes_spi.so3 import geodesic_angle
+        from bayes_spi.posterior.local import distinct_modes, refine_on_cache
 
         k = min(self.refine_modes, w.shape[1])
         w_top, top = w.topk(k, dim=-1)  # (P, K)
@@ -346,11 +346,8 @@ class EMCPolish:
         rots[pat, slot] = modes.rotations[:, 0]
         log_scale = torch.zeros_like(score)
         log_scale[pat, slot] = modes.log_scale[:, 0]
-        for j in range(1, k):  # a mode that converged onto a better one is the same mode
-            d = geodesic_angle(rots[:, j:j + 1], rots[:, :j])  # (P, j)
-            better = score[:, :j] >= score[:, j:j + 1]
-            dup = ((d < 0.1 * self.spacing) & better).any(-1)
-            score[:, j] = torch.where(dup, torch.full_like(score[:, j], -math.inf), score[:, j])
+        # a mode that converged onto a better one is the same mode
+        score = torch.where(distinct_modes(rots, score, 0.1 * self.spacing), score, torch.full_like(score, -math.inf))
         wm = torch.softmax(score, dim=-1)
         wm = torch.where(wm >= 1e-3, wm, torch.zeros_like(wm))
         wm = wm / wm.sum(-1, keepdim=True)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bayes_spi.so3 import geodesic_angle, rotvec_to_rotmat, rotz_pi
 
-__all__ = ["LocalModes", "profile_loglik", "refine_on_cache", "refine_with_twins"]
+__all__ = ["LocalModes", "distinct_modes", "profile_loglik", "refine_on_cache", "refine_with_twins"]
 
 
 def profile_loglik(log_lt: Tensor, y: Tensor) -> Tensor:
@@ -213,6 +213,18 @@ def refine_on_cache(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tens
     return LocalModes(R, ll, sig, evidence, log_scale)
 
 
+def distinct_modes(rotations: Tensor, score: Tensor, tol_rad: float) -> Tensor:
+    """Which of the modes ``rotations (B, K, 3, 3)`` with scores ``score (B, K)`` are distinct: ``(B, K)`` bool. A
+    mode within ``tol_rad`` of a kept mode scored at least as high is the same mode (refinements that converged
+    onto one) and is dropped; the first mode is always kept."""
+    keep = torch.ones(score.shape, dtype=torch.bool, device=score.device)
+    for j in range(1, score.shape[1]):
+        d = geodesic_angle(rotations[:, j:j + 1], rotations[:, :j])  # (B, j)
+        dup = ((d < tol_rad) & keep[:, :j] & (score[:, :j] >= score[:, j:j + 1])).any(-1)
+        keep[:, j] &= ~dup
+    return keep
+
+
 @torch.no_grad()
 def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
                       n_keep: int = 4, merge_deg: float = 2.0, bg: Tensor | None = None, **kwargs: float
@@ -239,12 +251,7 @@ def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Te
     cand = torch.cat([seeds, seeds @ rz], dim=1)  # (B, 2 S, 3, 3)
     modes = refine_on_cache(cache, cand, q, log_w, y, q_max, bg=bg, **kwargs)
     modes = modes.select(modes.log_evidence.argsort(dim=-1, descending=True))
-    keep = torch.ones(modes.loglik.shape, dtype=torch.bool, device=q.device)
-    m = modes.rotations.shape[1]
-    for j in range(1, m):
-        d = geodesic_angle(modes.rotations[:, j:j + 1], modes.rotations[:, :j])  # (B, j)
-        dup = ((d < math.radians(merge_deg)) & keep[:, :j]).any(-1)
-        keep[:, j] &= ~dup
+    keep = distinct_modes(modes.rotations, modes.log_evidence, math.radians(merge_deg))
     logw = torch.where(keep, modes.log_evidence, torch.full_like(modes.log_evidence, -math.inf))
     w = torch.softmax(logw, dim=-1)
     # the kept modes first (stable), then the dropped ones with weight 0
