@@ -43,6 +43,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,29 @@ def grid_latents(search: ClassOrientationSearch, data: SPIDataset, batch: int = 
     return np.concatenate(probs), np.concatenate(means)
 
 
+def _oracle_marginals(path: Path, intensities: list[Callable[[np.ndarray], np.ndarray]], n_patterns: int,
+                      n_rotations: int, cache_grid: int) -> torch.Tensor:
+    """Log marginal likelihood ``(n_patterns, C)`` of the first ``n_patterns`` patterns under each candidate
+    intensity ``|F(q)|^2`` (a function of the cube's points ``(n^3, 3)``): the pose summed over a grid of
+    ``n_rotations``, the fluence profiled out, read from ``cache_grid^3`` cubes as the search does."""
+    from bayes_spi.guides.search import cube_points, grid_profile_loglik, orientation_grid
+
+    with SPIDataset(path) as data:
+        q, factor, _ = detector_tensors(data.geometry)
+        good = torch.as_tensor(data.mask.reshape(-1))
+        y = torch.as_tensor(data.read(np.arange(n_patterns)).reshape(n_patterns, -1)[:, good.numpy()],
+                            dtype=torch.float64)
+    q_max = float(q.norm(dim=-1).max())
+    pts = cube_points(cache_grid, q_max).double().numpy()
+    rots = orientation_grid(n_rotations).double()
+    lls = []
+    for intensity in intensities:
+        cube = torch.as_tensor(np.log(intensity(pts) + 1e-30)).reshape(1, 1, cache_grid, cache_grid, cache_grid)
+        ll, _ = grid_profile_loglik(cube, rots, q[good], factor[good].log(), y, q_max)
+        lls.append(torch.logsumexp(ll, -1))
+    return torch.stack(lls, 1)
+
+
 def oracle_spearman(path: Path, n_patterns: int = 500, n_rotations: int = 2048, cache_grid: int = 41
                     ) -> tuple[float, float]:
     """What the data allow: the posterior mean of ``log p`` under the *true* model (the ensemble's exact
@@ -159,33 +183,19 @@ def oracle_spearman(path: Path, n_patterns: int = 500, n_rotations: int = 2048, 
     patterns whose most probable level is within one level of the truth."""
     import h5py
 
-    from bayes_spi.guides.search import cube_points, grid_profile_loglik, orientation_grid
     from bayes_spi.sim.ensemble import _ShapeBank, parse_ensemble
 
     with h5py.File(path, "r") as f:
         attrs = dict(f["/simulation"].attrs) if "/simulation" in f else {}
-    with SPIDataset(path) as data:
-        q, factor, mask = detector_tensors(data.geometry)
-        good = torch.as_tensor(data.mask.reshape(-1))
-        y = torch.as_tensor(data.read(np.arange(n_patterns)).reshape(n_patterns, -1)[:, good.numpy()],
-                            dtype=torch.float64)
     true_latent, _ = read_truth_labels(path)
     exps = [float(x) for x in str(attrs.get("ensemble_exponents", "2,20")).split(",")]
     spec = parse_ensemble(f"shapes:p={exps[0]:g}..{exps[1]:g};radius={float(attrs.get('ensemble_radius_A', 30)):g};"
                           f"levels=32")
     levels = np.exp(np.linspace(np.log(exps[0]), np.log(exps[1]), spec.levels))
-    qg = q[good]
-    q_max = float(q.norm(dim=-1).max())
-    pts = cube_points(cache_grid, q_max).double().numpy()
     bank = _ShapeBank(spec)
-    rots = orientation_grid(n_rotations).double()
-    lls = []
-    for p in levels:
-        cube = torch.as_tensor(np.log(np.abs(bank.transform(float(p), pts)) ** 2 + 1e-30)).reshape(
-            1, 1, cache_grid, cache_grid, cache_grid)
-        ll, _ = grid_profile_loglik(cube, rots, qg, factor[good].log(), y, q_max)
-        lls.append(torch.logsumexp(ll, -1))
-    post = torch.softmax(torch.stack(lls, 1), 1).numpy()  # (N, levels)
+    lls = _oracle_marginals(path, [lambda pts, p=float(p): np.abs(bank.transform(p, pts)) ** 2 for p in levels],
+                            n_patterns, n_rotations, cache_grid)
+    post = torch.softmax(lls, 1).numpy()  # (N, levels)
     mean_logp = post @ np.log(levels)
     truth = true_latent[:n_patterns, 0]
     best = np.abs(np.log(levels[post.argmax(1)]) - np.log(truth)) <= np.diff(np.log(levels))[0] * 1.01
@@ -247,26 +257,14 @@ def oracle_class_accuracy(path: Path, structures: list[str], n_patterns: int = 5
     """What the data allow for a structure mixture: the class accuracy of the *true* model's class posterior (each
     state's exact intensity, the pose summed over a grid of ``n_rotations``, the fluence profiled out, read from
     ``cache_grid^3`` cubes as the search does, equal class fractions) on the first ``n_patterns`` patterns."""
-    from bayes_spi.guides.search import cube_points, grid_profile_loglik, orientation_grid
     from bayes_spi.sim.hinge import load_ensemble_member
     from bayes_spi.sim.transform import molecular_transform
 
-    with SPIDataset(path) as data:
-        q, factor, _ = detector_tensors(data.geometry)
-        good = torch.as_tensor(data.mask.reshape(-1))
-        y = torch.as_tensor(data.read(np.arange(n_patterns)).reshape(n_patterns, -1)[:, good.numpy()],
-                            dtype=torch.float64)
     _, true_class = read_truth_labels(path)
-    q_max = float(q.norm(dim=-1).max())
-    pts = cube_points(cache_grid, q_max).double().numpy()
-    rots = orientation_grid(n_rotations).double()
-    lls = []
-    for name in structures:
-        F = molecular_transform(load_ensemble_member(name), pts)
-        cube = torch.as_tensor(np.log(np.abs(F) ** 2 + 1e-30)).reshape(1, 1, cache_grid, cache_grid, cache_grid)
-        ll, _ = grid_profile_loglik(cube, rots, q[good], factor[good].log(), y, q_max)
-        lls.append(torch.logsumexp(ll, -1))
-    pred = torch.stack(lls, 1).argmax(1).numpy()
+    states = [lambda pts, name=name: np.abs(molecular_transform(load_ensemble_member(name), pts)) ** 2
+              for name in structures]
+    lls = _oracle_marginals(path, states, n_patterns, n_rotations, cache_grid)
+    pred = lls.argmax(1).numpy()
     return float((pred == true_class[:n_patterns]).mean())
 
 
