@@ -199,7 +199,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     evidences (:class:`PoseRefiner`, :func:`bayes_spi.posterior.local.refine_with_twins`, on a ``log I`` cube
     twice as fine as the search's); ``K = refine`` hypotheses per pattern are written, with Laplace spreads.
     The guide's own hypothesis scores are then skipped (the refinement replaces them), and the search
-    proposes on one fixed random subset of ``score_pixels`` good pixels. With ``refine = 0`` the guide's own
+    proposes on all good pixels (``score_pixels`` is not used). With ``refine = 0`` the guide's own
     hypotheses are written as they are: then the hypothesis weights (and the search proposals) are evaluated
     on that subset (0: all good pixels).
 
@@ -247,7 +247,10 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
             for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
                 images = torch.as_tensor(counts, device=device)
                 if refiner is not None:
-                    modes, weights, post = refiner(images, good, n_keep=k,
+                    # the search proposes on every good pixel: on a 512-pixel subset its best grid rotation fell in
+                    # the Rz(pi) twin's basin for 20% of 2CEX's patterns on 64x64 at 1e3 photons, 2% on all of them
+                    # (BENCHMARKS.md); the refinement then never saw the true basin. Same cost: refinement dominates
+                    modes, weights, post = refiner(images, all_good, n_keep=k,
                                                    indices=torch.as_tensor(idx, device=device))
                     rots, sigmas, sd = modes.rotations, modes.sigmas, post.scale_scale
                     mu = modes.log_scale.gather(1, weights.argmax(-1, keepdim=True)).squeeze(1)
