@@ -521,6 +521,17 @@ def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:
     import yaml
 
     assert (run / "report" / "latent.png").stat().st_size > 1000
+    # the class posterior written is the refined one (the default), the guide's kept beside it; it is the refiner's on
+    # the saved fields, and the per-class volumes' members above were read from it
+    from bayes_spi.posterior.class_refine import refined_class_posteriors
+
+    with h5py.File(run / "latent_posterior.h5") as f:
+        assert f["latent/class_probs"].attrs["source"] == "refined" and f["latent/guide_class_probs"].shape == (32, 2)
+    trained = load_trained(run)
+    with SPIDataset(data) as ds:
+        again = refined_class_posteriors(trained.model, ds, n_rotations=512, cache_grid=trained.config.cache_grid,
+                                         latent_per_dim=trained.config.latent_nodes, seed=trained.config.seed + 12345)
+    np.testing.assert_allclose(probs, again.class_probs, rtol=1e-4, atol=1e-5)
     settings = yaml.safe_load((run / "config.yaml").read_text())["settings"]
     assert (settings["latent_dim"], settings["n_classes"], settings["n_search"]) == (1, 2, 2)
     # the ArviZ export carries the same structure posteriors (all pixels scored, as latent_posterior.h5's)

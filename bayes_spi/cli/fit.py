@@ -61,7 +61,7 @@ TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
-    "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes",
+    "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes", "class_posterior",
 )
 
 _HELP = {
@@ -120,6 +120,9 @@ _HELP = {
                     "search and EMC warm start evaluate each class field.",
     "latent_prior": "Prior of the structure latent: normal[:scale=S] or studentt:df=D[;scale=S].",
     "class_prior": "Prior of the classes: uniform (fixed 1/K) or learned (fractions fitted).",
+    "class_posterior": "Heterogeneous samples with --classes > 1: the class posterior written to latent_posterior.h5 "
+                       "(and used for the per-class volumes and the latent figure): refined (each class's best grid "
+                       "poses refined off the grid, Laplace evidence) or guide (the encoder's q(c)).",
 }
 
 
@@ -313,6 +316,7 @@ class _RecordingCommand(click.Command):
 @_training_option("latent_prior", str)
 @_training_option("class_prior", click.Choice(["uniform", "learned"]))
 @_training_option("latent_nodes", click.IntRange(min=1))
+@_training_option("class_posterior", click.Choice(["refined", "guide"]))
 @_training_option("seed", int)
 @_training_option("device", str)
 @_training_option("checkpoint_every", click.IntRange(min=1))

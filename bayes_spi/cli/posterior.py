@@ -98,6 +98,10 @@ def _recorded_source(run: Path, data: Path) -> Any:
               help="Write only the per-pattern summaries (sample_stats: mean pose, credible-cone radii, fluence "
                    "mean/sd/HDI, hypothesis weights and spreads; observed_data), not the --draws draws per pattern "
                    "(~8 kB per pattern at 200 draws); still an ArviZ dataset.")
+@click.option("--class-posterior", "class_posterior", type=click.Choice(["refined", "guide"]), default=None,
+              help="A fit with --classes > 1: the class posterior exported (class_probs, class_index draws; the pose "
+                   "posterior given its most probable class): refined (off the orientation grid, Laplace evidence) "
+                   "or guide (the encoder's q(c)). [default: the fit's own setting, as its latent_posterior.h5]")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
@@ -106,7 +110,8 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
             calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, refine_on: str,
-            cache_grid: int | None, summaries_only: bool, device: str, force: bool, progress: bool,
+            cache_grid: int | None, summaries_only: bool, class_posterior: str | None, device: str, force: bool,
+            progress: bool,
             **source_kwargs: Any) -> None:
     from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
@@ -133,7 +138,8 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
     settings = ExportSettings(n_draws=draws, batch_size=batch_size, seed=seed, score_pixels=score_pixels,
                               refine=refine, n_refine=n_refine, pose_temperature=pose_temperature,
                               scale_temperature=scale_temperature, max_patterns=max_patterns,
-                              summaries_only=summaries_only, refine_on=refine_on, cache_grid=cache_grid)
+                              summaries_only=summaries_only, refine_on=refine_on, cache_grid=cache_grid,
+                              class_posterior=class_posterior)
     try:
         trained = load_trained(run, device=device)
     except (FileNotFoundError, ValueError) as exc:

@@ -22,10 +22,12 @@ from typing import Any
 from bayes_spi.config.fields import FIELD_NAMES, FIELDS, names_text
 from bayes_spi.config.specs import normalize_spec, parse_spec
 
-__all__ = ["FitConfig"]
+__all__ = ["CLASS_POSTERIORS", "FitConfig"]
 
 _DEFAULT_SCALE_SIGMA = 0.5
 _DEFAULT_BACKGROUND = 0.0
+#: the class posteriors a heterogeneous fit can export (``FitConfig.class_posterior``)
+CLASS_POSTERIORS = ("refined", "guide")
 
 
 @dataclass
@@ -86,7 +88,11 @@ class FitConfig:
         search and the EMC warm start evaluate the class fields (``latent_nodes ** latent_dim`` caches per class).
         latent_start: with a continuous latent, the first fraction of the EMC warm start during which each
         pattern's latent point weights are pulled towards a start latent from its ring anisotropy (a data start,
-        :mod:`bayes_spi.infer.latent_start`); 0: off.
+        :mod:`bayes_spi.infer.latent_start`); 0: off. class_posterior: the class posterior a fit with
+        ``n_classes > 1`` exports (``latent_posterior.h5``, the per-class volumes' members, the latent figure):
+        ``refined`` (the default: each class's best grid poses refined off the grid, Laplace evidence,
+        :mod:`bayes_spi.posterior.class_refine`; the coarse grid blurs speckles a few degrees wide) or ``guide``
+        (the amortized guide's ``q(c_i)``).
     Guide:
         n_heads: pose proposals per pattern (``2 * n_heads`` hypotheses with their Rz(pi) partners).
         encoder_features, encoder_channels, transform: the CNN encoder.
@@ -160,6 +166,7 @@ class FitConfig:
     class_prior: str = "uniform"
     latent_nodes: int = 3
     latent_start: float = 0.0
+    class_posterior: str = "refined"
 
     n_heads: int = 4
     encoder_features: int = 256
@@ -236,7 +243,9 @@ class FitConfig:
         checks += [(self.latent_dim >= 0, "latent_dim", ">= 0", self.latent_dim),
                    (self.latent_nodes >= 1, "latent_nodes", ">= 1", self.latent_nodes),
                    (0 <= self.latent_start <= 1, "latent_start", "in [0, 1]", self.latent_start),
-                   (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes)]
+                   (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes),
+                   (self.class_posterior in CLASS_POSTERIORS, "class_posterior", " or ".join(CLASS_POSTERIORS),
+                    self.class_posterior)]
         for ok, name, expected, got in checks:
             if not ok:
                 raise ValueError(f"fit setting {name}: expected {expected}, got {got!r}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -46,6 +47,9 @@ from bayes_spi.models.latent import make_class_prior, make_latent_prior
 from bayes_spi.models.likelihoods import Likelihood, make_likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, make_pose_prior, make_scale_prior
 from bayes_spi.models.spi import SPIBatch
+
+if TYPE_CHECKING:
+    from bayes_spi.posterior.class_refine import RefinedClassSummary
 
 __all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "gaussian_mixture_labels", "kmeans"]
 
@@ -222,10 +226,37 @@ class HeterogeneousTrainer(Trainer):
         log.info("class fields start from clusters of the radial profiles of %d patterns: %s", len(flat),
                  ", ".join(str(int(n)) for n in np.bincount(labels, minlength=n_classes)))
 
+    def refined_class_posteriors(self) -> "RefinedClassSummary":
+        """The refined class posterior of every pattern on the final fields (:mod:`bayes_spi.posterior.class_refine`,
+        the search's coarse grid, cube and latent points; all good pixels; untempered), batch by batch."""
+        import time
+
+        from bayes_spi.posterior.class_refine import refined_class_posteriors
+
+        search, c = self.guide.search, self.config
+        rots = (search.rotations if search is not None
+                else orientation_grid(c.search_rotations, c.search_grid, c.seed + 12345, c.symmetry))
+        t0 = time.perf_counter()
+        log.info("refining the class posterior of %d patterns off the %d-orientation grid", self.dataset.n_patterns,
+                 rots.shape[0])
+        was = self.model.training
+        self.model.eval()
+        try:
+            out = refined_class_posteriors(self.model, self.dataset, rotations=rots.to(self.device),
+                                           cache_grid=c.cache_grid, latent_per_dim=c.latent_nodes, symmetry=c.symmetry)
+        finally:
+            self.model.train(was)
+        log.info("refined class posterior: %.1f s, class fractions %s", time.perf_counter() - t0,
+                 ", ".join(f"{x:.3f}" for x in np.bincount(out.class_probs.argmax(1), minlength=out.class_probs.shape[1])
+                           / max(len(out.class_probs), 1)))
+        return out
+
     def save_outputs(self, grid: int = 65, verdict: "object | None" = None) -> dict[str, Path]:
         """``model.pt``, ``intensity.*`` (class 0 at the prior mean ``z = 0``), ``posterior.h5`` (the guide's pose
         hypotheses as they are: no local refinement on a cube), plus
-        ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`) and
+        ``latent_posterior.h5`` (per-pattern ``q(c_i)``, ``q(z_i)``: :mod:`bayes_spi.posterior.latent`; with
+        ``config.class_posterior = "refined"``, the default, and two or more classes the class probabilities are the
+        refined posterior of :meth:`refined_class_posteriors`, the guide's kept beside them) and
         ``intensity_latent.h5``: ``/class_<c>/intensity`` ``(J, n, n, n)`` for every class at ``J = 5`` points
         ``/class_<c>/z`` ``(J, d)`` along the first principal axis of the posterior means (5% to 95%), or at
         ``z = 0`` without a continuous latent; ``intensity_class<c>.mrc``/``.h5`` (every class's intensity at the
@@ -236,6 +267,7 @@ class HeterogeneousTrainer(Trainer):
             intensity_at_latents,
             latent_posteriors,
             principal_latent_path,
+            refine_classes,
             write_latent_posterior,
         )
 
@@ -264,6 +296,8 @@ class HeterogeneousTrainer(Trainer):
                                refine=0)
         out: dict[str, Path] = {"model": run.path("model"), "intensity_mrc": mrc, "intensity_h5": h5, "posterior": post}
         summary = latent_posteriors(self.guide, self.dataset)
+        if self.config.class_posterior == "refined" and getattr(self.model, "n_classes", 1) > 1:
+            summary = refine_classes(summary, self.refined_class_posteriors().class_probs)
         out["latent_posterior"] = write_latent_posterior(self.run_dir / "latent_posterior.h5", summary)
         fields = self.model.field
         path = self.run_dir / "intensity_latent.h5"

@@ -2,9 +2,13 @@
 
 :func:`latent_posteriors` streams a data file through :class:`~bayes_spi.guides.latent.LatentGuide`
 (memory independent of ``N``) and returns, per pattern, ``q(c_i)`` and the mean and sd of ``q(z_i)``
-(the class mixture's); :func:`write_latent_posterior` stores them atomically in an HDF5 file::
+(the class mixture's); :func:`refine_classes` puts the refined class posterior of
+:mod:`bayes_spi.posterior.class_refine` in place of ``q(c_i)`` (what ``fit`` exports by default for ``C >= 2``);
+:func:`write_latent_posterior` stores them atomically in an HDF5 file::
 
-    /latent/class_probs   (N, C) float32   q(c_i)                       (only with C >= 2)
+    /latent/class_probs   (N, C) float32   p(c_i | y_i)                 (only with C >= 2; attr source: refined
+                                                                         or guide, see below)
+    /latent/guide_class_probs (N, C)       the guide's q(c_i)           (only when class_probs are refined)
     /latent/z_mean        (N, d) float32   E_q[z_i]                     (only with d >= 1)
     /latent/z_sd          (N, d) float32   sd_q[z_i]
     /latent/z_loc         (N, C, d)        per-class q(z_i | c) location and scale
@@ -39,7 +43,7 @@ from bayes_spi.grid import grid_q
 from bayes_spi.guides.latent import LatentGuide
 from bayes_spi.models.conditional_field import LatentFields
 
-__all__ = ["LatentSummary", "latent_posteriors", "grid_class_posteriors", "write_latent_posterior",
+__all__ = ["LatentSummary", "latent_posteriors", "grid_class_posteriors", "refine_classes", "write_latent_posterior",
            "read_latent_posterior", "intensity_at_latents", "principal_latent_path"]
 
 
@@ -51,6 +55,8 @@ class LatentSummary:
         class_probs: ``(N, C)``.
         z_mean, z_sd: ``(N, d)`` (``(N, 0)`` with no continuous latent).
         z_loc, z_scale: ``(N, C, d)``.
+        guide_class_probs: ``(N, C)`` the guide's ``q(c_i)`` when ``class_probs`` are another posterior's.
+        class_source: where ``class_probs`` come from: ``guide`` or ``refined``.
     """
 
     class_probs: np.ndarray
@@ -58,6 +64,8 @@ class LatentSummary:
     z_sd: np.ndarray
     z_loc: np.ndarray
     z_scale: np.ndarray
+    guide_class_probs: np.ndarray | None = None
+    class_source: str = "guide"
 
     @property
     def map_class(self) -> np.ndarray:
@@ -130,6 +138,21 @@ def grid_class_posteriors(model: torch.nn.Module, dataset: SPIDataset, n_rotatio
     return np.concatenate(out)
 
 
+def refine_classes(summary: LatentSummary, class_probs: np.ndarray) -> LatentSummary:
+    """``summary`` with ``class_probs (N, C)`` (the refined class posterior) in place of the guide's ``q(c_i)``: the
+    per-class ``q(z | y, c)`` stay the guide's, the mixture's mean and sd are recomputed with the new weights
+    (law of total variance); the guide's ``q(c_i)`` is kept as ``guide_class_probs``."""
+    p = np.asarray(class_probs, dtype=np.float64)
+    if p.shape != summary.class_probs.shape:
+        raise ValueError(f"expected class probabilities of shape {summary.class_probs.shape}, got shape {p.shape}")
+    w = p[..., None]
+    loc, scale = summary.z_loc.astype(np.float64), summary.z_scale.astype(np.float64)
+    mean = (w * loc).sum(1)
+    sd = np.sqrt(np.maximum((w * (scale ** 2 + loc ** 2)).sum(1) - mean ** 2, 0.0))
+    return LatentSummary(p.astype(np.float32), mean.astype(np.float32), sd.astype(np.float32), summary.z_loc,
+                         summary.z_scale, summary.class_probs, "refined")
+
+
 def write_latent_posterior(path: str | os.PathLike[str], summary: LatentSummary) -> Path:
     """Write ``summary`` to ``path`` (atomically; layout in the module docstring)."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -138,7 +161,10 @@ def write_latent_posterior(path: str | os.PathLike[str], summary: LatentSummary)
         grp.attrs["n_classes"] = n_classes
         grp.attrs["latent_dim"] = latent_dim
         if n_classes > 1:
-            grp.create_dataset("class_probs", data=summary.class_probs.astype(np.float32))
+            ds = grp.create_dataset("class_probs", data=summary.class_probs.astype(np.float32))
+            ds.attrs["source"] = summary.class_source
+            if summary.guide_class_probs is not None:
+                grp.create_dataset("guide_class_probs", data=summary.guide_class_probs.astype(np.float32))
         if latent_dim:
             for name in ("z_mean", "z_sd", "z_loc", "z_scale"):
                 grp.create_dataset(name, data=getattr(summary, name).astype(np.float32))
@@ -157,16 +183,18 @@ def read_latent_posterior(path: str | os.PathLike[str]) -> LatentSummary:
         c, d = int(grp.attrs["n_classes"]), int(grp.attrs["latent_dim"])
         n = None
         arrays: dict[str, np.ndarray] = {}
-        for name in ("class_probs", "z_mean", "z_sd", "z_loc", "z_scale"):
+        for name in ("class_probs", "z_mean", "z_sd", "z_loc", "z_scale", "guide_class_probs"):
             if name in grp:
                 arrays[name] = np.asarray(grp[name][()])
                 n = arrays[name].shape[0]
         if n is None:
             raise DataFormatError(path, "/latent", "class_probs or z_mean", "neither")
+        source = str(grp["class_probs"].attrs.get("source", "guide")) if "class_probs" in grp else "guide"
     return LatentSummary(
         arrays.get("class_probs", np.ones((n, 1), np.float32)),
         arrays.get("z_mean", np.zeros((n, d), np.float32)), arrays.get("z_sd", np.zeros((n, d), np.float32)),
-        arrays.get("z_loc", np.zeros((n, c, d), np.float32)), arrays.get("z_scale", np.zeros((n, c, d), np.float32)))
+        arrays.get("z_loc", np.zeros((n, c, d), np.float32)), arrays.get("z_scale", np.zeros((n, c, d), np.float32)),
+        arrays.get("guide_class_probs"), source)
 
 
 @torch.no_grad()

@@ -137,6 +137,10 @@ class ExportSettings:
         summaries_only: write only the per-pattern summaries (groups ``sample_stats`` and ``observed_data``),
             not the ``posterior`` group of ``n_draws`` draws per pattern (~40 bytes per draw: 8 kB per pattern
             at 200 draws); the summaries (cone radii, HDIs) are still computed from ``n_draws`` draws.
+        class_posterior: a heterogeneous fit with two or more classes: ``refined`` (the off-grid class posterior of
+            :mod:`bayes_spi.posterior.class_refine`, all good pixels), ``guide`` (the encoder's ``q(c_i)``) or
+            ``None`` (the fit's own ``class_posterior`` setting: the same as its ``latent_posterior.h5``). The
+            pose posterior is given the most probable class of that posterior.
     """
 
     n_draws: int = 200
@@ -155,10 +159,13 @@ class ExportSettings:
     summaries_only: bool = False
     refine_on: str = "cache"
     cache_grid: int | None = None
+    class_posterior: str | None = None
 
     def __post_init__(self) -> None:
         if self.refine_on not in ("field", "cache"):
             raise ValueError(f"expected refine_on 'field' or 'cache', got {self.refine_on!r}")
+        if self.class_posterior not in (None, "refined", "guide"):
+            raise ValueError(f"expected class_posterior 'refined', 'guide' or None, got {self.class_posterior!r}")
         if self.cache_grid is not None and (isinstance(self.cache_grid, bool) or int(self.cache_grid) != self.cache_grid
                                             or self.cache_grid < 3 or self.cache_grid % 2 == 0):
             raise ValueError(f"expected cache_grid an odd integer >= 3 or None, got {self.cache_grid!r}")
@@ -202,6 +209,8 @@ class ExportSettings:
         }
         if self.refine and self.refine_on == "cache" and self.cache_grid is not None:
             out["cache_grid"] = int(self.cache_grid)
+        if self.class_posterior is not None:
+            out["class_posterior"] = str(self.class_posterior)
         out.update(self.extra_attrs)
         return out
 
@@ -589,6 +598,18 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
             class_cubes = [export_log_cube(f, grid, model.q_max) for f in model.field.fields]
         else:  # a continuous latent has no cube: each pattern is refined on its class's field at its own latent
             on_field = True
+    refiner = None
+    if hetero and int(getattr(guide, "n_classes", 1)) > 1:
+        config = getattr(trained, "config", None)
+        choice = settings.class_posterior or getattr(config, "class_posterior", "guide")
+        if choice == "refined":
+            from bayes_spi.guides.search import orientation_grid
+            from bayes_spi.posterior.class_refine import ClassModeRefiner
+
+            rots = (guide.search.rotations if getattr(guide, "search", None) is not None else
+                    orientation_grid(config.search_rotations, config.search_grid, config.seed + 12345, config.symmetry))
+            refiner = ClassModeRefiner(model, rotations=rots.to(model.q.device), cache_grid=config.cache_grid,
+                                       latent_per_dim=config.latent_nodes, symmetry=config.symmetry)
     # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
     # the field): fewer patterns per batch on a large detector (32x32: 128; 128x128: 32 on the field)
     budget = 2**20 if on_field else 2**22
@@ -603,6 +624,9 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         if hetero:  # a heterogeneous fit: the pose posterior given each pattern's most probable class
             with torch.no_grad(), guide.evaluating():
                 lp = guide.latent_posterior(images, score)
+            if refiner is not None:  # the refined class posterior on every good pixel, as latent_posterior.h5's
+                y = images.reshape(images.shape[0], -1)[:, good]
+                lp = dataclasses.replace(lp, class_probs=refiner(y, good).class_probs.to(lp.class_probs.dtype))
             post, batch_log_intensity = _class_pose_posterior(model, lp, class_cubes)
             if settings.refine:
                 post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),

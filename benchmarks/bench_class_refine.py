@@ -1,0 +1,102 @@
+"""The class posterior of a fitted heterogeneous model: coarse grid, fine grid and the refined (off-grid) posterior.
+
+On the saved fields of a finished (or checkpointed) heterogeneous run, side by side in one process, over the same
+patterns of the data file (its ``/truth/class``, or ``/truth/latent`` for a continuum):
+
+- ``grid_<G>``: :func:`bayes_spi.posterior.latent.grid_class_posteriors` (the exact sum over ``G`` grid orientations
+  and the latent's quadrature points, the fluence profiled out, all good pixels);
+- ``refined``: :func:`bayes_spi.posterior.class_refine.refined_class_posteriors` on the coarse grid of the fit
+  (``--n-modes`` best rotations per class and latent point refined, Laplace evidence, the rest of SO(3) from the
+  grid), with ``--n-modes`` / ``--n-iter`` variants.
+
+Prints, per method: class accuracy (best label permutation) or |Spearman| of E[z | y] with the true latent, the
+mean max class probability, wall time, this process's CPU time (one thread: robust to other jobs' load) and
+patterns/s.
+
+Usage: python benchmarks/bench_class_refine.py RUN DATA.h5 [--grids 4096 32768] [--n-modes 3] [--n-iter 4]
+       [--patterns 2000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.infer.load import load_trained
+from bayes_spi.posterior.class_refine import refined_class_posteriors
+from bayes_spi.posterior.latent import grid_class_posteriors
+from bayes_spi.sim.ensemble import read_truth_labels
+
+__all__ = ["main", "score"]
+
+
+def score(probs: np.ndarray, z_mean: np.ndarray | None, true_class: np.ndarray | None,
+          true_latent: np.ndarray | None) -> dict[str, float]:
+    """Accuracy (best of the two labellings for two classes) and/or |Spearman| of ``z_mean[:, 0]``."""
+    out: dict[str, float] = {"mean_max_prob": float(probs.max(1).mean())}
+    if true_class is not None and probs.shape[1] > 1:
+        acc = float((probs.argmax(1) == true_class).mean())
+        out["class_accuracy"] = max(acc, 1.0 - acc) if probs.shape[1] == 2 else acc
+    if true_latent is not None and z_mean is not None and z_mean.shape[1]:
+        out["abs_spearman_z"] = abs(float(spearmanr(z_mean[:, 0], true_latent[:, 0]).statistic))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="run directory (model.pt or checkpoint.pt)")
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--grids", type=int, nargs="*", default=[4096, 32768], help="grid_class_posteriors orientations")
+    ap.add_argument("--n-modes", type=int, nargs="+", default=[3], help="refined: best grid rotations per class")
+    ap.add_argument("--n-iter", type=int, nargs="+", default=[4], help="refined: Gauss-Newton steps")
+    ap.add_argument("--patterns", type=int, default=0, help="the first N patterns (0: all)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    trained = load_trained(args.run)
+    model, config = trained.model, trained.config
+    true_latent, true_class = read_truth_labels(args.data)
+    rows: dict[str, dict[str, float]] = {}
+    with SPIDataset(args.data) as data:
+        n = data.n_patterns if not args.patterns else min(args.patterns, data.n_patterns)
+        idx = np.arange(n)
+        tc = None if true_class is None else true_class[:n]
+        tl = None if true_latent is None else true_latent[:n]
+        for n_modes in args.n_modes:
+            for n_iter in args.n_iter:
+                t0, c0 = time.perf_counter(), time.process_time()
+                post = refined_class_posteriors(model, data, indices=idx, n_rotations=config.search_rotations,
+                                                cache_grid=config.cache_grid, latent_per_dim=config.latent_nodes,
+                                                n_modes=n_modes, n_iter=n_iter, grid=config.search_grid,
+                                                seed=config.seed + 12345, symmetry=config.symmetry)
+
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                row = score(post.class_probs, post.z_mean, tc, tl)
+                row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt, "median_mode_share": float(np.median(post.mode_share))})
+                rows[f"refined_{config.search_rotations}_k{n_modes}_it{n_iter}"] = row
+                print(f"refined (grid {config.search_rotations}, {n_modes} modes, {n_iter} it.)", json.dumps(row),
+                      flush=True)
+        for g in args.grids:
+            t0, c0 = time.perf_counter(), time.process_time()
+            probs = grid_class_posteriors(model, data, n_rotations=g, cache_grid=config.cache_grid,
+                                          latent_per_dim=config.latent_nodes, indices=idx)
+
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            row = score(probs, None, tc, tl)
+            row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt})
+            rows[f"grid_{g}"] = row
+            print(f"grid {g}", json.dumps(row), flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"run": str(args.run), "data": str(args.data), "patterns": n, **rows},
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
