@@ -4,7 +4,8 @@ On the saved fields of a finished (or checkpointed) heterogeneous run, side by s
 patterns of the data file (its ``/truth/class``, or ``/truth/latent`` for a continuum):
 
 - ``grid_<G>``: :func:`bayes_spi.posterior.latent.grid_class_posteriors` (the exact sum over ``G`` grid orientations
-  and the latent's quadrature points, the fluence profiled out, all good pixels);
+  and the latent's quadrature points, the fluence profiled out, all good pixels); for one class with a latent, the
+  same sum's ``E[z | y]`` over the latent's quadrature points (:func:`grid_latent_mean`);
 - ``refined``: :func:`bayes_spi.posterior.class_refine.refined_class_posteriors` on the coarse grid of the fit
   (``--n-modes`` best rotations per class and latent point refined, Laplace evidence, the rest of SO(3) from the
   grid), with ``--n-modes`` / ``--n-iter`` variants.
@@ -34,7 +35,7 @@ from bayes_spi.posterior.class_refine import refined_class_posteriors
 from bayes_spi.posterior.latent import grid_class_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels
 
-__all__ = ["main", "score"]
+__all__ = ["grid_latent_mean", "main", "score"]
 
 
 def score(probs: np.ndarray, z_mean: np.ndarray | None, true_class: np.ndarray | None,
@@ -47,6 +48,28 @@ def score(probs: np.ndarray, z_mean: np.ndarray | None, true_class: np.ndarray |
     if true_latent is not None and z_mean is not None and z_mean.shape[1]:
         out["abs_spearman_z"] = abs(float(spearmanr(z_mean[:, 0], true_latent[:, 0]).statistic))
     return out
+
+
+def grid_latent_mean(model: torch.nn.Module, data: SPIDataset, n_rotations: int, cache_grid: int, latent_per_dim: int,
+                     indices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """``E[z | y]`` ``(N, d)`` over the latent's quadrature points by the exact sum over a grid of ``n_rotations``
+    (the class and pose summed out; :class:`~bayes_spi.infer.class_emc.ClassGridMarginal`, as
+    :func:`grid_class_posteriors` sums it, all good pixels)."""
+    from bayes_spi.guides.search import orientation_grid
+    from bayes_spi.infer.class_emc import ClassGridMarginal
+
+    emc = ClassGridMarginal(model, orientation_grid(n_rotations).to(model.q.dtype), cache_grid=cache_grid,
+                            latent_per_dim=latent_per_dim)
+    pixels = torch.nonzero(torch.as_tensor(data.mask.reshape(-1))).squeeze(-1)
+    with torch.no_grad():
+        caches = emc.caches()
+        emc.caches = lambda: caches  # type: ignore[method-assign]
+        out = []
+        for s in range(0, len(indices), batch_size):
+            images = torch.as_tensor(data.read(indices[s:s + batch_size]), dtype=model.q.dtype)
+            w = emc(images, pixels).responsibilities.sum((1, 3))  # (B, L)
+            out.append((w.double() @ emc.nodes.double()).numpy())
+    return np.concatenate(out)
 
 
 def main() -> None:
@@ -76,7 +99,6 @@ def main() -> None:
                                                 cache_grid=config.cache_grid, latent_per_dim=config.latent_nodes,
                                                 n_modes=n_modes, n_iter=n_iter, grid=config.search_grid,
                                                 seed=config.seed + 12345, symmetry=config.symmetry)
-
                 dt, cpu = time.perf_counter() - t0, time.process_time() - c0
                 row = score(post.class_probs, post.z_mean, tc, tl)
                 row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt, "median_mode_share": float(np.median(post.mode_share))})
@@ -85,11 +107,15 @@ def main() -> None:
                       flush=True)
         for g in args.grids:
             t0, c0 = time.perf_counter(), time.process_time()
-            probs = grid_class_posteriors(model, data, n_rotations=g, cache_grid=config.cache_grid,
-                                          latent_per_dim=config.latent_nodes, indices=idx)
-
+            if config.n_classes > 1:
+                probs = grid_class_posteriors(model, data, n_rotations=g, cache_grid=config.cache_grid,
+                                              latent_per_dim=config.latent_nodes, indices=idx)
+                z = None
+            else:  # one class: E[z | y] over the latent's points instead
+                probs = np.ones((n, 1))
+                z = grid_latent_mean(model, data, g, config.cache_grid, config.latent_nodes, idx)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            row = score(probs, None, tc, tl)
+            row = score(probs, z, tc, tl)
             row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt})
             rows[f"grid_{g}"] = row
             print(f"grid {g}", json.dumps(row), flush=True)

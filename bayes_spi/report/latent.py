@@ -45,7 +45,8 @@ def latent_figure(summary: LatentSummary, path: Path, truth_latent: np.ndarray |
     """Write the figure (PNG, atomically) and return ``path``; ``max_points`` evenly spaced patterns are drawn."""
     n = summary.z_mean.shape[0]
     pick = np.unique(np.linspace(0, n - 1, min(n, max_points)).round().astype(np.int64))
-    sub = LatentSummary(*(getattr(summary, k)[pick] for k in ("class_probs", "z_mean", "z_sd", "z_loc", "z_scale")))
+    sub = LatentSummary(*(getattr(summary, k)[pick] for k in ("class_probs", "z_mean", "z_sd", "z_loc", "z_scale")),
+                        class_source=summary.class_source)
     tl = None if truth_latent is None else np.asarray(truth_latent)[pick]
     tc = None if truth_class is None else np.asarray(truth_class)[pick]
     with_classes = sub.class_probs.shape[1] > 1
@@ -68,9 +69,10 @@ def latent_figure(summary: LatentSummary, path: Path, truth_latent: np.ndarray |
         ax2.boxplot(data)
         ax2.set_xticks(np.arange(1, len(groups) + 1),
                        [f"true class {g}" if tc is not None else "all" for g in groups])
-        ax2.set_ylabel(f"q(c = {sub.class_probs.shape[1] - 1})")
+        last = sub.class_probs.shape[1] - 1
+        ax2.set_ylabel(f"p(c = {last} | y)" if sub.class_source == "refined" else f"q(c = {last})")
         ax2.set_ylim(-0.05, 1.05)
-        ax2.set_title("class posterior")
+        ax2.set_title("class posterior" + (" (refined off the grid)" if sub.class_source == "refined" else " (guide)"))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
