@@ -8,7 +8,9 @@ patterns of the data file (its ``/truth/class``, or ``/truth/latent`` for a cont
   same sum's ``E[z | y]`` over the latent's quadrature points (:func:`grid_latent_mean`);
 - ``refined``: :func:`bayes_spi.posterior.class_refine.refined_class_posteriors` on the coarse grid of the fit
   (``--n-modes`` best rotations per class and latent point refined, Laplace evidence, the rest of SO(3) from the
-  grid), with ``--n-modes`` / ``--n-iter`` variants.
+  grid), with ``--n-modes`` / ``--n-iter`` variants;
+- ``local_grid_<s>`` (``--local-grid s``): the alternative, the same seeds' grid cells integrated on ``s^3`` rotations
+  each (midpoint rule), no refinement.
 
 Prints, per method: class accuracy (best label permutation) or |Spearman| of E[z | y] with the true latent, the
 mean max class probability, wall time, this process's CPU time (one thread: robust to other jobs' load) and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from bayes_spi.posterior.class_refine import refined_class_posteriors
 from bayes_spi.posterior.latent import grid_class_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels
 
-__all__ = ["grid_latent_mean", "main", "score"]
+__all__ = ["grid_latent_mean", "local_grid_class_posteriors", "main", "score"]
 
 
 def score(probs: np.ndarray, z_mean: np.ndarray | None, true_class: np.ndarray | None,
@@ -72,6 +75,46 @@ def grid_latent_mean(model: torch.nn.Module, data: SPIDataset, n_rotations: int,
     return np.concatenate(out)
 
 
+def local_grid_class_posteriors(model: torch.nn.Module, data: SPIDataset, indices: np.ndarray, per_axis: int,
+                                 batch_size: int = 64, **kwargs: object) -> np.ndarray:
+    """The alternative to the Laplace refinement, for comparison: the same coarse pass and seeds
+    (:class:`~bayes_spi.posterior.class_refine.ClassModeRefiner`), then each seed's grid cell (a cube of side one
+    grid spacing in the rotation-vector coordinates around the seed, the cell's volume) integrated by the midpoint
+    rule on ``per_axis^3`` rotations, the other cells by the coarse grid; ``p(c | y)`` ``(N, C)`` (no latent)."""
+    from bayes_spi.guides.class_search import class_grid_loglik
+    from bayes_spi.posterior.class_refine import ClassModeRefiner
+    from bayes_spi.posterior.local import profile_loglik
+    from bayes_spi.so3 import rotvec_to_rotmat
+    from bayes_spi.trilinear import sample_cube
+
+    ref = ClassModeRefiner(model, **kwargs)  # type: ignore[arg-type]
+    h = ref.spacing / per_axis
+    ax = (torch.arange(per_axis, dtype=model.q.dtype) + 0.5) * h - ref.spacing / 2
+    offsets = rotvec_to_rotmat(torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3))  # (P, 3, 3)
+    pixels = torch.nonzero(torch.as_tensor(data.mask.reshape(-1))).squeeze(-1)
+    q, log_w = model.q[pixels], model.log_pixel_factor[pixels]
+    prior = ref._log_prior()[:, 0]  # (C,)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(indices), batch_size):
+            y = torch.as_tensor(data.read(indices[s:s + batch_size])).reshape(-1, data.mask.size)[:, pixels].to(q.dtype)
+            ll, _ = class_grid_loglik(ref.caches, ref.rotations, q, log_w, y, ref.q_max)  # (B, C, 1, G)
+            ev = []
+            for c in range(ll.shape[1]):
+                llg = ll[:, c, 0].double()
+                top = ref._seeds(llg)  # (B, K)
+                R = ref.rotations[top][:, :, None] @ offsets  # (B, K, P, 3, 3)
+                x = torch.einsum("bkpij,mj->bkpmi", R, q)
+                lam = sample_cube(ref.caches[c, 0][None, None], x, ref.q_max) + log_w  # (B, K, P, M)
+                cells = profile_loglik(lam, y[:, None, None, :]).double()  # (B, K, P)
+                local = torch.logsumexp(cells.reshape(len(y), -1), -1) + 3 * math.log(h)
+                rest = llg.clone()
+                rest[torch.arange(len(y))[:, None], top] = -math.inf
+                ev.append(torch.logaddexp(local, torch.logsumexp(rest, -1) + ref.log_cell))
+            out.append(torch.softmax(torch.stack(ev, 1) + prior[None], -1).numpy())
+    return np.concatenate(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="run directory (model.pt or checkpoint.pt)")
@@ -79,6 +122,8 @@ def main() -> None:
     ap.add_argument("--grids", type=int, nargs="*", default=[4096, 32768], help="grid_class_posteriors orientations")
     ap.add_argument("--n-modes", type=int, nargs="+", default=[3], help="refined: best grid rotations per class")
     ap.add_argument("--n-iter", type=int, nargs="+", default=[4], help="refined: Gauss-Newton steps")
+    ap.add_argument("--local-grid", type=int, nargs="*", default=[],
+                    help="also the local-grid alternative with this many points per axis per seed cell (no latent)")
     ap.add_argument("--patterns", type=int, default=0, help="the first N patterns (0: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -105,6 +150,17 @@ def main() -> None:
                 rows[f"refined_{config.search_rotations}_k{n_modes}_it{n_iter}"] = row
                 print(f"refined (grid {config.search_rotations}, {n_modes} modes, {n_iter} it.)", json.dumps(row),
                       flush=True)
+        for per_axis in args.local_grid:
+            t0, c0 = time.perf_counter(), time.process_time()
+            probs = local_grid_class_posteriors(model, data, idx, per_axis, n_rotations=config.search_rotations,
+                                                cache_grid=config.cache_grid, latent_per_dim=config.latent_nodes,
+                                                n_modes=args.n_modes[0], grid=config.search_grid,
+                                                seed=config.seed + 12345, symmetry=config.symmetry)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            row = score(probs, None, tc, tl)
+            row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt})
+            rows[f"local_grid_{per_axis}_k{args.n_modes[0]}"] = row
+            print(f"local grid {per_axis}^3 per seed ({args.n_modes[0]} seeds)", json.dumps(row), flush=True)
         for g in args.grids:
             t0, c0 = time.perf_counter(), time.process_time()
             if config.n_classes > 1:
