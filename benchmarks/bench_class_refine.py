@@ -124,12 +124,16 @@ def main() -> None:
     ap.add_argument("--n-iter", type=int, nargs="+", default=[4], help="refined: Gauss-Newton steps")
     ap.add_argument("--local-grid", type=int, nargs="*", default=[],
                     help="also the local-grid alternative with this many points per axis per seed cell (no latent)")
+    ap.add_argument("--latent-nodes", type=int, default=None,
+                    help="latent quadrature points per dimension at scoring (default: the fit's latent_nodes)")
     ap.add_argument("--patterns", type=int, default=0, help="the first N patterns (0: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     trained = load_trained(args.run)
     model, config = trained.model, trained.config
+    if args.latent_nodes is not None:
+        config.latent_nodes = args.latent_nodes
     true_latent, true_class = read_truth_labels(args.data)
     rows: dict[str, dict[str, float]] = {}
     with SPIDataset(args.data) as data:
