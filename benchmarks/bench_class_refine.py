@@ -10,7 +10,8 @@ patterns of the data file (its ``/truth/class``, or ``/truth/latent`` for a cont
   (``--n-modes`` best rotations per class and latent point refined, Laplace evidence, the rest of SO(3) from the
   grid), with ``--n-modes`` / ``--n-iter`` variants;
 - ``local_grid_<s>`` (``--local-grid s``): the alternative, the same seeds' grid cells integrated on ``s^3`` rotations
-  each (midpoint rule), no refinement.
+  each (midpoint rule), no refinement;
+- ``oracle_*`` (``--oracle 2CEX,2CEX@hinge=25``): the same coarse grid and refiner on the *true* states' intensities.
 
 Prints, per method: class accuracy (best label permutation) or |Spearman| of E[z | y] with the true latent, the
 mean max class probability, wall time, this process's CPU time (one thread: robust to other jobs' load) and
@@ -38,7 +39,7 @@ from bayes_spi.posterior.class_refine import refined_class_posteriors
 from bayes_spi.posterior.latent import grid_class_posteriors
 from bayes_spi.sim.ensemble import read_truth_labels
 
-__all__ = ["grid_latent_mean", "local_grid_class_posteriors", "main", "score"]
+__all__ = ["grid_latent_mean", "local_grid_class_posteriors", "main", "oracle_refined", "score"]
 
 
 def score(probs: np.ndarray, z_mean: np.ndarray | None, true_class: np.ndarray | None,
@@ -115,6 +116,35 @@ def local_grid_class_posteriors(model: torch.nn.Module, data: SPIDataset, indice
     return np.concatenate(out)
 
 
+def oracle_refined(model: torch.nn.Module, data: SPIDataset, structures: list[str], indices: np.ndarray,
+                   cache_grid: int, n_rotations: int, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """The *true* model's class posterior ``(N, C)`` on the coarse grid and refined: each state's exact intensity
+    ``|F(q)|^2`` (:func:`bayes_spi.sim.transform.molecular_transform`) in place of the fitted fields' cubes
+    (``cache_grid^3`` over the detector's ``q_max``, as the oracle of ``bench_hetero.py``), uniform class prior, the
+    same refiner (3 seeds, 4 steps). Returns ``(grid, refined)``."""
+    from bayes_spi.guides.class_search import class_grid_loglik
+    from bayes_spi.guides.search import cube_points
+    from bayes_spi.posterior.class_refine import ClassModeRefiner
+    from bayes_spi.sim.hinge import load_ensemble_member
+    from bayes_spi.sim.transform import molecular_transform
+
+    ref = ClassModeRefiner(model, n_rotations=n_rotations, cache_grid=cache_grid)
+    pts = cube_points(cache_grid, ref.q_max).double().numpy()
+    cubes = [np.log(np.abs(molecular_transform(load_ensemble_member(name), pts)) ** 2 + 1e-30) for name in structures]
+    ref.caches = torch.as_tensor(np.stack(cubes), dtype=model.q.dtype).reshape(len(cubes), 1, *(cache_grid,) * 3)
+    ref._log_prior = lambda: torch.zeros(len(cubes), 1, dtype=torch.float64)  # type: ignore[method-assign]
+    pixels = torch.nonzero(torch.as_tensor(data.mask.reshape(-1))).squeeze(-1)
+    q, log_w = model.q[pixels], model.log_pixel_factor[pixels]
+    grid, refined = [], []
+    with torch.no_grad():
+        for s in range(0, len(indices), batch_size):
+            y = torch.as_tensor(data.read(indices[s:s + batch_size])).reshape(-1, data.mask.size)[:, pixels].to(q.dtype)
+            ll, _ = class_grid_loglik(ref.caches, ref.rotations, q, log_w, y, ref.q_max)
+            grid.append(torch.softmax(torch.logsumexp(ll[:, :, 0].double(), -1), -1).numpy())
+            refined.append(ref(y, pixels).class_probs.numpy())
+    return np.concatenate(grid), np.concatenate(refined)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="run directory (model.pt or checkpoint.pt)")
@@ -126,6 +156,9 @@ def main() -> None:
                     help="also the local-grid alternative with this many points per axis per seed cell (no latent)")
     ap.add_argument("--latent-nodes", type=int, default=None,
                     help="latent quadrature points per dimension at scoring (default: the fit's latent_nodes)")
+    ap.add_argument("--oracle", default="", help="comma-separated true states (e.g. 2CEX,2CEX@hinge=25): also the true "
+                    "model's class posterior, coarse grid and refined")
+    ap.add_argument("--oracle-patterns", type=int, default=500)
     ap.add_argument("--patterns", type=int, default=0, help="the first N patterns (0: all)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -165,6 +198,17 @@ def main() -> None:
             row.update({"seconds": dt, "cpu_s": cpu, "patterns_per_s": n / dt})
             rows[f"local_grid_{per_axis}_k{args.n_modes[0]}"] = row
             print(f"local grid {per_axis}^3 per seed ({args.n_modes[0]} seeds)", json.dumps(row), flush=True)
+        if args.oracle:
+            m = min(n, args.oracle_patterns)
+            t0, c0 = time.perf_counter(), time.process_time()
+            g_probs, r_probs = oracle_refined(model, data, args.oracle.split(","), idx[:m], config.cache_grid,
+                                              config.search_rotations)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            for name, p in ((f"oracle_grid_{config.search_rotations}", g_probs), ("oracle_refined_k3", r_probs)):
+                row = score(p, None, None if tc is None else tc[:m], None)
+                row.update({"patterns": m, "seconds_both": dt, "cpu_s_both": cpu})
+                rows[name] = row
+                print(name, json.dumps(row), flush=True)
         for g in args.grids:
             t0, c0 = time.perf_counter(), time.process_time()
             if config.n_classes > 1:
