@@ -12,12 +12,14 @@ Here the integral is evaluated where it matters, off the grid:
 
 1. the coarse grid's log-likelihood ``ll_clg`` of every pattern (:func:`~bayes_spi.guides.class_search.
    class_grid_loglik`, all good pixels);
-2. for every ``(c, l)`` the ``n_modes`` best grid rotations are moved to the modes of that field's likelihood
-   (:func:`~bayes_spi.posterior.local.refine_on_cache`: Gauss-Newton on the right perturbation ``eps``, steps
-   capped at half the grid spacing) and each mode carries its Laplace evidence
+2. for every ``(c, l)`` the ``n_modes`` best grid rotations that lie more than a grid spacing apart (a neighbour of
+   the best usually climbs to the same mode; the Ewald twin or another basin is worth more) are moved to the modes
+   of that field's likelihood (:func:`~bayes_spi.posterior.local.refine_on_cache`: Gauss-Newton on the right
+   perturbation ``eps``, steps capped at half the grid spacing) and each mode carries its Laplace evidence
    ``f_m + 3/2 log 2 pi - 1/2 log det H_m`` (``∫ exp f`` over ``eps``: the Haar measure in the units of
-   ``|SO(3)| = 8 pi^2``); modes within a tenth of the grid spacing of a better one are one mode
-   (:func:`~bayes_spi.posterior.local.distinct_modes`);
+   ``|SO(3)| = 8 pi^2``; ``H`` is the profiled Fisher information, the Gauss-Newton curvature: on a trilinearly
+   read likelihood ~0.25 nats above a brute-force integral, tests/test_class_refine.py); modes within a tenth of
+   the grid spacing of a better one are one mode (:func:`~bayes_spi.posterior.local.distinct_modes`);
 3. the rest of SO(3) stays a grid sum: every grid rotation that is not a refined seed and lies farther than one
    grid spacing from every refined mode adds ``exp(ll_g)`` times its cell's volume ``|zone| / G``. Only *sharp*
    modes (largest Laplace sd under half the spacing) enter as modes: a broader peak is resolved by the grid itself
@@ -36,7 +38,8 @@ Here the integral is evaluated where it matters, off the grid:
 
 Cost per pattern: one coarse pass (``C L G`` rotations, as :func:`grid_class_posteriors` on the coarse grid) plus
 ``C L n_modes`` refinements of ``n_iter`` Gauss-Newton steps on all pixels: on the two-state protein about a
-fifth of the 32,768-orientation pass (BENCHMARKS.md). Memory: one batch's ``B x C x L x G`` log-likelihoods.
+fifth of the 32,768-orientation pass, and more accurate (BENCHMARKS.md, heterogeneity, fourth version). Memory:
+one batch's ``B x C x L x G`` log-likelihoods.
 
 Example:
     >>> import torch
@@ -245,7 +248,8 @@ def refined_class_posteriors(model: torch.nn.Module, dataset: object, batch_size
                              progress: Callable[[int, int], None] | None = None, **kwargs: object
                              ) -> RefinedClassSummary:
     """The refined class (and latent-point) posterior of every pattern of ``dataset`` (or of ``indices``), batch by
-    batch on every good pixel (memory independent of ``N``); ``kwargs``: :class:`ClassModeRefiner`'s settings."""
+    batch on every good pixel (the work arrays are one batch's; the result holds ``N x C x L`` numbers, as
+    :func:`~bayes_spi.posterior.latent.latent_posteriors`'); ``kwargs``: :class:`ClassModeRefiner`'s settings."""
     refiner = ClassModeRefiner(model, **kwargs)  # type: ignore[arg-type]
     device = model.q.device
     pixels = torch.nonzero(torch.as_tensor(np.asarray(dataset.mask).reshape(-1), device=device)).squeeze(-1)
