@@ -7,7 +7,9 @@ OUT (-o): group `posterior` (pose_quaternion scalar-first w,x,y,z / pose_rotvec 
 hypothesis_index, dims chain, draw, pattern), group `sample_stats` (per pattern: chordal mean pose, radius of
 the 50% and 90% credible cones, fluence mean/sd/HDI, hypothesis weights) and `observed_data` (photons per
 pattern). A heterogeneous fit (--latent-dim, --classes) adds its structure posteriors: draws latent_z and
-class_index, and per pattern class_probs, latent_mean/sd and latent_loc/scale per class. Open it with
+class_index, and per pattern class_probs, latent_mean/sd and latent_loc/scale per class (the class posterior is
+the one refined off the orientation grid, as in the fit's latent_posterior.h5, unless --class-posterior guide or
+the fit chose the guide's). Open it with
 `arviz.from_netcdf(OUT)`. --summaries-only leaves the draws out (group `posterior`):
 the summaries alone, ~300 bytes per pattern instead of ~8 kB at 200 draws.
 
