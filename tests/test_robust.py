@@ -307,3 +307,26 @@ def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPa
     assert cfg.polish_iterations == expected
     kept, _ = autoset.data_settings(None, FitConfig(polish_iterations=3), given={"polish_iterations": 3})
     assert kept.polish_iterations == 3
+
+
+@pytest.mark.parametrize(("fov", "diameter", "expected"), [
+    (172.0, 60.0, 2 * 11 + 1),   # oversampling 2.9: one voxel per pixel step, ceil(0.06 * 172) = 11
+    (345.0, 54.0, 2 * 13 + 1),   # oversampling 6.4: four voxels per speckle, ceil(0.06 * 216) = 13
+    (833.0, 100.0, 2 * 24 + 1),  # oversampling 8.3: ceil(0.06 * 400) = 24
+    (5000.0, 2000.0, 129),       # capped
+])
+def test_voxel_grid_is_one_per_pixel_step_but_at_most_four_per_speckle(monkeypatch: pytest.MonkeyPatch, fov: float,
+                                                                       diameter: float, expected: int) -> None:
+    """The hybrid field's voxels: dq = max(1 / field of view, 1 / (4 D)); a given value wins."""
+    from types import SimpleNamespace
+
+    from bayes_spi.infer import autoset
+    from bayes_spi.infer.config import FitConfig
+
+    rep = SimpleNamespace(field_w0=20.0, diameter_A=diameter, q_max=0.06, grid_rotations=4096, field_of_view_A=fov,
+                          photons_per_pattern=1e3)
+    monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
+    cfg, _ = autoset.data_settings(None, FitConfig(), given={})
+    assert cfg.field == "hybrid" and cfg.voxel_grid == expected
+    kept, _ = autoset.data_settings(None, FitConfig(voxel_grid=89), given={"voxel_grid": 89})
+    assert kept.voxel_grid == 89

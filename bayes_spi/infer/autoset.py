@@ -6,7 +6,7 @@ orientation grid about three times finer along each axis. :func:`data_settings` 
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
 ``field_width``, ``search_rotations`` and ``cache_grid`` from it, scales the exact EMC iterations up for dim
 patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), and chooses the ``hybrid`` field (SIREN plus
-a voxel residual, one voxel per detector pixel step, for the final exact EMC iterations), unless the user gave
+a voxel residual, one voxel per detector pixel step but at most four per speckle, for the final exact EMC iterations), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
 Example::
@@ -26,7 +26,7 @@ from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
 from bayes_spi.config.fields import FIELDS
 from bayes_spi.infer.config import FitConfig
 
-__all__ = ["AUTO_FIELDS", "data_settings"]
+__all__ = ["AUTO_FIELDS", "VOXELS_PER_SPECKLE", "data_settings"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -38,6 +38,9 @@ AUTO_FIELDS: tuple[str, ...] = ("field_w0", "field_width", "search_rotations", "
 POLISH_REFERENCE_PHOTONS = 1000.0
 #: at most this many times the configured exact EMC iterations for dim patterns
 POLISH_MAX_FACTOR = 4
+
+#: the merged voxel grid is at most this many voxels per speckle width ``1 / D`` (finer only splits the photons)
+VOXELS_PER_SPECKLE = 4.0
 
 #: above this many speckles across the measured ball's radius the field gets twice the width
 WIDE_FIELD_SPECKLES = 8.0
@@ -80,8 +83,12 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         updates["field"] = "hybrid"
     if "voxel_grid" not in given and "voxel_grid" in FIELDS[updates.get("field", config.field)].settings:
         # one voxel per detector pixel step (dq = 1 / field of view), as EMC merges: a coarser grid blurs the
-        # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation)
-        updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * report.field_of_view_A)) + 1, 129)
+        # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation); but no finer
+        # than VOXELS_PER_SPECKLE voxels across a speckle (1 / D) when the detector oversamples more: finer
+        # voxels only split the photons (2CEX on 64x64 at 1e3 photons, oversampling ~6: 89^3 voxels 0.77 in
+        # speckle correlation, 57^3 0.88, BENCHMARKS.md)
+        length = min(report.field_of_view_A, VOXELS_PER_SPECKLE * report.diameter_A)
+        updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * length)) + 1, 129)
     if "polish_iterations" not in given and config.polish_iterations > 0 and report.photons_per_pattern > 0:
         # dim patterns carry less orientation information each: EMC needs more iterations to converge (2CEX at
         # 1e2 photons: 3 iterations reached a speckle correlation of 0.49, 10 reached 0.63; at 1e3 the log
