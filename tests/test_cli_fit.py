@@ -34,7 +34,9 @@ from bayes_spi.infer.outputs import field_on_grid
 from bayes_spi.models.fields import IntensityField
 
 #: tiny fit settings: 96 patterns / 16 = 6 steps per epoch, 2 epochs = 12 steps
+# one exact EMC iteration on a 512-rotation grid: a tiny fit at about half the cost (no test here is about either)
 TINY = ["--batch-size", "16", "--epochs", "2", "--field-width", "16", "--n-heads", "1",
+        "--polish-iterations", "1", "--search-rotations", "512",
         "--pixels-per-pattern", "64", "--grid", "17", "--no-progress"]
 N_PATTERNS = 96
 TOTAL_STEPS = 12

@@ -13,7 +13,9 @@ from bayes_spi.infer.rundir import FRESH_START_FILES, RUN_FILE_NAMES, RUN_MARKER
 from bayes_spi.workflows.fit import RUN_FILES, run_fit
 
 #: tiny fit settings: 48 patterns / 16 = 3 steps (as tests/test_workflows.py)
-SETTINGS = {"batch_size": 16, "epochs": 1, "field_width": 16, "n_heads": 1, "pixels_per_pattern": 64}
+# one exact EMC iteration on a 512-rotation grid: a tiny fit at about half the cost (no test here is about either)
+SETTINGS = {"batch_size": 16, "epochs": 1, "field_width": 16, "n_heads": 1, "pixels_per_pattern": 64,
+            "polish_iterations": 1, "search_rotations": 512}
 N_PATTERNS = 48
 
 #: what a fit with the truth writes, at the least (a variational field would add intensity_sd*)

@@ -14,9 +14,11 @@ from bayes_spi.workflows.errors import WorkflowError
 from bayes_spi.workflows.fit import given_settings, run_fit
 
 #: tiny fit settings: 48 patterns / 16 = 3 steps
-SETTINGS = {"batch_size": 16, "epochs": 1, "field_width": 16, "n_heads": 1, "pixels_per_pattern": 64}
+# one exact EMC iteration on a 512-rotation grid: a tiny fit at about half the cost (no test here is about either)
+SETTINGS = {"batch_size": 16, "epochs": 1, "field_width": 16, "n_heads": 1, "pixels_per_pattern": 64,
+            "polish_iterations": 1, "search_rotations": 512}
 CLI_SETTINGS = ["--batch-size", "16", "--epochs", "1", "--field-width", "16", "--n-heads", "1",
-                "--pixels-per-pattern", "64"]
+                "--pixels-per-pattern", "64", "--polish-iterations", "1", "--search-rotations", "512"]
 N_PATTERNS = 48
 
 
