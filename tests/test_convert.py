@@ -24,7 +24,9 @@ PHOTONS = [DATA / "photons_a.emc", DATA / "photons_b.emc"]
 DET_H5 = DATA / "det_16x12.h5"
 ENERGY = HC_EV_A / 2.0  # config_a.ini: lambda = 2 A
 #: the smallest fit of tests/test_cli_fit.py
+# one exact EMC iteration on a 512-rotation grid: a tiny fit at about half the cost (no test here is about either)
 TINY = ["--batch-size", "16", "--epochs", "2", "--field-width", "16", "--n-heads", "1",
+        "--polish-iterations", "1", "--search-rotations", "512",
         "--pixels-per-pattern", "64", "--grid", "17", "--no-progress"]
 
 

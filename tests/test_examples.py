@@ -108,7 +108,9 @@ def test_custom_likelihood_example(data_file: Path, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+# one exact EMC iteration on a 512-rotation grid: a tiny fit at about half the cost (no test here is about either)
 FIT_TINY = ["--batch-size", "16", "--max-images", "16", "--field-width", "16", "--n-heads", "1",
+            "--polish-iterations", "1", "--search-rotations", "512",
             "--pixels-per-pattern", "64", "--grid", "9", "--no-progress", "--no-truth"]
 
 
