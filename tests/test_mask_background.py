@@ -420,7 +420,12 @@ def test_fit_with_the_pnccd_mask_and_a_background_converges(tmp_path: Path) -> N
           # the central hole hides the central speckle: --auto-settings then sizes the particle from the speckle
           # contrast (83 A, w0 33: 14.7 degrees, but b ends at 0.69); the radial profile alone said 28 A (w0 11,
           # stalled at ~45 degrees). w0 = pi D q_max for 2CEX's ~54 A keeps this test about the mask and background
-          "--field-w0", "21"])
+          "--field-w0", "21",
+          # the exact EMC iterations merge the first 500 patterns (the fit trains on all 1000): 30% less time
+          # and estimate b as well (simulation/fit seeds 11/0, 12/1, 13/2: b 0.686/0.701/0.751, merging all 1000:
+          # 0.688/0.699/0.747; pose errors 6.8/2.8/24.5 degrees, 6.4/2.9/25.0 merging all: seed 13/2 sits at the
+          # threshold either way, this test keeps seed 11/0)
+          "--polish-patterns", "500"])
     from bayes_spi.infer.evaluate import evaluate_run
     from bayes_spi.infer.load import load_trained
 
