@@ -330,3 +330,32 @@ def test_voxel_grid_is_one_per_pixel_step_but_at_most_four_per_speckle(monkeypat
     assert cfg.field == "hybrid" and cfg.voxel_grid == expected
     kept, _ = autoset.data_settings(None, FitConfig(voxel_grid=89), given={"voxel_grid": 89})
     assert kept.voxel_grid == 89
+
+
+def test_a_search_on_fixed_pixels_reads_its_table_with_the_same_numbers() -> None:
+    """``OrientationSearch.fixed_pixels`` (the export's pass) gives the per-batch interpolation's log-likelihoods
+    and proposals, on exactly its pixels (another pixel set is interpolated as before); the table is dropped on
+    leaving, on refresh, and the export's pixels are every good pixel up to the table's budget."""
+    from bayes_spi.guides.search import OrientationSearch, search_pixels_for
+    from bayes_spi.models.fields import SirenField
+    from bayes_spi.models.spi import SPIModel
+
+    gen = torch.Generator().manual_seed(0)
+    q, w = torch.randn(200, 3, generator=gen) * 0.03, torch.rand(200, generator=gen) * 1e-3 + 1e-4
+    search = OrientationSearch(SPIModel(SirenField(0.125, w0=8.0), q, w), n_rotations=256, n_keep=3, cache_grid=13)
+    images = torch.poisson(torch.full((5, 200), 2.0), generator=gen).reshape(5, 10, 20)
+    pixels, other = torch.arange(0, 200, 2), torch.arange(1, 200, 2)
+    ll, log_s = search.grid_loglik(images, pixels, return_log_scale=True)
+    ll_other = search.grid_loglik(images, other)
+    with search.fixed_pixels(pixels):
+        assert search._table is not None
+        ll_t, log_s_t = search.grid_loglik(images, pixels, return_log_scale=True)
+        torch.testing.assert_close(ll_t, ll, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(log_s_t, log_s, rtol=1e-5, atol=1e-5)
+        assert torch.equal(search(images, pixels), search.rotations[ll.topk(3, dim=-1).indices])
+        torch.testing.assert_close(search.grid_loglik(images, other), ll_other)
+    assert search._table is None
+    good = torch.arange(1000)
+    assert torch.equal(search_pixels_for(256, good, budget=256 * 1000), good)
+    sub = search_pixels_for(256, good, budget=256 * 100)
+    assert sub.shape == (100,) and bool((sub[1:] > sub[:-1]).all())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import contextlib
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.grid import grid_q
 from bayes_spi.guides.amortized import AmortizedGuide
+from bayes_spi.guides.search import search_pixels_for
 from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.mrc import write_mrc
@@ -199,7 +201,9 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     evidences (:class:`PoseRefiner`, :func:`bayes_spi.posterior.local.refine_with_twins`, on a ``log I`` cube
     twice as fine as the search's); ``K = refine`` hypotheses per pattern are written, with Laplace spreads.
     The guide's own hypothesis scores are then skipped (the refinement replaces them), and the search
-    proposes on all good pixels (``score_pixels`` is not used). With ``refine = 0`` the guide's own
+    proposes on all good pixels, or a fixed random subset when its table ``G x M`` would exceed
+    :data:`~bayes_spi.guides.search.SEARCH_TABLE_NUMBERS` (:func:`~bayes_spi.guides.search.search_pixels_for`;
+    ``score_pixels`` is not used). With ``refine = 0`` the guide's own
     hypotheses are written as they are: then the hypothesis weights (and the search proposals) are evaluated
     on that subset (0: all good pixels).
 
@@ -221,6 +225,12 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
         pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(seed))[:score_pixels]
         good = good[pick.to(good.device)].sort().values
     refiner = PoseRefiner(guide, all_good) if refine > 0 else None
+    search_px = all_good
+    fixed: Any = contextlib.nullcontext()
+    if refiner is not None and guide.search is not None:
+        # every good pixel, or as many as a precomputed table allows (one matrix product per batch)
+        search_px = search_pixels_for(guide.search.rotations.shape[0], all_good, seed)
+        fixed = guide.search.fixed_pixels(search_px)
     batch_size = max(1, min(int(batch_size), max_points // max(1, guide.n_hypotheses * int(all_good.numel()))))
     how = ("local modes: the guide's best hypotheses (encoder heads and orientation search) and their Rz(pi) "
            "twins, refined by Gauss-Newton on all good pixels (profiled fluence, cached log I); Laplace "
@@ -229,13 +239,13 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
            "the orientation search")
     meter = Throughput(path.name, n)
     rows_per_chunk = max(1, min(int(chunk), n))
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({FORMAT_VERSION_KEY: RunDir.format_version("posterior"),
                             "software_version": __version__, "source": str(dataset.path),
                             "quaternion_convention": "scalar-first (w, x, y, z); pixel samples I(R @ q)",
                             "n_encoder_hypotheses": 0 if refine > 0 else guide.n_encoder_hypotheses,
-                            "score_pixels": int(all_good.numel() if refine > 0 else good.numel()),
+                            "score_pixels": int(search_px.numel() if refine > 0 else good.numel()),
                             "refined": int(refine > 0), "hypotheses": how})
             f.attrs.update(attrs or {})
             ds = {name: f.create_dataset(name, shape=shape, dtype="f4", chunks=(rows_per_chunk,) + shape[1:],
@@ -244,13 +254,15 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),
                                       ("hypothesis_weights", (n, k)), ("scale_mean", (n,)), ("scale_sd", (n,))]}
             done, best_w_sum, n_ambiguous = 0, 0.0, 0
+            stack.enter_context(fixed)
             for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
                 images = torch.as_tensor(counts, device=device)
                 if refiner is not None:
-                    # the search proposes on every good pixel: on a 512-pixel subset its best grid rotation fell in
-                    # the Rz(pi) twin's basin for 20% of 2CEX's patterns on 64x64 at 1e3 photons, 2% on all of them
-                    # (BENCHMARKS.md); the refinement then never saw the true basin. Same cost: refinement dominates
-                    modes, weights, post = refiner(images, all_good, n_keep=k,
+                    # the search proposes on every good pixel (at most SEARCH_TABLE_NUMBERS / G): on a 512-pixel
+                    # subset its best grid rotation fell in the Rz(pi) twin's basin for 20% of 2CEX's patterns on
+                    # 64x64 at 1e3 photons, 2% on all of them (BENCHMARKS.md); the refinement then never saw the
+                    # true basin
+                    modes, weights, post = refiner(images, search_px, n_keep=k,
                                                    indices=torch.as_tensor(idx, device=device))
                     rots, sigmas, sd = modes.rotations, modes.sigmas, post.scale_scale
                     mu = modes.log_scale.gather(1, weights.argmax(-1, keepdim=True)).squeeze(1)

@@ -47,6 +47,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -65,6 +66,7 @@ from torch import Tensor
 from bayes_spi import __version__
 from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
+from bayes_spi.guides.search import search_pixels_for
 from bayes_spi.posterior.mixture import LEVELS, MixturePosterior, PosteriorDraws, PosteriorSummary, draw, summarize
 from bayes_spi.posterior.refine import refine_posterior
 from bayes_spi.so3 import rotmat_to_quat_wxyz, rotmat_to_rotvec
@@ -573,7 +575,8 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
 
     ``trained`` is a :class:`bayes_spi.infer.load.Trained`. The guide's hypothesis scores and search use one
     fixed random subset of ``score_pixels`` good pixels; when the poses are refined on a cube the search
-    proposes on every good pixel (as :func:`bayes_spi.infer.outputs.write_posterior`), and the refinement
+    proposes on every good pixel, or as many as its precomputed table allows
+    (:func:`~bayes_spi.guides.search.search_pixels_for`, as :func:`bayes_spi.infer.outputs.write_posterior`), and the refinement
     uses every good pixel.
     """
     guide, model = trained.guide, trained.model
@@ -616,6 +619,22 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     step = settings.batch_size
     if settings.refine:
         step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
+    search_px = good
+    fixed: Any = contextlib.nullcontext()
+    if log_intensity is not None and getattr(guide, "search", None) is not None:
+        # every good pixel, or as many as the search's precomputed table allows (one matrix product per batch)
+        search_px = search_pixels_for(guide.search.rotations.shape[0], good, settings.seed)
+        fixed = guide.search.fixed_pixels(search_px)
+    with fixed:
+        yield from _guide_batch_loop(guide, model, dataset, settings, patterns, step, mask, device, hetero, score,
+                                     good, search_px, refiner, class_cubes, log_intensity)
+
+
+def _guide_batch_loop(guide: Any, model: Any, dataset: SPIDataset, settings: ExportSettings, patterns: np.ndarray,
+                      step: int, mask: Tensor, device: torch.device | str, hetero: bool, score: Tensor, good: Tensor,
+                      search_px: Tensor, refiner: Any, class_cubes: list[Tensor], log_intensity: Any
+                      ) -> Iterator[tuple[Any, ...]]:
+    """The batches of :func:`guide_batches` (its arguments, worked out there)."""
     for first in range(0, len(patterns), step):
         idx = patterns[first:first + step]
         counts = torch.as_tensor(dataset.read(idx))
@@ -639,7 +658,7 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
             else:  # the guide's hypothesis scores on the same cube as the refinement; the search on every good
                 # pixel (on a 512-pixel subset its best grid rotation fell in the Rz(pi) twin's basin for 20% of
                 # 2CEX's patterns on 64x64 at 1e3 photons, and the refinement never saw the true basin)
-                gp = guide.posterior(images, good, score=False)
+                gp = guide.posterior(images, search_px, score=False)
                 if getattr(guide, "_scorer", None):
                     gp.weights = _cache_scores(model, log_intensity, gp, images, score)
             post = MixturePosterior.from_guide(gp)
