@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--r-min", type=float, default=4.0, help="voxels (Dragonfly: beam-stop radius + 1)")
     ap.add_argument("--r-max", type=float, default=None, help="voxels (default: the inscribed circle)")
     ap.add_argument("--score-only", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="continue a killed run from OUT/run/checkpoint.pt")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -80,7 +81,7 @@ def main() -> int:
                            snaps / f"snap_{st.images_seen:08d}_{st.polished}.pt")
 
         t0 = time.perf_counter()
-        trainer.fit(on_step=snap)
+        trainer.fit(resume=args.resume, on_step=snap)
         print(f"fit: {time.perf_counter() - t0:.0f} s wall, {trainer.state.images_seen} images", flush=True)
         verdict = assess_fit(trainer)
         print(verdict.summary(), flush=True)
