@@ -311,13 +311,13 @@ def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize(("fov", "diameter", "expected"), [
     (172.0, 60.0, 2 * 11 + 1),   # oversampling 2.9: one voxel per pixel step, ceil(0.06 * 172) = 11
-    (345.0, 54.0, 2 * 13 + 1),   # oversampling 6.4: four voxels per speckle, ceil(0.06 * 216) = 13
-    (833.0, 100.0, 2 * 24 + 1),  # oversampling 8.3: ceil(0.06 * 400) = 24
+    (345.0, 54.0, 2 * 15 + 1),   # oversampling 6.4: 4.5 voxels per speckle, ceil(0.06 * 243) = 15
+    (833.0, 110.0, 2 * 30 + 1),  # oversampling 7.6: ceil(0.06 * 495) = 30
     (5000.0, 2000.0, 129),       # capped
 ])
-def test_voxel_grid_is_one_per_pixel_step_but_at_most_four_per_speckle(monkeypatch: pytest.MonkeyPatch, fov: float,
+def test_voxel_grid_is_one_per_pixel_step_but_at_most_4_5_per_speckle(monkeypatch: pytest.MonkeyPatch, fov: float,
                                                                        diameter: float, expected: int) -> None:
-    """The hybrid field's voxels: dq = max(1 / field of view, 1 / (4 D)); a given value wins."""
+    """The hybrid field's voxels: dq = max(1 / field of view, 1 / (4.5 D)); a given value wins."""
     from types import SimpleNamespace
 
     from bayes_spi.infer import autoset

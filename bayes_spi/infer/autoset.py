@@ -6,7 +6,7 @@ orientation grid about three times finer along each axis. :func:`data_settings` 
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
 ``field_width``, ``search_rotations`` and ``cache_grid`` from it, scales the exact EMC iterations up for dim
 patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), and chooses the ``hybrid`` field (SIREN plus
-a voxel residual, one voxel per detector pixel step but at most four per speckle, for the final exact EMC iterations), unless the user gave
+a voxel residual, one voxel per detector pixel step but at most 4.5 per speckle, for the final exact EMC iterations), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
 Example::
@@ -40,7 +40,7 @@ POLISH_REFERENCE_PHOTONS = 1000.0
 POLISH_MAX_FACTOR = 4
 
 #: the merged voxel grid is at most this many voxels per speckle width ``1 / D`` (finer only splits the photons)
-VOXELS_PER_SPECKLE = 4.0
+VOXELS_PER_SPECKLE = 4.5
 
 #: above this many speckles across the measured ball's radius the field gets twice the width
 WIDE_FIELD_SPECKLES = 8.0
@@ -86,7 +86,8 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation); but no finer
         # than VOXELS_PER_SPECKLE voxels across a speckle (1 / D) when the detector oversamples more: finer
         # voxels only split the photons (2CEX on 64x64 at 1e3 photons, oversampling ~6: 89^3 voxels 0.77 in
-        # speckle correlation, 57^3 0.88, BENCHMARKS.md)
+        # speckle correlation, 71^3 0.85, 65^3 0.86, 57^3 0.88; the 195 A TMV set at oversampling 4.75: 93^3
+        # 0.970, 85^3 0.968, 77^3 0.964; BENCHMARKS.md)
         length = min(report.field_of_view_A, VOXELS_PER_SPECKLE * report.diameter_A)
         updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * length)) + 1, 129)
     if "polish_iterations" not in given and config.polish_iterations > 0 and report.photons_per_pattern > 0:
