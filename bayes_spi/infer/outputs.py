@@ -227,7 +227,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
     refiner = PoseRefiner(guide, all_good) if refine > 0 else None
     search_px = all_good
     fixed: Any = contextlib.nullcontext()
-    if refiner is not None and guide.search is not None:
+    if refiner is not None and hasattr(guide.search, "fixed_pixels"):  # one field's search (not a class search)
         # every good pixel, or as many as a precomputed table allows (one matrix product per batch)
         search_px = search_pixels_for(guide.search.rotations.shape[0], all_good, seed)
         fixed = guide.search.fixed_pixels(search_px)

@@ -621,7 +621,7 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
     search_px = good
     fixed: Any = contextlib.nullcontext()
-    if log_intensity is not None and getattr(guide, "search", None) is not None:
+    if log_intensity is not None and hasattr(getattr(guide, "search", None), "fixed_pixels"):
         # every good pixel, or as many as the search's precomputed table allows (one matrix product per batch)
         search_px = search_pixels_for(guide.search.rotations.shape[0], good, settings.seed)
         fixed = guide.search.fixed_pixels(search_px)
