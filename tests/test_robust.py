@@ -347,14 +347,16 @@ def test_a_search_on_fixed_pixels_reads_its_table_with_the_same_numbers() -> Non
     pixels, other = torch.arange(0, 200, 2), torch.arange(1, 200, 2)
     ll, log_s = search.grid_loglik(images, pixels, return_log_scale=True)
     ll_other = search.grid_loglik(images, other)
-    with search.fixed_pixels(pixels):
-        assert search._table is not None
+    with search.fixed_pixels(pixels) as chosen:
+        assert search._table is not None and torch.equal(chosen, pixels)  # all of them: within the budget
         ll_t, log_s_t = search.grid_loglik(images, pixels, return_log_scale=True)
         torch.testing.assert_close(ll_t, ll, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(log_s_t, log_s, rtol=1e-5, atol=1e-5)
         assert torch.equal(search(images, pixels), search.rotations[ll.topk(3, dim=-1).indices])
         torch.testing.assert_close(search.grid_loglik(images, other), ll_other)
     assert search._table is None
+    with search.fixed_pixels(pixels, budget=256 * 30) as chosen:  # over the budget: a subset, its own table
+        assert chosen.shape == (30,) and torch.equal(search._table[0], chosen)
     good = torch.arange(1000)
     assert torch.equal(search_pixels_for(256, good, budget=256 * 1000), good)
     sub = search_pixels_for(256, good, budget=256 * 100)

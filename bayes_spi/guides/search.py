@@ -33,8 +33,8 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
 from bayes_spi.trilinear import sample_cube
 
-__all__ = ["BACKGROUND_SCREEN", "SEARCH_TABLE_NUMBERS", "GridSearchBase", "OrientationSearch", "cube_points", "grid_profile_loglik",
-           "orientation_grid", "search_grid", "search_pixels_for"]
+__all__ = ["BACKGROUND_SCREEN", "SEARCH_TABLE_NUMBERS", "GridSearchBase", "OrientationSearch", "cube_points",
+           "grid_log_lambda", "grid_profile_loglik", "orientation_grid", "search_grid", "search_pixels_for"]
 
 #: with a measured background, rotations per pattern evaluated exactly by the search and the EMC stages
 #: (the others are ranked by the closed form on background-subtracted counts; see :func:`grid_profile_loglik`)
@@ -115,17 +115,28 @@ def grid_profile_loglik(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tens
         if 0 < screen < rotations.shape[0]:
             return _screened_loglik_bg(cache, rotations, q, log_w, y, q_max, bg, screen, chunk)
         return _grid_profile_loglik_bg(cache, rotations, q, log_w, y, q_max, bg)
-    n_tot = y.sum(-1, keepdim=True)
-    log_n = n_tot.clamp(min=1.0).log()
     rots = rotations.to(q.device, q.dtype)
-    lls, scales = [], []
+    parts = []
     for s in range(0, rots.shape[0], chunk):
-        log_i = sample_cube(cache, torch.einsum("gij,mj->gmi", rots[s:s + chunk], q), q_max)  # (g, M)
-        log_lam = log_i + log_w  # (g, M)
-        lse = torch.logsumexp(log_lam, dim=-1)[None]  # (1, g)
-        lls.append(y @ log_lam.T - n_tot * lse)
-        scales.append((log_n - lse).detach())
-    return torch.cat(lls, -1), torch.cat(scales, -1)
+        log_lam = grid_log_lambda(cache, rots[s:s + chunk], q, log_w, q_max)  # (g, M)
+        parts.append(_profile_loglik(y, log_lam, torch.logsumexp(log_lam, dim=-1)))
+    return torch.cat([p[0] for p in parts], -1), torch.cat([p[1] for p in parts], -1)
+
+
+def grid_log_lambda(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tensor, q_max: float, chunk: int = 1024
+                    ) -> Tensor:
+    """``log lambda (G, M)`` = ``log I(R_g q_k) + log w_k`` of every rotation ``(G, 3, 3)`` at every pixel ``q (M, 3)``
+    (log pixel factors ``log_w (M,)``), read from the ``log I`` cube (trilinear), ``chunk`` rotations at a time."""
+    rots = rotations.to(q.device, q.dtype)
+    return torch.cat([sample_cube(cache, torch.einsum("gij,mj->gmi", rots[s:s + chunk], q), q_max)
+                      for s in range(0, rots.shape[0], chunk)]) + log_w
+
+
+def _profile_loglik(y: Tensor, log_lam: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``ll (B, G)`` and the profile log scales ``(B, G)`` (detached) of counts ``y (B, M)`` at the rates
+    ``log_lam (G, M)`` with their log-sums ``lse (G,)`` (:func:`grid_profile_loglik`'s closed form)."""
+    n_tot = y.sum(-1, keepdim=True)
+    return y @ log_lam.T - n_tot * lse[None], (n_tot.clamp(min=1.0).log() - lse[None]).detach()
 
 
 def _grid_profile_loglik_bg(cache: Tensor, rotations: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
@@ -258,28 +269,28 @@ class OrientationSearch(GridSearchBase):
         self._table = None
 
     @contextmanager
-    def fixed_pixels(self, pixels: Tensor) -> Iterator[None]:
-        """Within the block, searches on exactly ``pixels (M,)`` read one precomputed ``log lambda`` table
-        ``(G, M)`` (and its log-sums) instead of interpolating the cube at every rotation for every batch.
+    def fixed_pixels(self, good: Tensor, seed: int = 0, budget: int = SEARCH_TABLE_NUMBERS) -> Iterator[Tensor]:
+        """Within the block, searches on the pixels it yields (``good (P,)``, or the subset
+        :func:`search_pixels_for` allows within ``budget``) read one precomputed ``log lambda`` table ``(G, M)``
+        (and its log-sums) instead of interpolating the cube at every rotation for every batch.
 
         For a pass over many patterns with a fixed field and pixel set (the export): on 128x128 with 16,384
         rotations the interpolation cost ~1.5 s per pattern at 25 patterns a batch; the table makes each batch
-        one matrix product. The table takes ``G x M`` numbers (keep it within memory: see
-        :func:`search_pixels_for`). Without a background only (with one the search is screened per pattern).
+        one matrix product. Without a background only (with one the search is screened per pattern: the pixels
+        are chosen the same way, without a table).
         """
-        if self._cache is None:
-            self.refresh()
+        pixels = search_pixels_for(self.rotations.shape[0], good, seed, budget)
         model = self.model
         if getattr(model, "background", None) is not None:
-            yield
+            yield pixels
             return
-        q = model.q[pixels]
-        rots = self.rotations.to(q.device, q.dtype)
-        log_lam = torch.cat([sample_cube(self._cache, torch.einsum("gij,mj->gmi", rots[s:s + 1024], q), self.q_max)
-                             for s in range(0, rots.shape[0], 1024)]) + model.log_pixel_factor[pixels]
+        if self._cache is None:
+            self.refresh()
+        log_lam = grid_log_lambda(self._cache, self.rotations, model.q[pixels], model.log_pixel_factor[pixels],
+                                  self.q_max)
         self._table = (pixels, log_lam, torch.logsumexp(log_lam, dim=-1))
         try:
-            yield
+            yield pixels
         finally:
             self._table = None
 
@@ -295,12 +306,8 @@ class OrientationSearch(GridSearchBase):
         model = self.model
         q = model.q[pixels]  # (M, 3)
         y = images.reshape(images.shape[0], -1)[:, pixels].to(q.dtype)  # (B, M)
-        table = getattr(self, "_table", None)
-        if table is not None and table[0].shape == pixels.shape and bool(torch.equal(table[0], pixels)):
-            _, log_lam, lse = table  # fixed_pixels: the same numbers as below, interpolated once
-            n_tot = y.sum(-1, keepdim=True)
-            ll = y @ log_lam.T - n_tot * lse[None]
-            log_s = n_tot.clamp(min=1.0).log() - lse[None]
+        if self._table is not None and torch.equal(self._table[0], pixels):
+            ll, log_s = _profile_loglik(y, *self._table[1:])  # fixed_pixels: the same numbers, interpolated once
             return (ll, log_s) if return_log_scale else ll
         bg = model.background_rate(pixels) if getattr(model, "background", None) is not None else None
         ll, log_s = grid_profile_loglik(self._cache, self.rotations, q, model.log_pixel_factor[pixels], y, self.q_max,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -51,7 +51,8 @@ from bayes_spi.models.spi import SPIBatch
 if TYPE_CHECKING:
     from bayes_spi.posterior.class_refine import RefinedClassSummary
 
-__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "gaussian_mixture_labels", "kmeans"]
+__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "fit_class_grid",
+           "gaussian_mixture_labels", "kmeans"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -157,6 +158,15 @@ def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.nda
     return labels, profiles
 
 
+def fit_class_grid(guide: Any, config: FitConfig) -> torch.Tensor:
+    """The coarse orientation grid ``(G, 3, 3)`` of a heterogeneous fit: its guide's search's, or (without a
+    search) the grid that search would have (the fit's ``search_rotations``, ``search_grid``, seed and symmetry)."""
+    search = getattr(guide, "search", None)
+    if search is not None:
+        return search.rotations
+    return orientation_grid(config.search_rotations, config.search_grid, config.seed + 12345, config.symmetry)
+
+
 class HeterogeneousTrainer(Trainer):
     """:class:`Trainer` whose class fields start from the radial profiles of clusters of the data, whose EMC warm
     start is the exact marginal over classes, latent points and orientations
@@ -167,9 +177,8 @@ class HeterogeneousTrainer(Trainer):
     def emc(self) -> ClassGridMarginal:  # type: ignore[override]
         """The class-aware grid marginal (built on first use, on the search's grid when there is one)."""
         if self._emc is None:
-            search, c = self.guide.search, self.config
-            rots = (search.rotations if search is not None
-                    else orientation_grid(c.search_rotations, c.search_grid, c.seed + 12345, c.symmetry))
+            c = self.config
+            rots = fit_class_grid(self.guide, c)
             self._emc = ClassGridMarginal(self.model, rots.to(self.device), cache_grid=c.cache_grid,
                                           latent_per_dim=c.latent_nodes)
         return self._emc
@@ -233,9 +242,8 @@ class HeterogeneousTrainer(Trainer):
 
         from bayes_spi.posterior.class_refine import refined_class_posteriors
 
-        search, c = self.guide.search, self.config
-        rots = (search.rotations if search is not None
-                else orientation_grid(c.search_rotations, c.search_grid, c.seed + 12345, c.symmetry))
+        c = self.config
+        rots = fit_class_grid(self.guide, c)
         t0 = time.perf_counter()
         log.info("refining the class posterior of %d patterns off the %d-orientation grid", self.dataset.n_patterns,
                  rots.shape[0])

@@ -39,7 +39,6 @@ from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
 from bayes_spi.grid import grid_q
 from bayes_spi.guides.amortized import AmortizedGuide
-from bayes_spi.guides.search import search_pixels_for
 from bayes_spi.infer.rundir import FORMAT_VERSION_KEY, RunDir
 from bayes_spi.models.fields import IntensityField
 from bayes_spi.mrc import write_mrc
@@ -225,12 +224,11 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
         pick = torch.randperm(good.numel(), generator=torch.Generator().manual_seed(seed))[:score_pixels]
         good = good[pick.to(good.device)].sort().values
     refiner = PoseRefiner(guide, all_good) if refine > 0 else None
-    search_px = all_good
-    fixed: Any = contextlib.nullcontext()
-    if refiner is not None and hasattr(guide.search, "fixed_pixels"):  # one field's search (not a class search)
-        # every good pixel, or as many as a precomputed table allows (one matrix product per batch)
-        search_px = search_pixels_for(guide.search.rotations.shape[0], all_good, seed)
-        fixed = guide.search.fixed_pixels(search_px)
+    # the search on every good pixel, or as many as its precomputed table allows (one matrix product per batch;
+    # one field's search, not a class search)
+    search_pixels: Any = (guide.search.fixed_pixels(all_good, seed)
+                          if refiner is not None and hasattr(guide.search, "fixed_pixels")
+                          else contextlib.nullcontext(all_good))
     batch_size = max(1, min(int(batch_size), max_points // max(1, guide.n_hypotheses * int(all_good.numel()))))
     how = ("local modes: the guide's best hypotheses (encoder heads and orientation search) and their Rz(pi) "
            "twins, refined by Gauss-Newton on all good pixels (profiled fluence, cached log I); Laplace "
@@ -239,7 +237,7 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
            "the orientation search")
     meter = Throughput(path.name, n)
     rows_per_chunk = max(1, min(int(chunk), n))
-    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
+    with atomic_path(path) as tmp, search_pixels as search_px:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({FORMAT_VERSION_KEY: RunDir.format_version("posterior"),
                             "software_version": __version__, "source": str(dataset.path),
@@ -254,7 +252,6 @@ def write_posterior(guide: AmortizedGuide, dataset: SPIDataset, path: str | os.P
                                       ("hypothesis_quaternions", (n, k, 4)), ("hypothesis_sigma_rad", (n, k, 3)),
                                       ("hypothesis_weights", (n, k)), ("scale_mean", (n,)), ("scale_sd", (n,))]}
             done, best_w_sum, n_ambiguous = 0, 0.0, 0
-            stack.enter_context(fixed)
             for idx, counts in dataset.iter_batches(batch_size, shuffle=False):
                 images = torch.as_tensor(counts, device=device)
                 if refiner is not None:

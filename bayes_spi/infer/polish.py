@@ -52,10 +52,11 @@ import torch
 from torch import Tensor
 
 from bayes_spi.config.fields import FIELDS, names_text
+from bayes_spi.guides.search import grid_log_lambda
 from bayes_spi.models.fields import SirenVoxelField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import rotz_pi
-from bayes_spi.trilinear import sample_cube, splat_cube
+from bayes_spi.trilinear import splat_cube
 
 __all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step"]
 
@@ -212,9 +213,7 @@ class EMCPolish:
         cache = field_log_cache(field, self.cache_grid, q_max)
         G, M = self.rotations.shape[0], q.shape[0]
         # log lambda of every grid rotation at every pixel, once per pass (the cube is fixed during the E-step)
-        log_lam = torch.cat([
-            sample_cube(cache, torch.einsum("gij,mj->gmi", self.rotations[s:s + 512], q), q_max) + log_w
-            for s in range(0, G, 512)])  # (G, M)
+        log_lam = grid_log_lambda(cache, self.rotations, q, log_w, q_max, chunk=512)  # (G, M)
         lse = torch.logsumexp(log_lam, dim=-1)  # (G,)
         Y = torch.zeros(G, M, dtype=q.dtype, device=q.device)
         S = torch.zeros(G, dtype=q.dtype, device=q.device)

@@ -66,7 +66,6 @@ from torch import Tensor
 from bayes_spi import __version__
 from bayes_spi.atomic import atomic_path
 from bayes_spi.dataio.h5 import SPIDataset
-from bayes_spi.guides.search import search_pixels_for
 from bayes_spi.posterior.mixture import LEVELS, MixturePosterior, PosteriorDraws, PosteriorSummary, draw, summarize
 from bayes_spi.posterior.refine import refine_posterior
 from bayes_spi.so3 import rotmat_to_quat_wxyz, rotmat_to_rotvec
@@ -576,8 +575,8 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     ``trained`` is a :class:`bayes_spi.infer.load.Trained`. The guide's hypothesis scores and search use one
     fixed random subset of ``score_pixels`` good pixels; when the poses are refined on a cube the search
     proposes on every good pixel, or as many as its precomputed table allows
-    (:func:`~bayes_spi.guides.search.search_pixels_for`, as :func:`bayes_spi.infer.outputs.write_posterior`), and the refinement
-    uses every good pixel.
+    (:meth:`~bayes_spi.guides.search.OrientationSearch.fixed_pixels`, as
+    :func:`bayes_spi.infer.outputs.write_posterior`), and the refinement uses every good pixel.
     """
     guide, model = trained.guide, trained.model
     good = torch.nonzero(guide.mask.reshape(-1)).squeeze(-1)
@@ -606,11 +605,10 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
         config = getattr(trained, "config", None)
         choice = settings.class_posterior or getattr(config, "class_posterior", "guide")
         if choice == "refined":
-            from bayes_spi.guides.search import orientation_grid
+            from bayes_spi.infer.heterogeneous import fit_class_grid
             from bayes_spi.posterior.class_refine import ClassModeRefiner
 
-            rots = (guide.search.rotations if getattr(guide, "search", None) is not None else
-                    orientation_grid(config.search_rotations, config.search_grid, config.seed + 12345, config.symmetry))
+            rots = fit_class_grid(guide, config)
             refiner = ClassModeRefiner(model, rotations=rots.to(model.q.device), cache_grid=config.cache_grid,
                                        latent_per_dim=config.latent_nodes, symmetry=config.symmetry)
     # the refinement's work arrays grow with patterns x hypotheses x pixels (x the field's width when refined on
@@ -619,53 +617,42 @@ def guide_batches(trained: Any, dataset: SPIDataset, settings: ExportSettings,
     step = settings.batch_size
     if settings.refine:
         step = max(1, min(step, budget // max(1, settings.n_refine * int(good.numel()))))
-    search_px = good
-    fixed: Any = contextlib.nullcontext()
-    if log_intensity is not None and hasattr(getattr(guide, "search", None), "fixed_pixels"):
-        # every good pixel, or as many as the search's precomputed table allows (one matrix product per batch)
-        search_px = search_pixels_for(guide.search.rotations.shape[0], good, settings.seed)
-        fixed = guide.search.fixed_pixels(search_px)
-    with fixed:
-        yield from _guide_batch_loop(guide, model, dataset, settings, patterns, step, mask, device, hetero, score,
-                                     good, search_px, refiner, class_cubes, log_intensity)
-
-
-def _guide_batch_loop(guide: Any, model: Any, dataset: SPIDataset, settings: ExportSettings, patterns: np.ndarray,
-                      step: int, mask: Tensor, device: torch.device | str, hetero: bool, score: Tensor, good: Tensor,
-                      search_px: Tensor, refiner: Any, class_cubes: list[Tensor], log_intensity: Any
-                      ) -> Iterator[tuple[Any, ...]]:
-    """The batches of :func:`guide_batches` (its arguments, worked out there)."""
-    for first in range(0, len(patterns), step):
-        idx = patterns[first:first + step]
-        counts = torch.as_tensor(dataset.read(idx))
-        photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
-        images = counts.to(device)
-        if hetero:  # a heterogeneous fit: the pose posterior given each pattern's most probable class
+    # on a cube the search proposes on every good pixel, or as many as its precomputed table allows
+    search_pixels: Any = (guide.search.fixed_pixels(good, settings.seed)
+                          if log_intensity is not None and hasattr(getattr(guide, "search", None), "fixed_pixels")
+                          else contextlib.nullcontext(good))
+    with search_pixels as search_px:
+        for first in range(0, len(patterns), step):
+            idx = patterns[first:first + step]
+            counts = torch.as_tensor(dataset.read(idx))
+            photons = (counts * mask).sum(dim=(-2, -1)).double().numpy()
+            images = counts.to(device)
+            if hetero:  # a heterogeneous fit: the pose posterior given each pattern's most probable class
+                with torch.no_grad(), guide.evaluating():
+                    lp = guide.latent_posterior(images, score)
+                if refiner is not None:  # the refined class posterior on every good pixel, as latent_posterior.h5's
+                    y = images.reshape(images.shape[0], -1)[:, good]
+                    lp = dataclasses.replace(lp, class_probs=refiner(y, good).class_probs.to(lp.class_probs.dtype))
+                post, batch_log_intensity = _class_pose_posterior(model, lp, class_cubes)
+                if settings.refine:
+                    post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
+                                            n_iter=settings.n_iter, pixels=good, log_intensity=batch_log_intensity)
+                yield idx, photons, post, _latent_batch_of(lp)
+                continue
             with torch.no_grad(), guide.evaluating():
-                lp = guide.latent_posterior(images, score)
-            if refiner is not None:  # the refined class posterior on every good pixel, as latent_posterior.h5's
-                y = images.reshape(images.shape[0], -1)[:, good]
-                lp = dataclasses.replace(lp, class_probs=refiner(y, good).class_probs.to(lp.class_probs.dtype))
-            post, batch_log_intensity = _class_pose_posterior(model, lp, class_cubes)
+                if log_intensity is None:
+                    gp = guide.posterior(images, score)
+                else:  # the guide's hypothesis scores on the same cube as the refinement; the search on every good
+                    # pixel (on a 512-pixel subset its best grid rotation fell in the Rz(pi) twin's basin for 20% of
+                    # 2CEX's patterns on 64x64 at 1e3 photons, and the refinement never saw the true basin)
+                    gp = guide.posterior(images, search_px, score=False)
+                    if getattr(guide, "_scorer", None):
+                        gp.weights = _cache_scores(model, log_intensity, gp, images, score)
+                post = MixturePosterior.from_guide(gp)
             if settings.refine:
                 post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
-                                        n_iter=settings.n_iter, pixels=good, log_intensity=batch_log_intensity)
-            yield idx, photons, post, _latent_batch_of(lp)
-            continue
-        with torch.no_grad(), guide.evaluating():
-            if log_intensity is None:
-                gp = guide.posterior(images, score)
-            else:  # the guide's hypothesis scores on the same cube as the refinement; the search on every good
-                # pixel (on a 512-pixel subset its best grid rotation fell in the Rz(pi) twin's basin for 20% of
-                # 2CEX's patterns on 64x64 at 1e3 photons, and the refinement never saw the true basin)
-                gp = guide.posterior(images, search_px, score=False)
-                if getattr(guide, "_scorer", None):
-                    gp.weights = _cache_scores(model, log_intensity, gp, images, score)
-            post = MixturePosterior.from_guide(gp)
-        if settings.refine:
-            post = refine_posterior(model, images, post, n_refine=min(settings.n_refine, post.n_hypotheses),
-                                    n_iter=settings.n_iter, pixels=good, log_intensity=log_intensity)
-        yield idx, photons, post
+                                        n_iter=settings.n_iter, pixels=good, log_intensity=log_intensity)
+            yield idx, photons, post
 
 
 def _class_pose_posterior(model: Any, lp: Any, class_cubes: Sequence[Tensor]
