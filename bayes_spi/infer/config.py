@@ -110,6 +110,11 @@ class FitConfig:
         E-step, before the amortized guide takes over); 0 turns it off. ``emc_batches`` data batches form
         one warm-start step (its cost is mostly per step), ``emc_pixels`` pixels per pattern enter it
         (0 = all eligible), ``emc_beta`` (<= 1) tempers its posterior (deterministic annealing).
+        ``emc_subset_posterior``: the warm start's orientation posterior is the posterior given the pixels the
+        step reads (its tempering divided by the subsample's weight ``n_eligible / M``), not the subsample's
+        log-likelihood scaled up to the whole pattern, which sharpens the posterior by that factor while its
+        noise grows with it (on a 128x128 detector ~16x: one effective orientation per pattern from the first
+        step). The objective is then the subsample's log marginal, scaled.
         polish_iterations: exact EMC iterations at the end of the fit (E-step over every pattern and the whole
         orientation grid, exact M-step into the field's voxels: :mod:`bayes_spi.infer.polish`); needs a field
         with voxels (``hybrid`` or ``voxel``), skipped otherwise. ``polish_patterns``: patterns merged per
@@ -182,6 +187,7 @@ class FitConfig:
     emc_batches: int = 4
     emc_pixels: int = 1024
     emc_beta: float = 1.0
+    emc_subset_posterior: bool = False
     polish_iterations: int = 3
     polish_patterns: int = 50000
     polish_refined: int = 1

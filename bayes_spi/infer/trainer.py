@@ -534,7 +534,10 @@ class Trainer:
 
         Returns minus the log marginal likelihood per image (the objective of this stage)."""
         self.optim.zero_grad(set_to_none=True)
-        post = self.emc(batch.images, batch.pixels, batch.pixel_weight, self.config.emc_beta)
+        beta = self.config.emc_beta
+        if self.config.emc_subset_posterior:  # the posterior given the pixels read (see TrainConfig)
+            beta = beta / max(float(batch.pixel_weight), 1.0)
+        post = self.emc(batch.images, batch.pixels, batch.pixel_weight, beta)
         loss = -post.log_marginal.mean()
         # under DDP: means over the union batch (every rank the same values)
         value, eff, level = self._reduce_step(batch, float(loss.detach()), float(post.effective_orientations.mean()),
