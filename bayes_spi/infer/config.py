@@ -115,6 +115,11 @@ class FitConfig:
         log-likelihood scaled up to the whole pattern, which sharpens the posterior by that factor while its
         noise grows with it (on a 128x128 detector ~16x: one effective orientation per pattern from the first
         step). The objective is then the subsample's log marginal, scaled.
+        ``emc_pixel_sampling``: ``uniform`` draws the warm start's ``emc_pixels`` at random among the eligible
+        pixels; ``photons`` draws them with probability proportional to the data's mean count per pixel (plus a
+        tenth of the average pixel's), without replacement: at 0.06 photons per pixel (128x128, 1e3 photons) a
+        uniform 1,024 of 16,372 pixels hold 6% of a pattern's photons and cannot place it even on the true
+        intensity, a photon-weighted 1,024 hold ~75% (BENCHMARKS.md, issue 11, seventh session).
         polish_iterations: exact EMC iterations at the end of the fit (E-step over every pattern and the whole
         orientation grid, exact M-step into the field's voxels: :mod:`bayes_spi.infer.polish`); needs a field
         with voxels (``hybrid`` or ``voxel``), skipped otherwise. ``polish_patterns``: patterns merged per
@@ -188,6 +193,7 @@ class FitConfig:
     emc_pixels: int = 1024
     emc_beta: float = 1.0
     emc_subset_posterior: bool = False
+    emc_pixel_sampling: str = "uniform"
     polish_iterations: int = 3
     polish_patterns: int = 50000
     polish_refined: int = 1
@@ -223,6 +229,8 @@ class FitConfig:
             (self.emc_batches >= 1 and self.emc_pixels >= 0, "emc_batches/emc_pixels", ">= 1 / >= 0",
              (self.emc_batches, self.emc_pixels)),
             (0 < self.emc_beta <= 1, "emc_beta", "in (0, 1]", self.emc_beta),
+            (self.emc_pixel_sampling in ("uniform", "photons"), "emc_pixel_sampling", "'uniform' or 'photons'",
+             self.emc_pixel_sampling),
             (self.polish_iterations >= 0, "polish_iterations", ">= 0", self.polish_iterations),
             (self.polish_patterns >= 0, "polish_patterns", ">= 0", self.polish_patterns),
             (self.polish_refined >= 0, "polish_refined", ">= 0", self.polish_refined),

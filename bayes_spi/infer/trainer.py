@@ -252,16 +252,32 @@ class Trainer:
         c = self.config
         return c.lr * (c.lr_final / c.lr) ** (step / max(self.total_steps, 1))
 
-    def select_pixels(self, step: int, m: int | None = None) -> tuple[torch.Tensor, int]:
+    def select_pixels(self, step: int, m: int | None = None, by_photons: bool = False) -> tuple[torch.Tensor, int]:
         """Good pixels with ``|q| <= r(step) q_max``, a random subset of ``m`` (default ``pixels_per_pattern``), one
-        subset for the whole batch; returns the subset ``(M,)`` and the number of eligible pixels it was drawn from
+        subset for the whole batch (``by_photons``: drawn with probability ~ :meth:`pixel_photons`); returns the subset ``(M,)`` and the number of eligible pixels it was drawn from
         (the ``pixels`` plate's size: the likelihood is scaled by ``n_eligible / M``)."""
         eligible = torch.nonzero(self._good & (self._qnorm <= self.radius(step) * self._q_max + 1e-12)).squeeze(-1)
         m = self.config.pixels_per_pattern if m is None else m
         if m == 0 or m >= eligible.numel():
             return eligible, int(eligible.numel())
-        pick = torch.randperm(eligible.numel(), generator=self.pixel_gen)[:m].to(eligible.device)
+        if by_photons:  # without replacement, probability ~ mean count (Gumbel top-k)
+            u = torch.rand(eligible.numel(), generator=self.pixel_gen, dtype=torch.float64).clamp(min=1e-300)
+            keys = self.pixel_photons()[eligible.cpu()].log() - torch.log(-torch.log(u))
+            pick = torch.topk(keys, m).indices.to(eligible.device)
+        else:
+            pick = torch.randperm(eligible.numel(), generator=self.pixel_gen)[:m].to(eligible.device)
         return eligible[pick], int(eligible.numel())
+
+    def pixel_photons(self, n_images: int = 1024) -> torch.Tensor:
+        """Sampling weights of the pixels ``(P,)`` (CPU, float64): the mean count of each good pixel over the first
+        ``n_images`` patterns plus a tenth of the average good pixel's (0 off the mask); computed once."""
+        if getattr(self, "_pixel_photons", None) is None:
+            _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
+            mean = torch.as_tensor(counts.reshape(counts.shape[0], -1).mean(0), dtype=torch.float64)
+            good = self._good.cpu()
+            avg = float(mean[good].mean()) if bool(good.any()) else 0.0
+            self._pixel_photons = torch.where(good, mean + 0.1 * avg + 1e-12, torch.zeros_like(mean))
+        return self._pixel_photons
 
     @torch.no_grad()
     def initialise_offset(self, n_images: int = 1024) -> None:
@@ -700,7 +716,8 @@ class Trainer:
             idx = np.concatenate([g[2] for g in group])
             counts = np.concatenate([g[3] for g in group])
             n_batches = len(group)
-            pixels, n_eligible = self.select_pixels(st.step, c.emc_pixels if emc else None)
+            pixels, n_eligible = self.select_pixels(st.step, c.emc_pixels if emc else None,
+                                                    by_photons=emc and c.emc_pixel_sampling == "photons")
             batch = SPIBatch(torch.as_tensor(counts, device=self.device), torch.as_tensor(idx, device=self.device),
                              pixels.to(self.device), n_eligible)
             self.guide.weight_floor = self.weight_floor(st.step)
