@@ -159,9 +159,13 @@ class Trainer:
         self.holdout = np.unique(np.linspace(0, self.n_total - 1, n_hold).round().astype(np.int64))
         probe = dataset.read(self.holdout[:128])
         self.probe_images = torch.as_tensor(probe, device=self.device)
+        # fixed (comparable between checkpoints), drawn in proportion to the data's mean counts: on a large detector
+        # with few photons a uniform 1,024 pixels hold too few photons to place a pattern (BENCHMARKS.md, issue 11)
         good_idx = torch.nonzero(self._good).squeeze(-1)
-        pick = torch.randperm(good_idx.numel(), generator=torch.Generator().manual_seed(config.seed + 3))[:1024]
-        self.probe_pixels = good_idx[pick.to(good_idx.device)].sort().values  # fixed: comparable between checkpoints
+        u = torch.rand(good_idx.numel(), generator=torch.Generator().manual_seed(config.seed + 3), dtype=torch.float64)
+        keys = self.pixel_photons()[good_idx.cpu()].log() - torch.log(-torch.log(u.clamp(min=1e-300)))
+        pick = torch.topk(keys, min(1024, good_idx.numel())).indices
+        self.probe_pixels = good_idx[pick.to(good_idx.device)].sort().values
         self.probe_last: torch.Tensor | None = None
         self.probe_previous: torch.Tensor | None = None
         self._probe_step: tuple[int, int] = (-1, -1)  # (step, exact EMC iterations done) of the last record
