@@ -192,8 +192,8 @@ class FitConfig:
     emc_batches: int = 4
     emc_pixels: int = 1024
     emc_beta: float = 1.0
-    emc_subset_posterior: bool = False
-    emc_pixel_sampling: str = "uniform"
+    emc_subset_posterior: bool = True
+    emc_pixel_sampling: str = "photons"
     polish_iterations: int = 3
     polish_patterns: int = 50000
     polish_refined: int = 1
