@@ -179,6 +179,47 @@ def test_a_single_exact_iteration_is_not_judged_by_the_pose_change_it_makes(simu
     assert not any("moved" in r for r in v.reasons)
 
 
+def test_tempered_iteration_spreads_the_posterior_and_the_fit_anneals_to_one(setup, simulated, tmp_path,
+                                                                           monkeypatch):
+    """``beta < 1`` broadens every pattern's orientation posterior (higher entropy, lower best weight, the same
+    data and start); a fit with ``polish_beta`` runs its exact iterations on the geometric schedule to 1."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.trainer import Trainer
+
+    geom, q, pf, q_max, truth = setup
+    rots = super_fibonacci_rotmat(60)
+    counts = _patterns(setup, rots, 0.02, 2, torch.Generator().manual_seed(5))
+    mask = np.ones(geom.shape, dtype=bool)
+
+    def stats(beta: float):
+        field = VoxelField(q_max * 1.0001, n=9)
+        field.grid.data.copy_(truth.grid.data)
+        return EMCPolish(SPIModel(field, q, pf), rots, cache_grid=9, beta=beta).iterate(_Pinned(counts, mask))
+
+    cold, hot = stats(1.0), stats(0.05)
+    assert hot.mean_entropy > cold.mean_entropy + 0.5 and hot.mean_max_weight < cold.mean_max_weight
+    assert hot.mean_loglik == pytest.approx(cold.mean_loglik, rel=1e-6)  # the reported marginal is untempered
+    with pytest.raises(ValueError, match="beta"):
+        EMCPolish(SPIModel(VoxelField(q_max, n=5), q, pf), rots, beta=0.0)
+
+    seen: list[float] = []
+    original = EMCPolish.iterate
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.beta)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EMCPolish, "iterate", recording)
+    cfg = FitConfig(epochs=1, batch_size=32, field="hybrid", voxel_grid=21, field_width=16, n_heads=1,
+                    n_search=1, search_rotations=256, cache_grid=17, pixels_per_pattern=64, polish_iterations=3,
+                    polish_beta=0.04, device="cpu", log_every=1, checkpoint_every=1000, seed=0)
+    Trainer(SPIDataset(simulated(96, 17)), cfg, tmp_path / "run", progress=False).fit()
+    assert seen == pytest.approx([0.04, 0.2, 1.0])
+    with pytest.raises(ValueError, match="polish_beta"):
+        FitConfig(polish_beta=1.5)
+
+
 def test_refined_merge_places_off_grid_patterns_where_the_grid_cannot(setup):
     """Patterns at poses between the grid's rotations: the grid merge puts each at its nearest grid rotation and
     blurs the speckles; merging at the refined modes (``refine_spread``) recovers them."""

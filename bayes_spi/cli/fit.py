@@ -59,7 +59,7 @@ __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "ru
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "polish_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
     "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes", "class_posterior",
 )
@@ -97,6 +97,9 @@ _HELP = {
     "polish_refined": "The last N exact EMC iterations merge each pattern whose orientation posterior is "
                       "concentrated at its refined modes (local Gauss-Newton on all pixels) instead of the nearest "
                       "grid rotations: sharper outer shells, at ~10x the cost of a grid iteration; 0: never.",
+    "polish_beta": "Tempering of the first exact EMC iteration, rising geometrically to 1 at the last "
+                   "(deterministic annealing, as Dragonfly's beta; ~0.04 is Dragonfly's start at 1e3 photons); "
+                   "1: untempered.",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",
     "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
@@ -282,6 +285,7 @@ class _RecordingCommand(click.Command):
 @_training_option("polish_iterations", click.IntRange(min=0))
 @_training_option("polish_patterns", click.IntRange(min=0))
 @_training_option("polish_refined", click.IntRange(min=0))
+@_training_option("polish_beta", click.FloatRange(min=0, max=1, min_open=True))
 @click.option("--auto-settings/--no-auto-settings", "auto_settings", default=None,
               help=_HELP["auto_settings"] + " [default: on]")
 @_training_option("lr", float)

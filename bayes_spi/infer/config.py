@@ -127,7 +127,9 @@ class FitConfig:
         ``polish_refined``: the last ``polish_refined`` of those iterations merge every pattern whose orientation
         posterior is concentrated (on at most 2 grid rotations) at its likelihood's refined modes instead of
         the nearest grid rotations (:meth:`~bayes_spi.infer.polish.EMCPolish.iterate`; ~1/4 of the grid
-        spacing blurs the outer shells otherwise); 0 = never.
+        spacing blurs the outer shells otherwise); 0 = never. ``polish_beta``: tempering of the first exact
+        iteration, rising geometrically to 1 at the last (:func:`~bayes_spi.infer.polish.polish_beta_schedule`;
+        1 = every iteration untempered, the default).
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
@@ -197,6 +199,7 @@ class FitConfig:
     polish_iterations: int = 3
     polish_patterns: int = 50000
     polish_refined: int = 1
+    polish_beta: float = 1.0
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
@@ -234,6 +237,7 @@ class FitConfig:
             (self.polish_iterations >= 0, "polish_iterations", ">= 0", self.polish_iterations),
             (self.polish_patterns >= 0, "polish_patterns", ">= 0", self.polish_patterns),
             (self.polish_refined >= 0, "polish_refined", ">= 0", self.polish_refined),
+            (0 < self.polish_beta <= 1, "polish_beta", "in (0, 1]", self.polish_beta),
             (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.mask_bin >= 1, "mask_bin", ">= 1", self.mask_bin),

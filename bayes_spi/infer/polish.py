@@ -58,12 +58,35 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import rotz_pi
 from bayes_spi.trilinear import splat_cube
 
-__all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step"]
+__all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "polish_beta_schedule"]
 
 #: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``: narrower than the grid
 #: spacing) is merged at its refined modes when an iteration refines (``EMCPolish.refine_spread``); broader ones
 #: keep the grid's weights
 REFINE_SPREAD = 2.0
+
+
+def polish_beta_schedule(start: float, iterations: int) -> list[float]:
+    """The tempering of each exact EMC iteration: geometric from ``start`` to 1, the last iteration at 1.
+
+    ``beta_k = start ** (1 - k / (n - 1))`` for ``k = 0 .. n - 1`` (``n = iterations``; one iteration: ``[1.0]``).
+    A small ``start`` broadens the first iterations' orientation posteriors (deterministic annealing, as
+    Dragonfly's ``beta``, whose automatic start is ``exp(-6.5 (photons x 1e-5) ** 0.15)`` ~ 0.04 at 1e3 photons
+    per frame), so that a field fitted at the wrong poses is merged over many of them instead of reinforced at
+    its own argmax; the last iteration is the untempered maximum-likelihood merge.
+
+    >>> [round(b, 4) for b in polish_beta_schedule(0.04, 3)]
+    [0.04, 0.2, 1.0]
+    >>> polish_beta_schedule(0.5, 1)
+    [1.0]
+    """
+    if not 0 < start <= 1:
+        raise ValueError(f"expected 0 < start <= 1, got {start}")
+    if iterations < 0:
+        raise ValueError(f"expected iterations >= 0, got {iterations}")
+    if iterations == 1:
+        return [1.0]
+    return [float(start ** (1 - k / (iterations - 1))) for k in range(iterations)]
 
 
 def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0, screen: int = 0

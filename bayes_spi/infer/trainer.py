@@ -799,7 +799,7 @@ class Trainer:
         """The final exact EMC iterations (:mod:`bayes_spi.infer.polish`), ``config.polish_iterations`` of them,
         each checkpointed (a resumed run continues where it stopped; ``on_step`` is called after each).
         Skipped for a field without voxels."""
-        from bayes_spi.infer.polish import REFINE_SPREAD, EMCPolish
+        from bayes_spi.infer.polish import REFINE_SPREAD, EMCPolish, polish_beta_schedule
         from bayes_spi.config.fields import FIELDS, names_text
         from bayes_spi.models.fields import SirenVoxelField, VoxelField
 
@@ -813,7 +813,8 @@ class Trainer:
             return
         n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         self.model.eval()
-        pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=c.emc_beta,
+        betas = polish_beta_schedule(c.polish_beta, c.polish_iterations)
+        pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=betas[st.polished],
                         batch_size=max(c.batch_size, 128), exclude=self.holdout, max_patterns=c.polish_patterns)
         pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
         while st.polished < c.polish_iterations:
@@ -827,6 +828,7 @@ class Trainer:
                            desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
             # the last polish_refined iterations merge concentrated posteriors at their refined modes
             pol.refine_spread = REFINE_SPREAD if st.polished >= c.polish_iterations - c.polish_refined else 0.0
+            pol.beta = betas[st.polished]
             try:
                 stats = pol.iterate(self.dataset, pixels, progress=(lambda n, tot: bar.update(n)) if bar else None,
                                     dist=self.dist)
@@ -835,9 +837,9 @@ class Trainer:
                     bar.close()
             st.polished += 1
             st.elapsed_s += time.perf_counter() - t0
-            log.info("exact EMC iteration %d/%d: log marginal/pattern %.6g, orientation entropy %.2f nats, best "
+            log.info("exact EMC iteration %d/%d (beta %.3g): log marginal/pattern %.6g, orientation entropy %.2f nats, best "
                      "weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g, merged at refined modes "
-                     "%.0f%% (%.0f s)", st.polished, c.polish_iterations, stats.mean_loglik, stats.mean_entropy,
+                     "%.0f%% (%.0f s)", st.polished, c.polish_iterations, pol.beta, stats.mean_loglik, stats.mean_entropy,
                      stats.mean_max_weight, 100 * stats.filled, stats.change, 100 * stats.refined,
                      time.perf_counter() - t0)
             if self.guide.search is not None:
