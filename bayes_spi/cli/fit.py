@@ -97,7 +97,8 @@ _HELP = {
     "polish_refined": "The last N exact EMC iterations merge each pattern whose orientation posterior is "
                       "concentrated at its refined modes (local Gauss-Newton on all pixels) instead of the nearest "
                       "grid rotations: sharper outer shells, at ~10x the cost of a grid iteration; 0: never.",
-    "polish_beta": "Tempering of the first exact EMC iteration, rising geometrically to 1 at the last "
+    "polish_beta": "Tempering of the first exact EMC iteration, rising geometrically over the grid iterations, the "
+                   "refined ones (--polish-refined) at 1 "
                    "(deterministic annealing, as Dragonfly's beta; ~0.04 is Dragonfly's start at 1e3 photons); "
                    "1: untempered.",
     "lr": "Initial Adam learning rate.",

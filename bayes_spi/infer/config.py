@@ -128,8 +128,8 @@ class FitConfig:
         posterior is concentrated (on at most 2 grid rotations) at its likelihood's refined modes instead of
         the nearest grid rotations (:meth:`~bayes_spi.infer.polish.EMCPolish.iterate`; ~1/4 of the grid
         spacing blurs the outer shells otherwise); 0 = never. ``polish_beta``: tempering of the first exact
-        iteration, rising geometrically to 1 at the last (:func:`~bayes_spi.infer.polish.polish_beta_schedule`;
-        1 = every iteration untempered, the default).
+        iteration, rising geometrically over the grid iterations, the refined ones at 1
+        (:func:`~bayes_spi.infer.polish.polish_beta_schedule`; 1 = every iteration untempered).
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``

@@ -66,27 +66,36 @@ __all__ = ["REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "p
 REFINE_SPREAD = 2.0
 
 
-def polish_beta_schedule(start: float, iterations: int) -> list[float]:
-    """The tempering of each exact EMC iteration: geometric from ``start`` to 1, the last iteration at 1.
+def polish_beta_schedule(start: float, iterations: int, refined: int = 1) -> list[float]:
+    """The tempering of each exact EMC iteration: the grid iterations anneal geometrically from ``start``, the
+    last ``refined`` (merged at refined modes, ``polish_refined``) run untempered.
 
-    ``beta_k = start ** (1 - k / (n - 1))`` for ``k = 0 .. n - 1`` (``n = iterations``; one iteration: ``[1.0]``).
-    A small ``start`` broadens the first iterations' orientation posteriors (deterministic annealing, as
-    Dragonfly's ``beta``, whose automatic start is ``exp(-6.5 (photons x 1e-5) ** 0.15)`` ~ 0.04 at 1e3 photons
-    per frame), so that a field fitted at the wrong poses is merged over many of them instead of reinforced at
-    its own argmax; the last iteration is the untempered maximum-likelihood merge.
+    With ``g = iterations - refined`` grid iterations, ``beta_k = start ** (1 - k / g)`` for ``k < g`` (``start``
+    first, never 1) and ``beta_k = 1`` for the refined ones; with no refined iteration the last grid iteration is
+    at 1 instead (``beta_k = start ** (1 - k / (g - 1))``). A small ``start`` broadens the first iterations'
+    orientation posteriors (deterministic annealing, as Dragonfly's ``beta``, whose automatic start is
+    ``exp(-6.5 (photons x 1e-5) ** 0.15)`` ~ 0.04 at 1e3 photons per frame), so that a field fitted at the wrong
+    poses is merged over many of them instead of reinforced at its own argmax; the refined merges then sharpen
+    it at beta 1 (they only take patterns whose posterior is pinned).
 
-    >>> [round(b, 4) for b in polish_beta_schedule(0.04, 3)]
+    >>> [round(b, 4) for b in polish_beta_schedule(0.04, 3, refined=1)]
     [0.04, 0.2, 1.0]
-    >>> polish_beta_schedule(0.5, 1)
-    [1.0]
+    >>> [round(b, 4) for b in polish_beta_schedule(0.04, 4, refined=2)]
+    [0.04, 0.2, 1.0, 1.0]
+    >>> [round(b, 4) for b in polish_beta_schedule(0.04, 3, refined=0)]
+    [0.04, 0.2, 1.0]
+    >>> polish_beta_schedule(0.5, 1, refined=0), polish_beta_schedule(1.0, 2, refined=1)
+    ([1.0], [1.0, 1.0])
     """
     if not 0 < start <= 1:
         raise ValueError(f"expected 0 < start <= 1, got {start}")
-    if iterations < 0:
-        raise ValueError(f"expected iterations >= 0, got {iterations}")
-    if iterations == 1:
-        return [1.0]
-    return [float(start ** (1 - k / (iterations - 1))) for k in range(iterations)]
+    if iterations < 0 or refined < 0:
+        raise ValueError(f"expected iterations >= 0 and refined >= 0, got {iterations} and {refined}")
+    refined = min(refined, iterations)
+    g = iterations - refined
+    if refined == 0:
+        return [1.0] if g == 1 else [float(start ** (1 - k / (g - 1))) for k in range(g)]
+    return [float(start ** (1 - k / g)) for k in range(g)] + [1.0] * refined
 
 
 def background_em_step(log_lam: Tensor, y: Tensor, c: Tensor, Y: Tensor, beta: float = 1.0, screen: int = 0

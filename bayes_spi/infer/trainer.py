@@ -813,7 +813,7 @@ class Trainer:
             return
         n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         self.model.eval()
-        betas = polish_beta_schedule(c.polish_beta, c.polish_iterations)
+        betas = polish_beta_schedule(c.polish_beta, c.polish_iterations, c.polish_refined)
         pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=betas[st.polished],
                         batch_size=max(c.batch_size, 128), exclude=self.holdout, max_patterns=c.polish_patterns)
         pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
