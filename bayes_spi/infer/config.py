@@ -198,7 +198,7 @@ class FitConfig:
     emc_pixel_sampling: str = "photons"
     polish_iterations: int = 3
     polish_patterns: int = 50000
-    polish_refined: int = 1
+    polish_refined: int = 2
     polish_beta: float = 1.0
     distill_weight: float = 100.0
     weight_floor: float = 0.4
