@@ -301,12 +301,38 @@ def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPa
     from bayes_spi.infer.config import FitConfig
 
     rep = SimpleNamespace(field_w0=20.0, diameter_A=60.0, q_max=0.06, grid_rotations=4096, field_of_view_A=172.0,
-                          photons_per_pattern=photons)
+                          photons_per_pattern=photons, speckles_per_radius=3.6)
     monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
     cfg, _ = autoset.data_settings(None, FitConfig(polish_iterations=3), given={})
-    assert cfg.polish_iterations == expected
+    assert cfg.polish_iterations == expected and cfg.polish_beta == 1.0  # a small particle: not annealed
     kept, _ = autoset.data_settings(None, FitConfig(polish_iterations=3), given={"polish_iterations": 3})
     assert kept.polish_iterations == 3
+
+
+@pytest.mark.parametrize(("speckles", "given", "beta", "iterations"), [
+    (3.6, {}, 1.0, 3),                          # 2CEX on 32/64: untempered
+    (12.8, {}, 0.04, 4),                        # the 141 A 4-mer on 64x64: annealed, two grid iterations first
+    (17.3, {"polish_iterations": 3}, 0.04, 3),  # a given number of iterations wins
+    (17.3, {"polish_beta": 1.0}, 1.0, 3),       # so does a given tempering
+])
+def test_large_particles_get_annealed_exact_iterations(monkeypatch: pytest.MonkeyPatch, speckles: float,
+                                                       given: dict, beta: float, iterations: int) -> None:
+    """From ANNEAL_SPECKLES speckles across the radius: polish_beta = ANNEAL_BETA and at least polish_refined + 2
+    iterations (the schedule then anneals two grid iterations before the refined ones)."""
+    from types import SimpleNamespace
+
+    from bayes_spi.infer import autoset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.polish import polish_beta_schedule
+
+    rep = SimpleNamespace(field_w0=50.0, diameter_A=190.0, q_max=0.06, grid_rotations=16384, field_of_view_A=690.0,
+                          photons_per_pattern=1e3, speckles_per_radius=speckles)
+    monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
+    cfg, _ = autoset.data_settings(None, FitConfig(), given=given)
+    assert (cfg.polish_beta, cfg.polish_iterations) == (beta, iterations)
+    if beta < 1 and iterations == 4:
+        assert polish_beta_schedule(cfg.polish_beta, cfg.polish_iterations, cfg.polish_refined) == pytest.approx(
+            [0.04, 0.2, 1.0, 1.0])
 
 
 @pytest.mark.parametrize(("fov", "diameter", "expected"), [
@@ -324,7 +350,7 @@ def test_voxel_grid_is_one_per_pixel_step_but_at_most_4_5_per_speckle(monkeypatc
     from bayes_spi.infer.config import FitConfig
 
     rep = SimpleNamespace(field_w0=20.0, diameter_A=diameter, q_max=0.06, grid_rotations=4096, field_of_view_A=fov,
-                          photons_per_pattern=1e3)
+                          photons_per_pattern=1e3, speckles_per_radius=diameter * 0.06)
     monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
     cfg, _ = autoset.data_settings(None, FitConfig(), given={})
     assert cfg.field == "hybrid" and cfg.voxel_grid == expected

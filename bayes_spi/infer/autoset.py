@@ -5,7 +5,8 @@ three times larger has speckles three times finer, needs a field of three times 
 orientation grid about three times finer along each axis. :func:`data_settings` estimates the particle
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
 ``field_width``, ``search_rotations`` and ``cache_grid`` from it, scales the exact EMC iterations up for dim
-patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), and chooses the ``hybrid`` field (SIREN plus
+patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), anneals them for
+particles with at least ``ANNEAL_SPECKLES`` speckles from the centre to the edge (``polish_beta``), and chooses the ``hybrid`` field (SIREN plus
 a voxel residual, one voxel per detector pixel step but at most 4.5 per speckle, for the final exact EMC iterations), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
@@ -26,13 +27,13 @@ from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
 from bayes_spi.config.fields import FIELDS
 from bayes_spi.infer.config import FitConfig
 
-__all__ = ["AUTO_FIELDS", "VOXELS_PER_SPECKLE", "data_settings"]
+__all__ = ["ANNEAL_BETA", "ANNEAL_SPECKLES", "AUTO_FIELDS", "VOXELS_PER_SPECKLE", "data_settings"]
 
 log = logging.getLogger("bayes_spi")
 
 #: settings :func:`data_settings` may set (only those not given explicitly)
 AUTO_FIELDS: tuple[str, ...] = ("field_w0", "field_width", "search_rotations", "cache_grid", "field", "voxel_grid",
-                                 "polish_iterations")
+                                 "polish_iterations", "polish_beta")
 
 #: photons per pattern at and above which the exact EMC iterations keep their configured number
 POLISH_REFERENCE_PHOTONS = 1000.0
@@ -41,6 +42,12 @@ POLISH_MAX_FACTOR = 4
 
 #: the merged voxel grid is at most this many voxels per speckle width ``1 / D`` (finer only splits the photons)
 VOXELS_PER_SPECKLE = 4.5
+
+#: at and above this many speckles from the centre to the detector edge the exact EMC iterations are annealed:
+#: ``polish_beta = ANNEAL_BETA`` and at least two grid iterations before the refined ones
+ANNEAL_SPECKLES = 10.0
+#: the annealed iterations' first tempering (Dragonfly's automatic start at 1e3 photons per frame)
+ANNEAL_BETA = 0.04
 
 #: above this many speckles across the measured ball's radius the field gets twice the width
 WIDE_FIELD_SPECKLES = 8.0
@@ -98,6 +105,16 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         n = int(round(config.polish_iterations * min(max(factor, 1.0), POLISH_MAX_FACTOR)))  # ~1e3 photons: unchanged
         if n != config.polish_iterations:
             updates["polish_iterations"] = n
+    n_polish = updates.get("polish_iterations", config.polish_iterations)
+    if ("polish_beta" not in given and config.polish_beta == 1.0 and n_polish > 0
+            and report.speckles_per_radius >= ANNEAL_SPECKLES):
+        # a large particle's poses are decided by fine speckles: untempered exact iterations reinforce the twin
+        # mixture the stochastic stages leave (269 A on 128x128 at 1e3 photons: speckle correlation 0.19 -> 0.30
+        # annealed, 141 A on 64x64: 0.747 -> 0.756; on 2CEX, 4-5 speckles, annealing lost 0.012-0.015,
+        # BENCHMARKS.md, eighth session)
+        updates["polish_beta"] = ANNEAL_BETA
+        if "polish_iterations" not in given and n_polish < config.polish_refined + 2:
+            updates["polish_iterations"] = config.polish_refined + 2
     if updates:
         log.info("settings from the data: %s", ", ".join(f"{k}={v}" for k, v in updates.items()))
     return dataclasses.replace(config, **updates), report
