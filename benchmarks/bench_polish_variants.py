@@ -1,0 +1,150 @@
+"""Exact-iteration variants from one trained model: the stochastic stages once, the exact EMC iterations many ways.
+
+The exact iterations (:mod:`bayes_spi.infer.polish`) are the last stage of a fit; comparing their settings on
+fits trained separately mixes in the training's own variation. ``train`` runs a fit's stochastic stages once
+with the data-derived defaults and ``polish_iterations = 0`` (its settings saved to ``RUN/cfg.json``);
+``polish`` copies that run directory to ``OUT`` and resumes it with the given exact-iteration settings, printing
+one JSON line per iteration with the speckle correlation against ``/truth/intensity`` (after alignment) over the
+scored q range and inside its inner 0.4 and 0.25, then the truth-free verdict. ``poses`` prints the grid-argmax
+orientation errors of the first ``N`` patterns on a run's field (after the best global rotation; a crude
+estimate: the export's refined poses are better, BENCHMARKS.md).
+
+Example::
+
+    python benchmarks/bench_polish_variants.py train data.h5 runs/base
+    python benchmarks/bench_polish_variants.py polish data.h5 runs/base runs/annealed 0.04 4 polish_refined=2
+    python benchmarks/bench_polish_variants.py poses data.h5 runs/annealed 300
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["score", "train", "polish", "poses"]
+
+
+def score(trainer: Any, ds: Any) -> dict[str, float]:
+    """Speckle correlation of the trainer's field with ``/truth/intensity`` over the scored q range (``"1.0"``) and
+    inside its inner 0.4 and 0.25 (``compare_to_reference``: aligned, shells standardised)."""
+    from bayes_spi.analysis.compare import compare_to_reference
+    from bayes_spi.infer.outputs import field_on_grid
+
+    I_true, dq = ds.truth_intensity()
+    qn = ds.geometry.q_magnitudes()[ds.mask]
+    n = I_true.shape[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        I_est, _ = field_on_grid(trainer.model.field, n, (n // 2) * dq)
+    q_lo, q_top = float(qn.min()), min(float(qn.max()), (n // 2) * dq)
+    return {str(f): round(compare_to_reference(I_est, I_true, dq, q_lo + f * (q_top - q_lo), q_min=q_lo).speckle_corr, 4)
+            for f in (1.0, 0.4, 0.25)}
+
+
+def _settings(items: list[str]) -> dict[str, Any]:
+    return {k: json.loads(v) for k, v in (s.split("=", 1) for s in items)}
+
+
+def train(data: Path, run: Path, extra: dict[str, Any]) -> None:
+    """The stochastic stages of a default fit (data-derived settings), no exact iterations."""
+    import pyro
+
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.autoset import data_settings
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.trainer import Trainer
+
+    given = {"epochs": 2, "seed": 0, "log_every": 50, "checkpoint_every": 400, "device": "cpu", **extra}
+    ds = SPIDataset(data)
+    cfg, sampling = data_settings(ds, FitConfig(**given), given)
+    print(sampling.summary(), flush=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "cfg.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    pyro.set_rng_seed(cfg.seed)
+    t0 = time.perf_counter()
+    tr = Trainer(ds, dataclasses.replace(cfg, polish_iterations=0), run, progress=False)
+    tr.fit()
+    tr.save_checkpoint()
+    print(json.dumps({"stage": "trained", "wall_s": round(time.perf_counter() - t0), **score(tr, ds)}), flush=True)
+
+
+def polish(data: Path, run: Path, out: Path, beta: float, iterations: int, extra: dict[str, Any]) -> None:
+    """Copy ``run`` to ``out`` and run ``iterations`` exact iterations with ``polish_beta = beta`` (and ``extra``)."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.trainer import Trainer
+    from bayes_spi.infer.verdict import assess_fit
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(run, out)
+    cfg = FitConfig(**json.loads((run / "cfg.json").read_text()))
+    cfg = dataclasses.replace(cfg, polish_iterations=iterations, polish_beta=beta, **extra)
+    (out / "cfg.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    ds = SPIDataset(data)
+    tr = Trainer(ds, cfg, out, progress=False)
+    t0 = time.perf_counter()
+
+    def on_step(st: Any) -> None:
+        print(json.dumps({"iteration": st.polished, "wall_s": round(time.perf_counter() - t0), **score(tr, ds)}),
+              flush=True)
+
+    tr.fit(resume=True, on_step=on_step)
+    v = assess_fit(tr)
+    print(json.dumps({"verdict": v.status, "reasons": v.reasons, "wall_s": round(time.perf_counter() - t0)}),
+          flush=True)
+
+
+def poses(data: Path, run: Path, n: int) -> None:
+    """Grid-argmax orientations of the first ``n`` patterns on the run's field against the truth."""
+    from bayes_spi.dataio.h5 import SPIDataset
+    from bayes_spi.guides.search import grid_log_lambda
+    from bayes_spi.infer.config import FitConfig
+    from bayes_spi.infer.outputs import field_log_cache
+    from bayes_spi.infer.trainer import Trainer
+    from bayes_spi.metrics import orientation_error_summary
+    from bayes_spi.models.fields import SirenVoxelField
+
+    cfg = FitConfig(**json.loads((run / "cfg.json").read_text()))
+    ds = SPIDataset(data)
+    tr = Trainer(ds, cfg, run, progress=False)
+    tr.fit(resume=True)  # loads the checkpoint; a finished run does no more work
+    m = tr.model.eval()
+    f = m.field
+    nv = f.n_voxel if isinstance(f, SirenVoxelField) else f.n
+    pix = torch.nonzero(tr._good.reshape(-1)).squeeze(-1)
+    with torch.no_grad():
+        cache = field_log_cache(f, nv, m.q_max)
+        log_lam = grid_log_lambda(cache, tr.emc.rotations, m.q[pix], m.log_pixel_factor[pix], m.q_max, chunk=512)
+        y = torch.as_tensor(ds.read(np.arange(n))).reshape(n, -1)[:, pix].to(log_lam.dtype)
+        best = (y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)).argmax(-1)
+    s = orientation_error_summary(tr.emc.rotations[best].numpy(), ds.truth_rotations(slice(0, n)))
+    out = {k: round(float(v), 3) for k, v in s.items() if np.isscalar(v)}
+    out["within_15_deg"] = round(float(np.mean(s["errors_deg"] <= 15)), 3)
+    out["within_15_deg_mod_rotz_pi"] = round(float(np.mean(s["errors_mod_rotz_pi_deg"] <= 15)), 3)
+    print(json.dumps(out), flush=True)
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if len(argv) >= 3 and argv[0] == "train":
+        train(Path(argv[1]), Path(argv[2]), _settings(argv[3:]))
+    elif len(argv) >= 6 and argv[0] == "polish":
+        polish(Path(argv[1]), Path(argv[2]), Path(argv[3]), float(argv[4]), int(argv[5]), _settings(argv[6:]))
+    elif len(argv) == 4 and argv[0] == "poses":
+        poses(Path(argv[1]), Path(argv[2]), int(argv[3]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
