@@ -84,7 +84,8 @@ _HELP = {
     "n_search": "Hypotheses per pattern from the exhaustive orientation-grid search (the EMC E-step's top rotations).",
     "search_rotations": "Rotations in the search grid (default: from the particle size, see --auto-settings).",
     "weight_floor": "Initial hypothesis-weight floor (uniform mixture weight), decayed to 0.",
-    "auto_settings": "Derive --field-w0 and --search-rotations from the data (particle size from the mean pattern) "
+    "auto_settings": "Derive --field-w0, --search-rotations, the field, its voxels and the exact EMC iterations "
+                     "(their number and --polish-beta) from the data (particle size from the mean pattern) "
                      "unless given; the estimate, the speckle oversampling and the values used go to sampling.json.",
     "emc_fraction": "Fraction of the data batches in the EMC warm start (the field fitted to each pattern's exact "
                     "marginal likelihood over the whole orientation grid) before SVI with the amortized guide; 0: off.",

@@ -100,8 +100,9 @@ class FitConfig:
         fixed grid of ``search_rotations`` rotations (field cache refreshed every ``search_every`` steps);
         0 turns the search off.
         search_grid: ``fibonacci`` (quasi-uniform Super-Fibonacci spiral, default) or ``random``.
-        auto_settings: derive ``field_w0`` and ``search_rotations`` from the data (particle size estimated from
-        the mean pattern, :mod:`bayes_spi.analysis.sampling`) unless they are given explicitly; done by
+        auto_settings: derive ``field_w0``, ``field_width``, ``search_rotations``, ``cache_grid``, the field kind
+        and its ``voxel_grid``, ``polish_iterations`` and ``polish_beta`` from the data (particle size estimated
+        from the mean pattern, :mod:`bayes_spi.analysis.sampling`) unless they are given explicitly; done by
         :func:`bayes_spi.infer.autoset.data_settings` before a fit starts, the values used are recorded.
         cache_grid: odd voxels per side of the field cache read by the search and the EMC warm start
         (from the particle size with ``auto_settings``: about two voxels per speckle).
