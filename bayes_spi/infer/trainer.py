@@ -814,7 +814,7 @@ class Trainer:
         n_vox = field.n_voxel if isinstance(field, SirenVoxelField) else field.n
         self.model.eval()
         betas = polish_beta_schedule(c.polish_beta, c.polish_iterations, c.polish_refined)
-        pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox, beta=betas[st.polished],
+        pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox,
                         batch_size=max(c.batch_size, 128), exclude=self.holdout, max_patterns=c.polish_patterns)
         pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
         while st.polished < c.polish_iterations:
@@ -826,7 +826,8 @@ class Trainer:
                 bar = tqdm(total=min(self.dataset.n_patterns, c.polish_patterns or self.dataset.n_patterns),
                            unit="pattern", dynamic_ncols=True,
                            desc=f"EMC iteration {st.polished + 1}/{c.polish_iterations}")
-            # the last polish_refined iterations merge concentrated posteriors at their refined modes
+            # the last polish_refined iterations merge concentrated posteriors at their refined modes; the tempering
+            # follows the schedule (validated there: every beta in (0, 1])
             pol.refine_spread = REFINE_SPREAD if st.polished >= c.polish_iterations - c.polish_refined else 0.0
             pol.beta = betas[st.polished]
             try:
@@ -837,8 +838,8 @@ class Trainer:
                     bar.close()
             st.polished += 1
             st.elapsed_s += time.perf_counter() - t0
-            log.info("exact EMC iteration %d/%d (beta %.3g): log marginal/pattern %.6g, orientation entropy %.2f nats, best "
-                     "weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g, merged at refined modes "
+            log.info("exact EMC iteration %d/%d (beta %.3g): log marginal/pattern %.6g, orientation entropy %.2f "
+                     "nats, best weight %.2f, voxels reached %.0f%%, RMS change of log I %.3g, merged at refined modes "
                      "%.0f%% (%.0f s)", st.polished, c.polish_iterations, pol.beta, stats.mean_loglik, stats.mean_entropy,
                      stats.mean_max_weight, 100 * stats.filled, stats.change, 100 * stats.refined,
                      time.perf_counter() - t0)
