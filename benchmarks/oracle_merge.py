@@ -7,6 +7,11 @@ gap between a fit and this number is the fit's, not the data's. Printed as one J
 speckle correlation over the whole scored q range and inside its inner 0.4 and 0.25, and the mean photons a
 reached voxel received.
 
+What a given pose error costs: ``--pose-noise-deg E`` merges at the true poses turned by random rotations whose
+angle has median ``E`` degrees (isotropic Gaussian rotation vectors, per-axis sigma ``E / 1.538``, the median of a
+Maxwell distribution), and ``--twin-fraction F`` merges a random fraction ``F`` of the patterns at their Rz(pi)
+twins. A fit whose poses have those errors cannot do better than that merge.
+
 Example::
 
     python benchmarks/oracle_merge.py bench_out/robust/300A_1e3_128px/data.h5 --voxels 65 129
@@ -25,10 +30,13 @@ import torch
 __all__ = ["merge_true_poses", "score_cube"]
 
 
-def merge_true_poses(data: Path, n: int, max_patterns: int = 0, batch: int = 64) -> tuple[np.ndarray, float, float]:
+def merge_true_poses(data: Path, n: int, max_patterns: int = 0, batch: int = 64, pose_noise_deg: float = 0.0,
+                     twin_fraction: float = 0.0, seed: int = 0) -> tuple[np.ndarray, float, float]:
     """Merge the patterns of ``data`` at their true poses into an ``(n, n, n)`` intensity cube over the detector's
     ``[-q_max, q_max]^3``. Returns the cube (up to one overall factor), its half width (1/A) and the mean photons
-    per reached voxel."""
+    per reached voxel. ``pose_noise_deg`` (median angle of a random turn of each pose) and ``twin_fraction``
+    (patterns merged at ``R Rz(pi)``) degrade the poses on purpose (module docstring)."""
+    from scipy.spatial.transform import Rotation
     from bayes_spi.dataio.h5 import SPIDataset
     from bayes_spi.trilinear import splat_cube
 
@@ -41,9 +49,18 @@ def merge_true_poses(data: Path, n: int, max_patterns: int = 0, batch: int = 64)
         total = ds.n_patterns if not max_patterns else min(max_patterns, ds.n_patterns)
         num = torch.zeros(n, n, n, dtype=torch.float64)
         den = torch.zeros(n, n, n, dtype=torch.float64)
+        rng = np.random.default_rng(seed)
+        rz = np.diag([-1.0, -1.0, 1.0])
         for s in range(0, total, batch):
             rows = slice(s, min(s + batch, total))
-            R = torch.as_tensor(ds.truth_rotations(rows), dtype=torch.float64)
+            R = ds.truth_rotations(rows)
+            if pose_noise_deg > 0:
+                sigma = np.deg2rad(pose_noise_deg) / 1.538
+                R = R @ Rotation.from_rotvec(rng.normal(scale=sigma, size=(len(R), 3))).as_matrix()
+            if twin_fraction > 0:
+                flip = rng.random(len(R)) < twin_fraction
+                R = np.where(flip[:, None, None], R @ rz, R)
+            R = torch.as_tensor(R, dtype=torch.float64)
             g = torch.as_tensor(ds.truth_scales(rows), dtype=torch.float64)
             y = torch.as_tensor(ds.read(np.arange(rows.start, rows.stop)).reshape(R.shape[0], -1)[:, mask],
                                 dtype=torch.float64)
@@ -87,12 +104,16 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--voxels", type=int, nargs="+", default=[65])
     ap.add_argument("--max-patterns", type=int, default=0)
+    ap.add_argument("--pose-noise-deg", type=float, default=0.0, help="median angle of a random turn of each pose")
+    ap.add_argument("--twin-fraction", type=float, default=0.0, help="fraction merged at their Rz(pi) twins")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for n in args.voxels:
         t0 = time.perf_counter()
-        cube, hw, per_voxel = merge_true_poses(args.data, n, args.max_patterns)
-        row = {"data": str(args.data), "voxels": n, "photons_per_reached_voxel": round(per_voxel, 2),
+        cube, hw, per_voxel = merge_true_poses(args.data, n, args.max_patterns, pose_noise_deg=args.pose_noise_deg,
+                                               twin_fraction=args.twin_fraction)
+        row = {"data": str(args.data), "voxels": n, "pose_noise_deg": args.pose_noise_deg,
+               "twin_fraction": args.twin_fraction, "photons_per_reached_voxel": round(per_voxel, 2),
                **score_cube(cube, hw, args.data), "wall_s": round(time.perf_counter() - t0, 1)}
         print(json.dumps(row), flush=True)
 
