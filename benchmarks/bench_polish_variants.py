@@ -5,9 +5,13 @@ fits trained separately mixes in the training's own variation. ``train`` runs a 
 with the data-derived defaults and ``polish_iterations = 0`` (its settings saved to ``RUN/cfg.json``);
 ``polish`` copies that run directory to ``OUT`` and resumes it with the given exact-iteration settings, printing
 one JSON line per iteration with the speckle correlation against ``/truth/intensity`` (after alignment) over the
-scored q range and inside its inner 0.4 and 0.25, then the truth-free verdict. ``poses`` prints the grid-argmax
-orientation errors of the first ``N`` patterns on a run's field (after the best global rotation; a crude
-estimate: the export's refined poses are better, BENCHMARKS.md).
+scored q range and inside its inner 0.4 and 0.25, then the truth-free verdict. ``poses`` prints the orientation
+errors of the first ``N`` patterns on a run's field (after the best global rotation), twice: at the grid argmax (a
+crude estimate that overstates the Rz(pi) twins, 17% against 2% on the 269 A cell, BENCHMARKS.md ninth session)
+and at the pose the refined merge takes (the two best grid rotations and their twins refined on the field's cube,
+the best Laplace evidence wins: ``refined_*``), with the field's own preference of the true pose over its twin
+(both refined: ``field_llr_true_vs_twin_median``, ``field_prefers_twin``) and the Laplace width of the refined
+pose (``refined_laplace_sigma_deg``, what the field says the error should be).
 
 Example::
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -104,7 +109,11 @@ def polish(data: Path, run: Path, out: Path, beta: float, iterations: int, extra
 
 
 def poses(data: Path, run: Path, n: int) -> None:
-    """Grid-argmax orientations of the first ``n`` patterns on the run's field against the truth."""
+    """Grid-argmax and refined-merge orientations of the first ``n`` patterns on the run's field against the truth
+    (module docstring)."""
+    from bayes_spi.infer.polish import EMCPolish
+    from bayes_spi.posterior.local import refine_on_cache
+    from bayes_spi.so3 import rotz_pi
     from bayes_spi.dataio.h5 import SPIDataset
     from bayes_spi.guides.search import grid_log_lambda
     from bayes_spi.infer.config import FitConfig
@@ -126,10 +135,40 @@ def poses(data: Path, run: Path, n: int) -> None:
         log_lam = grid_log_lambda(cache, tr.emc.rotations, m.q[pix], m.log_pixel_factor[pix], m.q_max, chunk=512)
         y = torch.as_tensor(ds.read(np.arange(n))).reshape(n, -1)[:, pix].to(log_lam.dtype)
         best = (y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)).argmax(-1)
-    s = orientation_error_summary(tr.emc.rotations[best].numpy(), ds.truth_rotations(slice(0, n)))
+    R_true = ds.truth_rotations(slice(0, n))
+    s = orientation_error_summary(tr.emc.rotations[best].numpy(), R_true)
     out = {k: round(float(v), 3) for k, v in s.items() if np.isscalar(v)}
     out["within_15_deg"] = round(float(np.mean(s["errors_deg"] <= 15)), 3)
     out["within_15_deg_mod_rotz_pi"] = round(float(np.mean(s["errors_mod_rotz_pi_deg"] <= 15)), 3)
+    # the refined merge's choice (EMCPolish._refined_modes: 2 best grid rotations and their twins, refined)
+    pol = EMCPolish(m, tr.emc.rotations, cache_grid=nv)
+    q, lw = m.q[pix], m.log_pixel_factor[pix]
+    rz = rotz_pi(dtype=q.dtype)
+    ll = y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)
+    starts = tr.emc.rotations[ll.topk(2, -1).indices]
+    starts = torch.cat([starts, starts @ rz], 1)  # (n, 4, 3, 3)
+    chosen, sigma = [], []
+    for a in range(0, n, 32):
+        mo = refine_on_cache(cache, starts[a:a + 32], q, lw, y[a:a + 32], m.q_max, n_iter=pol.refine_iterations,
+                             max_step_deg=math.degrees(0.5 * pol.spacing))
+        k = mo.log_evidence.argmax(-1)
+        rows = torch.arange(len(k))
+        chosen.append(mo.rotations[rows, k])
+        sigma.append(mo.sigmas[rows, k].norm(dim=-1))
+    r = orientation_error_summary(torch.cat(chosen).numpy(), R_true)
+    out["refined_median_error_deg"] = round(float(r["median_error_deg"]), 3)
+    out["refined_median_error_mod_rotz_pi_deg"] = round(float(r["median_error_mod_rotz_pi_deg"]), 3)
+    out["refined_p90_error_mod_rotz_pi_deg"] = round(float(np.percentile(r["errors_mod_rotz_pi_deg"], 90)), 3)
+    out["refined_wrong_mode_fraction"] = round(float(r["wrong_mode_fraction"]), 4)
+    out["refined_laplace_sigma_deg"] = round(math.degrees(float(torch.cat(sigma).median())), 3)
+    # the field's own preference: the true pose (in the fit's frame) against its twin, both refined
+    R_fit = torch.as_tensor(r["G_mod_rotz_pi"].T @ R_true, dtype=q.dtype)
+    pair = torch.stack([R_fit, R_fit @ rz], 1)
+    llr = torch.cat([(lambda mo: mo.loglik[:, 0] - mo.loglik[:, 1])(
+        refine_on_cache(cache, pair[a:a + 32], q, lw, y[a:a + 32], m.q_max, n_iter=6, max_step_deg=4.0))
+        for a in range(0, n, 32)])
+    out["field_llr_true_vs_twin_median"] = round(float(llr.median()), 2)
+    out["field_prefers_twin"] = round(float((llr < 0).double().mean()), 4)
     print(json.dumps(out), flush=True)
 
 
