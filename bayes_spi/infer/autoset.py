@@ -109,9 +109,10 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
     if ("polish_beta" not in given and config.polish_beta == 1.0 and n_polish > 0
             and report.speckles_per_radius >= ANNEAL_SPECKLES):
         # a large particle's poses are decided by fine speckles: untempered exact iterations lock in the blurred
-        # field's imprecise poses (269 A on 128x128 at 1e3 photons: speckle correlation 0.21 -> 0.31
-        # annealed, 141 A on 64x64: 0.747 -> 0.756 at 1e3, neutral at 1e4; on 2CEX, 4-5 speckles, annealing lost
-        # 0.012-0.015, BENCHMARKS.md, eighth session)
+        # field's imprecise poses (269 A on 128x128 at 1e3 photons: the refined merge's poses 4.0 -> 2.5 deg
+        # median, Rz(pi) twins 9% -> 2%, speckle correlation 0.21 -> 0.31; 141 A on 64x64: 0.747 -> 0.756 at 1e3,
+        # neutral at 1e4; on 2CEX, 4-5 speckles, annealing lost 0.012-0.015; BENCHMARKS.md, eighth and ninth
+        # sessions)
         updates["polish_beta"] = ANNEAL_BETA
         if "polish_iterations" not in given and n_polish < config.polish_refined + 2:
             updates["polish_iterations"] = config.polish_refined + 2
