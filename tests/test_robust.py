@@ -309,16 +309,19 @@ def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPa
     assert kept.polish_iterations == 3
 
 
-@pytest.mark.parametrize(("speckles", "given", "beta", "iterations"), [
-    (3.6, {}, 1.0, 3),                          # 2CEX on 32/64: untempered
-    (12.8, {}, 0.04, 4),                        # the 141 A 4-mer on 64x64: annealed, two grid iterations first
-    (17.3, {"polish_iterations": 3}, 0.04, 3),  # a given number of iterations wins
-    (17.3, {"polish_beta": 1.0}, 1.0, 3),       # so does a given tempering
+@pytest.mark.parametrize(("speckles", "photons", "given", "beta", "iterations"), [
+    (3.6, 1e3, {}, 1.0, 3),                            # 2CEX on 32/64: untempered
+    (12.8, 1e3, {}, 0.0385, 4),                        # the 141 A 4-mer on 64x64: annealed, two grid iterations first
+    (12.8, 1e4, {}, 0.0100, 4),                        # brighter patterns start colder
+    (12.8, 1e2, {}, 0.0996, 9),                        # dimmer ones warmer, with more iterations
+    (17.3, 1e3, {"polish_iterations": 3}, 0.0385, 3),  # a given number of iterations wins
+    (17.3, 1e3, {"polish_beta": 1.0}, 1.0, 3),         # so does a given tempering
 ])
 def test_large_particles_get_annealed_exact_iterations(monkeypatch: pytest.MonkeyPatch, speckles: float,
-                                                       given: dict, beta: float, iterations: int) -> None:
-    """From ANNEAL_SPECKLES speckles across the radius: polish_beta = ANNEAL_BETA and at least polish_refined + 2
-    iterations (the schedule then anneals two grid iterations before the refined ones)."""
+                                                       photons: float, given: dict, beta: float,
+                                                       iterations: int) -> None:
+    """From ANNEAL_SPECKLES speckles across the radius: polish_beta = anneal_beta(photons per pattern) and at least
+    polish_refined + 2 iterations (the schedule then anneals two grid iterations before the refined ones)."""
     from types import SimpleNamespace
 
     from bayes_spi.infer import autoset
@@ -326,13 +329,27 @@ def test_large_particles_get_annealed_exact_iterations(monkeypatch: pytest.Monke
     from bayes_spi.infer.polish import polish_beta_schedule
 
     rep = SimpleNamespace(field_w0=50.0, diameter_A=190.0, q_max=0.06, grid_rotations=16384, field_of_view_A=690.0,
-                          photons_per_pattern=1e3, speckles_per_radius=speckles)
+                          photons_per_pattern=photons, speckles_per_radius=speckles)
     monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
     cfg, _ = autoset.data_settings(None, FitConfig(), given=given)
-    assert (cfg.polish_beta, cfg.polish_iterations) == (beta, iterations)
+    assert cfg.polish_beta == pytest.approx(beta, abs=6e-4) and cfg.polish_iterations == iterations
     if beta < 1 and iterations == 4:
-        assert polish_beta_schedule(cfg.polish_beta, cfg.polish_iterations, cfg.polish_refined) == pytest.approx(
-            [0.04, 0.2, 1.0, 1.0])
+        sched = polish_beta_schedule(cfg.polish_beta, cfg.polish_iterations, cfg.polish_refined)
+        assert sched[0] == cfg.polish_beta and sched[2:] == [1.0, 1.0]
+        assert sched[1] == pytest.approx(cfg.polish_beta ** 0.5)  # geometric: half way in log beta
+
+
+def test_anneal_beta_is_dragonflys_automatic_start() -> None:
+    """exp(-6.5 (N 1e-5)^0.15) (Dragonfly's iterate.c): falls with the photons, 1 without any."""
+    from bayes_spi.infer.autoset import anneal_beta
+
+    photons = np.array([1e2, 3e2, 1e3, 3e3, 1e4])
+    beta = np.array([anneal_beta(n) for n in photons])
+    np.testing.assert_allclose(beta, np.exp(-6.5 * (photons / 1e5) ** 0.15))
+    assert np.all(np.diff(beta) < 0) and anneal_beta(0.0) == 1.0
+    assert 0.0375 < anneal_beta(1e3) < 0.0395  # the Dragonfly TMV log's 0.038595 at ~1,000 photons a frame
+    with pytest.raises(ValueError, match="photons_per_pattern"):
+        anneal_beta(-1.0)
 
 
 @pytest.mark.parametrize(("fov", "diameter", "expected"), [

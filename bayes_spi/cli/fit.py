@@ -100,7 +100,8 @@ _HELP = {
                       "grid rotations: sharper outer shells, at ~10x the cost of a grid iteration; 0: never.",
     "polish_beta": "Tempering of the first exact EMC iteration, rising geometrically over the grid iterations, the "
                    "refined ones (--polish-refined) at 1 "
-                   "(deterministic annealing, as Dragonfly's beta; ~0.04 is Dragonfly's start at 1e3 photons); "
+                   "(deterministic annealing, as Dragonfly's beta; its automatic start is ~0.1 at 1e2 photons "
+                   "per pattern, ~0.04 at 1e3, ~0.01 at 1e4); "
                    "1: untempered.",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",

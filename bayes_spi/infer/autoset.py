@@ -6,7 +6,8 @@ orientation grid about three times finer along each axis. :func:`data_settings` 
 size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and sets ``field_w0``,
 ``field_width``, ``search_rotations`` and ``cache_grid`` from it, scales the exact EMC iterations up for dim
 patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), anneals them for
-particles with at least ``ANNEAL_SPECKLES`` speckles from the centre to the edge (``polish_beta``), and chooses the ``hybrid`` field (SIREN plus
+particles with at least ``ANNEAL_SPECKLES`` speckles from the centre to the edge (``polish_beta`` from
+:func:`anneal_beta`), and chooses the ``hybrid`` field (SIREN plus
 a voxel residual, one voxel per detector pixel step but at most 4.5 per speckle, for the final exact EMC iterations), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
@@ -27,7 +28,7 @@ from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
 from bayes_spi.config.fields import FIELDS
 from bayes_spi.infer.config import FitConfig
 
-__all__ = ["ANNEAL_BETA", "ANNEAL_SPECKLES", "AUTO_FIELDS", "VOXELS_PER_SPECKLE", "data_settings"]
+__all__ = ["ANNEAL_SPECKLES", "AUTO_FIELDS", "VOXELS_PER_SPECKLE", "anneal_beta", "data_settings"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -44,10 +45,26 @@ POLISH_MAX_FACTOR = 4
 VOXELS_PER_SPECKLE = 4.5
 
 #: at and above this many speckles from the centre to the detector edge the exact EMC iterations are annealed:
-#: ``polish_beta = ANNEAL_BETA`` and at least two grid iterations before the refined ones
+#: ``polish_beta = anneal_beta(photons per pattern)`` and at least two grid iterations before the refined ones
 ANNEAL_SPECKLES = 10.0
-#: the annealed iterations' first tempering (Dragonfly's automatic start at 1e3 photons per frame)
-ANNEAL_BETA = 0.04
+
+
+def anneal_beta(photons_per_pattern: float) -> float:
+    """The annealed exact iterations' first tempering: Dragonfly's automatic start per frame,
+    ``exp(-6.5 (N / 1e5)^0.15)`` for ``N`` photons (its ``iterate.c``): 0.100 at 1e2 photons, 0.038 at 1e3, 0.010
+    at 1e4. Dimmer patterns have flatter likelihoods and need less tempering: on the 141 A 4-mer (64x64) at 1e2
+    photons a fixed 0.04 spread every pattern over nearly the whole grid and lost the structure (0.286 in speckle
+    correlation after 9 iterations, 0.300 untempered), this start reached 0.362; at 1e3 and 1e4 it is within
+    noise of the fixed 0.04 it replaced (BENCHMARKS.md, ninth session).
+
+    Example:
+        >>> round(anneal_beta(1e3), 4), round(anneal_beta(1e2), 4), anneal_beta(0.0)
+        (0.0385, 0.0996, 1.0)
+    """
+    if photons_per_pattern < 0:
+        raise ValueError(f"expected photons_per_pattern >= 0, got {photons_per_pattern}")
+    return math.exp(-6.5 * (photons_per_pattern * 1e-5) ** 0.15)
+
 
 #: above this many speckles across the measured ball's radius the field gets twice the width
 WIDE_FIELD_SPECKLES = 8.0
@@ -111,9 +128,9 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # a large particle's poses are decided by fine speckles: untempered exact iterations lock in the blurred
         # field's imprecise poses (269 A on 128x128 at 1e3 photons: the refined merge's poses 4.0 -> 2.5 deg
         # median, Rz(pi) twins 9% -> 2%, speckle correlation 0.21 -> 0.31; 141 A on 64x64: 0.747 -> 0.756 at 1e3,
-        # neutral at 1e4; on 2CEX, 4-5 speckles, annealing lost 0.012-0.015; BENCHMARKS.md, eighth and ninth
-        # sessions)
-        updates["polish_beta"] = ANNEAL_BETA
+        # 0.300 -> 0.362 at 1e2 with anneal_beta's warmer start, neutral at 1e4; on 2CEX, 4-5 speckles, annealing
+        # lost 0.012-0.015; BENCHMARKS.md, eighth and ninth sessions)
+        updates["polish_beta"] = round(anneal_beta(report.photons_per_pattern), 4)
         if "polish_iterations" not in given and n_polish < config.polish_refined + 2:
             updates["polish_iterations"] = config.polish_refined + 2
     if updates:
