@@ -130,7 +130,7 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # median, Rz(pi) twins 9% -> 2%, speckle correlation 0.21 -> 0.31; 141 A on 64x64: 0.747 -> 0.756 at 1e3,
         # 0.300 -> 0.362 at 1e2 with anneal_beta's warmer start, neutral at 1e4; on 2CEX, 4-5 speckles, annealing
         # lost 0.012-0.015; BENCHMARKS.md, eighth and ninth sessions)
-        updates["polish_beta"] = round(anneal_beta(report.photons_per_pattern), 4)
+        updates["polish_beta"] = float(f"{anneal_beta(report.photons_per_pattern):.3g}")  # never rounded to 0
         if "polish_iterations" not in given and n_polish < config.polish_refined + 2:
             updates["polish_iterations"] = config.polish_refined + 2
     if updates:
