@@ -111,16 +111,16 @@ def polish(data: Path, run: Path, out: Path, beta: float, iterations: int, extra
 def poses(data: Path, run: Path, n: int) -> None:
     """Grid-argmax and refined-merge orientations of the first ``n`` patterns on the run's field against the truth
     (module docstring)."""
-    from bayes_spi.infer.polish import EMCPolish
-    from bayes_spi.posterior.local import refine_on_cache
-    from bayes_spi.so3 import rotz_pi
     from bayes_spi.dataio.h5 import SPIDataset
     from bayes_spi.guides.search import grid_log_lambda
     from bayes_spi.infer.config import FitConfig
     from bayes_spi.infer.outputs import field_log_cache
+    from bayes_spi.infer.polish import EMCPolish
     from bayes_spi.infer.trainer import Trainer
     from bayes_spi.metrics import orientation_error_summary
     from bayes_spi.models.fields import SirenVoxelField
+    from bayes_spi.posterior.local import refine_on_cache
+    from bayes_spi.so3 import rotz_pi
 
     cfg = FitConfig(**json.loads((run / "cfg.json").read_text()))
     ds = SPIDataset(data)
@@ -134,7 +134,8 @@ def poses(data: Path, run: Path, n: int) -> None:
         cache = field_log_cache(f, nv, m.q_max)
         log_lam = grid_log_lambda(cache, tr.emc.rotations, m.q[pix], m.log_pixel_factor[pix], m.q_max, chunk=512)
         y = torch.as_tensor(ds.read(np.arange(n))).reshape(n, -1)[:, pix].to(log_lam.dtype)
-        best = (y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)).argmax(-1)
+        ll = y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)  # (n, G) profiled
+        best = ll.argmax(-1)
     R_true = ds.truth_rotations(slice(0, n))
     s = orientation_error_summary(tr.emc.rotations[best].numpy(), R_true)
     out = {k: round(float(v), 3) for k, v in s.items() if np.isscalar(v)}
@@ -144,7 +145,6 @@ def poses(data: Path, run: Path, n: int) -> None:
     pol = EMCPolish(m, tr.emc.rotations, cache_grid=nv)
     q, lw = m.q[pix], m.log_pixel_factor[pix]
     rz = rotz_pi(dtype=q.dtype)
-    ll = y @ log_lam.T - y.sum(-1, keepdim=True) * torch.logsumexp(log_lam, -1)
     starts = tr.emc.rotations[ll.topk(2, -1).indices]
     starts = torch.cat([starts, starts @ rz], 1)  # (n, 4, 3, 3)
     chosen, sigma = [], []
