@@ -107,7 +107,7 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
                       epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3,
-                      latent_start: float = 0.0, search_rotations: int = 4096
+                      latent_start: float = 0.0, search_rotations: int = 4096, latent_rule: str = "hermite"
                       ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
@@ -122,7 +122,7 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
                        search_rotations=search_rotations, cache_grid=41, polish_iterations=0, auto_settings=False,
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
-                       latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes,
+                       latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes, latent_rule=latent_rule,
                        latent_start=latent_start if search else 0.0)
     pyro.set_rng_seed(seed)
     q, factor, mask = detector_tensors(data.geometry)
@@ -277,7 +277,9 @@ def main() -> None:
     ap.add_argument("--sets", default="classes,continuum", help="comma-separated: classes, continuum, protein")
     ap.add_argument("--variants", default="svi,search_emc", help="comma-separated model variants: svi, search_emc")
     ap.add_argument("--emc-fraction", type=float, default=0.5, help="EMC warm-start share of search_emc's schedule")
-    ap.add_argument("--latent-nodes", type=int, default=3, help="Gauss-Hermite points per latent dimension")
+    ap.add_argument("--latent-nodes", type=int, default=3, help="quadrature points per latent dimension")
+    ap.add_argument("--latent-rule", default="hermite", choices=["equal", "hermite"],
+                    help="their rule (FitConfig.latent_rule)")
     ap.add_argument("--oracle", type=int, default=0,
                     help="continuum: score the true model's posterior mean exponent, protein: its class posterior, on "
                          "this many patterns (0: off)")
@@ -349,7 +351,8 @@ def main() -> None:
                                                             emc_fraction=args.emc_fraction,
                                                             latent_nodes=args.latent_nodes,
                                                             latent_start=args.latent_start,
-                                                            search_rotations=args.search_rotations)
+                                                            search_rotations=args.search_rotations,
+                                                            latent_rule=args.latent_rule)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None

@@ -50,6 +50,53 @@ def test_latent_nodes_are_the_gauss_hermite_rule() -> None:
     assert latent_nodes(None, 0)[0] is None
 
 
+@pytest.mark.parametrize("per_dim", [1, 2, 3, 5])
+def test_equal_latent_nodes_are_the_bin_means_of_equal_probability_bins(per_dim: int) -> None:
+    """The equal rule: per_dim bins of equal Normal(0, s^2) probability, each point at its bin's conditional mean
+    (SciPy's truncated normal mean), weights 1/per_dim; mean 0, variance below s^2 (the within-bin variance is
+    lost) and rising towards it with more points; a product grid in 2 dimensions; unknown rules are refused."""
+    from scipy.stats import norm, truncnorm
+
+    s = 2.0
+    z, log_w = latent_nodes(make_latent_prior(f"normal:scale={s}", 1), 1, per_dim, rule="equal")
+    edges = norm.ppf(np.linspace(0, 1, per_dim + 1))
+    expected = [s * truncnorm.mean(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(z[:, 0].numpy(), expected, atol=1e-9)
+    np.testing.assert_allclose(log_w.exp().numpy(), np.full(per_dim, 1 / per_dim), atol=1e-12)
+    w = log_w.exp().numpy()
+    assert float(w @ z[:, 0].numpy()) == pytest.approx(0.0, abs=1e-9)
+    var = float(w @ z[:, 0].numpy() ** 2)
+    assert var < s**2
+    if per_dim > 1:
+        coarser = latent_nodes(make_latent_prior(f"normal:scale={s}", 1), 1, per_dim - 1, rule="equal")[0]
+        assert var > float((coarser[:, 0] ** 2).mean())
+    z2, log_w2 = latent_nodes(make_latent_prior("normal", 2), 2, per_dim, rule="equal")
+    assert z2.shape == (per_dim**2, 2)
+    np.testing.assert_allclose(log_w2.exp().numpy(), np.full(per_dim**2, per_dim**-2.0), atol=1e-12)
+    with pytest.raises(ValueError, match="rule"):
+        latent_nodes(None, 1, 3, rule="simpson")
+
+
+def test_the_model_latent_rule_reaches_the_search_and_the_emc() -> None:
+    """HeterogeneousSPIModel(latent_rule='equal'): the class-aware search and the EMC warm start evaluate the fields
+    at the equal rule's points with equal weights; an unknown rule is refused by the model and by FitConfig."""
+    from bayes_spi.infer.config import FitConfig
+
+    q = torch.randn(64, 3) * 0.03
+    model = HeterogeneousSPIModel(SirenField(q_max=0.2), q, torch.full((64,), 1e-3), latent_dim=1,
+                                  latent_rule="equal")
+    emc = ClassGridMarginal(model, super_fibonacci_rotmat(8), cache_grid=5)
+    search = ClassOrientationSearch(model, n_rotations=8, n_keep=1, cache_grid=5)
+    expected = latent_nodes(model.latent_prior, 1, 3, rule="equal")
+    for nodes, log_w in ((emc.nodes, emc.log_node_weights), (search.nodes, search.log_node_weights)):
+        np.testing.assert_allclose(nodes.numpy(), expected[0].numpy())
+        np.testing.assert_allclose(log_w.exp().numpy(), [1 / 3] * 3, atol=1e-12)
+    with pytest.raises(ValueError, match="latent_rule"):
+        HeterogeneousSPIModel(SirenField(q_max=0.2), q, torch.full((64,), 1e-3), latent_dim=1, latent_rule="x")
+    with pytest.raises(ValueError, match="latent_rule"):
+        FitConfig(latent_dim=1, latent_rule="x")
+
+
 @pytest.fixture(scope="module")
 def detector() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return detector_tensors(get_preset("reference-32"))

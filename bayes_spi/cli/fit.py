@@ -61,7 +61,8 @@ TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
     "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "polish_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
-    "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes", "class_posterior",
+    "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes", "latent_rule",
+    "class_posterior",
 )
 
 _HELP = {
@@ -122,8 +123,10 @@ _HELP = {
                   "field conditioned on it (FiLM); writes latent_posterior.h5 and intensity_latent.h5. 0: "
                   "homogeneous. Turns the EMC warm start, search and polish off.",
     "n_classes": "Heterogeneous samples: discrete classes (one field each, enumerated exactly); 1: none.",
-    "latent_nodes": "Heterogeneous samples: Gauss-Hermite points per latent dimension at which the class-aware "
+    "latent_nodes": "Heterogeneous samples: quadrature points per latent dimension at which the class-aware "
                     "search and EMC warm start evaluate each class field.",
+    "latent_rule": "Heterogeneous samples: the quadrature rule of those points: hermite (Gauss-Hermite) or equal "
+                   "(equal-probability bins of the prior, equal weights: no point starved of patterns).",
     "latent_prior": "Prior of the structure latent: normal[:scale=S] or studentt:df=D[;scale=S].",
     "class_prior": "Prior of the classes: uniform (fixed 1/K) or learned (fractions fitted).",
     "class_posterior": "Heterogeneous samples with --classes > 1: the class posterior written to latent_posterior.h5 "
@@ -323,6 +326,7 @@ class _RecordingCommand(click.Command):
 @_training_option("latent_prior", str)
 @_training_option("class_prior", click.Choice(["uniform", "learned"]))
 @_training_option("latent_nodes", click.IntRange(min=1))
+@_training_option("latent_rule", click.Choice(["equal", "hermite"]))
 @_training_option("class_posterior", click.Choice(["refined", "guide"]))
 @_training_option("seed", int)
 @_training_option("device", str)

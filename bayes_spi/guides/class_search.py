@@ -42,24 +42,45 @@ from bayes_spi.guides.search import BACKGROUND_SCREEN, GridSearchBase, cube_poin
 __all__ = ["ClassOrientationSearch", "class_caches", "class_grid_loglik", "latent_nodes"]
 
 
-def latent_nodes(latent_prior: torch.nn.Module | None, latent_dim: int, per_dim: int = 3
+def latent_nodes(latent_prior: torch.nn.Module | None, latent_dim: int, per_dim: int = 3, rule: str = "hermite"
                  ) -> tuple[Tensor | None, Tensor]:
     """Quadrature points of the latent prior: ``(z (L, d) or None, log_w (L,))`` with ``sum exp(log_w) = 1``.
 
-    The probabilists' Gauss-Hermite rule of ``per_dim`` points per dimension (product grid, ``L = per_dim^d``) on
-    ``Normal(0, sd^2)`` with ``sd`` the prior's ``scale`` (1 if it has none), importance-weighted by
-    ``p(z) / Normal(z; 0, sd^2)`` for another prior (e.g. a Student-t), then normalised. ``latent_dim = 0``:
-    no points (``z = None``) and one weight ``log 1``.
+    A product grid of ``per_dim`` points per dimension (``L = per_dim^d``) on ``Normal(0, sd^2)`` with ``sd`` the
+    prior's ``scale`` (1 if it has none), by ``rule``:
+
+    - ``hermite``: the probabilists' Gauss-Hermite rule (exact for polynomials of degree ``< 2 per_dim``; its
+      outer points carry little weight: 1/6 at 3 points, 0.011 at 5);
+    - ``equal``: equal-probability bins of the Normal, each bin's point at its conditional mean
+      ``E[z | bin]`` and weight ``1 / per_dim`` (3 points: 0 and +-1.091 sd, 1/3 each). Every point carries the
+      same prior mass, so in an EM fit no latent point is starved of patterns by its prior weight alone.
+
+    Either way the points are importance-weighted by ``p(z) / Normal(z; 0, sd^2)`` for another prior (e.g. a
+    Student-t), then normalised. ``latent_dim = 0``: no points (``z = None``) and one weight ``log 1``.
+
+    Example:
+        >>> z, log_w = latent_nodes(None, 1, 3, rule="equal")
+        >>> [round(v, 3) for v in z[:, 0].tolist()], [round(v, 3) for v in log_w.exp().tolist()]
+        ([-1.091, 0.0, 1.091], [0.333, 0.333, 0.333])
     """
     if latent_dim == 0:
         return None, torch.zeros(1, dtype=torch.float64)
     if per_dim < 1:
         raise ValueError(f"per_dim: expected a positive integer, got {per_dim!r}")
-    x, w = np.polynomial.hermite_e.hermegauss(per_dim)
+    if rule == "hermite":
+        x, w = np.polynomial.hermite_e.hermegauss(per_dim)
+        w = w / math.sqrt(2 * math.pi)
+    elif rule == "equal":
+        from scipy.stats import norm
+
+        edges = norm.ppf(np.linspace(0.0, 1.0, per_dim + 1))  # -inf ... inf
+        x = (norm.pdf(edges[:-1]) - norm.pdf(edges[1:])) * per_dim  # E[z | edges[i] < z < edges[i+1]]
+        w = np.full(per_dim, 1.0 / per_dim)
+    else:
+        raise ValueError(f"rule: expected 'hermite' or 'equal', got {rule!r}")
     sd = float(getattr(latent_prior, "scale", 1.0)) if latent_prior is not None else 1.0
     pts = np.array(list(itertools.product(x, repeat=latent_dim)), dtype=np.float64) * sd  # (L, d)
-    log_w = np.array([sum(math.log(w[i] / math.sqrt(2 * math.pi)) for i in idx)
-                      for idx in itertools.product(range(per_dim), repeat=latent_dim)])
+    log_w = np.array([sum(math.log(w[i]) for i in idx) for idx in itertools.product(range(per_dim), repeat=latent_dim)])
     z = torch.as_tensor(pts)
     if latent_prior is not None:
         prior_lp = latent_prior(z.shape[0]).log_prob(z.to(latent_prior._zero.dtype)).double()
@@ -117,7 +138,7 @@ class ClassOrientationSearch(GridSearchBase):
         #: proposals per pattern: ``n_keep`` per class (the guide's ``n_search``)
         self.n_proposals = self.n_keep * self.n_classes
         self.nodes, self.log_node_weights = latent_nodes(getattr(model, "latent_prior", None), self.latent_dim,
-                                                         latent_per_dim)
+                                                         latent_per_dim, getattr(model, "latent_rule", "hermite"))
         self.last_latent_mean: Tensor | None = None
         self.last_class_loglik: Tensor | None = None
 

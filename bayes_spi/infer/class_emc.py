@@ -98,7 +98,8 @@ class ClassGridMarginal:
         self.q_max = model.q_max
         self.n_classes = int(getattr(model, "n_classes", 1))
         self.nodes, self.log_node_weights = latent_nodes(getattr(model, "latent_prior", None),
-                                                         int(getattr(model, "latent_dim", 0)), latent_per_dim)
+                                                         int(getattr(model, "latent_dim", 0)), latent_per_dim,
+                                                         getattr(model, "latent_rule", "hermite"))
         #: per-pattern latent point log-weights ``(B, L)`` for the next call only, in place of the prior's
         #: (the data start of :mod:`bayes_spi.infer.latent_start`); ``None``: the prior's
         self.pattern_log_node_weights: Tensor | None = None

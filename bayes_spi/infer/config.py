@@ -26,6 +26,8 @@ __all__ = ["CLASS_POSTERIORS", "FitConfig"]
 
 _DEFAULT_SCALE_SIGMA = 0.5
 _DEFAULT_BACKGROUND = 0.0
+#: the quadrature rules of the latent prior (``FitConfig.latent_rule``, :func:`bayes_spi.guides.class_search.latent_nodes`)
+LATENT_RULES = ("equal", "hermite")
 #: the class posteriors a heterogeneous fit can export (``FitConfig.class_posterior``)
 CLASS_POSTERIORS = ("refined", "guide")
 
@@ -84,8 +86,10 @@ class FitConfig:
         class_prior: ``uniform`` or ``learned``. With either on, the orientation search is class-aware (``n_search``
         proposals per class, :mod:`bayes_spi.guides.class_search`), the EMC warm start sums over classes and
         latent points (:mod:`bayes_spi.infer.class_emc`), and the exact EMC polish (one homogeneous field) is off:
-        ``polish_iterations`` is set to 0. latent_nodes: Gauss-Hermite points per latent dimension at which the
+        ``polish_iterations`` is set to 0. latent_nodes: quadrature points per latent dimension at which the
         search and the EMC warm start evaluate the class fields (``latent_nodes ** latent_dim`` caches per class).
+        latent_rule: their rule (:func:`bayes_spi.guides.class_search.latent_nodes`): ``hermite`` (Gauss-Hermite)
+        or ``equal`` (equal-probability bins, each point at its bin's mean, equal weights).
         latent_start: with a continuous latent, the first fraction of the EMC warm start during which each
         pattern's latent point weights are pulled towards a start latent from its ring anisotropy (a data start,
         :mod:`bayes_spi.infer.latent_start`); 0: off. class_posterior: the class posterior a fit with
@@ -178,6 +182,7 @@ class FitConfig:
     latent_prior: str = "normal"
     class_prior: str = "uniform"
     latent_nodes: int = 3
+    latent_rule: str = "hermite"
     latent_start: float = 0.0
     class_posterior: str = "refined"
 
@@ -261,6 +266,7 @@ class FitConfig:
         ]
         checks += [(self.latent_dim >= 0, "latent_dim", ">= 0", self.latent_dim),
                    (self.latent_nodes >= 1, "latent_nodes", ">= 1", self.latent_nodes),
+                   (self.latent_rule in LATENT_RULES, "latent_rule", " or ".join(LATENT_RULES), self.latent_rule),
                    (0 <= self.latent_start <= 1, "latent_start", "in [0, 1]", self.latent_start),
                    (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes),
                    (self.class_posterior in CLASS_POSTERIORS, "class_posterior", " or ".join(CLASS_POSTERIORS),

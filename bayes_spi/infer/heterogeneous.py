@@ -359,7 +359,7 @@ def build_heterogeneous(field: IntensityField, q: torch.Tensor, factor: torch.Te
         n_hypotheses=count_hypotheses(config.n_heads, config.n_search * config.n_classes), latent_dim=config.latent_dim, n_classes=config.n_classes,
         latent_prior=make_latent_prior(config.latent_prior, config.latent_dim) if config.latent_dim else None,
         class_prior=make_class_prior(config.class_prior, config.n_classes) if config.n_classes > 1 else None,
-        background=background).to(device)
+        background=background, latent_rule=config.latent_rule).to(device)
     search = None
     if config.n_search:
         search = ClassOrientationSearch(model, config.search_rotations, config.n_search, seed=config.seed + 12345,

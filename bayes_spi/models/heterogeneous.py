@@ -57,6 +57,8 @@ class HeterogeneousSPIModel(SPIModel):
         latent_prior: a :class:`~bayes_spi.models.latent.LatentPrior` (default ``Normal(0, I_d)``).
         class_prior: a :class:`~bayes_spi.models.latent.ClassPrior` (default uniform).
         background: as :class:`SPIModel` (``b B_k`` added to every rate).
+        latent_rule: the quadrature rule by which the grid search and the EMC warm start integrate the latent
+            prior (:func:`~bayes_spi.guides.class_search.latent_nodes`): ``hermite`` or ``equal``.
     """
 
     def __init__(
@@ -74,7 +76,10 @@ class HeterogeneousSPIModel(SPIModel):
         latent_prior: LatentPrior | None = None,
         class_prior: ClassPrior | None = None,
         background: PixelBackground | None = None,
+        latent_rule: str = "hermite",
     ) -> None:
+        if latent_rule not in ("equal", "hermite"):
+            raise ValueError(f"latent_rule: expected 'equal' or 'hermite', got {latent_rule!r}")
         fields = field if isinstance(field, LatentFields) else LatentFields(field, latent_dim, n_classes)
         if fields.latent_dim != latent_dim or fields.n_classes != n_classes:
             raise ValueError(f"expected a LatentFields with latent_dim={latent_dim}, n_classes={n_classes}, got "
@@ -86,6 +91,7 @@ class HeterogeneousSPIModel(SPIModel):
                          background=background)
         self.latent_dim = int(latent_dim)
         self.n_classes = int(n_classes)
+        self.latent_rule = latent_rule
         if self.latent_dim:
             self.latent_prior = latent_prior if latent_prior is not None else NormalLatentPrior(self.latent_dim)
             if self.latent_prior.latent_dim != self.latent_dim:
