@@ -60,7 +60,7 @@ def latent_nodes(latent_prior: torch.nn.Module | None, latent_dim: int, per_dim:
 
     Example:
         >>> z, log_w = latent_nodes(None, 1, 3, rule="equal")
-        >>> [round(v, 3) for v in z[:, 0].tolist()], [round(v, 3) for v in log_w.exp().tolist()]
+        >>> [round(v, 3) + 0.0 for v in z[:, 0].tolist()], [round(v, 3) for v in log_w.exp().tolist()]
         ([-1.091, 0.0, 1.091], [0.333, 0.333, 0.333])
     """
     if latent_dim == 0:
