@@ -107,8 +107,8 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
                       epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3,
-                      latent_start: float = 0.0, search_rotations: int = 4096, latent_rule: str = "hermite"
-                      ) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
+                      latent_start: float = 0.0, search_rotations: int = 4096, latent_rule: str = "hermite",
+                      latent_anneal: float = 0.0, latent_anneal_beta: float = 0.05) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
     ``variant``: ``svi`` (no EMC warm start, no search) or ``search_emc`` (class-aware EMC warm start for
@@ -123,6 +123,7 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
                        latent_dim=latent_dim, n_classes=n_classes, latent_nodes=latent_nodes, latent_rule=latent_rule,
+                       latent_anneal=latent_anneal if search else 0.0, latent_anneal_beta=latent_anneal_beta,
                        latent_start=latent_start if search else 0.0)
     pyro.set_rng_seed(seed)
     q, factor, mask = detector_tensors(data.geometry)
@@ -280,6 +281,9 @@ def main() -> None:
     ap.add_argument("--latent-nodes", type=int, default=3, help="quadrature points per latent dimension")
     ap.add_argument("--latent-rule", default="hermite", choices=["equal", "hermite"],
                     help="their rule (FitConfig.latent_rule)")
+    ap.add_argument("--latent-anneal", type=float, default=0.0,
+                    help="search_emc: fraction of the EMC stage with the latent's posterior tempered")
+    ap.add_argument("--latent-anneal-beta", type=float, default=0.05, help="the tempering's first exponent")
     ap.add_argument("--oracle", type=int, default=0,
                     help="continuum: score the true model's posterior mean exponent, protein: its class posterior, on "
                          "this many patterns (0: off)")
@@ -352,7 +356,9 @@ def main() -> None:
                                                             latent_nodes=args.latent_nodes,
                                                             latent_start=args.latent_start,
                                                             search_rotations=args.search_rotations,
-                                                            latent_rule=args.latent_rule)
+                                                            latent_rule=args.latent_rule,
+                                                            latent_anneal=args.latent_anneal,
+                                                            latent_anneal_beta=args.latent_anneal_beta)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None

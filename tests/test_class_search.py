@@ -158,7 +158,9 @@ def test_class_search_proposes_each_class_and_its_true_pose(detector) -> None:
 def test_class_emc_estep_equals_brute_force() -> None:
     """log p(y_i) = logsumexp_{c,l,g}(log pi_c + log w_l + ll_iclg) - log G and the responsibilities, against a
     loop over classes, latent points (2-point Gauss-Hermite: z = +-1, w = 1/2) and rotations with SciPy's Poisson
-    pmf at the profile scale on caches built here; the gradient reaches both class fields and the class prior."""
+    pmf at the profile scale on caches built here; the gradient reaches both class fields and the class prior. With
+    the latent tempered (latent_beta = gamma < 1) the marginal is log sum_c pi_c exp(logsumexp_l(gamma m_cl) / gamma),
+    m_cl = log w_l + logsumexp_g ll - log G, by hand; as gamma -> 0 every latent point takes its prior share."""
     torch.manual_seed(9)
     q = torch.randn(48, 3) * 0.04
     factor = torch.full((48,), 1e-3)
@@ -198,6 +200,21 @@ def test_class_emc_estep_equals_brute_force() -> None:
     for f in model.field.fields:
         assert f.base.net.first.grad.abs().sum() > 0 and f.film.mlp[-1].weight.grad.abs().sum() > 0
     assert prior.logits.grad.abs().sum() > 0
+    m = logsumexp(ll, axis=-1) - math.log(16) + math.log(0.5)  # (B, C, L)
+    for gamma in (0.3, 1e-4):
+        emc.latent_beta = gamma
+        tempered = emc(images, pixels)
+        per_class = logsumexp(gamma * m, axis=-1) / gamma + log_pi[None]
+        np.testing.assert_allclose(tempered.log_marginal.detach().double().numpy(), logsumexp(per_class, axis=1),
+                                   rtol=1e-5)
+        lat = np.exp(gamma * m - logsumexp(gamma * m, axis=-1)[..., None])
+        got = tempered.responsibilities.double().numpy()
+        np.testing.assert_allclose(got.sum((1, 2, 3)), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(got.sum(-1) / got.sum((-2, -1))[..., None], lat, atol=1e-5)
+    assert np.allclose(lat, 0.5, atol=1e-3)  # gamma -> 0: the prior's weights
+    emc.latent_beta = 0.0
+    with pytest.raises(ValueError, match="latent_beta"):
+        emc(images, pixels)
 
 
 def test_netcdf_export_carries_the_structure_posteriors(tmp_path) -> None:

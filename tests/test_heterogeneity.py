@@ -478,6 +478,10 @@ def test_fit_config_heterogeneous_settings() -> None:
         FitConfig(n_classes=0)
     with pytest.raises(ValueError, match="latent_nodes"):
         FitConfig(latent_dim=1, latent_nodes=0)
+    with pytest.raises(ValueError, match="latent_anneal"):
+        FitConfig(latent_dim=1, latent_anneal=1.5)
+    with pytest.raises(ValueError, match="latent_anneal_beta"):
+        FitConfig(latent_dim=1, latent_anneal=0.5, latent_anneal_beta=0.0)
 
 
 def test_cli_fit_heterogeneous_end_to_end(tmp_path) -> None:

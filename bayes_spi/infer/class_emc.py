@@ -7,8 +7,18 @@ the marginal likelihood also sums over the class and integrates the latent over 
 
     log p(y_i | theta) = log sum_c pi_c sum_l w_l (1/G) sum_g p(y_i | R_g, s_iclg, z_l, c)            (B,)
 
-with the fluence at its profile (maximum-likelihood) value per ``(c, l, g)`` as in EMC/Dragonfly. Its gradient is
-the EM M-step on every class field at once: ``sum_{c,l,g} r_iclg grad log p(y_i | R_g, z_l, c)`` with the exact
+with the fluence at its profile (maximum-likelihood) value per ``(c, l, g)`` as in EMC/Dragonfly. With
+:attr:`ClassGridMarginal.latent_beta` ``gamma < 1`` the latent points' posterior is tempered (deterministic
+annealing of the latent, the class and the pose untempered)::
+
+    m_icl = log sum_g p(y_i | R_g, s_iclg, z_l, c) / G + log w_l
+    log p_gamma(y_i | theta) = log sum_c pi_c exp( (1 / gamma) log sum_l exp(gamma m_icl) )
+
+so that early in a fit every latent point is trained by every pattern (responsibilities near the prior weights),
+and the points separate as ``gamma`` rises to 1 (the exact marginal); without it a point that loses the patterns
+at the start is never trained again (a dead point of an EM mixture).
+
+The exact marginal's gradient is the EM M-step on every class field at once: ``sum_{c,l,g} r_iclg grad log p(y_i | R_g, z_l, c)`` with the exact
 responsibilities ``r_iclg = p(c, z_l, R_g | y_i)`` (:attr:`ClassGridPosterior.responsibilities`), so each class
 field is trained by the patterns in proportion to how well it explains them, and the FiLM latent by which latent
 point explains them. The class fields start from the radial-profile mixture
@@ -103,6 +113,9 @@ class ClassGridMarginal:
         #: per-pattern latent point log-weights ``(B, L)`` for the next call only, in place of the prior's
         #: (the data start of :mod:`bayes_spi.infer.latent_start`); ``None``: the prior's
         self.pattern_log_node_weights: Tensor | None = None
+        #: tempering ``gamma`` in (0, 1] of the latent points' posterior (deterministic annealing of the latent,
+        #: see :meth:`__call__`); 1: the exact marginal
+        self.latent_beta = 1.0
         pts = cube_points(self.n, self.q_max, model.q.device)
         dq = 2 * self.q_max / (self.n - 1)
         self.inside = torch.nonzero(pts.norm(dim=-1) <= self.q_max + math.sqrt(3) * dq + 1e-9).squeeze(-1)
@@ -144,10 +157,21 @@ class ClassGridMarginal:
         elif node_w.shape != (ll.shape[0], ll.shape[2]):
             raise ValueError(f"expected per-pattern latent point log-weights of shape {(ll.shape[0], ll.shape[2])}, "
                              f"got shape {tuple(node_w.shape)}")
-        joint = ll + beta * (log_prior + node_w.to(ll.device, ll.dtype)[:, None, :, None])
-        n_b = joint.shape[0]
-        log_marg = (torch.logsumexp(joint.reshape(n_b, -1), -1) - math.log(ll.shape[-1])) / beta
-        resp = torch.softmax(joint.detach().reshape(n_b, -1), -1).reshape(joint.shape)
+        node_w = node_w.to(ll.device, ll.dtype)
+        n_b, n_g = ll.shape[0], ll.shape[-1]
+        gamma = float(self.latent_beta)
+        if not 0 < gamma <= 1:
+            raise ValueError(f"expected latent_beta in (0, 1], got {gamma}")
+        if gamma == 1.0 or ll.shape[2] == 1:
+            joint = ll + beta * (log_prior + node_w[:, None, :, None])
+            log_marg = (torch.logsumexp(joint.reshape(n_b, -1), -1) - math.log(n_g)) / beta
+            resp = torch.softmax(joint.detach().reshape(n_b, -1), -1).reshape(joint.shape)
+        else:  # the latent points' posterior tempered by gamma: every point shares the patterns early on
+            m = torch.logsumexp(ll, -1) - math.log(n_g) + beta * node_w[:, None, :]  # (B, C, L)
+            per_class = torch.logsumexp(gamma * m, -1) / gamma + beta * log_prior[..., 0, 0]  # (B, C)
+            log_marg = torch.logsumexp(per_class, -1) / beta
+            resp = (torch.softmax(per_class.detach(), -1)[:, :, None, None]
+                    * torch.softmax(gamma * m.detach(), -1)[..., None] * torch.softmax(ll.detach(), -1))
         best = resp.reshape(n_b, -1).argmax(-1, keepdim=True)
         return ClassGridPosterior(log_marg, resp, log_s.reshape(n_b, -1).gather(1, best).squeeze(1))
 

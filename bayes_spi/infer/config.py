@@ -92,7 +92,10 @@ class FitConfig:
         or ``equal`` (equal-probability bins, each point at its bin's mean, equal weights).
         latent_start: with a continuous latent, the first fraction of the EMC warm start during which each
         pattern's latent point weights are pulled towards a start latent from its ring anisotropy (a data start,
-        :mod:`bayes_spi.infer.latent_start`); 0: off. class_posterior: the class posterior a fit with
+        :mod:`bayes_spi.infer.latent_start`); 0: off. latent_anneal: with a continuous latent, the first fraction
+        of the EMC warm start over which the latent points' posterior is tempered (deterministic annealing,
+        :class:`~bayes_spi.infer.class_emc.ClassGridMarginal`), its exponent rising geometrically from
+        ``latent_anneal_beta`` to 1; 0: off. class_posterior: the class posterior a fit with
         ``n_classes > 1`` exports (``latent_posterior.h5``, the per-class volumes' members, the latent figure):
         ``refined`` (the default: each class's best grid poses refined off the grid, Laplace evidence,
         :mod:`bayes_spi.posterior.class_refine`; the coarse grid blurs speckles a few degrees wide) or ``guide``
@@ -184,6 +187,8 @@ class FitConfig:
     latent_nodes: int = 3
     latent_rule: str = "hermite"
     latent_start: float = 0.0
+    latent_anneal: float = 0.0
+    latent_anneal_beta: float = 0.05
     class_posterior: str = "refined"
 
     n_heads: int = 4
@@ -268,6 +273,8 @@ class FitConfig:
                    (self.latent_nodes >= 1, "latent_nodes", ">= 1", self.latent_nodes),
                    (self.latent_rule in LATENT_RULES, "latent_rule", " or ".join(LATENT_RULES), self.latent_rule),
                    (0 <= self.latent_start <= 1, "latent_start", "in [0, 1]", self.latent_start),
+                   (0 <= self.latent_anneal <= 1, "latent_anneal", "in [0, 1]", self.latent_anneal),
+                   (0 < self.latent_anneal_beta <= 1, "latent_anneal_beta", "in (0, 1]", self.latent_anneal_beta),
                    (self.n_classes >= 1, "n_classes", ">= 1", self.n_classes),
                    (self.class_posterior in CLASS_POSTERIORS, "class_posterior", " or ".join(CLASS_POSTERIORS),
                     self.class_posterior)]

@@ -51,7 +51,7 @@ from bayes_spi.models.spi import SPIBatch
 if TYPE_CHECKING:
     from bayes_spi.posterior.class_refine import RefinedClassSummary
 
-__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "fit_class_grid",
+__all__ = ["HeterogeneousTrainer", "build_heterogeneous", "class_radial_profiles", "fit_class_grid", "latent_anneal_beta",
            "gaussian_mixture_labels", "kmeans"]
 
 log = logging.getLogger("bayes_spi")
@@ -158,6 +158,22 @@ def class_radial_profiles(counts: np.ndarray, q_norm: np.ndarray, factor: np.nda
     return labels, profiles
 
 
+def latent_anneal_beta(config: FitConfig, step: int, emc_end: int) -> float:
+    """The latent tempering exponent at ``step`` of an EMC warm start that ends at ``emc_end``: rising geometrically
+    from ``config.latent_anneal_beta`` at step 0 to 1 at ``config.latent_anneal * emc_end``, then 1 (also with no
+    continuous latent or ``latent_anneal = 0``).
+
+    Example:
+        >>> c = FitConfig(latent_dim=1, latent_anneal=0.5, latent_anneal_beta=0.01)
+        >>> [round(latent_anneal_beta(c, s, 100), 3) for s in (0, 25, 50, 90)]
+        [0.01, 0.1, 1.0, 1.0]
+    """
+    end = config.latent_anneal * emc_end
+    if config.latent_dim == 0 or end <= 0 or step >= end:
+        return 1.0
+    return float(config.latent_anneal_beta ** (1.0 - step / end))
+
+
 def fit_class_grid(guide: Any, config: FitConfig) -> torch.Tensor:
     """The coarse orientation grid ``(G, 3, 3)`` of a heterogeneous fit: its guide's search's, or (without a
     search) the grid that search would have (the fit's ``search_rotations``, ``search_grid``, seed and symmetry)."""
@@ -186,7 +202,9 @@ class HeterogeneousTrainer(Trainer):
     def emc_step(self, batch: SPIBatch) -> float:
         """As :meth:`Trainer.emc_step`; during the data start of the latent (the first ``config.latent_start`` of
         the EMC stage, :mod:`bayes_spi.infer.latent_start`) each pattern's latent point weights are pulled towards
-        its anisotropy score's start latent."""
+        its anisotropy score's start latent; during the latent's annealing (the first ``config.latent_anneal``) its
+        points' posterior is tempered (:func:`latent_anneal_beta`)."""
+        self.emc.latent_beta = latent_anneal_beta(self.config, self.state.step, self.emc_end)
         start = getattr(self, "_latent_start", None)
         if start is not None and self.state.step < int(self.config.latent_start * self.emc_end):
             emc = self.emc
