@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--fine-rotations", type=int, default=32768,
                     help="classes: also classify with the fitted fields on this fine orientation grid (0: off)")
     ap.add_argument("--oracle-rotations", type=int, default=2048, help="orientations of the oracle's pose grid")
+    ap.add_argument("--seed", type=int, default=0, help="the fit's seed (the data's is fixed: 11)")
     ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
     ap.add_argument("--skip-fit", action="store_true", help="baseline only")
@@ -351,7 +352,7 @@ def main() -> None:
                         "oracle_s": time.perf_counter() - t0})
         for variant in ([] if args.skip_fit else args.variants.split(",")):
             model, guide, seconds, seen = fit_heterogeneous(path, args.out / f"run_{name}_{variant}{args.tag}", latent, classes,
-                                                            args.minutes, variant=variant,
+                                                            args.minutes, seed=args.seed, variant=variant,
                                                             emc_fraction=args.emc_fraction,
                                                             latent_nodes=args.latent_nodes,
                                                             latent_start=args.latent_start,
