@@ -137,7 +137,8 @@ def test_fit_writes_all_outputs(fitted_run: tuple[Path, str], data_file: Path) -
     assert ev.pop("format_version") == verdict["format_version"] == 1  # read back through RunDir.read_json
     assert set(ev) == set(EVALUATION_KEYS)
     # the truth-free verdict is printed with its numbers, and the sampling report was written
-    assert "FIT " in output and "nats/photon" in output
+    assert "FIT " in output and "nats/photon" in output and "predicted better than by the radial average" in output
+    assert 0 <= verdict["checks"]["information_q"] <= max(verdict["checks"]["shell_q_edges"])
     sampling = json.loads((run / "sampling.json").read_text())
     assert sampling["diameter_A"] > 0 and sampling["oversampling"] > 0
     assert ev["n_patterns"] == N_PATTERNS

@@ -273,6 +273,16 @@ def test_fit_writes_the_report(fitted_run: Path) -> None:
     img = mpimg.imread(run / "report.png")
     assert img.shape[:2] == overview_size_px()
     assert not list(run.rglob("*.tmp"))
+    # the verdict's information limit is on the page, with its caveat exactly when it is inside the inscribed circle
+    import json
+
+    from bayes_spi.infer.verdict import information_limit_note
+
+    checks = json.loads((run / "verdict.json").read_text())["checks"]
+    assert len(checks["shell_gain_per_photon"]) == 8 and checks["inscribed_q"] > 0
+    assert "predicted better than by the radial average out to" in page
+    note = information_limit_note(checks)
+    assert ("information limit" in page) == (note is not None)
 
 
 def test_predicted_patterns_equal_direct_computation(fitted_run: Path) -> None:

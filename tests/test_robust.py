@@ -13,7 +13,7 @@ from bayes_spi.analysis.compare import compare_to_reference, speckle_correlation
 from bayes_spi.analysis.sampling import diameter_from_profile, estimate_sampling, sampling_report
 from bayes_spi.guides.encoder import PatternEncoder
 from bayes_spi.infer.emc import GridMarginal, cache_grid_for
-from bayes_spi.infer.verdict import elbo_checks, information_gain, pose_change_deg
+from bayes_spi.infer.verdict import elbo_checks, information_gain, information_limit_note, pose_change_deg, shell_gains
 from bayes_spi.models.fields import SirenField, VoxelField
 from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import random_rotmat, super_fibonacci_rotmat
@@ -259,9 +259,51 @@ def test_information_gain_separates_a_true_3d_model_from_its_radial_average() ->
     good = torch.ones(256, dtype=torch.bool)
     gain = information_gain(model, Oracle(), images, good)
     assert gain["gain_per_photon"] > 0.02, gain
+    assert gain["information_q"] > 0 and len(gain["shell_gain_per_photon"]) == 8
     model.field.grid.data.zero_()  # isotropic: nothing beyond the radial average to gain
     flat = information_gain(model, Oracle(), images, good)
     assert flat["gain_per_photon"] < 0.01, flat
+    assert flat["information_q"] < gain["information_q"]
+
+
+def test_shell_gains_find_where_the_model_stops_predicting_the_data() -> None:
+    """Speckled patterns drawn from a known rate: the true rate is informative in every shell (the limit is the
+    last edge), the radial (flat) rate in none (limit 0) and with ~0 gain per photon; a model right only inside
+    0.6 q_max stops there (its wrong outer shells lose photons: negative gain); an empty central shell (a beam
+    stop) or an isotropic centre (the central speckle) is skipped, not a break; the per-photon gain of the true model matches the closed form
+    E[x log x] = 1 - Euler's gamma for exponential speckle at low counts, within 25%."""
+    g = torch.Generator().manual_seed(5)
+    m = 4000
+    qn = torch.rand(m, generator=g, dtype=torch.float64) * 0.1
+    speckle = torch.distributions.Exponential(torch.tensor(1.0, dtype=torch.float64)).sample((m,))
+    rate = 0.02 * speckle  # ~80 photons per pattern: the low-count regime
+    y = torch.poisson(rate.expand(400, m), generator=g)
+    flat = torch.full((m,), 0.02, dtype=torch.float64).log()
+    true = shell_gains(y, rate.log().expand(400, m), flat, qn, 0.1)
+    assert all(true["shell_informative"]) and true["information_q"] == pytest.approx(0.1)
+    assert np.mean(true["shell_gain_per_photon"]) == pytest.approx(1 - np.euler_gamma, rel=0.25)
+    none = shell_gains(y, flat.expand(400, m), flat, qn, 0.1)
+    assert not any(none["shell_informative"]) and none["information_q"] == 0.0
+    assert max(abs(v) for v in none["shell_gain_per_photon"]) < 1e-9
+    other = torch.distributions.Exponential(torch.tensor(1.0, dtype=torch.float64)).sample((m,))
+    part = torch.where(qn < 0.06, rate, 0.02 * other)
+    half = shell_gains(y, part.log().expand(400, m), flat, qn, 0.1, n_shells=10)
+    assert half["information_q"] == pytest.approx(0.06)
+    assert all(v < 0 for v in half["shell_gain_per_photon"][6:])
+    keep = qn >= 0.02  # nothing in the first two of ten shells
+    stop = shell_gains(y[:, keep], rate[keep].log().expand(400, -1), flat[keep], qn[keep], 0.1, n_shells=10)
+    assert stop["shell_informative"][:2] == [False, False] and stop["information_q"] == pytest.approx(0.1)
+    iso = torch.where(qn < 0.02, torch.full_like(rate, 0.02), rate)  # an isotropic centre, speckle outside it
+    y_iso = torch.poisson(iso.expand(400, m), generator=g)
+    centre = shell_gains(y_iso, iso.log().expand(400, m), flat, qn, 0.1, n_shells=10)
+    assert centre["shell_informative"][:2] == [False, False] and centre["information_q"] == pytest.approx(0.1)
+
+
+def test_information_limit_note_only_inside_the_inscribed_circle() -> None:
+    assert information_limit_note({"information_q": 0.08, "inscribed_q": 0.07}) is None
+    assert information_limit_note({"information_q": None, "inscribed_q": 0.07}) is None
+    note = information_limit_note({"information_q": 0.04, "inscribed_q": 0.08})
+    assert "2.50 nm" in note and "50%" in note and "1.25 nm" in note and "--half-sets" in note
 
 
 def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> None:
