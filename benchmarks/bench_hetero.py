@@ -108,7 +108,7 @@ def class_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, minutes: float, seed: int = 0,
                       epochs: int = 20, variant: str = "svi", emc_fraction: float = 0.5, latent_nodes: int = 3,
                       latent_start: float = 0.0, search_rotations: int = 4096, latent_rule: str = "hermite",
-                      latent_anneal: float = 0.0, latent_anneal_beta: float = 0.05) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
+                      latent_anneal: float = 0.0, latent_anneal_beta: float = 0.05, emc_pixels: int = 512) -> tuple[HeterogeneousSPIModel, LatentGuide, float, int]:
     """Train the heterogeneous model on ``path`` for at most ``minutes``; returns model, guide, seconds, images.
 
     ``variant``: ``svi`` (no EMC warm start, no search) or ``search_emc`` (class-aware EMC warm start for
@@ -118,7 +118,7 @@ def fit_heterogeneous(path: Path, run: Path, latent_dim: int, n_classes: int, mi
     data = SPIDataset(path)
     search = variant == "search_emc"
     config = FitConfig(epochs=epochs, batch_size=32, field="siren", n_heads=1 if search else 2,
-                       n_search=2 if search else 0, emc_fraction=emc_fraction if search else 0.0, emc_pixels=512,
+                       n_search=2 if search else 0, emc_fraction=emc_fraction if search else 0.0, emc_pixels=emc_pixels,
                        search_rotations=search_rotations, cache_grid=41, polish_iterations=0, auto_settings=False,
                        max_minutes=minutes, seed=seed, device="cpu", log_every=50, checkpoint_every=100000,
                        encoder_features=128, encoder_channels=16, weight_floor=0.4, floor_decay=0.6, radius_start=0.5,
@@ -295,6 +295,7 @@ def main() -> None:
     ap.add_argument("--fine-rotations", type=int, default=32768,
                     help="classes: also classify with the fitted fields on this fine orientation grid (0: off)")
     ap.add_argument("--oracle-rotations", type=int, default=2048, help="orientations of the oracle's pose grid")
+    ap.add_argument("--emc-pixels", type=int, default=512, help="search_emc: pixels per pattern in an EMC step")
     ap.add_argument("--seed", type=int, default=0, help="the fit's seed (the data's is fixed: 11)")
     ap.add_argument("--tag", default="", help="suffix of the run directories and results file")
     ap.add_argument("--hinge", type=float, default=25.0, help="protein: the second state's hinge angle (degrees)")
@@ -359,7 +360,8 @@ def main() -> None:
                                                             search_rotations=args.search_rotations,
                                                             latent_rule=args.latent_rule,
                                                             latent_anneal=args.latent_anneal,
-                                                            latent_anneal_beta=args.latent_anneal_beta)
+                                                            latent_anneal_beta=args.latent_anneal_beta,
+                                                            emc_pixels=args.emc_pixels)
             with SPIDataset(path) as data:
                 post = latent_posteriors(guide, data)
                 grid = grid_latents(guide.search, data) if guide.search is not None else None
