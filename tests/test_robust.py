@@ -333,6 +333,52 @@ def test_pose_decisiveness_separates_determined_from_undetermined_poses() -> Non
     assert flat["probe_ambiguous_fraction"] > MAX_AMBIGUOUS, flat
 
 
+def test_the_held_out_pose_does_not_fit_the_noise() -> None:
+    """Patterns (400 photons) drawn from a field at random poses, scored against a *different* random field: a pose
+    chosen on all pixels among 2,048 fits their noise, so the wrong field seems to beat a flat model (0.09
+    nats/photon); with each half's pose chosen on the other half it gains little (under a quarter of the true
+    field's gain). The true field keeps a clear gain either way."""
+    from bayes_spi.guides.search import OrientationSearch
+    from bayes_spi.infer.verdict import _held_out_pose_log_rate
+
+    torch.manual_seed(6)
+    model = _voxel_model(n=9, n_pix=16)
+    model.field.grid.data.mul_(2.0)
+    search = OrientationSearch(model, n_rotations=2048, n_keep=1, cache_grid=17)
+    R = random_rotmat(200, generator=torch.Generator().manual_seed(7))
+    pixels = torch.arange(256)
+    with torch.no_grad():
+        rate = model.log_rate(R, torch.zeros(200), pixels).exp()
+        rate = rate * 400 / rate.sum(-1, keepdim=True)  # 400 photons a pattern
+    y = torch.poisson(rate, generator=torch.Generator().manual_seed(8))
+    qn = model.q.norm(dim=-1).double()
+    flat = torch.zeros(256, dtype=torch.float64)  # the radial model of a flat detector: every pixel alike
+
+    class Guide:
+        pass
+
+    guide = Guide()
+    guide.search = search
+
+    def gains() -> tuple[float, float]:
+        search.refresh()
+        with torch.no_grad():
+            best = search.rotations[search.grid_loglik(y.reshape(200, 16, 16), pixels).argmax(-1)]
+            all_pix = model.log_rate(best, torch.zeros(200), pixels).double()
+            held = _held_out_pose_log_rate(model, guide, y.reshape(200, 16, 16), pixels, all_pix)
+        total = [shell_gains(y, lam, flat, qn, float(qn.max()), n_shells=1)["shell_gain_per_photon"][0]
+                 for lam in (all_pix, held)]
+        return total[0], total[1]
+
+    true_all, true_held = gains()
+    assert true_held > 0.05 and true_all > 0.05, (true_all, true_held)
+    with torch.no_grad():
+        model.field.grid.data.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(9))  # a wrong field
+    wrong_all, wrong_held = gains()
+    assert wrong_all > wrong_held + 0.05, (wrong_all, wrong_held)
+    assert wrong_held < 0.25 * true_held, (wrong_held, true_held)
+
+
 @pytest.mark.parametrize(("photons", "expected"), [(1e4, 3), (1e3, 3), (900.0, 3), (300.0, 5), (100.0, 9), (1.0, 12)])
 def test_dim_patterns_get_more_exact_emc_iterations(monkeypatch: pytest.MonkeyPatch, photons: float,
                                                      expected: int) -> None:
