@@ -52,17 +52,8 @@ def main() -> None:
         ds = SPIDataset(args.data)
         tr = Trainer(ds, cfg, run, progress=False)
         tr.fit(resume=True)
-        variants = [("held-out pose", None)]
-        if args.all_pixel_pose:
-            variants.append(("all-pixel pose", lambda model, guide, images, pixels, fallback: fallback))
-        for name, swap in variants:
-            saved = verdict._held_out_pose_log_rate
-            if swap is not None:
-                verdict._held_out_pose_log_rate = swap
-            try:
-                gain = verdict.information_gain(tr.model, tr.guide, tr.probe_images, tr._good)
-            finally:
-                verdict._held_out_pose_log_rate = saved
+        for name, held_out in [("held-out pose", True)] + ([("all-pixel pose", False)] if args.all_pixel_pose else []):
+            gain = verdict.information_gain(tr.model, tr.guide, tr.probe_images, tr._good, held_out_pose=held_out)
             print(f"{name}: gain {gain['gain_per_photon']:.4f} nats/photon, limit {gain['information_fraction']:.3f} "
                   f"of q_max ({gain['information_q']:.4f} 1/A); per shell "
                   f"{[round(v, 3) for v in gain['shell_gain_per_photon']]}, informative {gain['shell_informative']}")

@@ -22,9 +22,10 @@ that use only the data and the run itself:
   not fit the shell's own noise); the limit is the outer edge of the first run of shells, from
   the centre out, where the model predicts the held-out photons significantly better. Inside the detector's inscribed
   circle that is a caveat printed with any status (:func:`information_limit_note`): the volume beyond it is
-  noise. Measured on the 141 A 4-mer at 64x64: 0.5 of ``q_max`` at 1e2 photons (speckle correlation with the
-  truth 0.82 inside 0.4 of the range, 0.30 over all of it), 0.75 at 1e3 and 1e4 (0.75 and 0.90), i.e. to the
-  inscribed circle (0.71 of the corner's ``|q|``); the corners, sampled by few pixels, are noise in every fit;
+  noise. Measured on the 141 A 4-mer at 64x64: 0.25 of ``q_max`` at 1e2 photons (speckle correlation with the
+  truth 0.82 inside 0.4 of the range, 0.30 over all of it), 0.625 at 1e3 (0.75) and 0.75 at 1e4 (0.90), i.e. to
+  the inscribed circle (``Geometry.q_inscribed``, 0.73 of the corner's ``|q|``); the corners, sampled by few
+  pixels, are noise in every fit;
 - **pose spread**: each held-out pattern's pose posterior over the search grid (likelihood weights against the
   fitted field) spreads over ``exp(H)`` grid orientations; a few (a pose, its Rz(pi) twin, the mates of a
   nearly symmetric particle) is a determined pose, honestly multimodal; more than :data:`MAX_POSE_SPREAD` for
@@ -68,7 +69,7 @@ import torch
 from bayes_spi.config.commands import flag
 from bayes_spi.so3 import geodesic_angle, rotz_pi
 
-__all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "probe_grid_loglik", "read_verdict", "elbo_checks", "information_gain", "information_limit_note", "shell_gains", "pose_change_deg", "STATUSES"]
+__all__ = ["Verdict", "assess_fit", "invariant_check", "pose_decisiveness", "probe_grid_loglik", "read_verdict", "elbo_checks", "information_gain", "describe_q", "information_limit_note", "shell_gains", "pose_change_deg", "STATUSES"]
 
 STATUSES = ("converged", "unconverged", "failed")
 
@@ -119,7 +120,7 @@ class Verdict:
         if c.get("information_q") is not None:
             q_info = float(c["information_q"])
             parts.append("held-out photons predicted better than by the radial average out to "
-                         + (f"|q| = {q_info:.4f} 1/A (d = {0.1 / q_info:.2f} nm)" if q_info > 0 else "no shell"))
+                         + (describe_q(q_info) if q_info > 0 else "no shell"))
         head = {"converged": "FIT CONVERGED", "unconverged": "FIT NOT CONVERGED",
                 "failed": "FIT FAILED"}[self.status]
         text = f"{head}: " + "; ".join(parts)
@@ -133,6 +134,16 @@ class Verdict:
         return text
 
 
+def describe_q(q: float) -> str:
+    """``|q| = ... 1/A (d = ... nm)`` for ``q > 0`` in 1/A (``d = 1 / q``), as the verdict and the report print it.
+
+    Example:
+        >>> describe_q(0.04)
+        '|q| = 0.0400 1/A (d = 2.50 nm)'
+    """
+    return f"|q| = {q:.4f} 1/A (d = {0.1 / q:.2f} nm)"
+
+
 def information_limit_note(checks: dict[str, Any]) -> str | None:
     """The caveat a verdict prints when the field predicts held-out photons no better than their radial average
     inside the detector's inscribed circle (:func:`shell_gains`; ``checks``: ``information_q``, ``inscribed_q``):
@@ -140,7 +151,7 @@ def information_limit_note(checks: dict[str, Any]) -> str | None:
     q_info, q_in = checks.get("information_q"), checks.get("inscribed_q")
     if q_info is None or q_in is None or q_info >= q_in:
         return None
-    where = f"d = {0.1 / q_info:.2f} nm (|q| = {q_info:.4f} 1/A)" if q_info > 0 else "the innermost shell"
+    where = describe_q(q_info) if q_info > 0 else "the innermost shell"
     return (f"the data support the intensity only out to {where}, {100 * q_info / q_in:.0f}% of the detector's "
             f"inscribed circle (d = {0.1 / q_in:.2f} nm): beyond it the field predicts held-out photons no better "
             f"than their radial average, so treat those shells as noise (too few photons for this resolution); "
@@ -226,7 +237,7 @@ def pose_change_deg(R_a: torch.Tensor, R_b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.Tensor,
-                     ll_grid: torch.Tensor | None = None) -> dict[str, float]:
+                     ll_grid: torch.Tensor | None = None, held_out_pose: bool = True) -> dict[str, float]:
     """Log-likelihood per photon of the fitted model minus that of the radial-average model.
 
     With an orientation search on the guide, the model's side is the marginal likelihood over the search's
@@ -239,10 +250,13 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
         good: ``(n_y * n_x,)`` bool good pixels.
         ll_grid: ``(B, G)`` the search's grid log-likelihoods of ``images`` (:func:`probe_grid_loglik`), when the
             caller has them; computed here (after a cache refresh) otherwise.
+        held_out_pose: the per-shell gains (:func:`shell_gains`) with each pixel at the pose found on the other half
+            of the pattern's pixels (the verdict's rule); ``False``: at the guide's most probable pose on all pixels
+            (biased: the pose fits the shell's own noise; kept for comparison, ``benchmarks/bench_info_limit.py``).
     Returns:
         ``{"gain_per_photon", "loglik_model", "loglik_radial", "effective_hypotheses", "probe_mean_best_weight"}``
         (log-likelihoods per pattern, Poisson, each pattern's fluence scale at its maximum-likelihood value; the
-        guide's mean weight of its most probable hypothesis).
+        guide's mean weight of its most probable hypothesis) and the :func:`shell_gains` entries.
     """
     pixels = torch.nonzero(good).squeeze(-1)
     y = images.reshape(images.shape[0], -1)[:, pixels].to(torch.float64)
@@ -274,8 +288,8 @@ def information_gain(model: Any, guide: Any, images: torch.Tensor, good: torch.T
     ll_radial = profile_ll((radial * factor).log()[None].expand_as(y))
     if ll_grid is None:
         ll_grid = probe_grid_loglik(guide, images, good)
-    shells = shell_gains(y, _held_out_pose_log_rate(model, guide, images, pixels, log_lam),
-                         (radial * factor).log(), qn, float(qn.max()))
+    shell_rates = _held_out_pose_log_rate(model, guide, images, pixels, log_lam) if held_out_pose else log_lam
+    shells = shell_gains(y, shell_rates, (radial * factor).log(), qn, float(qn.max()))
     if ll_grid is not None:
         # a fair comparison: the 3D model's marginal likelihood over the whole orientation grid (log mean_g), not
         # its best orientation, whose maximum over G candidates alone gains ~log G nats over any fixed model
@@ -364,7 +378,7 @@ def shell_gains(y: torch.Tensor, log_lam: torch.Tensor, log_radial: torch.Tensor
     has[shell] = True
     n_b = y.shape[0]
     mean = gain.mean(0)
-    se = gain.std(0) / math.sqrt(max(n_b, 1)) if n_b > 1 else torch.full_like(mean, float("inf"))
+    se = gain.std(0) / math.sqrt(n_b) if n_b > 1 else torch.full_like(mean, float("inf"))
     informative = (mean - 2 * se > 0) & has
     edges = [q_max * k / n_shells for k in range(n_shells + 1)]
     limit, started = 0.0, False
@@ -379,7 +393,7 @@ def shell_gains(y: torch.Tensor, log_lam: torch.Tensor, log_radial: torch.Tensor
     per_photon = (gain.sum(0) / photons.sum(0).clamp(min=1.0)).tolist()
     return {"shell_q_edges": edges, "shell_gain_per_photon": [float(v) for v in per_photon],
             "shell_informative": [bool(v) for v in informative.tolist()],
-            "information_q": float(limit) if started else 0.0, "information_fraction": float(limit / q_max)}
+            "information_q": float(limit), "information_fraction": float(limit / q_max)}
 
 
 @torch.no_grad()
@@ -444,15 +458,6 @@ def invariant_check(trainer: Any) -> dict[str, Any]:
     return invariant_agreement(model, pixels, batches(), n_rotations=1024)
 
 
-def _inscribed_q(trainer: Any) -> float | None:
-    """``|q|`` (1/A) of the detector's inscribed circle: the smallest ``|q|`` on its outer rows and columns."""
-    qnorm, mask = getattr(trainer, "_qnorm", None), getattr(getattr(trainer, "dataset", None), "mask", None)
-    if qnorm is None or mask is None or np.ndim(mask) != 2:
-        return None
-    q = qnorm.reshape(np.shape(mask)).detach().cpu().double()
-    return float(torch.cat([q[0], q[-1], q[:, 0], q[:, -1]]).min())
-
-
 def assess_fit(trainer: Any) -> Verdict:
     """The verdict of a finished (or stopped) fit run by a :class:`~bayes_spi.infer.trainer.Trainer`."""
     checks: dict[str, Any] = {}
@@ -499,7 +504,8 @@ def assess_fit(trainer: Any) -> Verdict:
             reasons_fail.append(f"the 3D model explains the patterns no better than their radial average "
                                 f"({gain['gain_per_photon']:.4f} nats/photon < {MIN_GAIN_PER_PHOTON}): no 3D structure "
                                 "was learned (collapsed field or random poses)")
-        checks["inscribed_q"] = _inscribed_q(trainer)
+        geometry = getattr(getattr(trainer, "dataset", None), "geometry", None)
+        checks["inscribed_q"] = None if geometry is None else float(geometry.q_inscribed)
         dec = pose_decisiveness(trainer.model, trainer.guide, probe, trainer._good, ll_grid=ll_grid)
         checks.update(dec)
         if dec and dec["probe_ambiguous_fraction"] > MAX_AMBIGUOUS:

@@ -232,11 +232,12 @@ def _key_numbers(run: RunData) -> list[tuple[str, list[tuple[str, str]]]]:
                                  ("effective_hypotheses", "effective hypotheses per pattern", "")):
             if isinstance(checks.get(key), (int, float)):
                 rows.append((label, _fmt(float(checks[key]), unit)))
+        from bayes_spi.infer.verdict import describe_q, information_limit_note
+
         q_info = checks.get("information_q")
         if isinstance(q_info, (int, float)):
             rows.append(("held-out photons predicted better than by the radial average out to",
-                         f"|q| = {q_info:.4f} 1/A (d = {0.1 / q_info:.2f} nm)" if q_info > 0 else "no shell"))
-        from bayes_spi.infer.verdict import information_limit_note
+                         describe_q(q_info) if q_info > 0 else "no shell"))
 
         note = information_limit_note(checks)
         if note:
