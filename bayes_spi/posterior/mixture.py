@@ -125,6 +125,18 @@ class MixturePosterior:
         return replace(self, pose_tril=self.pose_tril * pose_temperature,
                        log_scale_sd=self.log_scale_sd * scale_temperature)
 
+    def inflated(self, pose_variance: float) -> "MixturePosterior":
+        """Every hypothesis' tangent covariance plus ``pose_variance I`` (rad^2): ``L -> chol(L L^T + v I)``, the
+        pose error of the field itself (:mod:`bayes_spi.posterior.fielderror`) added to the photons' (weights and
+        scale posteriors unchanged)."""
+        if not pose_variance >= 0:
+            raise ValueError(f"expected pose_variance >= 0, got {pose_variance}")
+        if pose_variance == 0:
+            return self
+        eye = torch.eye(3, dtype=self.pose_tril.dtype, device=self.pose_tril.device)
+        cov = self.pose_tril @ self.pose_tril.transpose(-1, -2) + pose_variance * eye
+        return replace(self, pose_tril=torch.linalg.cholesky(cov))
+
 
 @dataclass
 class PosteriorDraws:
