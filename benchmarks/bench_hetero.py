@@ -212,8 +212,7 @@ def anisotropy_start(path: Path, n_fit: int = 1024) -> np.ndarray:
         images = torch.as_tensor(data.read(np.arange(data.n_patterns)))
         q, _, _ = detector_tensors(data.geometry)
         good = torch.as_tensor(data.mask.reshape(-1))
-    qg = q.norm(dim=-1).reshape(images.shape[1:])
-    border = float(torch.cat([qg[0], qg[-1], qg[:, 0], qg[:, -1]]).min())
+        border = data.geometry.q_inscribed
     score = AnisotropyScore.fit(images[:n_fit], q, good, q_limit=border)
     return score(images).numpy()
 

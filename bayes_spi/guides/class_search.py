@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bayes_spi.models.latent import LATENT_RULES
 from bayes_spi.guides.search import BACKGROUND_SCREEN, GridSearchBase, cube_points, grid_profile_loglik
 
 __all__ = ["ClassOrientationSearch", "class_caches", "class_grid_loglik", "latent_nodes"]
@@ -77,7 +78,7 @@ def latent_nodes(latent_prior: torch.nn.Module | None, latent_dim: int, per_dim:
         x = (norm.pdf(edges[:-1]) - norm.pdf(edges[1:])) * per_dim  # E[z | edges[i] < z < edges[i+1]]
         w = np.full(per_dim, 1.0 / per_dim)
     else:
-        raise ValueError(f"rule: expected 'hermite' or 'equal', got {rule!r}")
+        raise ValueError(f"rule: expected one of {LATENT_RULES}, got {rule!r}")
     sd = float(getattr(latent_prior, "scale", 1.0)) if latent_prior is not None else 1.0
     pts = np.array(list(itertools.product(x, repeat=latent_dim)), dtype=np.float64) * sd  # (L, d)
     log_w = np.array([sum(math.log(w[i]) for i in idx) for idx in itertools.product(range(per_dim), repeat=latent_dim)])

@@ -21,13 +21,12 @@ from typing import Any
 
 from bayes_spi.config.fields import FIELD_NAMES, FIELDS, names_text
 from bayes_spi.config.specs import normalize_spec, parse_spec
+from bayes_spi.models.latent import LATENT_RULES
 
 __all__ = ["CLASS_POSTERIORS", "FitConfig"]
 
 _DEFAULT_SCALE_SIGMA = 0.5
 _DEFAULT_BACKGROUND = 0.0
-#: the quadrature rules of the latent prior (``FitConfig.latent_rule``, :func:`bayes_spi.guides.class_search.latent_nodes`)
-LATENT_RULES = ("equal", "hermite")
 #: the class posteriors a heterogeneous fit can export (``FitConfig.class_posterior``)
 CLASS_POSTERIORS = ("refined", "guide")
 

@@ -231,13 +231,12 @@ class HeterogeneousTrainer(Trainer):
         if n_classes < 2 and not start_latent:
             return
         _, counts = next(iter(self.dataset.iter_batches(n_images, shuffle=False)))
-        q_grid = self._qnorm.reshape(self.dataset.mask.shape).cpu().double().numpy()
-        border = np.r_[q_grid[0], q_grid[-1], q_grid[:, 0], q_grid[:, -1]]  # the inscribed circle's radius
+        border = self.dataset.geometry.q_inscribed  # also for per-pixel detectors
         if start_latent:
             from bayes_spi.infer.latent_start import AnisotropyScore
 
             self._latent_start = AnisotropyScore.fit(torch.as_tensor(counts), self.model.q, self._good.reshape(-1),
-                                                     q_limit=float(border.min()))
+                                                     q_limit=border)
             log.info("the latent starts from the ring anisotropy of %d patterns for the first %.0f%% of the EMC stage",
                      counts.shape[0], 100 * self.config.latent_start)
         if n_classes < 2:
@@ -247,7 +246,7 @@ class HeterogeneousTrainer(Trainer):
         factor = self.model.log_pixel_factor[self._good].exp().cpu().double().numpy()
         qn = self._qnorm[self._good].cpu().double().numpy()
         labels, profiles = class_radial_profiles(flat, qn, factor, n_classes, seed=self.config.seed,
-                                                 q_limit=float(border.min()))
+                                                 q_limit=border)
         for field, (qc, log_i) in zip(fields.fields, profiles):
             field.base.set_radial_profile(torch.as_tensor(qc), torch.as_tensor(log_i))
         log.info("class fields start from clusters of the radial profiles of %d patterns: %s", len(flat),

@@ -37,7 +37,7 @@ from bayes_spi.models.background import PixelBackground
 from bayes_spi.models.conditional_field import LatentFields
 from bayes_spi.models.fields import SirenField
 from bayes_spi.models.intensity_priors import IntensityPrior
-from bayes_spi.models.latent import ClassPrior, LatentPrior, NormalLatentPrior, UniformClassPrior
+from bayes_spi.models.latent import LATENT_RULES, ClassPrior, LatentPrior, NormalLatentPrior, UniformClassPrior
 from bayes_spi.models.likelihoods import Likelihood
 from bayes_spi.models.priors import PosePrior, ScalePrior, UniformPosePrior
 from bayes_spi.models.spi import PATTERNS_DIM, SPIBatch, SPIModel
@@ -78,8 +78,8 @@ class HeterogeneousSPIModel(SPIModel):
         background: PixelBackground | None = None,
         latent_rule: str = "hermite",
     ) -> None:
-        if latent_rule not in ("equal", "hermite"):
-            raise ValueError(f"latent_rule: expected 'equal' or 'hermite', got {latent_rule!r}")
+        if latent_rule not in LATENT_RULES:
+            raise ValueError(f"latent_rule: expected one of {LATENT_RULES}, got {latent_rule!r}")
         fields = field if isinstance(field, LatentFields) else LatentFields(field, latent_dim, n_classes)
         if fields.latent_dim != latent_dim or fields.n_classes != n_classes:
             raise ValueError(f"expected a LatentFields with latent_dim={latent_dim}, n_classes={n_classes}, got "

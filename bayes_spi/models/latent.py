@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "LATENT_RULES",
     "LatentPrior",
     "NormalLatentPrior",
     "StudentTLatentPrior",
@@ -42,6 +43,9 @@ __all__ = [
     "make_latent_prior",
     "make_class_prior",
 ]
+
+#: the latent quadrature's rules (``FitConfig.latent_rule``; :func:`bayes_spi.guides.class_search.latent_nodes`)
+LATENT_RULES: tuple[str, ...] = ("equal", "hermite")
 
 
 class LatentPrior(nn.Module):
