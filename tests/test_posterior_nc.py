@@ -292,6 +292,22 @@ def test_cli_posterior_end_to_end(tiny_run: tuple[Path, Path], tmp_path: Path) -
         assert summ.sample_stats["cone_radius_deg"].shape == (8, 2)
         assert summ.sample_stats.attrs["refine_on"] == "cache" and summ.sample_stats.attrs["cache_grid"] == 33
         assert np.all(np.isfinite(summ.sample_stats["hypothesis_sigma_deg"].values))
+    # the field's own pose error is measured (no truth) and widens every cone; off when the temperatures come
+    # from a truth calibration, which already holds it
+    assert "field pose error" in res.output
+    out4 = tmp_path / "nofe.nc"
+    res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(out4), "--max-patterns", "8",
+                                   "--summaries-only", "--refine-on", "cache", "--cache-grid", "33", "--no-progress",
+                                   "--no-field-error"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_fe, without = summ.sample_stats, az.from_netcdf(out4).sample_stats
+        assert with_fe.attrs["field_pose_sigma_deg"] > 0 and with_fe.attrs["field_error_probes"] == 4
+        assert without.attrs["field_pose_sigma_deg"] == 0
+        assert az.from_netcdf(out).sample_stats.attrs["field_pose_sigma_deg"] == 0  # --calibrate: off
+        wide, narrow = with_fe["cone_radius_deg"].values, without["cone_radius_deg"].values
+        assert np.all(wide >= narrow - 0.05) and wide.mean() > narrow.mean()
     res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(tmp_path / "even.nc"),
                                    "--cache-grid", "64"])
     assert res.exit_code != 0 and "--cache-grid" in res.output and "odd" in res.output

@@ -31,6 +31,7 @@ Example: bayes-spi posterior run1 data.h5 -o posterior.nc --draws 200 --truth
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -89,6 +90,15 @@ def _recorded_source(run: Path, data: Path) -> Any:
                    "from the priors, counts through the same detector, DATA's mean photons), fit the temperatures "
                    "on them and use them; writes calibration.json (source: self-simulation) beside OUT. They "
                    "exclude the field's own error (see BENCHMARKS.md).")
+@click.option("--field-error/--no-field-error", "field_error", default=None,
+              help="Add the trained field's own pose error to every pose spread, measured without a truth: the first "
+                   "--field-error-patterns patterns merged in two halves at their posterior poses, held-out probes "
+                   "refined on each half and on the field (bayes_spi.posterior.fielderror; BENCHMARKS.md). [default: on "
+                   "with --refine for a one-structure fit, unless the temperatures come from --calibration, "
+                   "--pose-temperature or --calibrate, which describe the whole error]")
+@click.option("--field-error-patterns", "field_error_patterns", type=click.IntRange(min=16), default=4096,
+              show_default=True, help="Patterns (the file's first) merged for --field-error, an eighth of them probes "
+                                      "(at most 512).")
 @click.option("--refine-on", "refine_on", type=click.Choice(["field", "cache"]), default="cache", show_default=True,
               help="What the refinement evaluates: a cached log I cube four times as fine as the search's (7-10x "
                    "faster) or the trained field itself at every step (exact); the default temperatures hold for "
@@ -111,9 +121,9 @@ def _recorded_source(run: Path, data: Path) -> Any:
 def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed: int, max_patterns: int | None,
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
-            calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, refine_on: str,
-            cache_grid: int | None, summaries_only: bool, class_posterior: str | None, device: str, force: bool,
-            progress: bool,
+            calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, field_error: bool | None,
+            field_error_patterns: int, refine_on: str, cache_grid: int | None, summaries_only: bool,
+            class_posterior: str | None, device: str, force: bool, progress: bool,
             **source_kwargs: Any) -> None:
     from bayes_spi.cli.common import check_device, check_writable_dir, refuse_overwrite
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
@@ -137,6 +147,10 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
     if cache_grid is not None and cache_grid % 2 == 0:
         raise click.BadParameter(f"expected an odd number of voxels, got {cache_grid}", param_hint="--cache-grid")
     check_device(device)
+    if field_error and not refine:
+        raise click.UsageError("--field-error needs --refine (it adds to the refined posterior's Laplace spreads)")
+    if field_error is None:
+        field_error = refine and calibration is None and pose_temperature is None and not calibrate
     settings = ExportSettings(n_draws=draws, batch_size=batch_size, seed=seed, score_pixels=score_pixels,
                               refine=refine, n_refine=n_refine, pose_temperature=pose_temperature,
                               scale_temperature=scale_temperature, max_patterns=max_patterns,
@@ -184,7 +198,8 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         _export(run, data, out, draws, seed, settings, trained, dataset, calibration, pose_temperature,
-                scale_temperature, truth, calibrate, self_calibrate, device, refine, progress)
+                scale_temperature, truth, calibrate, self_calibrate, device, refine, progress,
+                field_error_patterns if field_error else 0)
     except BaseException:
         _remove_empty(created)  # a failed export leaves no empty output directory behind
         raise
@@ -209,7 +224,8 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: Any, trained: Any, dataset: Any,
             calibration: Path | None, pose_temperature: float | None, scale_temperature: float | None, truth: bool,
-            calibrate: bool, self_calibrate: int, device: str, refine: bool, progress: bool) -> None:
+            calibrate: bool, self_calibrate: int, device: str, refine: bool, progress: bool,
+            field_error_patterns: int = 0) -> None:
     from bayes_spi.dataio.h5 import DataFormatError, SPIDataset
     from bayes_spi.infer.rundir import RunDir
     from bayes_spi.posterior.calibration import fit_temperatures, save_calibration
@@ -241,6 +257,8 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
                                        scale_temperature=cal["scale_temperature"])
         click.echo(f"self-calibration on {self_calibrate} patterns simulated from the fit: pose temperature "
                    f"{cal['pose_temperature']:.3f}, scale {cal['scale_temperature']:.3f} (calibration.json)")
+    if field_error_patterns:
+        settings = _with_field_error(trained, dataset, settings, field_error_patterns, progress)
     with dataset:
         n = len(settings.pattern_range(dataset.n_patterns))
         bar = None
@@ -261,6 +279,7 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
     what = "summaries" if settings.summaries_only else f"{draws} draws"
     click.echo(f"wrote {os.fspath(out)}: {n} patterns x {what} in {wall:.1f} s ({n / wall:.1f} patterns/s); "
                f"temperatures pose {settings.pose_temperature:g} scale {settings.scale_temperature:g}, "
+               f"field pose error {settings.field_pose_sigma_deg:.3g} deg, "
                f"refine {'on ' + settings.refine_on if refine else 'off'}")
     if truth:
         try:
@@ -278,3 +297,37 @@ def _export(run: Path, data: Path, out: Path, draws: int, seed: int, settings: A
         save_calibration(path, cal)
         click.echo(f"calibrated temperatures: pose {cal['pose_temperature']:.3f}, scale {cal['scale_temperature']:.3f} "
                    f"(use with --calibration); wrote {os.fspath(path)}")
+
+
+def _with_field_error(trained: Any, dataset: Any, settings: Any, n_patterns: int, progress: bool) -> Any:
+    """``settings`` with the field's pose error measured on ``dataset`` (and recorded in the file's attributes);
+    unchanged, with a note, for a heterogeneous fit or too few patterns."""
+    import dataclasses
+
+    from bayes_spi.posterior.fielderror import PROBES, measure_field_pose_error
+
+    if hasattr(trained.guide, "latent_posterior"):
+        click.echo("field pose error: not measured for a heterogeneous fit (one field per class or latent)")
+        return settings
+    if dataset.n_patterns < 16:
+        click.echo(f"field pose error: not measured ({dataset.n_patterns} patterns; it needs at least 16)")
+        return settings
+    n = min(n_patterns, dataset.n_patterns)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="pattern", desc="field error", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        est = measure_field_pose_error(trained, dataset, settings, n_patterns=n, n_probes=min(PROBES, n // 8),
+                                       seed=settings.seed, progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"field pose error: {est.sigma_deg:.3g} deg per axis (of which noise {math.degrees(est.noise_sigma_rad):.3g}), "
+               f"from {est.n_probes} probes against two half merges of {n - est.n_probes} patterns "
+               f"({time.perf_counter() - t0:.0f} s); added to every pose spread")
+    extra = {**settings.extra_attrs, "field_noise_sigma_deg": math.degrees(est.noise_sigma_rad),
+             "field_error_patterns": int(n), "field_error_probes": int(est.n_probes)}
+    return dataclasses.replace(settings, field_pose_sigma_deg=est.sigma_deg, extra_attrs=extra)

@@ -14,30 +14,38 @@ towards its shell's mean by ``PSEUDO_PHOTONS`` photons so that an empty voxel re
 
     I_X(v) = (sum_{i in X, k} T_v(R_i q_k) y_ik + c I_shell(v)) / (sum_{i in X, k} T_v(R_i q_k) s_i w_k + c)
 
-Every probe (in neither half) is then refined from its posterior mean pose on ``A``'s cube and on ``B``'s
-(Gauss-Newton, all good pixels, the fluence profiled: :func:`bayes_spi.posterior.local.refine_on_cache`). Both
-refinements fit the same photons, so the pattern's own noise moves both modes alike and cancels in their
-difference ``d_i = log(R_iA^T R_iB)``; what is left is the pose error of two independent half fields. For field
-errors that fall as ``1/N`` in variance, one half field's pose error has the per-axis variance ``E|d|^2 / 6``
-and the whole data's field half of it::
+Every probe (in neither half) is then refined from its posterior mean pose on ``A``'s cube, on ``B``'s, and on
+the fitted field's own cube of the same size ``F`` (Gauss-Newton, all good pixels, the fluence profiled:
+:func:`bayes_spi.posterior.local.refine_on_cache`). All refinements fit the same photons, so the pattern's own
+noise moves the modes alike and cancels in their differences ``d_XY = log(R_X^T R_Y)``; what is left is the pose
+error of the fields. Two figures, per tangent axis (mean squares over the probes, the 5% largest dropped: a
+probe whose modes fell in different basins is a multimodal posterior, which the mixture carries, not a spread):
 
-    sigma_field^2 = E|d|^2 / 12          (rad^2 per tangent axis)
+    sigma_noise^2 = E|d_AB|^2 / 12                 (two independent half fields; the whole data's field has half
+                                                    the variance of one half's)
+    sigma_field^2 = (E|d_FA|^2 + E|d_FB|^2) / 6    (the fitted field against a field merged from half the data)
 
-which :meth:`bayes_spi.posterior.mixture.MixturePosterior.inflated` adds to every hypothesis' tangent covariance
-(``L L^T + sigma_field^2 I``): a pattern whose photons pin its pose to 0.3 deg cannot claim better than the
-field allows. The estimate sees the merge's noise, not a bias both halves share (a wrong hand, a field stuck
-in a wrong basin): that part only the verdict can flag.
+``sigma_noise`` is the field's noise as the gold-standard FSC measures a map's. ``sigma_field`` is the fitted
+field's whole pose error, noise and bias, where a merge of the data is unbiased and the field's noise is the
+average of the halves' (``e_F = b + (n_A + n_B) / 2``, ``e_A = n_A``: ``E|e_F - e_A|^2 = |b|^2 + E|n_A|^2 / 2``, the
+same as ``E|e_F|^2``). It is what the export adds to every hypothesis' tangent covariance
+(:meth:`bayes_spi.posterior.mixture.MixturePosterior.inflated`, ``L L^T + sigma_field^2 I``): a pattern whose
+photons pin its pose to 0.3 deg cannot claim better than its field allows. Neither figure sees an error that the
+merges share with the field (the merges use the field's poses; a field in a wrong basin, the wrong hand): that
+part only the verdict can flag (BENCHMARKS.md measures how much of the truth's scatter each figure explains).
 
 Example::
 
-    est = estimate_field_pose_error(cube_a, cube_b, q, log_w, probe_counts, probe_rotations, q_max)
+    est = estimate_field_pose_error(cube_a, cube_b, q, log_w, probe_counts, probe_rotations, q_max, cube_f=cube_f)
     post = post.inflated(est.sigma_rad ** 2)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +55,13 @@ from bayes_spi.posterior.local import refine_on_cache
 from bayes_spi.so3 import rotmat_to_rotvec
 from bayes_spi.trilinear import splat_cube
 
-__all__ = ["PSEUDO_PHOTONS", "FieldPoseError", "HalfMerge", "estimate_field_pose_error", "split_halves"]
+__all__ = ["MERGE_PATTERNS", "PROBES", "PSEUDO_PHOTONS", "FieldPoseError", "HalfMerge", "estimate_field_pose_error",
+           "measure_field_pose_error", "split_halves"]
+
+#: patterns (the file's first) whose posteriors are merged into the two halves by :func:`measure_field_pose_error`
+MERGE_PATTERNS = 4096
+#: of which this many are the probes
+PROBES = 512
 
 #: photons' worth of the shell mean each merged voxel is shrunk towards (an empty voxel reads its shell's mean)
 PSEUDO_PHOTONS = 0.5
@@ -130,17 +144,29 @@ class FieldPoseError:
     """What :func:`estimate_field_pose_error` measured.
 
     Attributes:
-        sigma_rad: ``sigma_field`` of the module doc (rad per tangent axis, the whole data's field).
+        sigma_rad: ``sigma_field`` of the module doc (rad per tangent axis) when the fitted field's cube was given,
+            else ``sigma_noise``: what the export adds.
+        noise_sigma_rad: ``sigma_noise`` (rad per tangent axis).
         disagreement_rad: ``(P,)`` per probe, the angle between its modes on the two half cubes.
-        rotations_a, rotations_b: ``(P, 3, 3)`` the modes.
+        rotations_a, rotations_b: ``(P, 3, 3)`` the modes on the half cubes; rotations_f: on the field's (or
+            ``None``).
         n_probes: ``P``.
+        probes: ``(P,)`` the probes' pattern indices (:func:`measure_field_pose_error`; else ``None``).
+        start_rotations: ``(P, 3, 3)`` the probes' posterior poses, where the refinements started.
+        laplace_sigma_rad: ``(P,)`` the probes' posterior pose spreads (rms per tangent axis of the most probable
+            hypothesis, before any temperature; :func:`measure_field_pose_error`; else ``None``).
     """
 
     sigma_rad: float
+    noise_sigma_rad: float
     disagreement_rad: Tensor
     rotations_a: Tensor
     rotations_b: Tensor
+    rotations_f: Tensor | None
     n_probes: int
+    probes: np.ndarray | None = None
+    start_rotations: Tensor | None = None
+    laplace_sigma_rad: Tensor | None = None
 
     @property
     def sigma_deg(self) -> float:
@@ -148,24 +174,30 @@ class FieldPoseError:
 
     def to_dict(self) -> dict[str, float]:
         d = self.disagreement_rad.double()
-        return {"field_pose_sigma_deg": self.sigma_deg, "half_disagreement_median_deg": math.degrees(float(d.median())),
-                "half_disagreement_rms_deg": math.degrees(float(d.pow(2).mean().sqrt())), "n_probes": self.n_probes}
+        return {"field_pose_sigma_deg": self.sigma_deg, "field_noise_sigma_deg": math.degrees(self.noise_sigma_rad),
+                "half_disagreement_median_deg": math.degrees(float(d.median())), "n_probes": self.n_probes}
+
+
+def _trimmed_mean_square(A: Tensor, B: Tensor, trim: float) -> tuple[float, Tensor]:
+    """Mean of ``|log(A^T B)|^2`` over the ``trim`` fraction of smallest, and the per-pair angles ``(P,)``."""
+    sq = rotmat_to_rotvec(A.transpose(-1, -2) @ B).double().pow(2).sum(-1)
+    keep = max(2, int(math.ceil(trim * sq.numel())))
+    return float(sq.sort().values[:keep].mean()), sq.sqrt()
 
 
 def estimate_field_pose_error(cube_a: Tensor, cube_b: Tensor, q: Tensor, log_w: Tensor, counts: Tensor,
-                              rotations: Tensor, q_max: float, n_iter: int = 6, max_step_deg: float = 4.0,
-                              trim: float = 0.95) -> FieldPoseError:
-    """``sigma_field`` of the module doc from the probes' modes on two half cubes.
+                              rotations: Tensor, q_max: float, cube_f: Tensor | None = None, n_iter: int = 6,
+                              max_step_deg: float = 4.0, trim: float = 0.95) -> FieldPoseError:
+    """``sigma_noise`` and (with ``cube_f``) ``sigma_field`` of the module doc from the probes' modes.
 
     Args:
         cube_a, cube_b: ``(1, 1, n, n, n)`` the halves' ``log I`` (:meth:`HalfMerge.log_cube`).
         q: ``(M, 3)`` good pixels' ``q``; log_w: ``(M,)`` their log pixel factors; counts: ``(P, M)`` the probes.
-        rotations: ``(P, 3, 3)`` the probes' posterior mean poses (the start of both refinements).
+        rotations: ``(P, 3, 3)`` the probes' posterior mean poses (the start of every refinement).
         q_max: the cubes' half-width.
+        cube_f: ``(1, 1, n, n, n)`` the fitted field's ``log I`` on the same grid (``None``: ``sigma_noise`` only).
         n_iter, max_step_deg: the Gauss-Newton refinement's (:func:`refine_on_cache`).
-        trim: the mean square disagreement is taken over this fraction of the probes with the smallest (a probe
-            whose two modes fell in different basins, e.g. the Rz(pi) twin, is a multimodal posterior, which the
-            mixture already carries, not a spread).
+        trim: the mean squares are taken over this fraction of the probes with the smallest differences.
 
     Returns:
         :class:`FieldPoseError`.
@@ -176,10 +208,76 @@ def estimate_field_pose_error(cube_a: Tensor, cube_b: Tensor, q: Tensor, log_w: 
     if not 0 < trim <= 1:
         raise ValueError(f"expected 0 < trim <= 1, got {trim}")
     R0 = rotations.to(q.dtype)[:, None]
+    cubes = [cube_a, cube_b] + ([] if cube_f is None else [cube_f])
     modes = [refine_on_cache(c.to(q.dtype), R0, q, log_w, counts.to(q.dtype), q_max, n_iter=n_iter,
-                             max_step_deg=max_step_deg).rotations[:, 0] for c in (cube_a, cube_b)]
-    d = rotmat_to_rotvec(modes[0].transpose(-1, -2) @ modes[1]).double()  # (P, 3)
-    sq = d.pow(2).sum(-1)
-    keep = max(2, int(math.ceil(trim * sq.numel())))
-    ms = float(sq.sort().values[:keep].mean())
-    return FieldPoseError(math.sqrt(ms / 12.0), sq.sqrt(), modes[0], modes[1], int(sq.numel()))
+                             max_step_deg=max_step_deg).rotations[:, 0] for c in cubes]
+    ab, angles = _trimmed_mean_square(modes[0], modes[1], trim)
+    noise = math.sqrt(ab / 12.0)
+    sigma = noise
+    if cube_f is not None:
+        fa, _ = _trimmed_mean_square(modes[2], modes[0], trim)
+        fb, _ = _trimmed_mean_square(modes[2], modes[1], trim)
+        sigma = math.sqrt((fa + fb) / 6.0)
+    return FieldPoseError(sigma, noise, angles, modes[0], modes[1], modes[2] if cube_f is not None else None,
+                          int(angles.numel()), start_rotations=rotations)
+
+
+def measure_field_pose_error(trained: Any, dataset: Any, settings: Any = None, n_patterns: int = MERGE_PATTERNS,
+                             n_probes: int = PROBES, seed: int = 0, grid: int | None = None,
+                             progress: Callable[[int], None] | None = None) -> FieldPoseError:
+    """:func:`estimate_field_pose_error` for a fitted run: the export's refined posterior of the file's first
+    ``n_patterns`` patterns (``settings``: a :class:`~bayes_spi.posterior.netcdf.ExportSettings`, its pattern range
+    ignored), ``n_probes`` of them held out, the rest merged in two halves at their most probable hypothesis (pose
+    and log fluence scale) on a cube of ``grid`` voxels per side (default: the fit's search cube, the one its EMC
+    merges into).
+
+    Args:
+        trained: a :class:`bayes_spi.infer.load.Trained`; dataset: the data (:class:`~bayes_spi.dataio.h5.SPIDataset`).
+        progress: called with the number of patterns after each batch of the first pass.
+
+    Raises:
+        ValueError: fewer than ``n_probes + 4`` patterns, or a heterogeneous fit (one field per class or latent: not
+            supported, the halves would mix structures).
+    """
+    from bayes_spi.posterior.netcdf import ExportSettings, guide_batches
+
+    guide, model = trained.guide, trained.model
+    if hasattr(guide, "latent_posterior"):
+        raise ValueError("expected a fit with one structure, got a heterogeneous fit (--latent-dim / --classes)")
+    n = min(int(n_patterns), int(dataset.n_patterns))
+    n_probes = min(int(n_probes), max(1, n // 8))
+    if n < 16:
+        raise ValueError(f"{dataset.path}: expected at least 16 patterns to measure the field's pose error, got {n}")
+    settings = replace(settings or ExportSettings(), first_pattern=0, max_patterns=n, refine=True,
+                       field_pose_sigma_deg=0.0)
+    R, log_s = torch.zeros(n, 3, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    sigma = torch.zeros(n, dtype=torch.float64)
+    for idx, _, post in guide_batches(trained, dataset, settings):
+        k = post.weights.argmax(-1)
+        b = torch.arange(k.numel())
+        R[idx] = post.rotations[b, k].double().cpu()
+        log_s[idx] = post.log_scale_loc[b, k].double().cpu()
+        sigma[idx] = (post.pose_tril[b, k].double().pow(2).sum((-1, -2)) / 3).sqrt().cpu()
+        if progress is not None:
+            progress(len(idx))
+    good = torch.nonzero(guide.mask.reshape(-1).cpu() & torch.as_tensor(dataset.mask.reshape(-1))).squeeze(-1)
+    q = model.q[good.to(model.q.device)].double().cpu()
+    log_w = model.log_pixel_factor[good.to(model.q.device)].double().cpu()
+    if grid is None:
+        search = getattr(guide, "search", None)
+        grid = int(search.cache_grid) if search is not None else int(getattr(trained.config, "cache_grid", 41))
+    probes, half_a, half_b = split_halves(n, n_probes, seed=seed)
+    cubes = []
+    for half in (half_a, half_b):
+        merge = HalfMerge(grid, model.q_max, q, log_w)
+        for j in range(0, len(half), 256):
+            sel = half[j:j + 256]
+            y = torch.as_tensor(dataset.read(sel)).reshape(len(sel), -1)[:, good]
+            merge.add(y, R[sel], log_s[sel])
+        cubes.append(merge.log_cube())
+    y_p = torch.as_tensor(dataset.read(probes)).reshape(len(probes), -1)[:, good].double()
+    from bayes_spi.posterior.netcdf import export_log_cube
+
+    cube_f = export_log_cube(model.field, grid, model.q_max).cpu()
+    est = estimate_field_pose_error(cubes[0], cubes[1], q, log_w, y_p, R[probes], model.q_max, cube_f=cube_f)
+    return replace(est, probes=probes, laplace_sigma_rad=sigma[probes])

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -138,6 +139,10 @@ class ExportSettings:
         summaries_only: write only the per-pattern summaries (groups ``sample_stats`` and ``observed_data``),
             not the ``posterior`` group of ``n_draws`` draws per pattern (~40 bytes per draw: 8 kB per pattern
             at 200 draws); the summaries (cone radii, HDIs) are still computed from ``n_draws`` draws.
+        field_pose_sigma_deg: the pose error of the trained field itself (degrees per tangent axis; ``0``: none),
+            added to every hypothesis' tangent covariance after the temperature
+            (:meth:`~bayes_spi.posterior.mixture.MixturePosterior.inflated`): measured without a truth by
+            :func:`bayes_spi.posterior.fielderror.measure_field_pose_error` (``bayes-spi posterior`` does by default).
         class_posterior: a heterogeneous fit with two or more classes: ``refined`` (the off-grid class posterior of
             :mod:`bayes_spi.posterior.class_refine`, all good pixels), ``guide`` (the encoder's ``q(c_i)``) or
             ``None`` (the fit's own ``class_posterior`` setting: the same as its ``latent_posterior.h5``). The
@@ -161,8 +166,11 @@ class ExportSettings:
     refine_on: str = "cache"
     cache_grid: int | None = None
     class_posterior: str | None = None
+    field_pose_sigma_deg: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.field_pose_sigma_deg, (int, float)) and 0 <= self.field_pose_sigma_deg < 180):
+            raise ValueError(f"expected field_pose_sigma_deg in [0, 180), got {self.field_pose_sigma_deg!r}")
         if self.refine_on not in ("field", "cache"):
             raise ValueError(f"expected refine_on 'field' or 'cache', got {self.refine_on!r}")
         if self.class_posterior not in (None, "refined", "guide"):
@@ -212,6 +220,7 @@ class ExportSettings:
             out["cache_grid"] = int(self.cache_grid)
         if self.class_posterior is not None:
             out["class_posterior"] = str(self.class_posterior)
+        out["field_pose_sigma_deg"] = float(self.field_pose_sigma_deg)
         out.update(self.extra_attrs)
         return out
 
@@ -537,6 +546,7 @@ def export_batches(
                                    latent_shape=latent_shape) as writer:
             for idx, photons, post, *latent in batches:
                 post = post.tempered(settings.pose_temperature, settings.scale_temperature)
+                post = post.inflated(math.radians(settings.field_pose_sigma_deg) ** 2)
                 draws = draw(post, settings.n_draws, idx, seed=settings.seed)
                 summary = summarize(post, draws, settings.levels)
                 writer.write(idx, photons, post, draws, summary)
