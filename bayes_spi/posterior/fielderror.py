@@ -243,7 +243,7 @@ def measure_field_pose_error(trained: Any, dataset: Any, settings: Any = None, n
 
     guide, model = trained.guide, trained.model
     if hasattr(guide, "latent_posterior"):
-        raise ValueError("expected a fit with one structure, got a heterogeneous fit (--latent-dim / --classes)")
+        raise ValueError("expected a fit with one structure, got a heterogeneous fit (a latent or class posterior)")
     n = min(int(n_patterns), int(dataset.n_patterns))
     n_probes = min(int(n_probes), max(1, n // 8))
     if n < 16:
