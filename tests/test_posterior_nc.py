@@ -35,6 +35,7 @@ from bayes_spi.posterior import (
     refine_posterior,
     summarize,
 )
+from bayes_spi.posterior.netcdf import DEFAULT_POSE_TEMPERATURE
 from bayes_spi.so3 import geodesic_angle, hat, random_rotmat, rotvec_to_rotmat, rotz_pi
 
 az = pytest.importorskip("arviz")
@@ -285,12 +286,17 @@ def test_cli_posterior_end_to_end(tiny_run: tuple[Path, Path], tmp_path: Path) -
                                    "--summaries-only", "--refine-on", "cache", "--cache-grid", "33", "--no-progress"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "8 patterns x summaries" in res.output and "patterns/s" in res.output
+    # without a truth the temperatures are self-calibrated by default (at least 64 simulated patterns)
+    assert "self-calibration on 64 patterns simulated from the fit" in res.output
+    self_cal = json.loads((out3.parent / "calibration.json").read_text())
+    assert self_cal["source"] == "self-simulation" and self_cal["n_patterns"] == 64
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summ = az.from_netcdf(out3)
         assert "posterior" not in summ.groups()
         assert summ.sample_stats["cone_radius_deg"].shape == (8, 2)
         assert summ.sample_stats.attrs["refine_on"] == "cache" and summ.sample_stats.attrs["cache_grid"] == 33
+        assert summ.sample_stats.attrs["pose_temperature"] == pytest.approx(self_cal["pose_temperature"])
         assert np.all(np.isfinite(summ.sample_stats["hypothesis_sigma_deg"].values))
     # the field's own pose error is measured (no truth) and widens every cone; off when the temperatures come
     # from a truth calibration, which already holds it
@@ -306,8 +312,19 @@ def test_cli_posterior_end_to_end(tiny_run: tuple[Path, Path], tmp_path: Path) -
         assert with_fe.attrs["field_pose_sigma_deg"] > 0 and with_fe.attrs["field_error_probes"] == 4
         assert without.attrs["field_pose_sigma_deg"] == 0
         assert az.from_netcdf(out).sample_stats.attrs["field_pose_sigma_deg"] == 0  # --calibrate: off
+        assert without.attrs["pose_temperature"] == pytest.approx(self_cal["pose_temperature"])
         wide, narrow = with_fe["cone_radius_deg"].values, without["cone_radius_deg"].values
         assert np.all(wide >= narrow - 0.05) and wide.mean() > narrow.mean()
+    # --self-calibrate 0: the stored temperatures, no calibration run
+    out5 = tmp_path / "stored" / "stored.nc"
+    res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(out5), "--max-patterns", "4",
+                                   "--summaries-only", "--self-calibrate", "0", "--no-field-error", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "self-calibration" not in res.output and not (out5.parent / "calibration.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stored = az.from_netcdf(out5).sample_stats.attrs
+    assert stored["pose_temperature"] == pytest.approx(DEFAULT_POSE_TEMPERATURE)
     res = CliRunner().invoke(cli, ["posterior", str(run), str(data), "-o", str(tmp_path / "even.nc"),
                                    "--cache-grid", "64"])
     assert res.exit_code != 0 and "--cache-grid" in res.output and "odd" in res.output

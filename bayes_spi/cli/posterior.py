@@ -17,9 +17,14 @@ By default the guide's two most probable hypotheses per pattern are refined on a
 the model's likelihood; Laplace covariances and evidence weights), reading log I from a cube filled from the
 trained field once, four times as fine as the orientation search's (--refine-on field: the field itself at
 every step, 7-10x slower, the same calibration), and the pose and log-scale spreads are
-multiplied by temperatures (--pose-temperature, --scale-temperature, or --calibration FILE; defaults
-calibrated on the foundation benchmark). --no-refine exports the amortized guide as trained: faster, but
-its spreads ignore the encoder's pose errors and are far too narrow.
+multiplied by temperatures. Without a truth these are self-calibrated by default: --self-calibrate N
+patterns (default 1,024, at most the exported patterns and at least 64) are simulated from the fitted model
+itself and exported, and the temperatures that make that export nominal are used; the trained field's own
+pose error, measured on two half merges (--field-error), is then added to every pose spread. Fixed
+temperatures (--pose-temperature, --scale-temperature, --calibration FILE from --calibrate) turn both off;
+--self-calibrate 0 uses the temperatures stored with the code (calibrated on the foundation benchmark).
+--no-refine exports the amortized guide as trained: faster, but its spreads ignore the encoder's pose errors
+and are far too narrow.
 
 With --truth (simulated DATA) it prints how often the credible regions hold the true pose and scale and
 writes coverage.json beside OUT; --calibrate also fits the temperatures that make them nominal and writes
@@ -42,7 +47,10 @@ import numpy as np
 
 from bayes_spi.cli.convert import options_from_cli, source_options
 
-__all__ = ["command"]
+__all__ = ["SELF_CALIBRATE_PATTERNS", "command"]
+
+#: patterns simulated from the fit for the default self-calibration (BENCHMARKS.md: "The field's own pose error")
+SELF_CALIBRATE_PATTERNS = 1024
 
 
 def _recorded_source(run: Path, data: Path) -> Any:
@@ -85,11 +93,13 @@ def _recorded_source(run: Path, data: Path) -> Any:
 @click.option("--calibrate", is_flag=True,
               help="With --truth: fit the temperatures that make this export nominal; write calibration.json "
                    "beside OUT.")
-@click.option("--self-calibrate", "self_calibrate", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--self-calibrate", "self_calibrate", type=click.IntRange(min=0), default=None,
               help="Calibration without a truth: simulate N patterns from the fitted model itself (poses and scales "
                    "from the priors, counts through the same detector, DATA's mean photons), fit the temperatures "
                    "on them and use them; writes calibration.json (source: self-simulation) beside OUT. They "
-                   "exclude the field's own error (see BENCHMARKS.md).")
+                   "exclude the field's own error (--field-error adds it). 0: the stored temperatures. [default: "
+                   "1024 (at most the exported patterns, at least 64) with --refine for a one-structure fit, unless "
+                   "fixed temperatures or --calibrate are given]")
 @click.option("--field-error/--no-field-error", "field_error", default=None,
               help="Add the trained field's own pose error to every pose spread, measured without a truth: the first "
                    "--field-error-patterns patterns merged in two halves at their posterior poses, held-out probes "
@@ -121,7 +131,7 @@ def _recorded_source(run: Path, data: Path) -> Any:
 def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed: int, max_patterns: int | None,
             refine: bool, n_refine: int, pose_temperature: float | None, scale_temperature: float | None,
             score_pixels: int,
-            calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int, field_error: bool | None,
+            calibration: Path | None, truth: bool, calibrate: bool, self_calibrate: int | None, field_error: bool | None,
             field_error_patterns: int, refine_on: str, cache_grid: int | None, summaries_only: bool,
             class_posterior: str | None, device: str, force: bool, progress: bool,
             **source_kwargs: Any) -> None:
@@ -149,8 +159,10 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
     check_device(device)
     if field_error and not refine:
         raise click.UsageError("--field-error needs --refine (it adds to the refined posterior's Laplace spreads)")
+    fixed = calibration is not None or pose_temperature is not None or scale_temperature is not None or calibrate
     if field_error is None:
-        field_error = refine and calibration is None and pose_temperature is None and not calibrate
+        field_error = refine and not fixed
+    auto_self = self_calibrate is None and refine and not fixed
     settings = ExportSettings(n_draws=draws, batch_size=batch_size, seed=seed, score_pixels=score_pixels,
                               refine=refine, n_refine=n_refine, pose_temperature=pose_temperature,
                               scale_temperature=scale_temperature, max_patterns=max_patterns,
@@ -174,6 +186,14 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
                                    "a source of `bayes-spi convert`)") from None
     except (DataFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    from bayes_spi.posterior.netcdf import check_pattern_shape
+
+    try:
+        check_pattern_shape(trained, dataset)
+    except ValueError as exc:
+        dataset.close()
+        raise click.ClickException(str(exc)) from None
+    self_calibrate = _self_calibration_patterns(trained, dataset, settings, self_calibrate, auto_self)
     if truth and not dataset.has_truth:
         dataset.close()
         raise click.ClickException(f"{os.fspath(data)}: field /truth: expected simulated data with a truth "
@@ -203,6 +223,20 @@ def command(run: Path, data: Path, out: Path, draws: int, batch_size: int, seed:
     except BaseException:
         _remove_empty(created)  # a failed export leaves no empty output directory behind
         raise
+
+
+def _self_calibration_patterns(trained: Any, dataset: Any, settings: Any, given: int | None, auto: bool) -> int:
+    """The patterns simulated for the self-calibration: ``given``, or by default (``auto``)
+    :data:`SELF_CALIBRATE_PATTERNS` capped at the exported patterns (at least 64); 0 for a heterogeneous fit."""
+    if given is not None:
+        return given
+    if not auto:
+        return 0
+    if hasattr(trained.guide, "latent_posterior"):
+        click.echo("self-calibration: not run for a heterogeneous fit (the stored temperatures are used)")
+        return 0
+    n_export = len(settings.pattern_range(dataset.n_patterns))
+    return min(SELF_CALIBRATE_PATTERNS, max(64, n_export))
 
 
 def _created_dirs(d: Path) -> list[Path]:

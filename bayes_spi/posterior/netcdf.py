@@ -80,6 +80,7 @@ __all__ = [
     "ExportSettings",
     "LatentBatch",
     "PosteriorNetCDFWriter",
+    "check_pattern_shape",
     "export_cache_grid",
     "guide_batches",
     "export_batches",
@@ -686,6 +687,14 @@ def _class_pose_posterior(model: Any, lp: Any, class_cubes: Sequence[Tensor]
     return MixturePosterior.from_guide(gp), class_log_intensity(fields, cls, z)
 
 
+def check_pattern_shape(trained: Any, dataset: Any) -> None:
+    """Raise ``ValueError`` (naming the file and field) unless ``dataset``'s patterns have the run's detector shape."""
+    shape = tuple(trained.guide.mask.shape)
+    if tuple(dataset.shape) != shape:
+        raise ValueError(f"{os.fspath(dataset.path)}: field /data/counts: expected patterns of shape {shape} "
+                         f"(the run's detector), got {tuple(dataset.shape)}")
+
+
 def write_posterior_netcdf(
     trained: Any,
     dataset: SPIDataset,
@@ -710,10 +719,7 @@ def write_posterior_netcdf(
     settings = settings or ExportSettings()
     if settings.refine and settings.refine_on == "cache" and settings.cache_grid is None:  # recorded in the file
         settings = dataclasses.replace(settings, cache_grid=export_cache_grid(trained.guide))
-    shape = tuple(trained.guide.mask.shape)
-    if dataset.shape != shape:
-        raise ValueError(f"{os.fspath(dataset.path)}: field /data/counts: expected patterns of shape {shape} "
-                         f"(the run's detector), got {dataset.shape}")
+    check_pattern_shape(trained, dataset)
     patterns = settings.pattern_range(dataset.n_patterns)
     k = min(settings.n_refine, trained.guide.n_hypotheses) if settings.refine else trained.guide.n_hypotheses
     attrs = {"source_data": os.fspath(Path(dataset.path).resolve()),
