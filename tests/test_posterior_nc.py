@@ -64,6 +64,45 @@ def _slice(post: MixturePosterior, s: slice) -> MixturePosterior:
 
 
 # ------------------------------------------------------------------------------------------------ draws
+def _export_with_truths(tmp_path: Path, post: MixturePosterior, R_true: np.ndarray, s_true: np.ndarray,
+                        name: str) -> tuple[Path, Path]:
+    from scipy.spatial.transform import Rotation
+
+    n = len(R_true)
+    nc = tmp_path / f"{name}.nc"
+    export_batches(((np.arange(a, min(a + 256, n)), np.ones(min(a + 256, n) - a), _slice(post, slice(a, a + 256)))
+                    for a in range(0, n, 256)), nc, np.arange(n), 1, ExportSettings(n_draws=200, refine=False))
+    q = Rotation.from_matrix(R_true).as_quat()
+    data = tmp_path / f"{name}.h5"
+    write_simulation(data, np.zeros((n, 32, 32), dtype=np.int32), get_preset("reference-32"),
+                     quaternions=np.concatenate([q[:, 3:], q[:, :3]], 1), scales=s_true)
+    return nc, data
+
+
+def test_calibration_is_not_blown_up_by_truths_in_another_mode(tmp_path: Path) -> None:
+    """12% of the truths 180 deg away from unimodal posteriors: no temperature covers them; they count as misses
+    (the 50% temperature covers half of all patterns) but must not inflate the 90% temperature to ~180 deg cones."""
+    n = 500
+    post = _posterior(n, seed=3, bimodal=False)
+    truth = draw(post, 1, indices=np.arange(n), seed=77)
+    R_true, s_true = truth.rotations[0].numpy(), np.exp(truth.log_scale[0].numpy())
+    cal = fit_temperatures(*_export_with_truths(tmp_path, post, R_true, s_true, "plain"))
+    assert cal["far_mode_fraction"] == 0.0
+    assert abs(cal["pose_temperature_for_50"] - 1) < 0.12 and abs(cal["pose_temperature_for_90"] - 1) < 0.12, cal
+    far = np.arange(n) % 25 < 3  # 12%
+    R_far = R_true.copy()
+    R_far[far] = R_true[far] @ np.diag([1.0, -1.0, -1.0])  # Rx(pi): 180 deg away
+    nc, data = _export_with_truths(tmp_path, post, R_far, s_true, "far")
+    cal_far = fit_temperatures(nc, data)
+    assert cal_far["far_mode_fraction"] == pytest.approx(0.12, abs=0.005), cal_far
+    # half of all patterns covered: the 50% level of the others is 0.5 / 0.88
+    t50 = cal_far["pose_temperature_for_50"]
+    assert cal["pose_temperature_for_50"] < t50 < 1.35, cal_far
+    cov = coverage_from_netcdf(nc, data)
+    assert cov["pose_coverage_90"] < 0.9  # out of reach at any sane temperature ...
+    assert cal_far["pose_temperature_for_90"] < 1.6, cal_far  # ... so it stays a cone, not a hemisphere
+
+
 def test_cone_radii_match_sigma_chi3() -> None:
     sigma = 0.04
     n = 3
@@ -131,6 +170,7 @@ def test_coverage_of_truths_drawn_from_the_posterior_is_nominal(tmp_path: Path) 
     # a calibrated posterior needs no temperature
     cal = fit_temperatures(nc, data)
     assert abs(cal["pose_temperature_for_50"] - 1.0) < 0.12 and abs(cal["scale_temperature"] - 1.0) < 0.12, cal
+    assert cal["far_mode_fraction"] == pytest.approx(0.2, abs=0.05)  # truths drawn from the 20% twin mode
     # the same truths, but cones a third too small: coverage must drop clearly
     d = draw(post, 200, indices=np.arange(n))
     s = summarize(post, d)

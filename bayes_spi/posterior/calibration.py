@@ -8,6 +8,12 @@ So each run gets two temperatures, multiplying the tangent-space and the log-sca
 
 - pose: cone radii scale with the temperature (for unimodal, small-spread posteriors), so the temperature
   that makes level ``p`` nominal is ``T_used * quantile_p(error_i / r_i(p))``; we store the mean over levels.
+  A temperature widens a cone; it cannot move it to another mode. A pattern whose mean pose is more than
+  :data:`FAR_MODE_DEG` from the truth (an Rz(pi) twin, a wrong grid mode) and outside the level's region is
+  lost at any sane temperature. Counted as misses, a fraction ``f`` of them needs level ``p / (1 - f)`` of the
+  others (the same temperature as the plain quantile); where ``f`` puts ``p`` out of reach, that level is
+  capped at ``(1 + p) / 2`` (without the cap a 12% twin fraction gave T = 175 and 60-degree cones that still
+  missed the twins). ``far_mode_fraction`` is reported; the hypothesis weights carry the mode uncertainty.
 - scale: with ``z_i = |log s_true_i - c - m_i| / t_i`` (``c``: the global offset of
   :mod:`bayes_spi.posterior.coverage`), ``T_used * quantile_p(z) / Phi^-1((1 + p) / 2)``, averaged likewise.
 
@@ -34,7 +40,10 @@ from bayes_spi.atomic import write_json
 from bayes_spi.metrics import align_rotations
 from bayes_spi.posterior.coverage import angles_rad, log_scale_offset, read_summaries
 
-__all__ = ["fit_temperatures", "save_calibration", "load_calibration"]
+__all__ = ["FAR_MODE_DEG", "fit_temperatures", "save_calibration", "load_calibration"]
+
+#: a mean pose further than this from the truth sits in another mode: it does not set the pose temperatures
+FAR_MODE_DEG = 45.0
 
 
 def fit_temperatures(path: str | os.PathLike[str], truth_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -42,7 +51,9 @@ def fit_temperatures(path: str | os.PathLike[str], truth_path: str | os.PathLike
 
     Returns:
         ``pose_temperature``, ``scale_temperature`` (means over the levels), the per-level values
-        ``pose_temperature_for_50`` etc., ``n_patterns``, ``calibrated_on`` (the data file), ``posterior``.
+        ``pose_temperature_for_50`` etc., ``far_mode_fraction`` (mean poses more than :data:`FAR_MODE_DEG` from
+        the truth; see the module docstring for how they count), ``n_patterns``,
+        ``calibrated_on`` (the data file), ``posterior``.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`bayes_spi.posterior.coverage.read_summaries`.
@@ -55,9 +66,17 @@ def fit_temperatures(path: str | os.PathLike[str], truth_path: str | os.PathLike
     scale_used = float(d["attrs"].get("scale_temperature", 1.0))
     G, _, _ = align_rotations(M, R_true)
     err = angles_rad(M, G.T @ R_true)
-    out: dict[str, Any] = {}
+    far = err > np.radians(FAR_MODE_DEG)
+    out: dict[str, Any] = {"far_mode_fraction": float(np.mean(far))}
     for j, p in enumerate(levels):
-        out[f"pose_temperature_for_{round(100 * p)}"] = float(pose_used * np.quantile(err / radius[:, j], p))
+        ratio = err / radius[:, j]
+        lost = far & (ratio > 1)  # in another mode and outside this level's region: a miss at any sane temperature
+        f = float(np.mean(lost))
+        if f > 0.5:  # mostly lost: a failed fit; widen on all of them
+            level_t = np.quantile(ratio, p)
+        else:  # the temperature that covers p of all patterns, the lost ones counted as misses ...
+            level_t = np.quantile(ratio[~lost], min(p / (1 - f), (1 + p) / 2))  # ... capped where out of reach
+        out[f"pose_temperature_for_{round(100 * p)}"] = float(pose_used * level_t)
     c = log_scale_offset(m, t, s_true)
     z = np.abs(np.log(s_true) - c - m) / t
     for p in levels:
