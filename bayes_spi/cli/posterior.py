@@ -14,7 +14,8 @@ the fit chose the guide's). Open it with
 the summaries alone, ~300 bytes per pattern instead of ~8 kB at 200 draws.
 
 By default the guide's two most probable hypotheses per pattern are refined on all pixels (Gauss-Newton on
-the model's likelihood; Laplace covariances and evidence weights), reading log I from a cube filled from the
+the model's likelihood, first on the inner half of |q| whose speckle basins are twice as wide, then on all
+pixels; Laplace covariances and evidence weights), reading log I from a cube filled from the
 trained field once, four times as fine as the orientation search's (--refine-on field: the field itself at
 every step, 7-10x slower, the same calibration), and the pose and log-scale spreads are
 multiplied by temperatures. Without a truth these are self-calibrated by default: --self-calibrate N
