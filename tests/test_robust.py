@@ -465,6 +465,47 @@ def test_voxel_grid_is_one_per_pixel_step_but_at_most_4_5_per_speckle(monkeypatc
     assert kept.voxel_grid == 89
 
 
+@pytest.mark.parametrize(("q_max", "fov", "diameter"), [(0.122, 172.0, 48.0), (0.245, 345.0, 48.0), (0.06, 833.0, 110.0)])
+def test_voxel_grid_goes_finer_only_where_the_merged_photons_fill_its_voxels(q_max: float, fov: float,
+                                                                            diameter: float) -> None:
+    """``voxel_grid_for``: the base grid without photons; with more photons never coarser, at most twice as fine
+    (two voxels per pixel step, 9 per speckle) and capped; a finer grid than the base only where its reached voxels
+    (the ball, pi / 6 of the cube) get MIN_VOXEL_PHOTONS on average."""
+    from bayes_spi.infer.autoset import (FINE_VOXELS_PER_SPECKLE, MAX_VOXEL_GRID, MIN_VOXEL_PHOTONS, VOXELS_PER_SPECKLE,
+                                         voxel_grid_for)
+
+    base = min(2 * int(np.ceil(q_max * min(fov, VOXELS_PER_SPECKLE * diameter))) + 1, MAX_VOXEL_GRID)
+    fine = min(2 * int(np.ceil(q_max * min(2 * fov, FINE_VOXELS_PER_SPECKLE * diameter))) + 1, MAX_VOXEL_GRID)
+    assert voxel_grid_for(q_max, fov, diameter) == base
+    grids = [voxel_grid_for(q_max, fov, diameter, p) for p in np.geomspace(1e5, 1e11, 25)]
+    assert all(g % 2 == 1 and base <= g <= fine for g in grids)
+    assert grids == sorted(grids) and grids[-1] == fine
+    for p, g in zip(np.geomspace(1e5, 1e11, 25), grids):
+        if g > base:  # this grid's voxels are filled, the next finer one's are not (or it is the finest)
+            assert p / (np.pi / 6 * g**3) >= MIN_VOXEL_PHOTONS
+            assert g == fine or p / (np.pi / 6 * (g + 2) ** 3) < MIN_VOXEL_PHOTONS
+    with pytest.raises(ValueError, match="merged_photons"):
+        voxel_grid_for(q_max, fov, diameter, -1.0)
+
+
+def test_data_settings_size_the_voxel_grid_from_the_photons_the_exact_iterations_merge(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """8,000 patterns at 1e4 photons get a finer grid than at 1e2; ``polish_patterns`` bounds the patterns counted."""
+    from types import SimpleNamespace
+
+    from bayes_spi.infer import autoset
+    from bayes_spi.infer.config import FitConfig
+
+    def grid(photons: float, n: int, **cfg: object) -> int:
+        rep = SimpleNamespace(field_w0=20.0, diameter_A=48.0, q_max=0.122, grid_rotations=4096, field_of_view_A=172.0,
+                              photons_per_pattern=photons, speckles_per_radius=48.0 * 0.122)
+        monkeypatch.setattr(autoset, "estimate_sampling", lambda ds, n_patterns: rep)
+        return autoset.data_settings(SimpleNamespace(n_patterns=n), FitConfig(**cfg), given={})[0].voxel_grid
+
+    assert grid(1e4, 8000) == autoset.voxel_grid_for(0.122, 172.0, 48.0, 8e7) > grid(1e2, 8000) == 43
+    assert grid(1e4, 8000, polish_patterns=100) == autoset.voxel_grid_for(0.122, 172.0, 48.0, 1e6)
+
+
 def test_a_search_on_fixed_pixels_reads_its_table_with_the_same_numbers() -> None:
     """``OrientationSearch.fixed_pixels`` (the export's pass) gives the per-batch interpolation's log-likelihoods
     and proposals, on exactly its pixels (another pixel set is interpolated as before); the table is dropped on

@@ -77,8 +77,9 @@ _HELP = {
     "variational_grid": "Grid size (odd) of the variational field's amplitudes.",
     "variational_kl_weight": "Weight of the variational field's KL to the Wilson prior (1: the plain ELBO).",
     "field_width": "Hidden width of the neural field.",
-    "voxel_grid": "Voxels per side (odd) of the voxel field, or of the hybrid field's residual (default for hybrid: "
-                  "the cache grid, about 2.5 voxels per speckle).",
+    "voxel_grid": "Voxels per side (odd) of the voxel field, or of the hybrid field's residual (default with "
+                  "--auto-settings: one voxel per detector pixel step, at most 4.5 per speckle, up to twice as fine "
+                  "where the merged photons fill at least 100 a voxel).",
     "field_depth": "Hidden layers of the neural field.",
     "field_w0": "First-layer SIREN frequency.",
     "n_heads": "Pose proposals per pattern (2 x n_heads hypotheses with their Rz(pi) partners).",

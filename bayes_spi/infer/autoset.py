@@ -8,7 +8,8 @@ size from the data (:func:`bayes_spi.analysis.sampling.estimate_sampling`) and s
 patterns (``polish_iterations`` x ``sqrt(1000 / photons per pattern)``, rounded, at most 4x), anneals them for
 particles with at least ``ANNEAL_SPECKLES`` speckles from the centre to the edge (``polish_beta`` from
 :func:`anneal_beta`), and chooses the ``hybrid`` field (SIREN plus
-a voxel residual, one voxel per detector pixel step but at most 4.5 per speckle, for the final exact EMC iterations), unless the user gave
+a voxel residual for the final exact EMC iterations: one voxel per detector pixel step but at most 4.5 per speckle,
+up to twice as fine where the data's photons fill the voxels, :func:`voxel_grid_for`), unless the user gave
 them; it also reports the speckle oversampling and warns when the detector cannot resolve the speckles.
 
 Example::
@@ -28,7 +29,8 @@ from bayes_spi.analysis.sampling import SamplingReport, estimate_sampling
 from bayes_spi.config.fields import FIELDS
 from bayes_spi.infer.config import FitConfig
 
-__all__ = ["ANNEAL_SPECKLES", "AUTO_FIELDS", "VOXELS_PER_SPECKLE", "anneal_beta", "data_settings"]
+__all__ = ["ANNEAL_SPECKLES", "AUTO_FIELDS", "FINE_VOXELS_PER_SPECKLE", "MAX_VOXEL_GRID", "MIN_VOXEL_PHOTONS",
+           "VOXELS_PER_SPECKLE", "anneal_beta", "data_settings", "voxel_grid_for"]
 
 log = logging.getLogger("bayes_spi")
 
@@ -44,9 +46,60 @@ POLISH_MAX_FACTOR = 4
 #: the merged voxel grid is at most this many voxels per speckle width ``1 / D`` (finer only splits the photons)
 VOXELS_PER_SPECKLE = 4.5
 
+#: with photons to spare the merged grid goes finer, up to this many voxels per speckle width (and two per pixel step)
+FINE_VOXELS_PER_SPECKLE = 9.0
+
+#: ... as long as a reached voxel still receives this many merged photons on average (BENCHMARKS.md, fourteenth
+#: session, 2CEX on 32x32, 8,000 patterns: at 1e4 photons 45^3 -> 89^3 voxels, ~200 photons a voxel, took the median
+#: pose error from 1.9 to 1.0 deg; at 1e3 photons 65^3, ~55 a voxel, was neutral (2.6 -> 2.3 deg, speckle
+#: correlation 0.927 -> 0.926) and 89^3, ~20 a voxel, lost (3.5 deg, 0.857))
+MIN_VOXEL_PHOTONS = 100.0
+
+#: the largest voxel grid :func:`voxel_grid_for` chooses
+MAX_VOXEL_GRID = 129
+
 #: at and above this many speckles from the centre to the detector edge the exact EMC iterations are annealed:
 #: ``polish_beta = anneal_beta(photons per pattern)`` and at least two grid iterations before the refined ones
 ANNEAL_SPECKLES = 10.0
+
+
+def voxel_grid_for(q_max: float, field_of_view_A: float, diameter_A: float, merged_photons: float = 0.0) -> int:
+    """Voxels per side of the hybrid field's merged grid over ``[-q_max, q_max]^3`` (odd, at most
+    :data:`MAX_VOXEL_GRID`).
+
+    The base grid has one voxel per detector pixel step (``dq = 1 / field of view``), as EMC merges, but no finer than
+    :data:`VOXELS_PER_SPECKLE` voxels across a speckle (``1 / D``): with few photons finer voxels only split them
+    (2CEX on 64x64 at 1e3 photons: 89^3 voxels 0.77 in speckle correlation, 57^3 0.88). With many photons the
+    trilinear grid's own blur dominates instead: merged at the *true* poses, 2CEX at 1e4 photons on 32x32 loses
+    178 nats a pattern of held-out likelihood to the exact intensity on 45^3 voxels (poses 0.95 deg off), 27 on
+    89^3 (0.60 deg). So the grid goes up to twice as fine (:data:`FINE_VOXELS_PER_SPECKLE`, two voxels per pixel
+    step), the finest whose reached voxels (the ball ``|q| <= q_max``: ``pi / 6`` of the cube) still receive
+    :data:`MIN_VOXEL_PHOTONS` of the ``merged_photons`` on average.
+
+    Args:
+        q_max: the detector's largest ``|q|`` (1/A); field_of_view_A, diameter_A: from the sampling report (A).
+        merged_photons: photons the exact iterations merge (patterns x photons per pattern; 0: the base grid).
+
+    Example:
+        >>> voxel_grid_for(0.122, 172.0, 48.0)           # the base grid: one voxel per pixel step
+        43
+        >>> voxel_grid_for(0.122, 172.0, 48.0, 8000 * 1e4)   # 8,000 patterns at 1e4 photons: twice as fine
+        85
+        >>> voxel_grid_for(0.122, 172.0, 48.0, 8000 * 1e3)   # at 1e3 photons ~100 photons a voxel
+        53
+        >>> voxel_grid_for(0.122, 345.0, 48.0, 8000 * 1e3)   # on 64x64 the base grid is already finer
+        55
+    """
+    if q_max <= 0 or field_of_view_A <= 0 or diameter_A <= 0 or merged_photons < 0:
+        raise ValueError(f"expected positive q_max, field of view and diameter and merged_photons >= 0, got {q_max}, "
+                         f"{field_of_view_A}, {diameter_A} and {merged_photons}")
+    base = min(2 * int(math.ceil(q_max * min(field_of_view_A, VOXELS_PER_SPECKLE * diameter_A))) + 1, MAX_VOXEL_GRID)
+    fine = min(2 * int(math.ceil(q_max * min(2.0 * field_of_view_A, FINE_VOXELS_PER_SPECKLE * diameter_A))) + 1,
+               MAX_VOXEL_GRID)
+    for n in range(fine, base, -2):
+        if merged_photons / (math.pi / 6.0 * n ** 3) >= MIN_VOXEL_PHOTONS:
+            return n
+    return base
 
 
 def anneal_beta(photons_per_pattern: float) -> float:
@@ -106,14 +159,13 @@ def data_settings(dataset: Any, config: FitConfig, given: dict[str, Any] | None 
         # iterations (polish_iterations) merge all patterns into its voxels (BENCHMARKS.md: 0.92 -> 0.97)
         updates["field"] = "hybrid"
     if "voxel_grid" not in given and "voxel_grid" in FIELDS[updates.get("field", config.field)].settings:
-        # one voxel per detector pixel step (dq = 1 / field of view), as EMC merges: a coarser grid blurs the
-        # steep low-q fall-off in the M-step (2.2 pixels per voxel lost 0.02 in speckle correlation); but no finer
-        # than VOXELS_PER_SPECKLE voxels across a speckle (1 / D) when the detector oversamples more: finer
-        # voxels only split the photons (2CEX on 64x64 at 1e3 photons, oversampling ~6: 89^3 voxels 0.77 in
-        # speckle correlation, 71^3 0.85, 65^3 0.86, 57^3 0.88; the 195 A TMV set at oversampling 4.75: 93^3
-        # 0.970, 85^3 0.968, 77^3 0.964; BENCHMARKS.md)
-        length = min(report.field_of_view_A, VOXELS_PER_SPECKLE * report.diameter_A)
-        updates["voxel_grid"] = min(2 * int(math.ceil(report.q_max * length)) + 1, 129)
+        # the photons the exact iterations merge: the patterns there are now (a followed file's first ones), at
+        # most polish_patterns
+        merged = int(getattr(dataset, "n_patterns", 0) or 0)
+        if config.polish_patterns:
+            merged = min(merged, int(config.polish_patterns))
+        updates["voxel_grid"] = voxel_grid_for(report.q_max, report.field_of_view_A, report.diameter_A,
+                                               report.photons_per_pattern * merged)
     if "polish_iterations" not in given and config.polish_iterations > 0 and report.photons_per_pattern > 0:
         # dim patterns carry less orientation information each: EMC needs more iterations to converge (2CEX at
         # 1e2 photons: 3 iterations reached a speckle correlation of 0.49, 10 reached 0.63; at 1e3 the log
