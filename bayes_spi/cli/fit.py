@@ -79,7 +79,7 @@ _HELP = {
     "field_width": "Hidden width of the neural field.",
     "voxel_grid": "Voxels per side (odd) of the voxel field, or of the hybrid field's residual (default with "
                   "--auto-settings: one voxel per detector pixel step, at most 4.5 per speckle, up to twice as fine "
-                  "where the merged photons fill at least 100 a voxel).",
+                  "where the merged photons fill at least 200 a voxel).",
     "field_depth": "Hidden layers of the neural field.",
     "field_w0": "First-layer SIREN frequency.",
     "n_heads": "Pose proposals per pattern (2 x n_heads hypotheses with their Rz(pi) partners).",

@@ -50,10 +50,11 @@ VOXELS_PER_SPECKLE = 4.5
 FINE_VOXELS_PER_SPECKLE = 9.0
 
 #: ... as long as a reached voxel still receives this many merged photons on average (BENCHMARKS.md, fourteenth
-#: session, 2CEX on 32x32, 8,000 patterns: at 1e4 photons 45^3 -> 89^3 voxels, ~200 photons a voxel, took the median
-#: pose error from 1.9 to 1.0 deg; at 1e3 photons 65^3, ~55 a voxel, was neutral (2.6 -> 2.3 deg, speckle
-#: correlation 0.927 -> 0.926) and 89^3, ~20 a voxel, lost (3.5 deg, 0.857))
-MIN_VOXEL_PHOTONS = 100.0
+#: session; 2CEX, 8,000 patterns at 1e4 photons: on 32x32 45^3 -> 89^3 voxels, ~200 photons a voxel, median pose
+#: error 1.9 -> 1.0 deg, speckle correlation 0.957 -> 0.977; on 64x64 63^3 -> 91^3, ~200 a voxel, 1.6 -> 1.3 deg,
+#: 0.965 -> 0.962, but 113^3, ~105 a voxel, 1.4 deg and 0.944; at 1e3 photons on 32x32 89^3, ~20 a voxel, lost
+#: 2.6 -> 3.5 deg and 0.927 -> 0.857)
+MIN_VOXEL_PHOTONS = 200.0
 
 #: the largest voxel grid :func:`voxel_grid_for` chooses
 MAX_VOXEL_GRID = 129
@@ -85,10 +86,10 @@ def voxel_grid_for(q_max: float, field_of_view_A: float, diameter_A: float, merg
         43
         >>> voxel_grid_for(0.122, 172.0, 48.0, 8000 * 1e4)   # 8,000 patterns at 1e4 photons: twice as fine
         85
-        >>> voxel_grid_for(0.122, 172.0, 48.0, 8000 * 1e3)   # at 1e3 photons ~100 photons a voxel
-        53
-        >>> voxel_grid_for(0.122, 345.0, 48.0, 8000 * 1e3)   # on 64x64 the base grid is already finer
-        55
+        >>> voxel_grid_for(0.122, 172.0, 48.0, 8000 * 1e3)   # at 1e3 photons the base grid
+        43
+        >>> voxel_grid_for(0.1255, 345.0, 54.4, 8000 * 1e4)  # 64x64 at 1e4 photons: ~200 photons a voxel
+        91
     """
     if q_max <= 0 or field_of_view_A <= 0 or diameter_A <= 0 or merged_photons < 0:
         raise ValueError(f"expected positive q_max, field of view and diameter and merged_photons >= 0, got {q_max}, "
