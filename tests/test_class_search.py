@@ -194,7 +194,9 @@ def test_class_emc_estep_equals_brute_force() -> None:
     want = logsumexp(joint.reshape(3, -1), axis=1) - math.log(16)
     np.testing.assert_allclose(out.log_marginal.detach().double().numpy(), want, rtol=1e-5)
     resp = np.exp(joint - logsumexp(joint.reshape(3, -1), axis=1)[:, None, None, None])
-    np.testing.assert_allclose(out.responsibilities.double().numpy(), resp, atol=1e-5)
+    # the E-step runs in float32: log-likelihoods of a few hundred nats carry ~1e-5 of rounding, so the
+    # responsibilities agree to a relative 1e-4 (an absolute 1e-5 failed on 2 of 192 with numpy 2.4 / scipy 1.17)
+    np.testing.assert_allclose(out.responsibilities.double().numpy(), resp, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(out.class_probs.sum(-1).numpy(), 1.0, rtol=1e-5)
     out.log_marginal.sum().backward()
     for f in model.field.fields:
