@@ -58,7 +58,8 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import rotz_pi
 from bayes_spi.trilinear import splat_cube
 
-__all__ = ["MERGE_PSEUDO_PHOTONS", "REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "polish_beta_schedule"]
+__all__ = ["MERGE_PSEUDO_PHOTONS", "REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "gamma_prior_sums",
+           "polish_beta_schedule"]
 
 #: the exact M-step's prior weight, in photons a voxel at the field's intensity before the merge (a Gamma prior: the
 #: merge is ``(photons + P) / (exposure + P / I_before)``). With a voxel grid fine enough for 1e4-photon poses the
@@ -70,6 +71,24 @@ MERGE_PSEUDO_PHOTONS = 1.0
 #: spacing) is merged at its refined modes when an iteration refines (``EMCPolish.refine_spread``); broader ones
 #: keep the grid's weights
 REFINE_SPREAD = 2.0
+
+
+def gamma_prior_sums(photons: Tensor, exposure: Tensor, log_prior: Tensor, pseudo_photons: float
+                     ) -> tuple[Tensor, Tensor]:
+    """The M-step's sums with a Gamma prior of ``P = pseudo_photons`` photons at the intensity ``exp(log_prior)``:
+    ``(photons + P, exposure + P / I_prior)``, so that their ratio is the MAP intensity
+    ``(y + P) / (e + P / I_prior)`` (the plain average ``y / e`` for ``P = 0``; ``I_prior`` where ``e I_prior << P``).
+
+    Example:
+        >>> import torch
+        >>> num, den = gamma_prior_sums(torch.tensor([0.0, 400.0]), torch.tensor([0.01, 100.0]),
+        ...                             torch.tensor([0.0, 0.0]), 1.0)
+        >>> [round(float(x), 3) for x in num / den]   # no photons: ~the prior 1.0; many: ~400 / 100
+        [0.99, 3.97]
+    """
+    if pseudo_photons < 0:
+        raise ValueError(f"expected pseudo_photons >= 0, got {pseudo_photons}")
+    return photons + pseudo_photons, exposure + pseudo_photons * torch.exp(-log_prior).clamp(max=1e30)
 
 
 def polish_beta_schedule(start: float, iterations: int, refined: int = 1) -> list[float]:
@@ -336,9 +355,8 @@ class EMCPolish:
         if self.pseudo_photons > 0:
             # MAP under a Gamma prior centred on the field before the merge: `pseudo_photons` photons a voxel at
             # its intensity, so a voxel few photons reach keeps the field's value instead of a noisy or zero one
-            prior = self._grid_log_intensity(num.shape[0]).exp().to(num.dtype)
-            num = num + self.pseudo_photons
-            den = den + self.pseudo_photons / prior.clamp(min=1e-30)
+            num, den = gamma_prior_sums(num, den, self._grid_log_intensity(num.shape[0]).to(num.dtype),
+                                        self.pseudo_photons)
         log_i = torch.log(num.clamp(min=1e-30) / den.clamp(min=1e-30))
         # a reached voxel with no photons: floor at the smallest positive merged intensity
         pos = reached & (num > 0)
