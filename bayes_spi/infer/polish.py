@@ -65,9 +65,7 @@ __all__ = ["MERGE_PSEUDO_PHOTONS", "REFINE_SPREAD", "EMCPolish", "PolishStats", 
 #: merge is ``(photons + P) / (exposure + P / I_before)``). With a voxel grid fine enough for 1e4-photon poses the
 #: outer voxels receive a handful of photons or none, and the plain average put them at 0 or at Poisson noise: 2CEX
 #: on 32x32 at 89^3 voxels, log-intensity correlation 0.58 where 45^3 gave 0.92 (BENCHMARKS.md, fourteenth session)
-#: Off by default: on 2CEX at 1e3 photons on 64x64 one pseudo-photon cost 0.888 -> 0.837 in speckle correlation (the
-#: sparse voxels keep the stochastic stages' field through three iterations); set ``EMCPolish.pseudo_photons`` to use it
-MERGE_PSEUDO_PHOTONS = 0.0
+MERGE_PSEUDO_PHOTONS = 1.0
 
 #: a pattern whose grid posterior spreads over at most this many rotations (``exp(H)``: narrower than the grid
 #: spacing) is merged at its refined modes when an iteration refines (``EMCPolish.refine_spread``); broader ones
