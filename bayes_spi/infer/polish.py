@@ -352,17 +352,17 @@ class EMCPolish:
         num = num + num.flip(0, 1, 2)  # Friedel: I(q) = I(-q)
         den = den + den.flip(0, 1, 2)
         reached = den > 1e-6 * float(den.max())
+        before = self._grid_log_intensity(num.shape[0])  # the field the merge replaces
         if self.pseudo_photons > 0:
             # MAP under a Gamma prior centred on the field before the merge: `pseudo_photons` photons a voxel at
             # its intensity, so a voxel few photons reach keeps the field's value instead of a noisy or zero one
-            num, den = gamma_prior_sums(num, den, self._grid_log_intensity(num.shape[0]).to(num.dtype),
-                                        self.pseudo_photons)
+            num, den = gamma_prior_sums(num, den, before.to(num.dtype), self.pseudo_photons)
         log_i = torch.log(num.clamp(min=1e-30) / den.clamp(min=1e-30))
         # a reached voxel with no photons: floor at the smallest positive merged intensity
         pos = reached & (num > 0)
         floor = float(log_i[pos].min()) if bool(pos.any()) else 0.0
         log_i = torch.where(num > 0, log_i, torch.full_like(log_i, floor))
-        change = self._write(log_i, reached)
+        change = self._write(log_i, reached, before)
         m = max(n_used, 1)
         return PolishStats(ll_sum / m, ent_sum / m, wmax_sum / m, float(reached.double().mean()), change,
                            n_refined / m)
@@ -443,15 +443,17 @@ class EMCPolish:
         qt = torch.as_tensor(q.reshape(-1, 3), dtype=self.model.q.dtype, device=self.model.q.device)
         return torch.cat([field.log_intensity(qt[i:i + 65536]) for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
 
-    def _write(self, log_i: Tensor, reached: Tensor) -> float:
-        """Set the field's voxels so that ``log I`` equals ``log_i`` on the reached voxels; RMS change."""
+    def _write(self, log_i: Tensor, reached: Tensor, before: Tensor | None = None) -> float:
+        """Set the field's voxels so that ``log I`` equals ``log_i`` on the reached voxels; RMS change (``before``:
+        the field's ``log I`` on these voxels before, :meth:`_grid_log_intensity`, if the caller has it)."""
         from bayes_spi.grid import grid_q
 
         field = self.model.field
         n = log_i.shape[0]
+        if before is None:
+            before = self._grid_log_intensity(n)
         q, _ = grid_q(n, field.q_max)
         qt = torch.as_tensor(q.reshape(-1, 3), dtype=self.model.q.dtype, device=log_i.device)
-        before = torch.cat([field.log_intensity(qt[i:i + 65536]) for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
         if isinstance(field, SirenVoxelField):
             # log I = offset + c tanh(g / c), g = siren + radial + residual: solve for the residual
             c = field.log_clamp
@@ -465,6 +467,5 @@ class EMCPolish:
         else:
             new = torch.where(reached, log_i - field.log_offset, field.grid.data[0, 0].to(log_i.dtype))
             field.grid.data.copy_(new.to(field.grid.dtype)[None, None])
-        after = torch.cat([field.log_intensity(qt[i:i + 65536]) for i in range(0, qt.shape[0], 65536)]).reshape(n, n, n)
-        d = (after - before)[reached]
+        d = (self._grid_log_intensity(n) - before)[reached]
         return float(d.pow(2).mean().sqrt()) if d.numel() else 0.0
