@@ -439,6 +439,9 @@ def test_self_calibration_simulates_from_the_fit(tiny_run: tuple[Path, Path], tm
 
 
 
+# bitwise: both cubes' field evaluations must round alike, which a multi-threaded matmul over batches of another
+# shape does not promise (two threads, make test's default, differed in the last bit)
+@pytest.mark.usefixtures("one_thread")
 def test_export_cube_reads_as_the_full_cube_and_converges_as_h_squared() -> None:
     """The export's cube evaluates the field only inside the ball a read at ``|x| <= q_max`` can touch, yet every
     such read equals the full cube's (bitwise); trilinear reads converge to the field as ``h^2`` (error / ~4 per
