@@ -204,20 +204,26 @@ def test_tempered_iteration_spreads_the_posterior_and_the_fit_anneals_to_one(set
         EMCPolish(SPIModel(VoxelField(q_max, n=5), q, pf), rots, beta=0.0)
 
     seen: list[float] = []
+    priors: list[float] = []
     original = EMCPolish.iterate
 
     def recording(self, *args, **kwargs):
         seen.append(self.beta)
+        priors.append(self.pseudo_photons)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(EMCPolish, "iterate", recording)
     cfg = FitConfig(epochs=1, batch_size=32, field="hybrid", voxel_grid=21, field_width=16, n_heads=1,
                     n_search=1, search_rotations=256, cache_grid=17, pixels_per_pattern=64, polish_iterations=3,
-                    polish_refined=1, polish_beta=0.04, device="cpu", log_every=1, checkpoint_every=1000, seed=0)
+                    polish_refined=1, polish_beta=0.04, polish_prior=2.5, device="cpu", log_every=1,
+                    checkpoint_every=1000, seed=0)
     Trainer(SPIDataset(simulated(96, 17)), cfg, tmp_path / "run", progress=False).fit()
     assert seen == pytest.approx([0.04, 0.2, 1.0])  # two grid iterations annealed, the refined one at 1
+    assert priors == [2.5, 2.5, 2.5]  # the merge's Gamma prior is the configured one
     with pytest.raises(ValueError, match="polish_beta"):
         FitConfig(polish_beta=1.5)
+    with pytest.raises(ValueError, match="polish_prior"):
+        FitConfig(polish_prior=-0.5)
 
 
 def test_refined_merge_places_off_grid_patterns_where_the_grid_cannot(setup):

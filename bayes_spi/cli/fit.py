@@ -59,7 +59,7 @@ __all__ = ["command", "TRAINING_OPTIONS", "RESUME_OVERRIDABLE", "RUN_FILES", "ru
 #: FitConfig fields exposed as options (option name = field name with "-" for "_")
 TRAINING_OPTIONS: tuple[str, ...] = (
     "online", "epochs", "batch_size", "max_images", "max_minutes", "field", "field_width", "field_depth", "field_w0",
-    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "polish_beta", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
+    "voxel_grid", "n_heads", "n_search", "search_rotations", "weight_floor", "auto_settings", "emc_fraction", "emc_beta", "polish_iterations", "polish_patterns", "polish_refined", "polish_beta", "polish_prior", "lr", "lr_final", "pixels_per_pattern", "radius_start", "radius_ramp", "scale_prior_sigma",
     "pose_prior", "scale_prior", "likelihood", "intensity_prior", "symmetry", "seed", "device", "checkpoint_every", "log_every",
     "latent_dim", "n_classes", "latent_prior", "class_prior", "latent_nodes", "latent_rule",
     "class_posterior",
@@ -105,6 +105,9 @@ _HELP = {
                    "(deterministic annealing, as Dragonfly's beta; its automatic start is ~0.1 at 1e2 photons "
                    "per pattern, ~0.04 at 1e3, ~0.01 at 1e4); "
                    "1: untempered.",
+    "polish_prior": "Gamma prior of the exact EMC merge, in photons a voxel at the field's intensity before the "
+                    "merge: (photons + P) / (exposure + P / I_before); keeps voxels the data barely reach near the "
+                    "field; 0: the plain average (EMC's merge).",
     "lr": "Initial Adam learning rate.",
     "lr_final": "Final learning rate (geometric decay).",
     "pixels_per_pattern": "Pixels per pattern in the likelihood per step (0 = all eligible).",
@@ -293,6 +296,7 @@ class _RecordingCommand(click.Command):
 @_training_option("polish_patterns", click.IntRange(min=0))
 @_training_option("polish_refined", click.IntRange(min=0))
 @_training_option("polish_beta", click.FloatRange(min=0, max=1, min_open=True))
+@_training_option("polish_prior", click.FloatRange(min=0))
 @click.option("--auto-settings/--no-auto-settings", "auto_settings", default=None,
               help=_HELP["auto_settings"] + " [default: on]")
 @_training_option("lr", float)

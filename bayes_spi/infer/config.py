@@ -22,6 +22,7 @@ from typing import Any
 from bayes_spi.config.fields import FIELD_NAMES, FIELDS, names_text
 from bayes_spi.config.specs import normalize_spec, parse_spec
 from bayes_spi.models.latent import LATENT_RULES
+from bayes_spi.infer.polish import MERGE_PSEUDO_PHOTONS
 
 __all__ = ["CLASS_POSTERIORS", "FitConfig"]
 
@@ -137,6 +138,9 @@ class FitConfig:
         spacing blurs the outer shells otherwise); 0 = never. ``polish_beta``: tempering of the first exact
         iteration, rising geometrically over the grid iterations, the refined ones at 1
         (:func:`~bayes_spi.infer.polish.polish_beta_schedule`; 1 = every iteration untempered).
+        ``polish_prior``: the exact M-step's Gamma prior, in photons a voxel at the field's intensity before the
+        merge (``(photons + P) / (exposure + P / I_before)``; 0 = the plain average, EMC's merge;
+        :data:`~bayes_spi.infer.polish.MERGE_PSEUDO_PHOTONS`).
         distill_weight: weight of the amortization loss that pulls the encoder's closest proposal to the
         most probable hypothesis (teaches the encoder what the search found).
         weight_floor: initial hypothesis-weight floor, decayed linearly to 0 over ``floor_decay``
@@ -210,6 +214,7 @@ class FitConfig:
     polish_patterns: int = 50000
     polish_refined: int = 2
     polish_beta: float = 1.0
+    polish_prior: float = MERGE_PSEUDO_PHOTONS
     distill_weight: float = 100.0
     weight_floor: float = 0.4
     floor_decay: float = 0.6
@@ -248,6 +253,7 @@ class FitConfig:
             (self.polish_patterns >= 0, "polish_patterns", ">= 0", self.polish_patterns),
             (self.polish_refined >= 0, "polish_refined", ">= 0", self.polish_refined),
             (0 < self.polish_beta <= 1, "polish_beta", "in (0, 1]", self.polish_beta),
+            (self.polish_prior >= 0, "polish_prior", ">= 0", self.polish_prior),
             (self.search_grid in ("fibonacci", "random"), "search_grid", "fibonacci or random", self.search_grid),
             (self.n_heads >= 1, "n_heads", ">= 1", self.n_heads),
             (self.mask_bin >= 1, "mask_bin", ">= 1", self.mask_bin),

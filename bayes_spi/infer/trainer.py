@@ -816,6 +816,7 @@ class Trainer:
         betas = polish_beta_schedule(c.polish_beta, c.polish_iterations, c.polish_refined)
         pol = EMCPolish(self.model, self.emc.rotations, cache_grid=n_vox,
                         batch_size=max(c.batch_size, 128), exclude=self.holdout, max_patterns=c.polish_patterns)
+        pol.pseudo_photons = c.polish_prior
         pixels = torch.nonzero(self._good.reshape(-1)).squeeze(-1)
         while st.polished < c.polish_iterations:
             t0 = time.perf_counter()
