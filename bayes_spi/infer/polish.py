@@ -58,7 +58,7 @@ from bayes_spi.models.spi import SPIModel
 from bayes_spi.so3 import rotz_pi
 from bayes_spi.trilinear import splat_cube
 
-__all__ = ["MERGE_PSEUDO_PHOTONS", "REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "gamma_prior_sums",
+__all__ = ["MERGE_PSEUDO_PHOTONS", "REFINE_COARSE", "REFINE_SPREAD", "EMCPolish", "PolishStats", "background_em_step", "gamma_prior_sums",
            "polish_beta_schedule"]
 
 #: the exact M-step's prior weight, in photons a voxel at the field's intensity before the merge (a Gamma prior: the
@@ -71,6 +71,10 @@ MERGE_PSEUDO_PHOTONS = 1.0
 #: spacing) is merged at its refined modes when an iteration refines (``EMCPolish.refine_spread``); broader ones
 #: keep the grid's weights
 REFINE_SPREAD = 2.0
+
+#: coarse-to-fine refinement of the refined merges (``EMCPolish.refine_coarse``): first on the pixels inside this
+#: fraction of the largest ``|q|``, then on all of them (as ``bayes-spi posterior`` refines)
+REFINE_COARSE: tuple[float, ...] = ()
 
 
 def gamma_prior_sums(photons: Tensor, exposure: Tensor, log_prior: Tensor, pseudo_photons: float
@@ -245,6 +249,9 @@ class EMCPolish:
         self.refine_twins = bool(refine_twins)
         #: Gauss-Newton iterations of each refinement (steps capped at half the grid spacing)
         self.refine_iterations = 3
+        #: coarse-to-fine refinement: fractions of the largest pixel ``|q|``; each refinement first runs on the pixels
+        #: inside each of them, in order, then on all pixels (``()``: all pixels only); see :meth:`_refined_modes`
+        self.refine_coarse: tuple[float, ...] = REFINE_COARSE
         #: photons a voxel of the M-step's Gamma prior at the field's current intensity (0: the plain average)
         self.pseudo_photons = MERGE_PSEUDO_PHOTONS
         G = self.rotations.shape[0]
@@ -411,8 +418,19 @@ class EMCPolish:
             starts = torch.cat([starts, starts @ rotz_pi(dtype=starts.dtype, device=starts.device)], dim=1)
             live = torch.cat([live, live], dim=1)
         pat, slot = torch.nonzero(live, as_tuple=True)
-        modes = refine_on_cache(cache, starts[pat, slot][:, None], q, log_w, y[pat], q_max,
-                                n_iter=self.refine_iterations, max_step_deg=math.degrees(0.5 * self.spacing))
+        step = math.degrees(0.5 * self.spacing)
+        begin = starts[pat, slot][:, None]  # (L, 1, 3, 3)
+        yl = y[pat]
+        if self.refine_coarse:
+            # the likelihood's basins are as wide as a speckle, which shrinks with |q|: a grid rotation half a
+            # spacing off lies in the right basin of the inner pixels and often in a wrong one of the outer ones
+            qn = q.norm(dim=-1)
+            for frac in self.refine_coarse:
+                inner = qn < float(frac) * qn.max()
+                if int(inner.sum()) >= 16:
+                    begin = refine_on_cache(cache, begin, q[inner], log_w[inner], yl[:, inner], q_max,
+                                            n_iter=self.refine_iterations, max_step_deg=step).rotations
+        modes = refine_on_cache(cache, begin, q, log_w, yl, q_max, n_iter=self.refine_iterations, max_step_deg=step)
         score = torch.full(live.shape, -math.inf, dtype=modes.log_evidence.dtype, device=w.device)
         score[pat, slot] = self.beta * modes.log_evidence[:, 0]
         rots = starts.clone()
