@@ -11,7 +11,8 @@ crude estimate that overstates the Rz(pi) twins, 17% against 2% on the 269 A cel
 and at the pose the refined merge takes (the two best grid rotations and their twins refined on the field's cube,
 the best Laplace evidence wins: ``refined_*``), with the field's own preference of the true pose over its twin
 (both refined: ``field_llr_true_vs_twin_median``, ``field_prefers_twin``) and the Laplace width of the refined
-pose (``refined_laplace_sigma_deg``, what the field says the error should be).
+pose (``refined_laplace_sigma_deg``, what the field says the error should be); ``refined_c2f_*``: the same with the
+refinement first on the inner half of ``|q|`` (``EMCPolish.refine_coarse``).
 
 Example::
 
@@ -122,7 +123,12 @@ def poses(data: Path, run: Path, n: int) -> None:
     from bayes_spi.posterior.local import refine_on_cache
     from bayes_spi.so3 import rotz_pi
 
-    cfg = FitConfig(**json.loads((run / "cfg.json").read_text()))
+    if (run / "cfg.json").is_file():
+        cfg = FitConfig(**json.loads((run / "cfg.json").read_text()))
+    else:  # a run made by ``bayes-spi fit`` or ``bench_robust.py``: its model file's config
+        from bayes_spi.infer.load import read_model_file
+
+        cfg = read_model_file(run)[2]
     ds = SPIDataset(data)
     tr = Trainer(ds, cfg, run, progress=False)
     tr.fit(resume=True)  # loads the checkpoint; a finished run does no more work
@@ -147,20 +153,29 @@ def poses(data: Path, run: Path, n: int) -> None:
     rz = rotz_pi(dtype=q.dtype)
     starts = tr.emc.rotations[ll.topk(2, -1).indices]
     starts = torch.cat([starts, starts @ rz], 1)  # (n, 4, 3, 3)
-    chosen, sigma = [], []
-    for a in range(0, n, 32):
-        mo = refine_on_cache(cache, starts[a:a + 32], q, lw, y[a:a + 32], m.q_max, n_iter=pol.refine_iterations,
-                             max_step_deg=math.degrees(0.5 * pol.spacing))
-        k = mo.log_evidence.argmax(-1)
-        rows = torch.arange(len(k))
-        chosen.append(mo.rotations[rows, k])
-        sigma.append(mo.sigmas[rows, k].norm(dim=-1))
-    r = orientation_error_summary(torch.cat(chosen).numpy(), R_true)
-    out["refined_median_error_deg"] = round(float(r["median_error_deg"]), 3)
-    out["refined_median_error_mod_rotz_pi_deg"] = round(float(r["median_error_mod_rotz_pi_deg"]), 3)
-    out["refined_p90_error_mod_rotz_pi_deg"] = round(float(np.percentile(r["errors_mod_rotz_pi_deg"], 90)), 3)
-    out["refined_wrong_mode_fraction"] = round(float(r["wrong_mode_fraction"]), 4)
-    out["refined_laplace_sigma_deg"] = round(math.degrees(float(torch.cat(sigma).median())), 3)
+    step = math.degrees(0.5 * pol.spacing)
+    inner = q.norm(dim=-1) < 0.5 * q.norm(dim=-1).max()
+    for tag, coarse in (("refined", False), ("refined_c2f", True)):  # one stage; inner half of |q| first
+        chosen, sigma = [], []
+        for a in range(0, n, 32):
+            begin = starts[a:a + 32]
+            if coarse:
+                begin = refine_on_cache(cache, begin, q[inner], lw[inner], y[a:a + 32][:, inner], m.q_max,
+                                        n_iter=pol.refine_iterations, max_step_deg=step).rotations
+            mo = refine_on_cache(cache, begin, q, lw, y[a:a + 32], m.q_max, n_iter=pol.refine_iterations,
+                                 max_step_deg=step)
+            k = mo.log_evidence.argmax(-1)
+            rows = torch.arange(len(k))
+            chosen.append(mo.rotations[rows, k])
+            sigma.append(mo.sigmas[rows, k].norm(dim=-1))
+        rr = orientation_error_summary(torch.cat(chosen).numpy(), R_true)
+        out[f"{tag}_median_error_deg"] = round(float(rr["median_error_deg"]), 3)
+        out[f"{tag}_median_error_mod_rotz_pi_deg"] = round(float(rr["median_error_mod_rotz_pi_deg"]), 3)
+        out[f"{tag}_p90_error_mod_rotz_pi_deg"] = round(float(np.percentile(rr["errors_mod_rotz_pi_deg"], 90)), 3)
+        out[f"{tag}_wrong_mode_fraction"] = round(float(rr["wrong_mode_fraction"]), 4)
+        out[f"{tag}_laplace_sigma_deg"] = round(math.degrees(float(torch.cat(sigma).median())), 3)
+        if not coarse:
+            r = rr
     # the field's own preference: the true pose (in the fit's frame) against its twin, both refined
     R_fit = torch.as_tensor(r["G_mod_rotz_pi"].T @ R_true, dtype=q.dtype)
     pair = torch.stack([R_fit, R_fit @ rz], 1)

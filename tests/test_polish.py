@@ -363,7 +363,7 @@ def test_refined_merge_refines_coarse_to_fine(setup):
     for i in range(n_pat):
         grid = torch.cat([(rots[i] @ off[i])[None], random_rotmat(20, generator=torch.Generator().manual_seed(i))])
         pol = EMCPolish(SPIModel(truth, q, pf), grid, cache_grid=15, refine_modes=1, refine_twins=False)
-        assert pol.refine_coarse == REFINE_COARSE  # the module's default
+        assert pol.refine_coarse == REFINE_COARSE == (0.5,)  # on by default
         w = torch.zeros(1, len(grid))
         w[0, 0] = 1.0  # the E-step's posterior on the start
         for stages in errors:
