@@ -103,8 +103,9 @@ class PoseRefiner:
 
     The guide proposes (encoder heads, orientation search; its own hypothesis scores are skipped: they
     are replaced), then its ``ceil(n_keep / 2)`` best proposals and their Rz(pi) twins are moved to their
-    modes on all good pixels of a ``log I`` cube twice as fine as the search's
-    (:func:`bayes_spi.posterior.local.refine_with_twins`), with Laplace spreads and evidence weights.
+    modes on all good pixels of a ``log I`` cube twice as fine as the search's, first on the inner half of ``|q|``
+    (:func:`bayes_spi.posterior.local.refine_with_twins`, ``polish.REFINE_COARSE``), with Laplace spreads and
+    evidence weights.
 
     Args:
         guide: a guide with an orientation search (its model and cube).
@@ -136,6 +137,7 @@ class PoseRefiner:
         ``indices``: ``(B,)`` the patterns' indices in the data (a per-pattern background scale; without
         them, or for a global scale, the model's background rate as for any pattern).
         """
+        from bayes_spi.infer.polish import REFINE_COARSE
         from bayes_spi.posterior.local import refine_with_twins
 
         with self.guide.evaluating():
@@ -146,7 +148,7 @@ class PoseRefiner:
             bg = self.model.background_rate(self.pixels, indices) if indices is not None else \
                 self.model.background_rate(self.pixels)
         modes, weights = refine_with_twins(self.cache, post.rotations, self.q, self.log_w, y, self.q_max,
-                                           n_keep=n_keep, bg=bg)
+                                           n_keep=n_keep, bg=bg, coarse_to_fine=REFINE_COARSE)
         return modes, weights, post
 
 

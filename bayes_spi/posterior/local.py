@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import math
@@ -227,13 +228,16 @@ def distinct_modes(rotations: Tensor, score: Tensor, tol_rad: float) -> Tensor:
 
 @torch.no_grad()
 def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Tensor, q_max: float,
-                      n_keep: int = 4, merge_deg: float = 2.0, bg: Tensor | None = None, **kwargs: float
-                      ) -> tuple[LocalModes, Tensor]:
+                      n_keep: int = 4, merge_deg: float = 2.0, bg: Tensor | None = None,
+                      coarse_to_fine: Sequence[float] = (), **kwargs: float) -> tuple[LocalModes, Tensor]:
     """Refine the candidates ``R0 (B, K, 3, 3)`` and their Rz(pi) twins; keep the best ``n_keep`` distinct modes.
 
     The candidates are first ranked (on the cache, unrefined) and the ``ceil(n_keep / 2)`` best distinct ones
     are refined together with their twins; modes closer than ``merge_deg`` to a better one are dropped.
     ``bg``: expected background counts ``(M,)`` or ``(B, M)`` (see :func:`refine_on_cache`).
+    ``coarse_to_fine``: fractions in ``(0, 1)`` of the largest ``|q|``: the refinement first runs on the pixels
+    inside each, in order, then on all of them (a start a few degrees off lies in a wrong speckle basin of the
+    outer pixels but in the right one of the inner ones).
 
     Returns:
         the kept :class:`LocalModes` ``(B, n_keep, ...)``, best first, and their normalised Laplace
@@ -249,6 +253,15 @@ def refine_with_twins(cache: Tensor, R0: Tensor, q: Tensor, log_w: Tensor, y: Te
     order = ll0.argsort(dim=-1, descending=True)[:, :n_seed]
     seeds = _take(R0.to(q.dtype), order)
     cand = torch.cat([seeds, seeds @ rz], dim=1)  # (B, 2 S, 3, 3)
+    if coarse_to_fine:
+        if any(not 0 < float(c) < 1 for c in coarse_to_fine):
+            raise ValueError(f"expected coarse_to_fine fractions in (0, 1), got {tuple(coarse_to_fine)}")
+        qn = q.norm(dim=-1)
+        for frac in coarse_to_fine:
+            inner = qn < float(frac) * qn.max()
+            if int(inner.sum()) >= 16:
+                cand = refine_on_cache(cache, cand, q[inner], log_w[inner], y[:, inner], q_max,
+                                       bg=None if bg is None else bg[..., inner], **kwargs).rotations
     modes = refine_on_cache(cache, cand, q, log_w, y, q_max, bg=bg, **kwargs)
     modes = modes.select(modes.log_evidence.argsort(dim=-1, descending=True))
     keep = distinct_modes(modes.rotations, modes.log_evidence, math.radians(merge_deg))
